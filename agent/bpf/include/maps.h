@@ -1,0 +1,83 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Every map of a node, pinned under DABBA_PIN_MAPS.
+ *
+ * All programs of a node share these maps: whichever program is compiled
+ * first creates and pins them, the others open the pins (bcc's
+ * "<type>:<path>" section). A restarted agent finds them pinned and adopts
+ * them with their contents, so capture and accounting never stop.
+ *
+ * Names share the dabba_ prefix and stay within the kernel's 15 characters;
+ * agent/bpf/names.py holds the same names for user space.
+ */
+#ifndef DABBA_MAPS_H
+#define DABBA_MAPS_H
+
+#include "config.h"
+#include "types.h"
+
+#define DABBA_PIN(name) DABBA_PIN_MAPS #name
+
+BPF_TABLE_PINNED("array", u32, struct dabba_config, dabba_cfg, 1, DABBA_PIN(dabba_cfg));
+BPF_TABLE_PINNED("hash", u64, struct dabba_workload, dabba_wl, DABBA_WL_MAX, DABBA_PIN(dabba_wl));
+BPF_TABLE_PINNED("lpm_trie", struct dabba_lpm_v4, u8, dabba_excl_net, DABBA_EXCL_MAX,
+		 DABBA_PIN(dabba_excl_net), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u16, u8, dabba_excl_port, DABBA_EXCL_MAX, DABBA_PIN(dabba_excl_port));
+BPF_TABLE_PINNED("hash", u64, struct dabba_capture, dabba_cap_ck, DABBA_CAP_MAX,
+		 DABBA_PIN(dabba_cap_ck));
+BPF_TABLE_PINNED("hash", struct dabba_tuple, struct dabba_capture, dabba_cap_tp, DABBA_CAP_MAX,
+		 DABBA_PIN(dabba_cap_tp));
+BPF_TABLE_PINNED("hash", u64, struct dabba_flow, dabba_flows, DABBA_FLOW_MAX,
+		 DABBA_PIN(dabba_flows));
+BPF_TABLE_PINNED("percpu_array", u32, u64, dabba_stats, DABBA_ST_MAX, DABBA_PIN(dabba_stats));
+BPF_TABLE_PINNED("hash", u32, u8, dabba_tun_addr, DABBA_TUN_ADDR_MAX, DABBA_PIN(dabba_tun_addr));
+BPF_TABLE_PINNED("hash", u64, u64, dabba_guard_ct, DABBA_WL_MAX, DABBA_PIN(dabba_guard_ct));
+BPF_TABLE_PINNED("hash", u64, struct dabba_pair, dabba_pairs, DABBA_SPLICE_MAX,
+		 DABBA_PIN(dabba_pairs));
+/*
+ * Socket-local storage: the workload cgroup id of every socket an enrolled
+ * workload creates (sock.c). sockops runs in softirq context where the
+ * current cgroup means nothing, so it reads the owner from here.
+ * BPF_F_CLONE copies it from a listener to the sockets it accepts.
+ */
+BPF_TABLE_PINNED("sk_storage", int, struct dabba_sk_owner, dabba_sk_owner, 0,
+		 DABBA_PIN(dabba_sk_owner), BPF_F_NO_PREALLOC | BPF_F_CLONE);
+
+/*
+ * bcc's BPF_RINGBUF_OUTPUT and BPF_SOCKHASH have no pinned form in 0.26; these
+ * are the same declarations with the pin path in the section name.
+ */
+struct dabba_flow_ev_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section(
+    "maps/ringbuf:" DABBA_PIN(dabba_flow_ev)))) struct dabba_flow_ev_table_t dabba_flow_ev = {
+    .max_entries = DABBA_RING_PAGES * PAGE_SIZE};
+
+struct dabba_splice_table_t {
+	u64 key;
+	int leaf;
+	int (*update)(u64 *, int *);
+	int (*delete)(u64 *);
+	int (*sock_hash_update)(void *, void *, u64);
+	int (*msg_redirect_hash)(void *, void *, u64);
+	int (*sk_redirect_hash)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" DABBA_PIN(
+    dabba_splice)))) struct dabba_splice_table_t dabba_splice = {.max_entries = DABBA_SPLICE_MAX};
+BPF_ANNOTATE_KV_PAIR(dabba_splice, u64, int);
+
+/*
+ * Map method calls (map.lookup() and friends) must be written in the .c
+ * file bcc compiles: bcc rewrites them only there, and refuses them inside
+ * macros. So each program defines its own small count() over dabba_stats.
+ */
+
+#endif /* DABBA_MAPS_H */

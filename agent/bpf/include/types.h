@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Types shared between the eBPF programs and user space.
+ *
+ * This header is the source of truth: agent/bpf/abi.py mirrors each struct
+ * with ctypes (quoting it) so that the tunnel can read pinned maps without
+ * bcc, and tests/kernel/test_abi.py checks sizes and offsets against the
+ * types bcc derives from this file. Fields are ordered by size so that no
+ * struct has implicit padding.
+ *
+ * Addresses are IPv4 in network byte order; ports are in host byte order.
+ */
+#ifndef DABBA_TYPES_H
+#define DABBA_TYPES_H
+
+/* dabba_wl: value, keyed by the workload's cgroup v2 id (u64). */
+#define DABBA_WL_CAPTURE 0x1 /* redirect its connect() to the tunnel */
+#define DABBA_WL_STRICT	 0x2 /* ingress guard: only the tunnel may connect */
+#define DABBA_WL_ACCOUNT 0x4 /* keep flow records */
+
+struct dabba_workload {
+	__u32 id;    /* agent's workload index, for user space only */
+	__u32 flags; /* DABBA_WL_* */
+};
+
+/* dabba_sk_owner: socket-local storage, set when an enrolled workload
+ * creates a socket. */
+struct dabba_sk_owner {
+	__u64 cgroup_id;
+};
+
+/* dabba_cfg: the one entry of the node's runtime configuration. */
+struct dabba_config {
+	__u32 tunnel_ip;   /* outbound listener the capture rewrites to */
+	__u16 tunnel_port; /* its port */
+	__u16 enabled;	   /* 0 disables capture (connections go direct) */
+	__u32 tunnel_mark; /* SO_MARK of the tunnel's own sockets: never captured */
+	__u32 _pad;
+};
+
+/* dabba_cap_ck (by socket cookie) and dabba_cap_tp (by 4-tuple): value. */
+struct dabba_capture {
+	__u64 cgroup_id; /* kernel-attested source workload (caller's cgroup) */
+	__u64 cookie;	 /* socket cookie of the workload's socket */
+	__u32 orig_ip;	 /* original destination */
+	__u16 orig_port;
+	__u16 _pad;
+};
+
+/*
+ * dabba_cap_tp: key. The 4-tuple of the workload's socket after the rewrite,
+ * which is the tunnel's accepted socket seen from the other end: src is the
+ * workload (the tunnel's peer), dst is the tunnel's outbound listener.
+ */
+struct dabba_tuple {
+	__u32 src_ip;
+	__u32 dst_ip;
+	__u16 src_port;
+	__u16 dst_port;
+};
+
+/* dabba_excl_net: LPM trie key for excluded destination CIDRs. */
+struct dabba_lpm_v4 {
+	__u32 prefixlen;
+	__u32 ip;
+};
+
+enum dabba_direction {
+	DABBA_DIR_OUTBOUND = 1, /* the workload connected (active open) */
+	DABBA_DIR_INBOUND = 2,	/* the workload accepted (passive open) */
+};
+
+enum dabba_close {
+	DABBA_CLOSE_OPEN = 0,	 /* still open */
+	DABBA_CLOSE_FIN = 1,	 /* orderly: FIN both ways */
+	DABBA_CLOSE_RESET = 2,	 /* aborted from ESTABLISHED/CLOSE_WAIT: RST or timeout */
+	DABBA_CLOSE_REFUSED = 3, /* never established (connect failed) */
+	DABBA_CLOSE_HALF = 4,	 /* closed after our FIN without the peer's (FIN_WAIT1) */
+};
+
+/* Bits in dabba_flow.seen: TCP events noted by the state callback. */
+#define DABBA_SEEN_FIN_IN  0x1 /* the peer's FIN was received */
+#define DABBA_SEEN_FIN_OUT 0x2 /* our FIN was sent */
+
+/*
+ * dabba_flows: value, keyed by the workload socket's cookie; also the record
+ * sent through dabba_flow_ev when the flow closes (end_ns != 0).
+ */
+struct dabba_flow {
+	__u64 cookie;
+	__u64 cgroup_id;
+	__u64 start_ns;	      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) at ESTABLISHED */
+	__u64 last_ns;	      /* last update of the counters */
+	__u64 end_ns;	      /* at close; 0 while open */
+	__u64 bytes_sent;     /* payload bytes the peer acknowledged */
+	__u64 bytes_received; /* payload bytes received in order */
+	__u64 base_acked;     /* tcp bytes_acked at ESTABLISHED (the SYN) */
+	__u64 base_received;  /* tcp bytes_received at ESTABLISHED */
+	__u32 segs_out;
+	__u32 segs_in;
+	__u32 retrans; /* total retransmitted segments */
+	__u32 srtt_us; /* smoothed RTT, microseconds */
+	__u32 src_ip;  /* the workload socket's own address */
+	__u32 dst_ip;  /* its peer as connected (the tunnel when captured) */
+	__u32 orig_ip; /* original destination when captured, else dst_ip */
+	__u16 src_port;
+	__u16 dst_port;
+	__u16 orig_port;
+	__u8 direction; /* enum dabba_direction */
+	__u8 close;	/* enum dabba_close */
+	__u8 captured;	/* 1 when connect() was redirected to the tunnel */
+	__u8 seen;	/* DABBA_SEEN_* */
+	__u8 last_state;
+	__u8 _pad[1];
+};
+
+/* dabba_pairs: value, keyed by a spliced socket's cookie. */
+struct dabba_pair {
+	__u64 peer;  /* cookie of the socket its bytes go to */
+	__u64 bytes; /* bytes redirected to the peer so far */
+};
+
+/* dabba_stats: per-CPU counters, indexed by this enum. */
+enum dabba_stat {
+	DABBA_ST_CAPTURED = 0, /* connect() redirected to the tunnel */
+	DABBA_ST_EXCLUDED,     /* enrolled, but destination excluded */
+	DABBA_ST_CAP_FULL,     /* dabba_cap_ck full: connect() refused */
+	DABBA_ST_TUPLE_FULL,   /* dabba_cap_tp full: tunnel cannot resolve */
+	DABBA_ST_CAP_MISS,     /* ESTABLISHED without a capture record */
+	DABBA_ST_FLOW_OPENED,  /* flow records created */
+	DABBA_ST_FLOW_CLOSED,  /* flow records closed */
+	DABBA_ST_FLOW_FULL,    /* dabba_flows full: flow not accounted */
+	DABBA_ST_RING_DROP,    /* closed-flow ring full: record lost */
+	DABBA_ST_GUARD_DROP,   /* ingress guard drops, all workloads */
+	DABBA_ST_SPLICE_BYTES, /* bytes moved by the splice */
+	DABBA_ST_SPLICE_PASS,  /* splice segments without a peer (passed up) */
+	DABBA_ST_MAX,
+};
+
+#endif /* DABBA_TYPES_H */

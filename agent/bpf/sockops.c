@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Flow tracking: sockops.
+ *
+ * For sockets of enrolled workloads (tagged by sock.c):
+ *  - on ESTABLISHED of a captured connection, publish the capture record
+ *    under the 4-tuple the tunnel sees on its accepted socket (dabba_cap_tp);
+ *  - keep one flow record per socket in dabba_flows, its counters refreshed
+ *    on every segment the socket sends (data or ACK), so live flows can be
+ *    listed from the map;
+ *  - at close, finish the record, send it to user space through the ring
+ *    buffer and delete every entry the flow had.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <linux/net.h>
+#include <linux/socket.h>
+
+#include "maps.h"
+
+/* Count n events of kind stat in dabba_stats (see include/maps.h). */
+static __always_inline void count(u32 stat, u64 n)
+{
+	u64 *v = dabba_stats.lookup(&stat);
+	if (v)
+		*v += n;
+}
+
+static __always_inline struct dabba_sk_owner *owner_of(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	return dabba_sk_owner.sk_storage_get(sk, 0, 0);
+}
+
+static __always_inline void refresh(struct bpf_sock_ops *skops, struct dabba_flow *f)
+{
+	u64 sent = skops->bytes_acked - f->base_acked;
+	u64 received = skops->bytes_received - f->base_received;
+
+	/*
+	 * bytes_acked and bytes_received count sequence space, and a FIN
+	 * takes one sequence number: take it out so the counts are payload.
+	 * Our FIN is in bytes_acked once everything we sent is acknowledged.
+	 */
+	if ((f->seen & DABBA_SEEN_FIN_IN) && received > 0)
+		received--;
+	if ((f->seen & DABBA_SEEN_FIN_OUT) && skops->snd_una == skops->snd_nxt && sent > 0)
+		sent--;
+	f->bytes_sent = sent;
+	f->bytes_received = received;
+	f->segs_out = skops->segs_out;
+	f->segs_in = skops->segs_in;
+	f->retrans = skops->total_retrans;
+	/* tcp_sock keeps srtt_us scaled by 8 */
+	f->srtt_us = skops->srtt_us >> 3;
+	f->last_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, u8 direction)
+{
+	struct dabba_sk_owner *own = owner_of(skops);
+	if (!own)
+		return;
+
+	u64 cookie = bpf_get_socket_cookie(skops);
+	struct dabba_flow f = {
+	    .cookie = cookie,
+	    .cgroup_id = own->cgroup_id,
+	    .start_ns = bpf_ktime_get_ns(),
+	    .base_acked = skops->bytes_acked,
+	    .base_received = skops->bytes_received,
+	    .src_ip = skops->local_ip4,
+	    .dst_ip = skops->remote_ip4,
+	    .orig_ip = skops->remote_ip4,
+	    .src_port = (u16)skops->local_port,
+	    .dst_port = bpf_ntohl(skops->remote_port),
+	    .direction = direction,
+	    .last_state = BPF_TCP_ESTABLISHED,
+	};
+	f.orig_port = f.dst_port;
+
+	if (direction == DABBA_DIR_OUTBOUND) {
+		struct dabba_capture *cap = dabba_cap_ck.lookup(&cookie);
+		if (cap) {
+			struct dabba_tuple t = {
+			    .src_ip = f.src_ip,
+			    .dst_ip = f.dst_ip,
+			    .src_port = f.src_port,
+			    .dst_port = f.dst_port,
+			};
+			if (dabba_cap_tp.update(&t, cap) != 0)
+				count(DABBA_ST_TUPLE_FULL, 1);
+			f.orig_ip = cap->orig_ip;
+			f.orig_port = cap->orig_port;
+			f.captured = 1;
+			dabba_cap_ck.delete(&cookie);
+		}
+	}
+
+	refresh(skops, &f);
+	if (dabba_flows.insert(&f.cookie, &f) != 0) {
+		count(DABBA_ST_FLOW_FULL, 1);
+		return;
+	}
+	count(DABBA_ST_FLOW_OPENED, 1);
+	/*
+	 * STATE_CB: every state change, for the close. WRITE_HDR_OPT_CB makes
+	 * the kernel call us (HDR_OPT_LEN_CB) for every segment the socket
+	 * sends, ACKs included, which keeps the live counters fresh for
+	 * senders and receivers alike; we reserve no option space.
+	 */
+	bpf_sock_ops_cb_flags_set(skops,
+				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
+static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
+{
+	u64 cookie = bpf_get_socket_cookie(skops);
+	struct dabba_flow *f = dabba_flows.lookup(&cookie);
+
+	/* A connect() that never got established still holds its capture record. */
+	dabba_cap_ck.delete(&cookie);
+	if (!f)
+		return;
+
+	/*
+	 * FIN_WAIT2 -> CLOSE is the peer's FIN arriving: the kernel turns the
+	 * socket into a timewait socket without passing through a state of
+	 * its own, so note the FIN here, before the counters are read.
+	 */
+	if (old_state == BPF_TCP_FIN_WAIT2)
+		f->seen |= DABBA_SEEN_FIN_IN;
+	refresh(skops, f);
+
+	switch (old_state) {
+	case BPF_TCP_SYN_SENT:
+	case BPF_TCP_SYN_RECV:
+		f->close = DABBA_CLOSE_REFUSED;
+		break;
+	case BPF_TCP_LAST_ACK:
+	case BPF_TCP_CLOSING:
+	case BPF_TCP_FIN_WAIT2:
+	case BPF_TCP_TIME_WAIT:
+		f->close = DABBA_CLOSE_FIN;
+		break;
+	case BPF_TCP_FIN_WAIT1:
+		f->close = DABBA_CLOSE_HALF;
+		break;
+	default:
+		f->close = DABBA_CLOSE_RESET;
+	}
+	f->end_ns = f->last_ns;
+	f->last_state = BPF_TCP_CLOSE;
+
+	if (f->captured) {
+		struct dabba_tuple t = {
+		    .src_ip = f->src_ip,
+		    .dst_ip = f->dst_ip,
+		    .src_port = f->src_port,
+		    .dst_port = f->dst_port,
+		};
+		dabba_cap_tp.delete(&t);
+	}
+	if (dabba_flow_ev.ringbuf_output(f, sizeof(*f), 0) != 0)
+		count(DABBA_ST_RING_DROP, 1);
+	count(DABBA_ST_FLOW_CLOSED, 1);
+	dabba_flows.delete(&cookie);
+}
+
+static __always_inline void on_state(struct bpf_sock_ops *skops)
+{
+	u32 old_state = skops->args[0];
+	u32 new_state = skops->args[1];
+
+	if (new_state == BPF_TCP_CLOSE) {
+		on_close(skops, old_state);
+		return;
+	}
+
+	u64 cookie = bpf_get_socket_cookie(skops);
+	struct dabba_flow *f = dabba_flows.lookup(&cookie);
+	if (!f)
+		return;
+	switch (new_state) {
+	case BPF_TCP_CLOSE_WAIT: /* the peer's FIN, we had not closed */
+	case BPF_TCP_CLOSING:	 /* the peer's FIN after ours */
+		f->seen |= DABBA_SEEN_FIN_IN;
+		break;
+	case BPF_TCP_FIN_WAIT1: /* our FIN */
+	case BPF_TCP_LAST_ACK:
+		f->seen |= DABBA_SEEN_FIN_OUT;
+		break;
+	}
+	f->last_state = new_state;
+}
+
+int dabba_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET)
+		return 1;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* So that a connect() that fails still reaches on_close. */
+		if (owner_of(skops))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_established(skops, DABBA_DIR_OUTBOUND);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops, DABBA_DIR_INBOUND);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB: {
+		u64 cookie = bpf_get_socket_cookie(skops);
+		struct dabba_flow *f = dabba_flows.lookup(&cookie);
+		if (f)
+			refresh(skops, f);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB:
+		on_state(skops);
+		break;
+	}
+	return 1;
+}
