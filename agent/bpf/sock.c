@@ -14,7 +14,7 @@
 
 #include "maps.h"
 
-int dabba_sock_create(struct bpf_sock *sk)
+int dabba_sock_new(struct bpf_sock *sk)
 {
 	if (sk->family != AF_INET || sk->protocol != IPPROTO_TCP)
 		return 1;

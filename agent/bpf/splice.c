@@ -20,7 +20,7 @@ static __always_inline void count(u32 stat, u64 n)
 		*v += n;
 }
 
-int dabba_splice_verdict(struct __sk_buff *skb)
+int dabba_verdict(struct __sk_buff *skb)
 {
 	u64 me = bpf_get_socket_cookie(skb);
 	struct dabba_pair *p = dabba_pairs.lookup(&me);

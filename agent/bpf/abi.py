@@ -1,0 +1,174 @@
+"""ctypes mirrors of include/types.h, for readers that do not load bcc.
+
+Each class quotes the C struct it mirrors. tests/kernel/test_abi.py compares
+sizes and field offsets with the types bcc derives from the C (our
+alignchecker), so a change to the header that is not made here fails a test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import socket
+import struct
+
+WL_CAPTURE = 0x1
+WL_STRICT = 0x2
+WL_ACCOUNT = 0x4
+
+SEEN_FIN_IN = 0x1
+SEEN_FIN_OUT = 0x2
+
+
+class Direction(enum.IntEnum):
+    """enum dabba_direction"""
+
+    OUTBOUND = 1
+    INBOUND = 2
+
+
+class Close(enum.IntEnum):
+    """enum dabba_close"""
+
+    OPEN = 0
+    FIN = 1
+    RESET = 2
+    REFUSED = 3
+    HALF = 4
+
+
+class Stat(enum.IntEnum):
+    """enum dabba_stat: indexes of dabba_stats."""
+
+    CAPTURED = 0
+    EXCLUDED = 1
+    CAP_FULL = 2
+    TUPLE_FULL = 3
+    CAP_MISS = 4
+    FLOW_OPENED = 5
+    FLOW_CLOSED = 6
+    FLOW_FULL = 7
+    RING_DROP = 8
+    GUARD_DROP = 9
+    SPLICE_BYTES = 10
+    SPLICE_PASS = 11
+
+
+STAT_COUNT = 12  # DABBA_ST_MAX
+
+
+class Workload(ctypes.Structure):
+    """struct dabba_workload { __u32 id; __u32 flags; };"""
+
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class Config(ctypes.Structure):
+    """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
+    __u32 tunnel_mark; __u32 _pad; };"""
+
+    _fields_ = [
+        ("tunnel_ip", ctypes.c_uint32),
+        ("tunnel_port", ctypes.c_uint16),
+        ("enabled", ctypes.c_uint16),
+        ("tunnel_mark", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class Capture(ctypes.Structure):
+    """struct dabba_capture { __u64 cgroup_id; __u64 cookie; __u32 orig_ip;
+    __u16 orig_port; __u16 _pad; };"""
+
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("orig_ip", ctypes.c_uint32),
+        ("orig_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+
+class Tuple(ctypes.Structure):
+    """struct dabba_tuple { __u32 src_ip; __u32 dst_ip; __u16 src_port; __u16 dst_port; };"""
+
+    _fields_ = [
+        ("src_ip", ctypes.c_uint32),
+        ("dst_ip", ctypes.c_uint32),
+        ("src_port", ctypes.c_uint16),
+        ("dst_port", ctypes.c_uint16),
+    ]
+
+
+class LpmV4(ctypes.Structure):
+    """struct dabba_lpm_v4 { __u32 prefixlen; __u32 ip; };"""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("ip", ctypes.c_uint32)]
+
+
+class Pair(ctypes.Structure):
+    """struct dabba_pair { __u64 peer; __u64 bytes; };"""
+
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class Flow(ctypes.Structure):
+    """struct dabba_flow (include/types.h): u64 cookie, cgroup_id, start_ns,
+    last_ns, end_ns, bytes_sent, bytes_received, base_acked, base_received;
+    u32 segs_out, segs_in, retrans, srtt_us, src_ip, dst_ip, orig_ip;
+    u16 src_port, dst_port, orig_port; u8 direction, close, captured, seen,
+    last_state, _pad[1]."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("start_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("end_ns", ctypes.c_uint64),
+        ("bytes_sent", ctypes.c_uint64),
+        ("bytes_received", ctypes.c_uint64),
+        ("base_acked", ctypes.c_uint64),
+        ("base_received", ctypes.c_uint64),
+        ("segs_out", ctypes.c_uint32),
+        ("segs_in", ctypes.c_uint32),
+        ("retrans", ctypes.c_uint32),
+        ("srtt_us", ctypes.c_uint32),
+        ("src_ip", ctypes.c_uint32),
+        ("dst_ip", ctypes.c_uint32),
+        ("orig_ip", ctypes.c_uint32),
+        ("src_port", ctypes.c_uint16),
+        ("dst_port", ctypes.c_uint16),
+        ("orig_port", ctypes.c_uint16),
+        ("direction", ctypes.c_uint8),
+        ("close", ctypes.c_uint8),
+        ("captured", ctypes.c_uint8),
+        ("seen", ctypes.c_uint8),
+        ("last_state", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 1),
+    ]
+
+
+MIRRORS = {
+    "dabba_workload": Workload,
+    "dabba_config": Config,
+    "dabba_capture": Capture,
+    "dabba_tuple": Tuple,
+    "dabba_lpm_v4": LpmV4,
+    "dabba_pair": Pair,
+    "dabba_flow": Flow,
+}
+
+
+def ip_be(addr: str) -> int:
+    """IPv4 text to the u32 the kernel stores (network byte order, read natively)."""
+    return struct.unpack("=I", socket.inet_aton(addr))[0]
+
+
+def ip_str(value: int) -> str:
+    """Inverse of ip_be."""
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def from_bytes(cls, raw: bytes):
+    """A mirror instance from a map's raw value (copied, so the buffer may go)."""
+    return cls.from_buffer_copy(raw[: ctypes.sizeof(cls)])

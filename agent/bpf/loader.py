@@ -1,0 +1,481 @@
+"""Loaders: one object per hook (load, attach, detach, adopt), and a node's datapath.
+
+Pin layout of a node (``<bpffs>/dabba/<node>/``)::
+
+    maps/<map>      every map (include/maps.h), created by the first program
+    progs/<prog>    every program
+    links/<prog>    the bpf_link attaching a cgroup program to the node cgroup
+
+A pinned link keeps its program attached with no process holding it, so
+capture and accounting go on while the agent is down. A restarted agent
+finds the pins and adopts them through the bpf() syscall alone: no compile,
+no second attachment. bcc is imported only when something must be compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+from .. import log
+from ..errors import DabbaError
+from . import features, names
+from . import sys as bpfsys
+
+_log = log.get("bpf")
+
+# bcc's program types (bcc.BPF.*), here to avoid importing bcc to name them.
+PROG_CGROUP_SKB = 8
+PROG_CGROUP_SOCK = 9
+PROG_SOCK_OPS = 13
+PROG_SK_SKB = 14
+PROG_CGROUP_SOCK_ADDR = 18
+
+
+def bpf_source_dir() -> str:
+    """The folder of the C sources, resolved from the package (never the cwd)."""
+    return str(resources.files("agent") / "bpf")
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Map sizes, passed to the C as -D flags (include/config.h)."""
+
+    workloads: int = 4096
+    captures: int = 16384
+    flows: int = 65536
+    ring_pages: int = 64
+    splice: int = 16384
+    exclusions: int = 256
+    tunnel_addrs: int = 256
+
+    def cflags(self) -> list[str]:
+        if self.ring_pages & (self.ring_pages - 1):
+            raise DabbaError(f"map sizes: ring_pages must be a power of two, not {self.ring_pages}")
+        return [
+            f"-DDABBA_WL_MAX={self.workloads}",
+            f"-DDABBA_CAP_MAX={self.captures}",
+            f"-DDABBA_FLOW_MAX={self.flows}",
+            f"-DDABBA_RING_PAGES={self.ring_pages}",
+            f"-DDABBA_SPLICE_MAX={self.splice}",
+            f"-DDABBA_EXCL_MAX={self.exclusions}",
+            f"-DDABBA_TUN_ADDR_MAX={self.tunnel_addrs}",
+        ]
+
+
+@dataclass
+class LoadReport:
+    """What ensure() did for one program."""
+
+    program: str
+    action: str  # "loaded" (compiled now) or "adopted" (found pinned)
+    seconds: float
+
+
+class Program:
+    """Loader of one hook: a C file, its function, where and how it attaches."""
+
+    source: str = ""
+    function: str = ""
+    hook: str = ""  # as operators know it, e.g. "cgroup/connect4"
+    prog_type: int = 0
+    expected_attach: int = -1  # for the verifier (sock_addr and sock programs)
+    attach_type: int = 0
+
+    def __init__(self, pins: Pins):
+        self.pins = pins
+
+    # -- paths --
+    @property
+    def prog_pin(self) -> str:
+        return os.path.join(self.pins.progs, self.function)
+
+    @property
+    def link_pin(self) -> str:
+        return os.path.join(self.pins.links, self.function)
+
+    # -- lifecycle --
+    def load(self, cflags: list[str]) -> int:
+        """Compile with bcc, load into the kernel, pin; returns the program fd."""
+        from bcc import BPF  # LLVM: only here
+
+        src = os.path.join(bpf_source_dir(), self.source)
+        try:
+            b = BPF(src_file=src.encode(), cflags=cflags)
+            fn = b.load_func(self.function.encode(), self.prog_type, attach_type=self.expected_attach)
+        except Exception as e:  # bcc raises bare Exception
+            raise DabbaError(
+                f"loading {self.hook} program {self.function} from {src} failed: {e}",
+                hint="is the kernel new enough (5.10+, BTF, cgroup BPF, sockmap) and are kernel "
+                "headers installed? `make setup` checks both",
+            ) from None
+        fd = os.dup(fn.fd)
+        b.cleanup()
+        bpfsys.obj_pin(fd, self.prog_pin)
+        return fd
+
+    def attach(self, prog_fd: int, target_fd: int) -> None:
+        """Attach through a pinned bpf_link."""
+        link = bpfsys.link_create(prog_fd, target_fd, self.attach_type, f"{self.hook} {self.function}")
+        try:
+            bpfsys.obj_pin(link, self.link_pin)
+        finally:
+            os.close(link)
+
+    def attached(self, target_fd: int, prog_id: int) -> int:
+        """How many times prog_id is attached to the target for our attach type."""
+        ids = bpfsys.prog_query(target_fd, self.attach_type, f"of {self.hook}")
+        return ids.count(prog_id)
+
+    def detach(self, target_fd: int | None) -> None:
+        """Remove the link pin (detaching the program) and the program pin."""
+        for p in (self.link_pin, self.prog_pin):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+class OwnerProgram(Program):
+    """cgroup/sock_create: tags sockets of enrolled workloads (sock.c)."""
+
+    source = "sock.c"
+    function = names.PROG_SOCK_CREATE
+    hook = "cgroup/sock_create"
+    prog_type = PROG_CGROUP_SOCK
+    expected_attach = bpfsys.BPF_CGROUP_INET_SOCK_CREATE
+    attach_type = bpfsys.BPF_CGROUP_INET_SOCK_CREATE
+
+
+class CaptureProgram(Program):
+    """cgroup/connect4: redirects enrolled workloads' connect() (connect.c)."""
+
+    source = "connect.c"
+    function = names.PROG_CONNECT4
+    hook = "cgroup/connect4"
+    prog_type = PROG_CGROUP_SOCK_ADDR
+    expected_attach = bpfsys.BPF_CGROUP_INET4_CONNECT
+    attach_type = bpfsys.BPF_CGROUP_INET4_CONNECT
+
+
+class FlowProgram(Program):
+    """sockops: flow records and the tunnel's 4-tuple lookup (sockops.c)."""
+
+    source = "sockops.c"
+    function = names.PROG_SOCKOPS
+    hook = "sockops"
+    prog_type = PROG_SOCK_OPS
+    attach_type = bpfsys.BPF_CGROUP_SOCK_OPS
+
+
+class GuardProgram(Program):
+    """cgroup_skb/ingress: STRICT workloads accept only the tunnel (guard.c)."""
+
+    source = "guard.c"
+    function = names.PROG_GUARD
+    hook = "cgroup_skb/ingress"
+    prog_type = PROG_CGROUP_SKB
+    attach_type = bpfsys.BPF_CGROUP_INET_INGRESS
+
+
+class SpliceProgram(Program):
+    """sk_skb stream verdict on the dabba_splice SOCKHASH (splice.c).
+
+    Attached to the map, not to a cgroup: the attachment lives as long as
+    the pinned map, so it needs no link (sockmap links need kernel 6.10).
+    """
+
+    source = "splice.c"
+    function = names.PROG_SPLICE
+    hook = "sk_skb/stream_verdict"
+    prog_type = PROG_SK_SKB
+    attach_type = bpfsys.BPF_SK_SKB_STREAM_VERDICT
+
+    def attach(self, prog_fd: int, target_fd: int) -> None:
+        bpfsys.prog_attach(prog_fd, target_fd, self.attach_type, f"{self.hook} {self.function}")
+
+    def attached(self, target_fd: int, prog_id: int) -> int:
+        try:
+            return super().attached(target_fd, prog_id)
+        except bpfsys.BPFError as e:
+            if e.errno != errno.EINVAL:  # kernels before 5.19 cannot query a sockmap
+                raise
+            return -1  # unknown
+
+    def detach(self, target_fd: int | None) -> None:
+        if target_fd is not None and os.path.exists(self.prog_pin):
+            fd = bpfsys.obj_get(self.prog_pin)
+            try:
+                bpfsys.prog_detach(fd, target_fd, self.attach_type, self.hook)
+            except bpfsys.BPFError:
+                pass
+            finally:
+                os.close(fd)
+        super().detach(target_fd)
+
+
+CGROUP_PROGRAMS = (OwnerProgram, CaptureProgram, FlowProgram, GuardProgram)
+ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram,)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """The pin folders of one node."""
+
+    root: str  # <bpffs>/dabba/<node>
+
+    @property
+    def maps(self) -> str:
+        return os.path.join(self.root, "maps")
+
+    @property
+    def progs(self) -> str:
+        return os.path.join(self.root, "progs")
+
+    @property
+    def links(self) -> str:
+        return os.path.join(self.root, "links")
+
+    def map_path(self, name: str) -> str:
+        return os.path.join(self.maps, name)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+
+@dataclass
+class ProgramStatus:
+    """One program in `dabba bpf status`."""
+
+    name: str
+    hook: str
+    pinned: bool
+    id: int | None = None
+    tag: str | None = None
+    attached: int = 0  # times attached to its target (-1 unknown)
+    loaded_at: float | None = None  # seconds since boot
+
+
+@dataclass
+class MapStatus:
+    """One map in `dabba bpf status`."""
+
+    name: str
+    type: str
+    max_entries: int
+    entries: int | None  # None where counting makes no sense (ringbuf, arrays, storage)
+
+    @property
+    def fill(self) -> float | None:
+        if self.entries is None or not self.max_entries:
+            return None
+        return self.entries / self.max_entries
+
+
+@dataclass
+class DatapathStatus:
+    """Everything `dabba bpf status` shows for a node."""
+
+    node: str
+    pin_root: str
+    cgroup: str
+    programs: list[ProgramStatus] = field(default_factory=list)
+    maps: list[MapStatus] = field(default_factory=list)
+
+    def healthy(self) -> bool:
+        return all(p.pinned and p.attached in (1, -1) for p in self.programs)
+
+    def as_dict(self) -> dict:
+        return {
+            "node": self.node,
+            "pin_root": self.pin_root,
+            "cgroup": self.cgroup,
+            "healthy": self.healthy(),
+            "programs": [p.__dict__ for p in self.programs],
+            "maps": [dict(m.__dict__, fill=m.fill) for m in self.maps],
+        }
+
+
+# Maps whose entry count is meaningful for "fill".
+_COUNTED = {"hash", "lru_hash", "lpm_trie", "sockhash"}
+
+
+class Datapath:
+    """The eBPF datapath of one node: its programs, attachments and maps.
+
+    ``cgroup`` is the cgroup v2 folder holding the node's workloads; every
+    cgroup program attaches there once and applies to all cgroups below.
+    """
+
+    def __init__(self, node: str, cgroup: str, bpffs: str = "/sys/fs/bpf", sizes: MapSizes | None = None):
+        if not node or "/" in node or node.startswith("."):
+            raise DabbaError(f"invalid node name {node!r}: use letters, digits, '-' and '_'")
+        self.node = node
+        self.cgroup = cgroup
+        self.bpffs = bpffs
+        self.sizes = sizes or MapSizes()
+        self.pins = Pins(os.path.join(bpffs, "dabba", node))
+        self.programs = [cls(self.pins) for cls in ALL_PROGRAMS]
+
+    # -- helpers --
+    def _cflags(self) -> list[str]:
+        inc = os.path.join(bpf_source_dir(), "include")
+        return [
+            f"-I{inc}",
+            f'-DDABBA_PIN_MAPS="{self.pins.maps}/"',
+            "-Wno-macro-redefined",
+            *self.sizes.cflags(),
+        ]
+
+    def _cgroup_fd(self) -> int:
+        try:
+            return os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise DabbaError(
+                f"node cgroup {self.cgroup} does not exist", hint="create it, or check the agent's config"
+            ) from None
+
+    def open_map(self, name: str) -> bpfsys.Map:
+        path = self.pins.map_path(name)
+        try:
+            return bpfsys.Map.pinned(path)
+        except FileNotFoundError:
+            raise DabbaError(
+                f"map {name} is not pinned at {path}",
+                hint=f"is the datapath of node {self.node} loaded? (dabba bpf status --node {self.node})",
+            ) from None
+
+    def check(self) -> None:
+        """Check the kernel features and paths before anything is created."""
+        features.require_bpffs(self.bpffs)
+        features.require_cgroup2(self.cgroup)
+
+    # -- lifecycle --
+    def ensure(self) -> list[LoadReport]:
+        """Load what is missing, adopt what is pinned; attach each program exactly once.
+
+        On failure everything this call created is removed again, so a
+        failed start leaves nothing behind (pins that existed before stay).
+        """
+        self.check()
+        existed = self.pins.exists()
+        for d in (self.pins.maps, self.pins.progs, self.pins.links):
+            os.makedirs(d, exist_ok=True)
+        reports: list[LoadReport] = []
+        try:
+            cg = self._cgroup_fd()
+            try:
+                for prog in self.programs:
+                    reports.append(self._ensure_one(prog, cg))
+            finally:
+                os.close(cg)
+        except BaseException:
+            if not existed:
+                self.remove()
+            raise
+        return reports
+
+    def _ensure_one(self, prog: Program, cgroup_fd: int) -> LoadReport:
+        t0 = time.monotonic()
+        action = "adopted"
+        if os.path.exists(prog.prog_pin):
+            fd = bpfsys.obj_get(prog.prog_pin)
+        else:
+            fd = prog.load(self._cflags())
+            action = "loaded"
+        try:
+            info = bpfsys.prog_info(fd)
+            if isinstance(prog, SpliceProgram):
+                with self.open_map(names.MAP_SPLICE) as sockhash:
+                    if prog.attached(sockhash.fd, info.id) != 1:
+                        prog.attach(fd, sockhash.fd)
+            else:
+                self._ensure_link(prog, fd, info.id, cgroup_fd)
+        finally:
+            os.close(fd)
+        dt = time.monotonic() - t0
+        _log.info(f"{action} {prog.hook}", fields={"program": prog.function, "node": self.node, "s": f"{dt:.2f}"})
+        return LoadReport(prog.function, action, dt)
+
+    def _ensure_link(self, prog: Program, prog_fd: int, prog_id: int, cgroup_fd: int) -> None:
+        cg_id = os.fstat(cgroup_fd).st_ino
+        if os.path.exists(prog.link_pin):
+            lfd = bpfsys.obj_get(prog.link_pin)
+            try:
+                li = bpfsys.link_info(lfd)
+            finally:
+                os.close(lfd)
+            if li.cgroup_id != cg_id:
+                raise DabbaError(
+                    f"{prog.hook} of node {self.node} is attached to another cgroup (id {li.cgroup_id}), "
+                    f"not {self.cgroup} (id {cg_id})",
+                    hint=f"run `dabba bpf unload --node {self.node}` first if the node's cgroup moved",
+                )
+            if li.prog_id != prog_id:
+                raise DabbaError(
+                    f"{prog.hook} link of node {self.node} holds program id {li.prog_id}, "
+                    f"but the pinned program is id {prog_id}",
+                    hint=f"the pins were changed by hand; `dabba bpf unload --node {self.node}` resets them",
+                )
+            return
+        prog.attach(prog_fd, cgroup_fd)
+
+    def remove(self) -> None:
+        """Detach every program and remove every pin of the node. Idempotent."""
+        if not self.pins.exists():
+            return
+        sockhash = None
+        with contextlib.suppress(OSError):
+            sockhash = bpfsys.obj_get(self.pins.map_path(names.MAP_SPLICE))
+        try:
+            for prog in self.programs:
+                prog.detach(sockhash)
+        finally:
+            if sockhash is not None:
+                os.close(sockhash)
+        shutil.rmtree(self.pins.root, ignore_errors=True)
+        # bpffs refuses rmtree's rmdir on non-empty dirs only if files remain
+        for d in (self.pins.links, self.pins.progs, self.pins.maps, self.pins.root):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        _log.info("removed datapath", fields={"node": self.node, "pins": self.pins.root})
+
+    # -- status --
+    def status(self) -> DatapathStatus:
+        st = DatapathStatus(self.node, self.pins.root, self.cgroup)
+        cg = None
+        with contextlib.suppress(OSError):
+            cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        sockhash = None
+        with contextlib.suppress(OSError):
+            sockhash = bpfsys.obj_get(self.pins.map_path(names.MAP_SPLICE))
+        try:
+            for prog in self.programs:
+                ps = ProgramStatus(prog.function, prog.hook, os.path.exists(prog.prog_pin))
+                if ps.pinned:
+                    fd = bpfsys.obj_get(prog.prog_pin)
+                    try:
+                        info = bpfsys.prog_info(fd)
+                    finally:
+                        os.close(fd)
+                    ps.id, ps.tag, ps.loaded_at = info.id, info.tag, info.load_time_ns / 1e9
+                    target = sockhash if isinstance(prog, SpliceProgram) else cg
+                    if target is not None:
+                        ps.attached = prog.attached(target, info.id)
+                st.programs.append(ps)
+            for name in names.ALL_MAPS:
+                path = self.pins.map_path(name)
+                if not os.path.exists(path):
+                    continue
+                with bpfsys.Map.pinned(path) as m:
+                    t = m.info.type_name
+                    entries = m.count() if t in _COUNTED else None
+                    st.maps.append(MapStatus(name, t, m.info.max_entries, entries))
+        finally:
+            for fd in (cg, sockhash):
+                if fd is not None:
+                    os.close(fd)
+        return st

@@ -1,0 +1,52 @@
+"""Names of every map and program, as the C declares them (include/maps.h).
+
+One place for the names user space uses; the kernel keeps 15 characters of
+a name, and every one here fits.
+"""
+
+from __future__ import annotations
+
+PREFIX = "dabba_"
+
+# maps (include/maps.h)
+MAP_CFG = "dabba_cfg"
+MAP_WORKLOADS = "dabba_wl"
+MAP_EXCL_NET = "dabba_excl_net"
+MAP_EXCL_PORT = "dabba_excl_port"
+MAP_CAP_COOKIE = "dabba_cap_ck"
+MAP_CAP_TUPLE = "dabba_cap_tp"
+MAP_FLOWS = "dabba_flows"
+MAP_FLOW_EVENTS = "dabba_flow_ev"
+MAP_STATS = "dabba_stats"
+MAP_TUNNEL_ADDRS = "dabba_tun_addr"
+MAP_GUARD_COUNT = "dabba_guard_ct"
+MAP_PAIRS = "dabba_pairs"
+MAP_SPLICE = "dabba_splice"
+MAP_SK_OWNER = "dabba_sk_owner"
+
+ALL_MAPS = (
+    MAP_CFG,
+    MAP_WORKLOADS,
+    MAP_EXCL_NET,
+    MAP_EXCL_PORT,
+    MAP_CAP_COOKIE,
+    MAP_CAP_TUPLE,
+    MAP_FLOWS,
+    MAP_FLOW_EVENTS,
+    MAP_STATS,
+    MAP_TUNNEL_ADDRS,
+    MAP_GUARD_COUNT,
+    MAP_PAIRS,
+    MAP_SPLICE,
+    MAP_SK_OWNER,
+)
+
+# programs (function names in the .c files)
+PROG_SOCK_CREATE = "dabba_sock_new"
+PROG_CONNECT4 = "dabba_connect4"
+PROG_SOCKOPS = "dabba_sockops"
+PROG_SPLICE = "dabba_verdict"
+PROG_GUARD = "dabba_guard"
+
+for _n in ALL_MAPS + (PROG_SOCK_CREATE, PROG_CONNECT4, PROG_SOCKOPS, PROG_SPLICE, PROG_GUARD):
+    assert len(_n) <= 15 and _n.startswith(PREFIX), _n
