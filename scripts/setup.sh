@@ -28,7 +28,7 @@ fi
 apt_pkgs=(
 	python3-bpfcc libbpfcc bpftool # bcc and an independent view of the kernel's BPF objects
 	python3-venv python3-dev       # the virtual environment
-	iproute2 procps psmisc         # ip netns/link, ps, fuser
+	iproute2 iputils-ping procps psmisc         # ip netns/link, ps, fuser
 	curl openssl wrk iperf3 nghttp2-client tcpdump socat
 	clang-format make git ca-certificates
 )

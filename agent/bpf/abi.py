@@ -34,7 +34,6 @@ class Close(enum.IntEnum):
     FIN = 1
     RESET = 2
     REFUSED = 3
-    HALF = 4
 
 
 class Stat(enum.IntEnum):

@@ -479,3 +479,124 @@ class Datapath:
                 if fd is not None:
                     os.close(fd)
         return st
+
+
+class DatapathControl:
+    """Runtime state of a node's datapath, through its pinned maps (no bcc).
+
+    The one writer of dabba_cfg, dabba_wl, the exclusion maps and
+    dabba_tun_addr: the agent.
+    """
+
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+
+    def configure(self, tunnel_ip: str, tunnel_port: int, tunnel_mark: int = 0, enabled: bool = True) -> None:
+        from . import abi
+
+        cfg = abi.Config(abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, 0)
+        with self.dp.open_map(names.MAP_CFG) as m:
+            m.update(abi.ctypes.c_uint32(0), cfg)
+
+    def enrol(self, cgroup_path: str, workload_id: int, flags: int) -> int:
+        """Enrol the workload whose cgroup is cgroup_path; returns its cgroup id."""
+        from . import abi
+
+        cg_id = cgroup_id(cgroup_path)
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            m.update(abi.ctypes.c_uint64(cg_id), abi.Workload(workload_id, flags))
+        return cg_id
+
+    def unenrol(self, cgroup_path_or_id: str | int) -> bool:
+        from . import abi
+
+        cg_id = cgroup_path_or_id if isinstance(cgroup_path_or_id, int) else cgroup_id(cgroup_path_or_id)
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            return m.delete(abi.ctypes.c_uint64(cg_id))
+
+    def workloads(self) -> dict[int, tuple[int, int]]:
+        """cgroup id -> (workload id, flags)."""
+        from . import abi
+
+        out = {}
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            for k, v in m.items():
+                w = abi.from_bytes(abi.Workload, v)
+                out[int.from_bytes(k, "little")] = (w.id, w.flags)
+        return out
+
+    def set_exclusions(self, cidrs: list[str], ports: list[int]) -> None:
+        """Replace the capture exclusions: destination CIDRs and ports that go direct."""
+        import ipaddress
+
+        from . import abi
+
+        nets = []
+        for c in cidrs:
+            try:
+                n = ipaddress.IPv4Network(c, strict=False)
+            except ValueError:
+                raise DabbaError(f"capture exclusion {c!r} is not an IPv4 CIDR") from None
+            nets.append(abi.LpmV4(n.prefixlen, abi.ip_be(str(n.network_address))))
+        for p in ports:
+            if not 0 < int(p) < 65536:
+                raise DabbaError(f"capture exclusion port {p!r} is out of range")
+        with self.dp.open_map(names.MAP_EXCL_NET) as m:
+            want = {bytes(n) for n in nets}
+            for k in list(m.keys()):
+                if k not in want:
+                    m.delete(k)
+            for n in nets:
+                m.update(n, b"\x01")
+        with self.dp.open_map(names.MAP_EXCL_PORT) as m:
+            want = {int(p).to_bytes(2, "little") for p in ports}
+            for k in list(m.keys()):
+                if k not in want:
+                    m.delete(k)
+            for k in want:
+                m.update(k, b"\x01")
+
+    def set_tunnel_addrs(self, addrs: list[str]) -> None:
+        """Replace the addresses STRICT workloads accept connections from."""
+        from . import abi
+
+        want = {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
+        with self.dp.open_map(names.MAP_TUNNEL_ADDRS) as m:
+            for k in list(m.keys()):
+                if k not in want:
+                    m.delete(k)
+            for k in want:
+                m.update(k, b"\x01")
+
+    def stats(self) -> dict[str, int]:
+        """dabba_stats summed over CPUs, by name."""
+        from . import abi
+
+        out = {}
+        with self.dp.open_map(names.MAP_STATS) as m:
+            for st in abi.Stat:
+                slots = m.lookup_percpu(abi.ctypes.c_uint32(int(st)))
+                out[st.name.lower()] = sum(int.from_bytes(s, "little") for s in slots)
+        return out
+
+    def guard_drops(self) -> dict[int, int]:
+        """Ingress-guard drops per workload cgroup id."""
+        with self.dp.open_map(names.MAP_GUARD_COUNT) as m:
+            return {int.from_bytes(k, "little"): int.from_bytes(v, "little") for k, v in m.items()}
+
+
+def cgroup_id(path: str) -> int:
+    """The cgroup v2 id of a cgroup folder (its inode number), checked."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DabbaError(
+            f"unknown cgroup path {path}: no such cgroup",
+            hint="workload cgroups must exist below the cgroup v2 mount before they are enrolled",
+        ) from None
+    features.require_cgroup2(path)
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise DabbaError(f"unknown cgroup path {path}: not a cgroup folder")
+    return st.st_ino

@@ -3,7 +3,7 @@
  * Flow tracking: sockops.
  *
  * For sockets of enrolled workloads (tagged by sock.c):
- *  - on ESTABLISHED of a captured connection, publish the capture record
+ *  - at connect() of a captured connection, publish the capture record
  *    under the 4-tuple the tunnel sees on its accepted socket (dabba_cap_tp);
  *  - keep one flow record per socket in dabba_flows, its counters refreshed
  *    on every segment the socket sends (data or ACK), so live flows can be
@@ -17,6 +17,9 @@
 #include <linux/socket.h>
 
 #include "maps.h"
+
+/* TCP header flag, as in the kernel's net/tcp.h (not a UAPI header). */
+#define TCPHDR_FIN 0x01
 
 /* Count n events of kind stat in dabba_stats (see include/maps.h). */
 static __always_inline void count(u32 stat, u64 n)
@@ -58,7 +61,11 @@ static __always_inline void refresh(struct bpf_sock_ops *skops, struct dabba_flo
 	f->last_ns = bpf_ktime_get_ns();
 }
 
-static __always_inline void on_established(struct bpf_sock_ops *skops, u8 direction)
+/*
+ * A new flow record: at connect() for active opens, so a connection that is
+ * refused is recorded too, and at ESTABLISHED for passive ones.
+ */
+static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 {
 	struct dabba_sk_owner *own = owner_of(skops);
 	if (!own)
@@ -69,19 +76,21 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 direct
 	    .cookie = cookie,
 	    .cgroup_id = own->cgroup_id,
 	    .start_ns = bpf_ktime_get_ns(),
-	    .base_acked = skops->bytes_acked,
-	    .base_received = skops->bytes_received,
 	    .src_ip = skops->local_ip4,
 	    .dst_ip = skops->remote_ip4,
 	    .orig_ip = skops->remote_ip4,
 	    .src_port = (u16)skops->local_port,
 	    .dst_port = bpf_ntohl(skops->remote_port),
 	    .direction = direction,
-	    .last_state = BPF_TCP_ESTABLISHED,
+	    .last_state = direction == DABBA_DIR_OUTBOUND ? BPF_TCP_SYN_SENT : BPF_TCP_ESTABLISHED,
 	};
 	f.orig_port = f.dst_port;
 
 	if (direction == DABBA_DIR_OUTBOUND) {
+		/*
+		 * Publish the capture record under the 4-tuple before the SYN
+		 * leaves, so it is there when the tunnel accepts.
+		 */
 		struct dabba_capture *cap = dabba_cap_ck.lookup(&cookie);
 		if (cap) {
 			struct dabba_tuple t = {
@@ -97,9 +106,11 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 direct
 			f.captured = 1;
 			dabba_cap_ck.delete(&cookie);
 		}
+	} else {
+		f.base_acked = skops->bytes_acked;
+		f.base_received = skops->bytes_received;
 	}
 
-	refresh(skops, &f);
 	if (dabba_flows.insert(&f.cookie, &f) != 0) {
 		count(DABBA_ST_FLOW_FULL, 1);
 		return;
@@ -115,6 +126,19 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 direct
 				  BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
+/* An active open got its SYN-ACK: what is acked so far is the SYN, not payload. */
+static __always_inline void on_active_established(struct bpf_sock_ops *skops)
+{
+	u64 cookie = bpf_get_socket_cookie(skops);
+	struct dabba_flow *f = dabba_flows.lookup(&cookie);
+	if (!f)
+		return;
+	f->base_acked = skops->bytes_acked;
+	f->base_received = skops->bytes_received;
+	f->last_state = BPF_TCP_ESTABLISHED;
+	refresh(skops, f);
+}
+
 static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 {
 	u64 cookie = bpf_get_socket_cookie(skops);
@@ -125,32 +149,15 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 	if (!f)
 		return;
 
-	/*
-	 * FIN_WAIT2 -> CLOSE is the peer's FIN arriving: the kernel turns the
-	 * socket into a timewait socket without passing through a state of
-	 * its own, so note the FIN here, before the counters are read.
-	 */
-	if (old_state == BPF_TCP_FIN_WAIT2)
-		f->seen |= DABBA_SEEN_FIN_IN;
 	refresh(skops, f);
 
-	switch (old_state) {
-	case BPF_TCP_SYN_SENT:
-	case BPF_TCP_SYN_RECV:
+	if (old_state == BPF_TCP_SYN_SENT || old_state == BPF_TCP_SYN_RECV)
 		f->close = DABBA_CLOSE_REFUSED;
-		break;
-	case BPF_TCP_LAST_ACK:
-	case BPF_TCP_CLOSING:
-	case BPF_TCP_FIN_WAIT2:
-	case BPF_TCP_TIME_WAIT:
+	else if ((f->seen & DABBA_SEEN_FIN_IN) && (f->seen & DABBA_SEEN_FIN_OUT) &&
+		 skops->snd_una == skops->snd_nxt)
 		f->close = DABBA_CLOSE_FIN;
-		break;
-	case BPF_TCP_FIN_WAIT1:
-		f->close = DABBA_CLOSE_HALF;
-		break;
-	default:
+	else
 		f->close = DABBA_CLOSE_RESET;
-	}
 	f->end_ns = f->last_ns;
 	f->last_state = BPF_TCP_CLOSE;
 
@@ -188,8 +195,20 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
 	case BPF_TCP_CLOSING:	 /* the peer's FIN after ours */
 		f->seen |= DABBA_SEEN_FIN_IN;
 		break;
-	case BPF_TCP_FIN_WAIT1: /* our FIN */
-	case BPF_TCP_LAST_ACK:
+	case BPF_TCP_FIN_WAIT1: /* our FIN first */
+		/*
+		 * From here the peer's FIN takes the socket from FIN_WAIT2 straight
+		 * to CLOSE (it becomes a timewait socket), and so does a reset: the
+		 * states cannot tell them apart. Look at the segments themselves
+		 * (PARSE_HDR_OPT_CB, every valid incoming segment) for this socket
+		 * from now on.
+		 */
+		f->seen |= DABBA_SEEN_FIN_OUT;
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG |
+						     BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG |
+						     BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+		break;
+	case BPF_TCP_LAST_ACK: /* our FIN after the peer's */
 		f->seen |= DABBA_SEEN_FIN_OUT;
 		break;
 	}
@@ -203,15 +222,13 @@ int dabba_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* So that a connect() that fails still reaches on_close. */
-		if (owner_of(skops))
-			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		on_open(skops, DABBA_DIR_OUTBOUND);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		on_established(skops, DABBA_DIR_OUTBOUND);
+		on_active_established(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		on_established(skops, DABBA_DIR_INBOUND);
+		on_open(skops, DABBA_DIR_INBOUND);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB: {
 		u64 cookie = bpf_get_socket_cookie(skops);
@@ -220,6 +237,15 @@ int dabba_sockops(struct bpf_sock_ops *skops)
 			refresh(skops, f);
 		break;
 	}
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		/* enabled only after our FIN (on_state): did the peer's FIN come? */
+		if (skops->skb_tcp_flags & TCPHDR_FIN) {
+			u64 cookie = bpf_get_socket_cookie(skops);
+			struct dabba_flow *f = dabba_flows.lookup(&cookie);
+			if (f)
+				f->seen |= DABBA_SEEN_FIN_IN;
+		}
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		on_state(skops);
 		break;

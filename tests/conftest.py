@@ -1,0 +1,148 @@
+"""Test tiers: unit (no root); kernel and cluster (root, the real kernel).
+
+Root tests skip when run without root on a workstation; under CI (CI=true)
+a root test that would skip fails instead, as ztunnel's do.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT_TIERS = ("kernel", "cluster")
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f"{os.sep}{t}{os.sep}" in str(item.fspath) for t in ROOT_TIERS):
+            item.add_marker(pytest.mark.root)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("root test without root under CI: privileged tests must run, not skip")
+        pytest.skip("needs root (kernel/cluster tier)")
+
+
+def unique(prefix: str = "t") -> str:
+    """A name no other run uses (labs, pins, cgroups carry it)."""
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+def helper(name: str) -> list[str]:
+    """argv running tests/helpers/<name>.py with this interpreter."""
+    return [sys.executable, os.path.join(HELPERS, f"{name}.py")]
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_port(lab, target: str, ip: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on ip:port inside target's netns."""
+
+    def listening():
+        r = lab.run(target, ["ss", "-Hltn", f"src {ip}:{port}"], check=False)
+        return r.returncode == 0 and r.stdout.strip() != ""
+
+    wait_for(listening, timeout, what=f"a listener on {ip}:{port} in {target}")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A 2-node lab with 2 pods per node, removed afterwards even on failure."""
+    from agent.lab import lab as labmod
+    from agent.lab import spec
+
+    name = unique("k")
+    L = labmod.up(name, spec.default_spec(2, 2))
+    try:
+        yield L
+    finally:
+        labmod.down(name, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def datapaths(lab):
+    """The datapath of every node of the lab, configured like the agent does."""
+    from agent.bpf.loader import Datapath, DatapathControl
+
+    out = {}
+    for node in lab.nodes:
+        dp = Datapath(node.bpf_node, node.cgroup)
+        dp.ensure()
+        ctl = DatapathControl(dp)
+        ctl.configure(node.gateway, 15001)
+        ctl.set_tunnel_addrs([node.gateway])
+        out[node.name] = ctl
+    yield out
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts; killed (only these) at the end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def read_json(proc, key: str, timeout: float = 30.0) -> dict:
+    """Read JSON lines from proc.stdout until one has key (or fail with its stderr).
+
+    Reads the pipe's fd directly and keeps unread lines on the proc, since a
+    buffered reader would hide lines from select().
+    """
+    import json
+    import select
+
+    buf = getattr(proc, "_json_lines", None)
+    if buf is None:
+        buf = proc._json_lines = {"pending": b"", "lines": []}
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    eof = False
+    while True:
+        while buf["lines"]:
+            line = buf["lines"].pop(0)
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(d, dict) and key in d:
+                return d
+        if eof or time.monotonic() > deadline:
+            break
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                eof = True
+            buf["pending"] += chunk
+            *lines, buf["pending"] = buf["pending"].split(b"\n")
+            buf["lines"].extend(lines)
+    err = ""
+    if proc.stderr and proc.poll() is not None:
+        err = proc.stderr.read()
+    raise AssertionError(f"no {key!r} line from {proc.args!r}; exit={proc.poll()} stderr={err[-2000:]!s}")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
