@@ -22,6 +22,14 @@ static __always_inline void count(u32 stat, u64 n)
 
 int dabba_verdict(struct __sk_buff *skb)
 {
+	/*
+	 * A segment without payload (the FIN) has nothing to move; redirected,
+	 * the peer's send of 0 bytes would count as a broken pipe. The FIN
+	 * itself is propagated by user space (shutdown) once all bytes are out.
+	 */
+	if (skb->len == 0)
+		return SK_DROP;
+
 	u64 me = bpf_get_socket_cookie(skb);
 	struct dabba_pair *p = dabba_pairs.lookup(&me);
 	if (!p) {

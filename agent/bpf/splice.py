@@ -5,9 +5,10 @@ on one socket out of the other; this process reads no payload. It watches
 both sockets with epoll for what the kernel cannot do itself:
 
 - half-close: when one side's peer sends FIN, shut down the other side for
-  writing, but only after every byte redirected so far reached that socket
-  (dabba_pairs counts redirected bytes; TCP_INFO and SIOCOUTQ tell what the
-  socket took), so no byte is lost to the FIN;
+  writing, but only after every byte the first side received went through
+  the verdict (TCP_INFO bytes_received against the redirected count in
+  dabba_pairs) and reached the other socket (its bytes_acked plus SIOCOUTQ),
+  so no byte is lost to the FIN;
 - reset: when one side is reset, reset the other (SO_LINGER 0 and close);
 - both halves closed: close both sockets.
 
@@ -17,6 +18,7 @@ call ``process()``; ``run()`` is a blocking loop for simple users.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import log
+from ..errors import DabbaError
 from . import abi, names
 from .sys import Map, socket_cookie
 
@@ -35,6 +38,7 @@ _log = log.get("splice")
 _EV_HUP = select.EPOLLHUP | select.EPOLLERR
 _WATCH = select.EPOLLRDHUP | _EV_HUP
 _TCPI_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked)
+_TCPI_BYTES_RECEIVED = 128  # offsetof(struct tcp_info, tcpi_bytes_received)
 DRAIN_TIMEOUT = 30.0
 
 
@@ -46,8 +50,19 @@ def _written(sock: socket.socket) -> int:
     return acked + outq
 
 
-def _inq(sock: socket.socket) -> int:
-    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+def _received(sock: socket.socket) -> int:
+    """Bytes received in order, the peer's FIN included once it came."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return struct.unpack_from("=Q", info, _TCPI_BYTES_RECEIVED)[0]
+
+
+class SpliceUnavailable(DabbaError):
+    """The kernel refused the pair; the caller relays this connection in user space.
+
+    A SOCKHASH takes only ESTABLISHED sockets: one whose peer already sent
+    FIN (CLOSE_WAIT) -- a client that wrote its request and half-closed
+    before the tunnel got to it -- cannot be spliced.
+    """
 
 
 @dataclass
@@ -101,8 +116,12 @@ class Splicer:
         try:
             self.sockhash.update(ck[0], abi.ctypes.c_uint32(a.fileno()))
             self.sockhash.update(ck[1], abi.ctypes.c_uint32(b.fileno()))
-        except OSError:
+        except OSError as e:
             self._forget(p)
+            if e.errno == errno.EOPNOTSUPP:
+                raise SpliceUnavailable(
+                    "cannot splice: a socket is no longer ESTABLISHED (its peer already closed)"
+                ) from None
             raise
         # Bytes that arrived before the sockets were in the map wait in their
         # receive queues; setting SO_RCVLOWAT makes TCP signal data-ready,
@@ -145,7 +164,11 @@ class Splicer:
             if p.closed:
                 continue
             other = p.other(side)
-            if _inq(side.sock) == 0 and _written(other.sock) - other.base_written >= self.redirected(side):
+            moved = self.redirected(side)
+            # The tunnel never reads from a spliced socket, so every byte it
+            # received (less the FIN) must go through the verdict; FIONREAD
+            # cannot tell, as it does not see a sockmap socket's queue.
+            if moved >= _received(side.sock) - 1 and _written(other.sock) - other.base_written >= moved:
                 self._shutdown(p, other)
             elif time.monotonic() > deadline:
                 _log.warning("half-close drain timed out; shutting down anyway", fields={"cookie": side.cookie})

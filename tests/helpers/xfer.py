@@ -76,7 +76,8 @@ def exchange(sock, args, server):
     else:
         send_n(sock, args.send, hs)
         out["sent"] = args.send
-        sock.shutdown(socket.SHUT_WR)
+        if not args.hold:
+            sock.shutdown(socket.SHUT_WR)
         try:
             out["received"] = recv_all(sock, hr)
         except ConnectionResetError:
@@ -99,6 +100,7 @@ def main():
     ap.add_argument("--send", type=int, default=0)
     ap.add_argument("--duplex", type=int)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--hold", action="store_true", help="client: do not half-close after sending")
     ap.add_argument("--reset", action="store_true", help="server: reset instead of replying")
     ap.add_argument("--reset-after", type=float, help="server: wait, then reset")
     args = ap.parse_args()
