@@ -1,2 +1,300 @@
-def main():
-    pass
+"""The `dabba` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import log
+from .errors import DabbaError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise DabbaError(f"{what} needs root (it touches network namespaces, cgroups and BPF objects)",
+                         hint="run it with sudo")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DabbaError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            if e.hint:
+                click.echo(f"hint: {e.hint}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option("--log-level", default=None, help="debug, info, warning (default: $DABBA_LOG or info)")
+def main(log_level):
+    """dabbawala: a sidecarless service mesh for Linux nodes.
+
+    \b
+    Start here:
+      dabba demo                 build a 2-node lab, load the datapath, move traffic, show flows
+      dabba lab up --name x      a cluster of network namespaces on this machine
+      dabba bpf status --node N  programs, attachments and map fill of a node
+    """
+    log.setup(log_level)
+
+
+# ---- lab ---------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def lab():
+    """A cluster on one machine: nodes and pods as network namespaces and cgroups."""
+
+
+@lab.command("up")
+@click.option("--name", default="demo", show_default=True, help="unique lab name (1-12 of a-z 0-9 -)")
+@click.option("--nodes", type=int, default=None, help="number of nodes (default 2, or the file's)")
+@click.option("--pods-per-node", type=int, default=2, show_default=True)
+@click.option("-f", "--file", "file_", type=click.Path(dir_okay=False), help="cluster YAML: pods, services")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def lab_up(name, nodes, pods_per_node, file_, output):
+    """Create a lab and print its nodes and pods.
+
+    \b
+    Example:
+      dabba lab up --name dev --nodes 2 --pods-per-node 3
+      dabba lab up --name dev -f cluster.yaml
+    """
+    from .lab import lab as labmod
+    from .lab import spec
+
+    _need_root("dabba lab up")
+    sp = spec.load_spec(file_, nodes) if file_ else spec.default_spec(nodes or 2, pods_per_node)
+    L = labmod.up(name, sp)
+    _print_lab(L, output)
+
+
+def _print_lab(L, output):
+    if output == "json":
+        click.echo(json.dumps(L.as_dict(), indent=1))
+        return
+    click.echo(f"lab {L.name}: {len(L.nodes)} nodes, {len(L.pods)} pods (netns {L.netns}.*)")
+    click.echo(f"{'NODE':<8}{'ADDRESS':<16}{'POD CIDR':<16}{'TUNNEL':<14}PINS")
+    for n in L.nodes:
+        click.echo(f"{n.name:<8}{n.ip:<16}{n.pod_cidr:<16}{n.gateway:<14}/sys/fs/bpf/dabba/{n.bpf_node}")
+    click.echo(f"\n{'POD':<20}{'NODE':<8}{'IP':<14}{'NAMESPACE':<12}SERVICE ACCOUNT")
+    for p in L.pods:
+        click.echo(f"{p.name:<20}{p.node:<8}{p.ip:<14}{p.namespace:<12}{p.service_account}")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("target")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
+def lab_exec(name, target, cmd):
+    """Run CMD inside a pod (its netns and cgroup) or on a node.
+
+    \b
+    Example:
+      dabba lab exec dev n1-p1 -- curl -s http://10.20.2.11:8080/
+    """
+    from .lab import lab as labmod
+
+    _need_root("dabba lab exec")
+    L = labmod.load(name)
+    full, pre = L.command(target, list(cmd))
+    import subprocess
+
+    sys.exit(subprocess.call(full, preexec_fn=pre))
+
+
+@lab.command("ls")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def lab_ls(output):
+    """List labs."""
+    from .lab import lab as labmod
+
+    labs = labmod.ls()
+    if output == "json":
+        click.echo(json.dumps([x.as_dict() for x in labs], indent=1))
+        return
+    if not labs:
+        click.echo("no labs (create one with `dabba lab up`)")
+    for x in labs:
+        click.echo(f"{x.name:<14}{len(x.nodes)} nodes  {len(x.pods)} pods")
+
+
+@lab.command("down")
+@click.argument("name")
+def lab_down(name):
+    """Remove a lab: processes, pins, namespaces, cgroups. Safe to run twice."""
+    from .lab import lab as labmod
+
+    _need_root("dabba lab down")
+    found = labmod.down(name, quiet=True)
+    click.echo(f"lab {name} removed" if found else f"lab {name}: nothing to remove")
+
+
+# ---- bpf ------------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def bpf():
+    """The eBPF datapath of a node: status, load, unload."""
+
+
+def _datapath(node, config, cgroup):
+    from .bpf.loader import Datapath
+
+    if config:
+        from .node import config as cfgmod
+
+        c = cfgmod.load(config)
+        return Datapath(c.pin_name, c.cgroup, c.bpffs, c.maps)
+    if not node:
+        pins = "/sys/fs/bpf/dabba"
+        nodes = sorted(os.listdir(pins)) if os.path.isdir(pins) else []
+        if len(nodes) != 1:
+            raise DabbaError("which node? pass --node NAME or --config FILE",
+                             hint=f"pinned nodes: {', '.join(nodes) or 'none'}")
+        node = nodes[0]
+    if not cgroup:
+        cgroup = _cgroup_of_pins(node)
+    return Datapath(node, cgroup)
+
+
+def _cgroup_of_pins(node: str) -> str:
+    """The cgroup a node's programs are attached to, found from its pinned link."""
+    from .bpf import sys as bpfsys
+    from .bpf.features import cgroup2_root
+
+    link = f"/sys/fs/bpf/dabba/{node}/links/dabba_sockops"
+    if not os.path.exists(link):
+        return "/nonexistent"
+    fd = bpfsys.obj_get(link)
+    try:
+        cg_id = bpfsys.link_info(fd).cgroup_id
+    finally:
+        os.close(fd)
+    for dirpath, _, _ in os.walk(cgroup2_root()):
+        try:
+            if os.stat(dirpath).st_ino == cg_id:
+                return dirpath
+        except OSError:
+            continue
+    return "/nonexistent"
+
+
+@bpf.command("status")
+@click.option("--node", help="node (pin folder) name; default: the only one pinned")
+@click.option("--config", type=click.Path(dir_okay=False), help="agent config to take the node from")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def bpf_status(node, config, output):
+    """Programs, attachments and map fill of a node.
+
+    Exit code 1 when a program is missing or not attached exactly once.
+
+    \b
+    Example:
+      dabba bpf status --node demo_n1 -o json
+    """
+    _need_root("dabba bpf status")
+    dp = _datapath(node, config, None)
+    if not dp.pins.exists():
+        raise DabbaError(f"node {dp.node} has no pinned datapath at {dp.pins.root}",
+                         hint="start the agent (dabba agent run --config FILE) or `dabba bpf load`")
+    st = dp.status()
+    if output == "json":
+        click.echo(json.dumps(st.as_dict(), indent=1))
+    else:
+        click.echo(f"node {st.node}  pins {st.pin_root}  cgroup {st.cgroup}")
+        click.echo(f"\n{'PROGRAM':<16}{'HOOK':<24}{'ID':>6}  {'ATTACHED':<9}TAG")
+        for p in st.programs:
+            att = {1: "yes", 0: "NO", -1: "unknown"}.get(p.attached, f"{p.attached}x!")
+            click.echo(f"{p.name:<16}{p.hook:<24}{p.id or '-':>6}  {att:<9}{p.tag or 'not pinned'}")
+        click.echo(f"\n{'MAP':<17}{'TYPE':<14}{'ENTRIES':>9}{'MAX':>9}{'FILL':>8}")
+        for m in st.maps:
+            fill = f"{m.fill:.1%}" if m.fill is not None else "-"
+            ent = "-" if m.entries is None else m.entries
+            click.echo(f"{m.name:<17}{m.type:<14}{ent:>9}{m.max_entries:>9}{fill:>8}")
+    sys.exit(0 if st.healthy() else 1)
+
+
+@bpf.command("load")
+@click.option("--config", type=click.Path(dir_okay=False), required=True, help="agent config")
+def bpf_load(config):
+    """Load (or adopt) a node's programs and enrol its workloads, then exit."""
+    from .node import config as cfgmod
+    from .node.agent import Agent
+
+    _need_root("dabba bpf load")
+    a = Agent(cfgmod.load(config))
+    a.start()
+    for r in a.load_reports:
+        click.echo(f"{r.action:<8} {r.program:<16} {r.seconds:.2f}s")
+
+
+@bpf.command("unload")
+@click.option("--node", required=True, help="node (pin folder) name")
+def bpf_unload(node):
+    """Detach every program of a node and remove its pins (traffic is no longer captured)."""
+    from .bpf.loader import Datapath
+
+    _need_root("dabba bpf unload")
+    Datapath(node, "/nonexistent").remove()
+    click.echo(f"node {node}: programs detached, pins removed")
+
+
+# ---- agent ------------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def agent():
+    """The node agent."""
+
+
+@agent.command("run")
+@click.option("--config", type=click.Path(dir_okay=False), required=True, help="agent config (YAML)")
+@click.option("--check", is_flag=True, help="validate the config and the kernel, change nothing, exit")
+def agent_run(config, check):
+    """Run the node agent.
+
+    \b
+    Example:
+      dabba agent run --config /etc/dabba/agent.yaml --check
+    """
+    from .node import config as cfgmod
+    from .node.agent import Agent
+
+    cfg = cfgmod.load(config)
+    if check:
+        _need_root("dabba agent run --check")
+        notes = Agent(cfg).check()
+        click.echo(f"{config}: ok")
+        for n in notes:
+            click.echo(f"  {n}")
+        return
+    _need_root("dabba agent run")
+    a = Agent(cfg)
+    a.install_signals()
+    a.run()
+
+
+# ---- demo -----------------------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option("--name", default="demo", show_default=True)
+@click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+def demo(name, keep):
+    """Build a 2-node lab, load the datapath, move known traffic, show the kernel's flow table."""
+    from .demo import run_demo
+
+    _need_root("dabba demo")
+    run_demo(name, keep)
+
+
+if __name__ == "__main__":
+    main()

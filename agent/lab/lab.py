@@ -397,3 +397,29 @@ def down(name: str, quiet: bool = False) -> bool:
     if not quiet:
         _log.info("lab down" if found else "lab not found, nothing to remove", fields={"lab": name})
     return found
+
+
+def agent_config(lab: Lab, node_name: str, strict: tuple[str, ...] = ()) -> dict:
+    """The agent config (as a dict) for one node of the lab: every pod enrolled."""
+    node = lab.node(node_name)
+    return {
+        "node": node.name,
+        "pin_name": node.bpf_node,
+        "cgroup": node.cgroup,
+        "state_dir": os.path.join(STATE_DIR, lab.name, node.name),
+        "tunnel": {"address": node.gateway, "port": 15001},
+        "tunnel_addresses": [node.gateway],
+        "workloads": [
+            {
+                "name": p.name,
+                "namespace": p.namespace,
+                "service_account": p.service_account,
+                "cgroup": p.cgroup,
+                "ip": p.ip,
+                "labels": p.labels,
+                "capture": True,
+                "strict": p.name in strict,
+            }
+            for p in lab.pods_on(node.name)
+        ],
+    }

@@ -1,0 +1,134 @@
+"""The node agent: owns the node's datapath and keeps it in line with its config.
+
+What it does, in order:
+1. checks the kernel features and paths it needs;
+2. loads the eBPF programs, or adopts them when they are pinned already
+   (a restart compiles nothing and attaches nothing twice);
+3. writes the runtime config (tunnel address, exclusions, tunnel addresses
+   for STRICT workloads) and enrols the node's workloads, removing
+   enrolments of workloads no longer configured;
+4. drains closed-flow records from the ring buffer, keeping the most recent
+   ``keep_closed`` for operators, and writes a status file.
+
+On SIGTERM or SIGINT it exits and leaves every pin in place: capture,
+accounting and the guard go on in the kernel while it is down.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import threading
+import time
+
+from .. import log
+from ..bpf import abi, features
+from ..bpf.flows import FlowRecord, FlowSource
+from ..bpf.loader import Datapath, DatapathControl, cgroup_id
+from ..errors import DabbaError
+from .config import AgentConfig
+
+_log = log.get("agent")
+
+
+class Agent:
+    """One node's agent."""
+
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.dp = Datapath(cfg.pin_name, cfg.cgroup, cfg.bpffs, cfg.maps)
+        self.ctl = DatapathControl(self.dp)
+        self.closed: collections.deque[FlowRecord] = collections.deque(maxlen=max(cfg.keep_closed, 1))
+        self.stop = threading.Event()
+        self.started = time.time()
+        self.load_reports = []
+        self.workload_ids: dict[int, str] = {}  # cgroup id -> namespace/name
+
+    def check(self) -> list[str]:
+        """What --check verifies without changing anything; returns notes for the operator."""
+        notes = []
+        self.dp.check()
+        for w in self.cfg.workloads:
+            cgroup_id(w.cgroup)
+        f = features.probe(self.cfg.bpffs)
+        if not f.btf:
+            notes.append("kernel has no BTF (/sys/kernel/btf/vmlinux)")
+        if not f.sockmap:
+            raise DabbaError("the kernel cannot create a SOCKHASH map: sockmap support is missing",
+                             hint="the splice needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG (5.10+)")
+        notes.append(f"kernel {f.kernel}: BTF {'yes' if f.btf else 'no'}, sockmap yes, "
+                     f"kernel TLS {'yes' if f.ktls else 'no'}, cgroup v2 at {f.cgroup2}")
+        notes.append(f"{len(self.cfg.workloads)} workload(s) to enrol; pins at {self.dp.pins.root}")
+        return notes
+
+    def start(self) -> None:
+        self.check()
+        t0 = time.monotonic()
+        self.load_reports = self.dp.ensure()
+        loaded = [r.program for r in self.load_reports if r.action == "loaded"]
+        _log.info("datapath ready", fields={
+            "node": self.cfg.node, "loaded": len(loaded), "adopted": len(self.load_reports) - len(loaded),
+            "s": f"{time.monotonic() - t0:.2f}"})
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Make the maps say what the config says."""
+        c = self.cfg
+        self.ctl.configure(c.tunnel.address, c.tunnel.port, c.tunnel.mark)
+        self.ctl.set_exclusions(c.capture.exclude_cidrs, c.capture.exclude_ports)
+        self.ctl.set_tunnel_addrs(c.tunnel_addresses)
+        want = {}
+        for i, w in enumerate(c.workloads, start=1):
+            flags = abi.WL_ACCOUNT | (abi.WL_CAPTURE if w.capture else 0) | (abi.WL_STRICT if w.strict else 0)
+            cg = self.ctl.enrol(w.cgroup, i, flags)
+            want[cg] = f"{w.namespace}/{w.name}"
+        for cg in set(self.ctl.workloads()) - set(want):
+            self.ctl.unenrol(cg)
+            _log.info("unenrolled workload no longer configured", fields={"cgroup_id": cg})
+        self.workload_ids = want
+        _log.info("workloads enrolled", fields={"count": len(want)})
+
+    def write_status(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        st = {
+            "node": self.cfg.node,
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": time.time(),
+            "load": [r.__dict__ for r in self.load_reports],
+            "workloads": self.workload_ids,
+            "stats": self.ctl.stats(),
+            "closed_kept": len(self.closed),
+        }
+        tmp = os.path.join(self.cfg.state_dir, "status.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(st, f, indent=1)
+        os.replace(tmp, os.path.join(self.cfg.state_dir, "status.json"))
+        tmp = os.path.join(self.cfg.state_dir, "closed.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in self.closed:
+                f.write(json.dumps(r.as_dict()) + "\n")
+        os.replace(tmp, os.path.join(self.cfg.state_dir, "closed.jsonl"))
+
+    def run(self) -> None:
+        """Start, then drain flow records until stopped."""
+        self.start()
+        src = FlowSource(self.dp.pins.maps)
+        last_status = 0.0
+        try:
+            while not self.stop.is_set():
+                for rec in src.closed(timeout_ms=200):
+                    self.closed.append(rec)
+                if time.monotonic() - last_status > 1.0:
+                    self.write_status()
+                    last_status = time.monotonic()
+        finally:
+            src.close()
+            self.write_status()
+            _log.info("agent stopped; programs stay attached and pinned", fields={"node": self.cfg.node})
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())

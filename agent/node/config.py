@@ -1,0 +1,253 @@
+"""The node agent's configuration: one typed object, every field documented.
+
+A YAML file (``dabba agent run --config FILE``)::
+
+    node: n1                      # this node's name (required)
+    cgroup: /sys/fs/cgroup/unified/kubepods   # cgroup v2 folder holding the
+                                  # node's workloads; programs attach here (required)
+    bpffs: /sys/fs/bpf            # bpffs mount; pins go to <bpffs>/dabba/<pin_name>
+    pin_name: n1                  # default: node
+    state_dir: /run/dabba/n1      # runtime files of the agent (status)
+    tunnel:
+      address: 10.20.1.1          # the tunnel's outbound listener, where
+      port: 15001                 # captured connect()s are sent
+      mark: 0                     # SO_MARK of the tunnel's own sockets (never captured)
+    tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
+    capture:
+      exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture
+      exclude_ports: []
+    maps:                         # sizes, fixed when the programs are first loaded
+      workloads: 4096
+      captures: 16384
+      flows: 65536
+      ring_pages: 64
+      splice: 16384
+    flows:
+      keep_closed: 10000          # closed flows kept in memory for `dabba flows`
+    workloads:                    # workloads of this node
+      - name: web-1
+        namespace: default
+        service_account: web
+        cgroup: /sys/fs/cgroup/unified/kubepods/web-1
+        ip: 10.20.1.11
+        capture: true             # redirect its outbound connections to the tunnel
+        strict: false             # accept inbound connections only from the tunnel
+
+Environment variables override nothing; the file is the whole truth, so
+``--check`` tells exactly what the agent will do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from ..bpf.loader import MapSizes
+from ..errors import DabbaError
+
+DEFAULT_BPFFS = "/sys/fs/bpf"
+DEFAULT_TUNNEL_PORT = 15001
+DEFAULT_KEEP_CLOSED = 10000
+DEFAULT_EXCLUDE_CIDRS = ("127.0.0.0/8",)
+
+
+@dataclass
+class TunnelConfig:
+    """Where captured connections go."""
+
+    address: str
+    port: int = DEFAULT_TUNNEL_PORT
+    mark: int = 0
+
+
+@dataclass
+class CaptureConfig:
+    """Destinations that bypass capture."""
+
+    exclude_cidrs: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_CIDRS))
+    exclude_ports: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkloadConfig:
+    """A workload of this node, and how the datapath treats it."""
+
+    name: str
+    cgroup: str
+    namespace: str = "default"
+    service_account: str = "default"
+    ip: str = ""
+    capture: bool = True
+    strict: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spiffe_suffix(self) -> str:
+        return f"ns/{self.namespace}/sa/{self.service_account}"
+
+
+@dataclass
+class AgentConfig:
+    """The whole agent configuration (see the module docstring for the file format)."""
+
+    node: str
+    cgroup: str
+    tunnel: TunnelConfig
+    bpffs: str = DEFAULT_BPFFS
+    pin_name: str = ""
+    state_dir: str = ""
+    tunnel_addresses: list[str] = field(default_factory=list)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    maps: MapSizes = field(default_factory=MapSizes)
+    keep_closed: int = DEFAULT_KEEP_CLOSED
+    workloads: list[WorkloadConfig] = field(default_factory=list)
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        self.pin_name = self.pin_name or self.node
+        self.state_dir = self.state_dir or f"/run/dabba/{self.pin_name}"
+        if not self.tunnel_addresses:
+            self.tunnel_addresses = [self.tunnel.address]
+
+    def dump(self) -> dict:
+        """Everything, as the admin API and --check print it (there are no secrets here)."""
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+def _err(path: str, node, msg: str) -> DabbaError:
+    mark = getattr(node, "start_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else path
+    return DabbaError(f"{where}: {msg}")
+
+
+def _find(node, *keys):
+    """The YAML node at keys (for line numbers), or the closest parent."""
+    for k in keys:
+        if node is None:
+            return None
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for kk, v in node.value if kk.value == k), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(k, int) and k < len(node.value):
+            nxt = node.value[k]
+        else:
+            nxt = None
+        if nxt is None:
+            return node
+        node = nxt
+    return node
+
+
+_TOP = {"node", "cgroup", "bpffs", "pin_name", "state_dir", "tunnel", "tunnel_addresses", "capture", "maps",
+        "flows", "workloads"}
+_WL = {"name", "cgroup", "namespace", "service_account", "ip", "capture", "strict", "labels"}
+
+
+def parse(text: str, path: str = "<config>") -> AgentConfig:
+    """Parse and validate; every error names the file, the line and the field."""
+    try:
+        root = yaml.compose(text)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DabbaError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
+                         f"{getattr(e, 'problem', e)}") from None
+    if not isinstance(doc, dict):
+        raise DabbaError(f"{path}: the agent config must be a mapping (node, cgroup, tunnel, ...)")
+
+    def need(cond, keys, msg):
+        if not cond:
+            raise _err(path, _find(root, *keys), msg)
+
+    for k in doc:
+        need(k in _TOP, (k,), f"unknown field {k!r} (known: {', '.join(sorted(_TOP))})")
+    for k in ("node", "cgroup", "tunnel"):
+        need(k in doc, (), f"missing required field {k!r}")
+    need(isinstance(doc["node"], str) and doc["node"] and "/" not in doc["node"], ("node",),
+         "node must be a name without '/'")
+    need(isinstance(doc["cgroup"], str) and os.path.isabs(doc["cgroup"]), ("cgroup",),
+         "cgroup must be an absolute path to a cgroup v2 folder")
+    t = doc["tunnel"]
+    need(isinstance(t, dict) and "address" in t, ("tunnel",), "tunnel needs an address")
+    for addr_key in ("address",):
+        try:
+            ipaddress.IPv4Address(str(t[addr_key]))
+        except ValueError:
+            raise _err(path, _find(root, "tunnel", addr_key), f"tunnel.{addr_key}: {t[addr_key]!r} is not an "
+                       "IPv4 address") from None
+    port = t.get("port", DEFAULT_TUNNEL_PORT)
+    need(isinstance(port, int) and 0 < port < 65536, ("tunnel", "port"), f"tunnel.port {port!r} out of range")
+    tunnel = TunnelConfig(str(t["address"]), port, int(t.get("mark", 0)))
+
+    tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]
+    for i, a in enumerate(tun_addrs):
+        try:
+            ipaddress.IPv4Address(a)
+        except ValueError:
+            raise _err(path, _find(root, "tunnel_addresses", i), f"tunnel_addresses: {a!r} is not an IPv4 "
+                       "address") from None
+
+    c = doc.get("capture") or {}
+    cap = CaptureConfig(
+        [str(x) for x in c.get("exclude_cidrs", DEFAULT_EXCLUDE_CIDRS)],
+        [int(x) for x in c.get("exclude_ports", [])],
+    )
+    for i, cidr in enumerate(cap.exclude_cidrs):
+        try:
+            ipaddress.IPv4Network(cidr, strict=False)
+        except ValueError:
+            raise _err(path, _find(root, "capture", "exclude_cidrs", i),
+                       f"capture.exclude_cidrs: {cidr!r} is not an IPv4 CIDR") from None
+    for i, p in enumerate(cap.exclude_ports):
+        need(0 < p < 65536, ("capture", "exclude_ports", i), f"capture.exclude_ports: {p} out of range")
+
+    m = doc.get("maps") or {}
+    known = set(MapSizes.__dataclass_fields__)
+    for k, v in m.items():
+        need(k in known, ("maps", k), f"maps: unknown map size {k!r} (known: {', '.join(sorted(known))})")
+        need(isinstance(v, int) and v > 0, ("maps", k), f"maps.{k} must be a positive number")
+    sizes = MapSizes(**m)
+    try:
+        sizes.cflags()
+    except DabbaError as e:
+        raise _err(path, _find(root, "maps", "ring_pages"), str(e)) from None
+
+    keep = (doc.get("flows") or {}).get("keep_closed", DEFAULT_KEEP_CLOSED)
+    need(isinstance(keep, int) and keep >= 0, ("flows", "keep_closed"), "flows.keep_closed must be >= 0")
+
+    workloads = []
+    names = set()
+    for i, w in enumerate(doc.get("workloads") or []):
+        need(isinstance(w, dict), ("workloads", i), "each workload must be a mapping")
+        for k in w:
+            need(k in _WL, ("workloads", i, k), f"workload: unknown field {k!r} (known: {', '.join(sorted(_WL))})")
+        for k in ("name", "cgroup"):
+            need(k in w, ("workloads", i), f"workload needs {k!r}")
+        key = (w.get("namespace", "default"), w["name"])
+        need(key not in names, ("workloads", i), f"workload {key[0]}/{key[1]} is listed twice")
+        names.add(key)
+        need(os.path.isabs(str(w["cgroup"])), ("workloads", i, "cgroup"), "workload cgroup must be an absolute path")
+        workloads.append(WorkloadConfig(
+            name=str(w["name"]), cgroup=str(w["cgroup"]), namespace=str(w.get("namespace", "default")),
+            service_account=str(w.get("service_account", "default")), ip=str(w.get("ip", "")),
+            capture=bool(w.get("capture", True)), strict=bool(w.get("strict", False)),
+            labels={str(k): str(v) for k, v in (w.get("labels") or {}).items()},
+        ))
+    return AgentConfig(
+        node=doc["node"], cgroup=doc["cgroup"], tunnel=tunnel, bpffs=str(doc.get("bpffs", DEFAULT_BPFFS)),
+        pin_name=str(doc.get("pin_name", "")), state_dir=str(doc.get("state_dir", "")),
+        tunnel_addresses=tun_addrs, capture=cap, maps=sizes, keep_closed=keep, workloads=workloads, source=path,
+    )
+
+
+def load(path: str) -> AgentConfig:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise DabbaError(f"cannot read agent config {path}: {e.strerror}") from None
+    return parse(text, path)

@@ -1,0 +1,107 @@
+"""Bad input: clear errors naming what and where, and nothing left behind."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent.bpf.loader import Datapath, DatapathControl, cgroup_id
+from agent.errors import DabbaError
+from agent.lab import lab as labmod
+from agent.lab import spec
+from tests.conftest import unique
+
+
+def _netns():
+    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+
+
+def test_unknown_cgroup_path_is_refused_by_name(lab, datapaths):
+    ctl = datapaths["n1"]
+    before = ctl.workloads()
+    bogus = os.path.join(lab.node("n1").cgroup, "no-such-pod")
+    with pytest.raises(DabbaError, match=f"unknown cgroup path {bogus}"):
+        ctl.enrol(bogus, 99, 1)
+    with pytest.raises(DabbaError, match="not a cgroup v2 directory"):
+        cgroup_id("/tmp")
+    assert ctl.workloads() == before
+
+
+def test_lab_name_clash_is_refused_and_leaves_the_first_lab_intact(lab):
+    ns_before = _netns()
+    with pytest.raises(DabbaError, match=f"a lab named '{lab.name}' already exists"):
+        labmod.up(lab.name, spec.default_spec(1, 1))
+    assert _netns() == ns_before
+    assert labmod.load(lab.name).pods == lab.pods
+    assert lab.run("n1-p1", ["true"]).returncode == 0
+
+
+def test_invalid_lab_name_creates_nothing():
+    ns_before = _netns()
+    with pytest.raises(DabbaError, match="invalid lab name"):
+        labmod.up("Bad_Name", spec.default_spec(1, 1))
+    assert _netns() == ns_before
+
+
+def test_missing_bpffs_is_a_clear_error_and_creates_nothing(tmp_path, lab):
+    dp = Datapath(unique("nb"), lab.node("n1").cgroup, bpffs=str(tmp_path))
+    with pytest.raises(DabbaError, match="is not on a BPF filesystem"):
+        dp.ensure()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cgroup_v1_is_a_clear_error_and_creates_nothing():
+    node = unique("nv")
+    dp = Datapath(node, "/sys/fs/cgroup/memory")  # a v1 hierarchy on this hybrid host
+    if not os.path.isdir("/sys/fs/cgroup/memory"):
+        dp = Datapath(node, "/proc")
+    with pytest.raises(DabbaError, match="is not a cgroup v2 directory"):
+        dp.ensure()
+    assert not os.path.exists(dp.pins.root)
+
+
+def test_failed_load_removes_what_it_created(lab, monkeypatch):
+    """A program that fails to load (here: a source that does not compile) leaves no pins."""
+    from agent.bpf import loader
+
+    node = unique("nf")
+    dp = Datapath(node, lab.node("n1").cgroup)
+    monkeypatch.setattr(loader.GuardProgram, "source", "does-not-exist.c")
+    with pytest.raises(DabbaError, match="loading cgroup_skb/ingress program dabba_guard"):
+        dp.ensure()
+    assert not os.path.exists(dp.pins.root)
+    # and nothing stayed attached to the node cgroup
+    st = Datapath(lab.node("n1").bpf_node, lab.node("n1").cgroup).status()
+    assert all(p.attached == 1 for p in st.programs)
+
+
+def test_cli_errors_are_one_line_with_hint(tmp_path):
+    bad = tmp_path / "agent.yaml"
+    bad.write_text("node: n1\ncgroup: relative/path\ntunnel: {address: 10.0.0.1}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(bad), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"error: {bad}:2: cgroup must be an absolute path" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bpf", "status", "--node", "no-such-node"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "has no pinned datapath" in r.stderr and "hint:" in r.stderr
+
+
+def test_workload_enrolment_of_unknown_cgroup_via_agent_check(lab, tmp_path):
+    import yaml
+
+    cfg = labmod.agent_config(lab, "n1")
+    cfg["workloads"][0]["cgroup"] = "/sys/fs/cgroup/unified/nope-" + unique()
+    p = tmp_path / "a.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(p), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "unknown cgroup path" in r.stderr
+
+
+def test_control_rejects_bad_exclusion(datapaths):
+    ctl: DatapathControl = datapaths["n1"]
+    with pytest.raises(DabbaError, match="'10.0.0.0/33' is not an IPv4 CIDR"):
+        ctl.set_exclusions(["10.0.0.0/33"], [])

@@ -1,0 +1,47 @@
+"""Ingress guard (cgroup_skb/ingress): STRICT pods accept connections only from the tunnel."""
+
+import subprocess
+
+from agent.bpf import abi
+from agent.bpf.loader import cgroup_id
+from tests.conftest import wait_port
+
+CONNECT = (
+    "import socket,sys\n"
+    "try:\n"
+    "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()\n"
+    "    print('connected')\n"
+    "except OSError as e:\n"
+    "    print('failed', type(e).__name__)\n"
+)
+
+
+def _try(lab, target, ip, port, timeout):
+    return lab.run(target, ["python3", "-c", CONNECT, ip, str(port), str(timeout)]).stdout.strip()
+
+
+def test_plaintext_from_other_node_dropped_and_counted_tunnel_address_accepted(lab, datapaths, procs):
+    strict, peer = lab.pod("n2-p2"), lab.pod("n1-p1")
+    ctl = datapaths["n2"]
+    srv = lab.popen(strict.name, ["python3", "-m", "http.server", "8081", "--bind", strict.ip],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(srv)
+    wait_port(lab, strict.name, strict.ip, 8081)
+    cg = cgroup_id(strict.cgroup)
+    # PERMISSIVE (enrolled, not STRICT): plaintext from another node is accepted
+    ctl.enrol(strict.cgroup, 22, abi.WL_ACCOUNT)
+    assert _try(lab, peer.name, strict.ip, 8081, 3) == "connected"
+    before = ctl.stats()["guard_drop"]
+    ctl.enrol(strict.cgroup, 22, abi.WL_ACCOUNT | abi.WL_STRICT)
+    try:
+        assert _try(lab, peer.name, strict.ip, 8081, 2.5).startswith("failed")
+        drops = ctl.guard_drops().get(cg, 0)
+        assert drops >= 1  # the SYN and its retransmissions
+        assert ctl.stats()["guard_drop"] - before == drops
+        # from the node, whose source address is the tunnel's (10.20.2.1), it is accepted
+        assert _try(lab, "n2", strict.ip, 8081, 3) == "connected"
+        assert ctl.guard_drops().get(cg, 0) == drops
+    finally:
+        ctl.unenrol(strict.cgroup)
+    # not STRICT any more: accepted again
+    assert _try(lab, peer.name, strict.ip, 8081, 3) == "connected"
