@@ -16,8 +16,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise DabbaError(f"{what} needs root (it touches network namespaces, cgroups and BPF objects)",
-                         hint="run it with sudo")
+        raise DabbaError(
+            f"{what} needs root (it touches network namespaces, cgroups and BPF objects)",
+            hint="run it with sudo",
+        )
 
 
 class _Group(click.Group):
@@ -32,7 +34,9 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
-@click.option("--log-level", default=None, help="debug, info, warning (default: $DABBA_LOG or info)")
+@click.option(
+    "--log-level", default=None, help="debug, info, warning (default: $DABBA_LOG or info)"
+)
 def main(log_level):
     """dabbawala: a sidecarless service mesh for Linux nodes.
 
@@ -54,10 +58,14 @@ def lab():
 
 
 @lab.command("up")
-@click.option("--name", default="demo", show_default=True, help="unique lab name (1-12 of a-z 0-9 -)")
+@click.option(
+    "--name", default="demo", show_default=True, help="unique lab name (1-12 of a-z 0-9 -)"
+)
 @click.option("--nodes", type=int, default=None, help="number of nodes (default 2, or the file's)")
 @click.option("--pods-per-node", type=int, default=2, show_default=True)
-@click.option("-f", "--file", "file_", type=click.Path(dir_okay=False), help="cluster YAML: pods, services")
+@click.option(
+    "-f", "--file", "file_", type=click.Path(dir_okay=False), help="cluster YAML: pods, services"
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def lab_up(name, nodes, pods_per_node, file_, output):
     """Create a lab and print its nodes and pods.
@@ -83,7 +91,9 @@ def _print_lab(L, output):
     click.echo(f"lab {L.name}: {len(L.nodes)} nodes, {len(L.pods)} pods (netns {L.netns}.*)")
     click.echo(f"{'NODE':<8}{'ADDRESS':<16}{'POD CIDR':<16}{'TUNNEL':<14}PINS")
     for n in L.nodes:
-        click.echo(f"{n.name:<8}{n.ip:<16}{n.pod_cidr:<16}{n.gateway:<14}/sys/fs/bpf/dabba/{n.bpf_node}")
+        click.echo(
+            f"{n.name:<8}{n.ip:<16}{n.pod_cidr:<16}{n.gateway:<14}/sys/fs/bpf/dabba/{n.bpf_node}"
+        )
     click.echo(f"\n{'POD':<20}{'NODE':<8}{'IP':<14}{'NAMESPACE':<12}SERVICE ACCOUNT")
     for p in L.pods:
         click.echo(f"{p.name:<20}{p.node:<8}{p.ip:<14}{p.namespace:<12}{p.service_account}")
@@ -157,8 +167,10 @@ def _datapath(node, config, cgroup):
         pins = "/sys/fs/bpf/dabba"
         nodes = sorted(os.listdir(pins)) if os.path.isdir(pins) else []
         if len(nodes) != 1:
-            raise DabbaError("which node? pass --node NAME or --config FILE",
-                             hint=f"pinned nodes: {', '.join(nodes) or 'none'}")
+            raise DabbaError(
+                "which node? pass --node NAME or --config FILE",
+                hint=f"pinned nodes: {', '.join(nodes) or 'none'}",
+            )
         node = nodes[0]
     if not cgroup:
         cgroup = _cgroup_of_pins(node)
@@ -189,7 +201,9 @@ def _cgroup_of_pins(node: str) -> str:
 
 @bpf.command("status")
 @click.option("--node", help="node (pin folder) name; default: the only one pinned")
-@click.option("--config", type=click.Path(dir_okay=False), help="agent config to take the node from")
+@click.option(
+    "--config", type=click.Path(dir_okay=False), help="agent config to take the node from"
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def bpf_status(node, config, output):
     """Programs, attachments and map fill of a node.
@@ -203,8 +217,10 @@ def bpf_status(node, config, output):
     _need_root("dabba bpf status")
     dp = _datapath(node, config, None)
     if not dp.pins.exists():
-        raise DabbaError(f"node {dp.node} has no pinned datapath at {dp.pins.root}",
-                         hint="start the agent (dabba agent run --config FILE) or `dabba bpf load`")
+        raise DabbaError(
+            f"node {dp.node} has no pinned datapath at {dp.pins.root}",
+            hint="start the agent (dabba agent run --config FILE) or `dabba bpf load`",
+        )
     st = dp.status()
     if output == "json":
         click.echo(json.dumps(st.as_dict(), indent=1))
@@ -256,8 +272,12 @@ def agent():
 
 
 @agent.command("run")
-@click.option("--config", type=click.Path(dir_okay=False), required=True, help="agent config (YAML)")
-@click.option("--check", is_flag=True, help="validate the config and the kernel, change nothing, exit")
+@click.option(
+    "--config", type=click.Path(dir_okay=False), required=True, help="agent config (YAML)"
+)
+@click.option(
+    "--check", is_flag=True, help="validate the config and the kernel, change nothing, exit"
+)
 def agent_run(config, check):
     """Run the node agent.
 

@@ -142,7 +142,9 @@ def read_json(proc, key: str, timeout: float = 30.0) -> dict:
     err = ""
     if proc.stderr and proc.poll() is not None:
         err = proc.stderr.read()
-    raise AssertionError(f"no {key!r} line from {proc.args!r}; exit={proc.poll()} stderr={err[-2000:]!s}")
+    raise AssertionError(
+        f"no {key!r} line from {proc.args!r}; exit={proc.poll()} stderr={err[-2000:]!s}"
+    )
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -96,7 +96,8 @@ def probe(bpffs_root: str = "/sys/fs/bpf") -> Features:
         # CONFIG_TLS=m: the module exists but is not loaded yet.
         rel = os.uname().release
         ktls = any(
-            os.path.exists(f"/lib/modules/{rel}/kernel/net/tls/tls.ko{ext}") for ext in ("", ".xz", ".zst")
+            os.path.exists(f"/lib/modules/{rel}/kernel/net/tls/tls.ko{ext}")
+            for ext in ("", ".xz", ".zst")
         )
     return Features(
         kernel=os.uname().release,

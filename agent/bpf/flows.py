@@ -67,7 +67,9 @@ class FlowRecord:
         return cls(
             cookie=f.cookie,
             cgroup_id=f.cgroup_id,
-            direction=abi.Direction(f.direction).name.lower() if f.direction in (1, 2) else "unknown",
+            direction=abi.Direction(f.direction).name.lower()
+            if f.direction in (1, 2)
+            else "unknown",
             src=(abi.ip_str(f.src_ip), f.src_port),
             dst=(abi.ip_str(f.dst_ip), f.dst_port),
             orig_dst=(abi.ip_str(f.orig_ip), f.orig_port),
@@ -80,7 +82,9 @@ class FlowRecord:
             srtt_us=f.srtt_us,
             start=mono_to_wall(f.start_ns),
             end=mono_to_wall(f.end_ns) if f.end_ns else None,
-            close=abi.Close(f.close).name.lower() if f.close in abi.Close._value2member_map_ else str(f.close),
+            close=abi.Close(f.close).name.lower()
+            if f.close in abi.Close._value2member_map_
+            else str(f.close),
             state=_TCP_STATES.get(f.last_state, str(f.last_state)),
         )
 

@@ -107,7 +107,9 @@ class Program:
         src = os.path.join(bpf_source_dir(), self.source)
         try:
             b = BPF(src_file=src.encode(), cflags=cflags)
-            fn = b.load_func(self.function.encode(), self.prog_type, attach_type=self.expected_attach)
+            fn = b.load_func(
+                self.function.encode(), self.prog_type, attach_type=self.expected_attach
+            )
         except Exception as e:  # bcc raises bare Exception
             raise DabbaError(
                 f"loading {self.hook} program {self.function} from {src} failed: {e}",
@@ -121,7 +123,9 @@ class Program:
 
     def attach(self, prog_fd: int, target_fd: int) -> None:
         """Attach through a pinned bpf_link."""
-        link = bpfsys.link_create(prog_fd, target_fd, self.attach_type, f"{self.hook} {self.function}")
+        link = bpfsys.link_create(
+            prog_fd, target_fd, self.attach_type, f"{self.hook} {self.function}"
+        )
         try:
             bpfsys.obj_pin(link, self.link_pin)
         finally:
@@ -310,7 +314,9 @@ class Datapath:
     cgroup program attaches there once and applies to all cgroups below.
     """
 
-    def __init__(self, node: str, cgroup: str, bpffs: str = "/sys/fs/bpf", sizes: MapSizes | None = None):
+    def __init__(
+        self, node: str, cgroup: str, bpffs: str = "/sys/fs/bpf", sizes: MapSizes | None = None
+    ):
         if not node or "/" in node or node.startswith("."):
             raise DabbaError(f"invalid node name {node!r}: use letters, digits, '-' and '_'")
         self.node = node
@@ -335,7 +341,8 @@ class Datapath:
             return os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             raise DabbaError(
-                f"node cgroup {self.cgroup} does not exist", hint="create it, or check the agent's config"
+                f"node cgroup {self.cgroup} does not exist",
+                hint="create it, or check the agent's config",
             ) from None
 
     def open_map(self, name: str) -> bpfsys.Map:
@@ -397,7 +404,10 @@ class Datapath:
         finally:
             os.close(fd)
         dt = time.monotonic() - t0
-        _log.info(f"{action} {prog.hook}", fields={"program": prog.function, "node": self.node, "s": f"{dt:.2f}"})
+        _log.info(
+            f"{action} {prog.hook}",
+            fields={"program": prog.function, "node": self.node, "s": f"{dt:.2f}"},
+        )
         return LoadReport(prog.function, action, dt)
 
     def _ensure_link(self, prog: Program, prog_fd: int, prog_id: int, cgroup_fd: int) -> None:
@@ -491,7 +501,9 @@ class DatapathControl:
     def __init__(self, dp: Datapath):
         self.dp = dp
 
-    def configure(self, tunnel_ip: str, tunnel_port: int, tunnel_mark: int = 0, enabled: bool = True) -> None:
+    def configure(
+        self, tunnel_ip: str, tunnel_port: int, tunnel_mark: int = 0, enabled: bool = True
+    ) -> None:
         from . import abi
 
         cfg = abi.Config(abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, 0)
@@ -510,7 +522,11 @@ class DatapathControl:
     def unenrol(self, cgroup_path_or_id: str | int) -> bool:
         from . import abi
 
-        cg_id = cgroup_path_or_id if isinstance(cgroup_path_or_id, int) else cgroup_id(cgroup_path_or_id)
+        cg_id = (
+            cgroup_path_or_id
+            if isinstance(cgroup_path_or_id, int)
+            else cgroup_id(cgroup_path_or_id)
+        )
         with self.dp.open_map(names.MAP_WORKLOADS) as m:
             return m.delete(abi.ctypes.c_uint64(cg_id))
 

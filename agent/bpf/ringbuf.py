@@ -31,8 +31,12 @@ class RingBuffer:
         self.size = ring.info.max_entries
         self.mask = self.size - 1
         page = mmap.PAGESIZE
-        self._cons = mmap.mmap(ring.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod = mmap.mmap(ring.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._cons = mmap.mmap(
+            ring.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
+        )
+        self._prod = mmap.mmap(
+            ring.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
         self._poll = select.poll()
         self._poll.register(ring.fd, select.POLLIN)
 

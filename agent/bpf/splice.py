@@ -168,10 +168,16 @@ class Splicer:
             # The tunnel never reads from a spliced socket, so every byte it
             # received (less the FIN) must go through the verdict; FIONREAD
             # cannot tell, as it does not see a sockmap socket's queue.
-            if moved >= _received(side.sock) - 1 and _written(other.sock) - other.base_written >= moved:
+            if (
+                moved >= _received(side.sock) - 1
+                and _written(other.sock) - other.base_written >= moved
+            ):
                 self._shutdown(p, other)
             elif time.monotonic() > deadline:
-                _log.warning("half-close drain timed out; shutting down anyway", fields={"cookie": side.cookie})
+                _log.warning(
+                    "half-close drain timed out; shutting down anyway",
+                    fields={"cookie": side.cookie},
+                )
                 self._shutdown(p, other)
             else:
                 # wake the verdict for bytes still queued (see pair())

@@ -68,7 +68,13 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 
 # enum bpf_prog_type (names for status output)
-PROG_TYPE_NAMES = {8: "cgroup_skb", 9: "cgroup_sock", 13: "sock_ops", 14: "sk_skb", 18: "cgroup_sock_addr"}
+PROG_TYPE_NAMES = {
+    8: "cgroup_skb",
+    9: "cgroup_sock",
+    13: "sock_ops",
+    14: "sk_skb",
+    18: "cgroup_sock_addr",
+}
 
 _ATTR_SIZE = 128
 
@@ -318,7 +324,9 @@ class Map:
         nxt = ctypes.create_string_buffer(ks)
         cur = None
         while True:
-            attr = struct.pack("=IIQQ", self.fd, 0, _addr(cur) if cur is not None else 0, _addr(nxt))
+            attr = struct.pack(
+                "=IIQQ", self.fd, 0, _addr(cur) if cur is not None else 0, _addr(nxt)
+            )
             try:
                 _bpf(BPF_MAP_GET_NEXT_KEY, attr, "")
             except BPFError as e:

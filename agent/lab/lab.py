@@ -82,13 +82,17 @@ class Lab:
         for n in self.nodes:
             if n.name == name:
                 return n
-        raise DabbaError(f"lab {self.name} has no node {name!r} (nodes: {', '.join(n.name for n in self.nodes)})")
+        raise DabbaError(
+            f"lab {self.name} has no node {name!r} (nodes: {', '.join(n.name for n in self.nodes)})"
+        )
 
     def pod(self, name: str) -> Pod:
         for p in self.pods:
             if p.name == name:
                 return p
-        raise DabbaError(f"lab {self.name} has no pod {name!r} (pods: {', '.join(p.name for p in self.pods)})")
+        raise DabbaError(
+            f"lab {self.name} has no pod {name!r} (pods: {', '.join(p.name for p in self.pods)})"
+        )
 
     def target(self, name: str) -> tuple[str, str]:
         """(netns, cgroup) of a pod or node name."""
@@ -129,13 +133,17 @@ class Lab:
         full, pre = self.command(target, argv)
         return subprocess.Popen(full, preexec_fn=pre, **kw)
 
-    def run(self, target: str, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, target: str, argv: list[str], check: bool = True, **kw
+    ) -> subprocess.CompletedProcess:
         full, pre = self.command(target, argv)
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         r = subprocess.run(full, preexec_fn=pre, **kw)
         if check and r.returncode != 0:
-            raise DabbaError(f"`{' '.join(argv)}` in {target} exited {r.returncode}: {(r.stderr or '').strip()}")
+            raise DabbaError(
+                f"`{' '.join(argv)}` in {target} exited {r.returncode}: {(r.stderr or '').strip()}"
+            )
         return r
 
     def as_dict(self) -> dict:
@@ -192,7 +200,11 @@ def _ip(*args: str, ns: str | None = None) -> None:
 
 
 def _sysctl(ns: str, key: str, value: str) -> None:
-    r = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise DabbaError(f"sysctl {key}={value} in {ns} failed: {r.stderr.strip()}")
 
@@ -215,12 +227,23 @@ def up(name: str, spec: specmod.ClusterSpec) -> Lab:
     """Create lab NAME from spec; on any failure, remove what was made and re-raise."""
     check_name(name)
     cg_root = features.cgroup2_root()
-    if os.path.exists(state_path(name)) or _netns_exists(lab_netns(name)) or os.path.exists(lab_cgroup(name, cg_root)):
+    if (
+        os.path.exists(state_path(name))
+        or _netns_exists(lab_netns(name))
+        or os.path.exists(lab_cgroup(name, cg_root))
+    ):
         raise DabbaError(
             f"a lab named {name!r} already exists",
             hint=f"pick another --name, or remove it with `dabba lab down {name}`",
         )
-    lab = Lab(name=name, netns=lab_netns(name), cgroup=lab_cgroup(name, cg_root), nodes=[], pods=[], created=time.time())
+    lab = Lab(
+        name=name,
+        netns=lab_netns(name),
+        cgroup=lab_cgroup(name, cg_root),
+        nodes=[],
+        pods=[],
+        created=time.time(),
+    )
     lab.services = [asdict(s) for s in spec.services]
     try:
         _create(lab, spec)
@@ -295,7 +318,19 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
         veth = f"v{j}"
         _ip("netns", "add", pod.netns)
         _ip("link", "set", "lo", "up", ns=pod.netns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.netns, ns=node.netns)
+        _ip(
+            "link",
+            "add",
+            veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.netns,
+            ns=node.netns,
+        )
         _ip("link", "set", veth, "master", "cbr0", "up", ns=node.netns)
         _ip("addr", "add", f"{pod.ip}/24", "dev", "eth0", ns=pod.netns)
         _ip("link", "set", "eth0", "up", ns=pod.netns)

@@ -65,7 +65,12 @@ def default_spec(nodes: int = 2, pods_per_node: int = 2) -> ClusterSpec:
     """Pods p1..pM on every node (named <node>-p<j>)."""
     check_counts(nodes, pods_per_node)
     pods = [
-        PodSpec(name=f"n{i}-p{j}", node=f"n{i}", service_account=f"sa-n{i}-p{j}", labels={"app": f"n{i}-p{j}"})
+        PodSpec(
+            name=f"n{i}-p{j}",
+            node=f"n{i}",
+            service_account=f"sa-n{i}-p{j}",
+            labels={"app": f"n{i}-p{j}"},
+        )
         for i in range(1, nodes + 1)
         for j in range(1, pods_per_node + 1)
     ]
@@ -76,7 +81,9 @@ def check_counts(nodes: int, pods_per_node: int) -> None:
     if not 1 <= nodes <= MAX_NODES:
         raise DabbaError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
     if not 0 <= pods_per_node <= MAX_PODS_PER_NODE:
-        raise DabbaError(f"--pods-per-node must be between 0 and {MAX_PODS_PER_NODE}, not {pods_per_node}")
+        raise DabbaError(
+            f"--pods-per-node must be between 0 and {MAX_PODS_PER_NODE}, not {pods_per_node}"
+        )
 
 
 def _where(path: str, node) -> str:
@@ -117,7 +124,11 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
 
     unknown = set(doc) - {"nodes", "pods", "services"}
     if unknown:
-        fail(sorted(unknown)[0], None, f"unknown field {sorted(unknown)[0]!r} (expected nodes, pods, services)")
+        fail(
+            sorted(unknown)[0],
+            None,
+            f"unknown field {sorted(unknown)[0]!r} (expected nodes, pods, services)",
+        )
     n_nodes = nodes if nodes is not None else doc.get("nodes", 2)
     if not isinstance(n_nodes, int):
         fail("nodes", None, f"nodes must be a number, not {n_nodes!r}")
@@ -131,13 +142,21 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
             fail("pods", i, "each pod needs a name")
         name = str(p["name"])
         if not POD_RE.match(name):
-            fail("pods", i, f"pod name {name!r} must be lowercase letters, digits and '-' (at most 42)")
+            fail(
+                "pods",
+                i,
+                f"pod name {name!r} must be lowercase letters, digits and '-' (at most 42)",
+            )
         if name in seen or name in node_names:
             fail("pods", i, f"pod name {name!r} is used twice")
         seen.add(name)
         node = str(p.get("node", node_names[len(pods) % n_nodes]))
         if node not in node_names:
-            fail("pods", i, f"pod {name}: node {node!r} does not exist (nodes: {', '.join(node_names)})")
+            fail(
+                "pods",
+                i,
+                f"pod {name}: node {node!r} does not exist (nodes: {', '.join(node_names)})",
+            )
         labels = p.get("labels") or {}
         if not isinstance(labels, dict):
             fail("pods", i, f"pod {name}: labels must be a mapping")
@@ -174,7 +193,12 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
                 sp = {"port": sp}
             port = sp.get("port")
             tp = sp.get("targetPort", port)
-            if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(tp, int) or not 0 < tp < 65536:
+            if (
+                not isinstance(port, int)
+                or not 0 < port < 65536
+                or not isinstance(tp, int)
+                or not 0 < tp < 65536
+            ):
                 fail("services", i, f"service {s['name']}: bad port {sp!r}")
             ports.append(ServicePort(port, tp, str(sp.get("name", ""))))
         services.append(

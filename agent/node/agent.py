@@ -40,7 +40,9 @@ class Agent:
         self.cfg = cfg
         self.dp = Datapath(cfg.pin_name, cfg.cgroup, cfg.bpffs, cfg.maps)
         self.ctl = DatapathControl(self.dp)
-        self.closed: collections.deque[FlowRecord] = collections.deque(maxlen=max(cfg.keep_closed, 1))
+        self.closed: collections.deque[FlowRecord] = collections.deque(
+            maxlen=max(cfg.keep_closed, 1)
+        )
         self.stop = threading.Event()
         self.started = time.time()
         self.load_reports = []
@@ -56,10 +58,14 @@ class Agent:
         if not f.btf:
             notes.append("kernel has no BTF (/sys/kernel/btf/vmlinux)")
         if not f.sockmap:
-            raise DabbaError("the kernel cannot create a SOCKHASH map: sockmap support is missing",
-                             hint="the splice needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG (5.10+)")
-        notes.append(f"kernel {f.kernel}: BTF {'yes' if f.btf else 'no'}, sockmap yes, "
-                     f"kernel TLS {'yes' if f.ktls else 'no'}, cgroup v2 at {f.cgroup2}")
+            raise DabbaError(
+                "the kernel cannot create a SOCKHASH map: sockmap support is missing",
+                hint="the splice needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG (5.10+)",
+            )
+        notes.append(
+            f"kernel {f.kernel}: BTF {'yes' if f.btf else 'no'}, sockmap yes, "
+            f"kernel TLS {'yes' if f.ktls else 'no'}, cgroup v2 at {f.cgroup2}"
+        )
         notes.append(f"{len(self.cfg.workloads)} workload(s) to enrol; pins at {self.dp.pins.root}")
         return notes
 
@@ -68,9 +74,15 @@ class Agent:
         t0 = time.monotonic()
         self.load_reports = self.dp.ensure()
         loaded = [r.program for r in self.load_reports if r.action == "loaded"]
-        _log.info("datapath ready", fields={
-            "node": self.cfg.node, "loaded": len(loaded), "adopted": len(self.load_reports) - len(loaded),
-            "s": f"{time.monotonic() - t0:.2f}"})
+        _log.info(
+            "datapath ready",
+            fields={
+                "node": self.cfg.node,
+                "loaded": len(loaded),
+                "adopted": len(self.load_reports) - len(loaded),
+                "s": f"{time.monotonic() - t0:.2f}",
+            },
+        )
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -81,7 +93,11 @@ class Agent:
         self.ctl.set_tunnel_addrs(c.tunnel_addresses)
         want = {}
         for i, w in enumerate(c.workloads, start=1):
-            flags = abi.WL_ACCOUNT | (abi.WL_CAPTURE if w.capture else 0) | (abi.WL_STRICT if w.strict else 0)
+            flags = (
+                abi.WL_ACCOUNT
+                | (abi.WL_CAPTURE if w.capture else 0)
+                | (abi.WL_STRICT if w.strict else 0)
+            )
             cg = self.ctl.enrol(w.cgroup, i, flags)
             want[cg] = f"{w.namespace}/{w.name}"
         for cg in set(self.ctl.workloads()) - set(want):
@@ -127,7 +143,9 @@ class Agent:
         finally:
             src.close()
             self.write_status()
-            _log.info("agent stopped; programs stay attached and pinned", fields={"node": self.cfg.node})
+            _log.info(
+                "agent stopped; programs stay attached and pinned", fields={"node": self.cfg.node}
+            )
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -142,8 +142,19 @@ def _find(node, *keys):
     return node
 
 
-_TOP = {"node", "cgroup", "bpffs", "pin_name", "state_dir", "tunnel", "tunnel_addresses", "capture", "maps",
-        "flows", "workloads"}
+_TOP = {
+    "node",
+    "cgroup",
+    "bpffs",
+    "pin_name",
+    "state_dir",
+    "tunnel",
+    "tunnel_addresses",
+    "capture",
+    "maps",
+    "flows",
+    "workloads",
+}
 _WL = {"name", "cgroup", "namespace", "service_account", "ip", "capture", "strict", "labels"}
 
 
@@ -154,8 +165,10 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise DabbaError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
-                         f"{getattr(e, 'problem', e)}") from None
+        raise DabbaError(
+            f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
+            f"{getattr(e, 'problem', e)}"
+        ) from None
     if not isinstance(doc, dict):
         raise DabbaError(f"{path}: the agent config must be a mapping (node, cgroup, tunnel, ...)")
 
@@ -167,20 +180,33 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         need(k in _TOP, (k,), f"unknown field {k!r} (known: {', '.join(sorted(_TOP))})")
     for k in ("node", "cgroup", "tunnel"):
         need(k in doc, (), f"missing required field {k!r}")
-    need(isinstance(doc["node"], str) and doc["node"] and "/" not in doc["node"], ("node",),
-         "node must be a name without '/'")
-    need(isinstance(doc["cgroup"], str) and os.path.isabs(doc["cgroup"]), ("cgroup",),
-         "cgroup must be an absolute path to a cgroup v2 folder")
+    need(
+        isinstance(doc["node"], str) and doc["node"] and "/" not in doc["node"],
+        ("node",),
+        "node must be a name without '/'",
+    )
+    need(
+        isinstance(doc["cgroup"], str) and os.path.isabs(doc["cgroup"]),
+        ("cgroup",),
+        "cgroup must be an absolute path to a cgroup v2 folder",
+    )
     t = doc["tunnel"]
     need(isinstance(t, dict) and "address" in t, ("tunnel",), "tunnel needs an address")
     for addr_key in ("address",):
         try:
             ipaddress.IPv4Address(str(t[addr_key]))
         except ValueError:
-            raise _err(path, _find(root, "tunnel", addr_key), f"tunnel.{addr_key}: {t[addr_key]!r} is not an "
-                       "IPv4 address") from None
+            raise _err(
+                path,
+                _find(root, "tunnel", addr_key),
+                f"tunnel.{addr_key}: {t[addr_key]!r} is not an IPv4 address",
+            ) from None
     port = t.get("port", DEFAULT_TUNNEL_PORT)
-    need(isinstance(port, int) and 0 < port < 65536, ("tunnel", "port"), f"tunnel.port {port!r} out of range")
+    need(
+        isinstance(port, int) and 0 < port < 65536,
+        ("tunnel", "port"),
+        f"tunnel.port {port!r} out of range",
+    )
     tunnel = TunnelConfig(str(t["address"]), port, int(t.get("mark", 0)))
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]
@@ -188,8 +214,11 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         try:
             ipaddress.IPv4Address(a)
         except ValueError:
-            raise _err(path, _find(root, "tunnel_addresses", i), f"tunnel_addresses: {a!r} is not an IPv4 "
-                       "address") from None
+            raise _err(
+                path,
+                _find(root, "tunnel_addresses", i),
+                f"tunnel_addresses: {a!r} is not an IPv4 address",
+            ) from None
 
     c = doc.get("capture") or {}
     cap = CaptureConfig(
@@ -200,15 +229,26 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         try:
             ipaddress.IPv4Network(cidr, strict=False)
         except ValueError:
-            raise _err(path, _find(root, "capture", "exclude_cidrs", i),
-                       f"capture.exclude_cidrs: {cidr!r} is not an IPv4 CIDR") from None
+            raise _err(
+                path,
+                _find(root, "capture", "exclude_cidrs", i),
+                f"capture.exclude_cidrs: {cidr!r} is not an IPv4 CIDR",
+            ) from None
     for i, p in enumerate(cap.exclude_ports):
-        need(0 < p < 65536, ("capture", "exclude_ports", i), f"capture.exclude_ports: {p} out of range")
+        need(
+            0 < p < 65536,
+            ("capture", "exclude_ports", i),
+            f"capture.exclude_ports: {p} out of range",
+        )
 
     m = doc.get("maps") or {}
     known = set(MapSizes.__dataclass_fields__)
     for k, v in m.items():
-        need(k in known, ("maps", k), f"maps: unknown map size {k!r} (known: {', '.join(sorted(known))})")
+        need(
+            k in known,
+            ("maps", k),
+            f"maps: unknown map size {k!r} (known: {', '.join(sorted(known))})",
+        )
         need(isinstance(v, int) and v > 0, ("maps", k), f"maps.{k} must be a positive number")
     sizes = MapSizes(**m)
     try:
@@ -217,30 +257,57 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         raise _err(path, _find(root, "maps", "ring_pages"), str(e)) from None
 
     keep = (doc.get("flows") or {}).get("keep_closed", DEFAULT_KEEP_CLOSED)
-    need(isinstance(keep, int) and keep >= 0, ("flows", "keep_closed"), "flows.keep_closed must be >= 0")
+    need(
+        isinstance(keep, int) and keep >= 0,
+        ("flows", "keep_closed"),
+        "flows.keep_closed must be >= 0",
+    )
 
     workloads = []
     names = set()
     for i, w in enumerate(doc.get("workloads") or []):
         need(isinstance(w, dict), ("workloads", i), "each workload must be a mapping")
         for k in w:
-            need(k in _WL, ("workloads", i, k), f"workload: unknown field {k!r} (known: {', '.join(sorted(_WL))})")
+            need(
+                k in _WL,
+                ("workloads", i, k),
+                f"workload: unknown field {k!r} (known: {', '.join(sorted(_WL))})",
+            )
         for k in ("name", "cgroup"):
             need(k in w, ("workloads", i), f"workload needs {k!r}")
         key = (w.get("namespace", "default"), w["name"])
         need(key not in names, ("workloads", i), f"workload {key[0]}/{key[1]} is listed twice")
         names.add(key)
-        need(os.path.isabs(str(w["cgroup"])), ("workloads", i, "cgroup"), "workload cgroup must be an absolute path")
-        workloads.append(WorkloadConfig(
-            name=str(w["name"]), cgroup=str(w["cgroup"]), namespace=str(w.get("namespace", "default")),
-            service_account=str(w.get("service_account", "default")), ip=str(w.get("ip", "")),
-            capture=bool(w.get("capture", True)), strict=bool(w.get("strict", False)),
-            labels={str(k): str(v) for k, v in (w.get("labels") or {}).items()},
-        ))
+        need(
+            os.path.isabs(str(w["cgroup"])),
+            ("workloads", i, "cgroup"),
+            "workload cgroup must be an absolute path",
+        )
+        workloads.append(
+            WorkloadConfig(
+                name=str(w["name"]),
+                cgroup=str(w["cgroup"]),
+                namespace=str(w.get("namespace", "default")),
+                service_account=str(w.get("service_account", "default")),
+                ip=str(w.get("ip", "")),
+                capture=bool(w.get("capture", True)),
+                strict=bool(w.get("strict", False)),
+                labels={str(k): str(v) for k, v in (w.get("labels") or {}).items()},
+            )
+        )
     return AgentConfig(
-        node=doc["node"], cgroup=doc["cgroup"], tunnel=tunnel, bpffs=str(doc.get("bpffs", DEFAULT_BPFFS)),
-        pin_name=str(doc.get("pin_name", "")), state_dir=str(doc.get("state_dir", "")),
-        tunnel_addresses=tun_addrs, capture=cap, maps=sizes, keep_closed=keep, workloads=workloads, source=path,
+        node=doc["node"],
+        cgroup=doc["cgroup"],
+        tunnel=tunnel,
+        bpffs=str(doc.get("bpffs", DEFAULT_BPFFS)),
+        pin_name=str(doc.get("pin_name", "")),
+        state_dir=str(doc.get("state_dir", "")),
+        tunnel_addresses=tun_addrs,
+        capture=cap,
+        maps=sizes,
+        keep_closed=keep,
+        workloads=workloads,
+        source=path,
     )
 
 

@@ -38,7 +38,10 @@ def main():
             rec.update(orig_ip=cap.orig_ip, orig_port=cap.orig_port, cgroup_id=cap.cgroup_id)
         s.recv(65536)
         body = json.dumps(rec).encode()
-        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        s.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
         s.close()
         print(json.dumps(rec), flush=True)
     print(json.dumps({"bcc_imported": "bcc" in sys.modules}), flush=True)

@@ -46,6 +46,7 @@ def exchange(sock, args, server):
     hs, hr = hashlib.sha256(), hashlib.sha256()
     out = {"sent": 0, "received": 0, "local": sock.getsockname(), "peer": sock.getpeername()}
     if args.duplex is not None:
+
         def tx():
             send_n(sock, args.duplex, hs)
             sock.shutdown(socket.SHUT_WR)

@@ -32,7 +32,9 @@ def compiled():
     mods = {}
     try:
         for src in {c[1] for c in CASES}:
-            mods[src] = BPF(src_file=os.path.join(bpf_source_dir(), src).encode(), cflags=dp._cflags())
+            mods[src] = BPF(
+                src_file=os.path.join(bpf_source_dir(), src).encode(), cflags=dp._cflags()
+            )
         yield mods
     finally:
         for m in mods.values():
@@ -44,7 +46,11 @@ def compiled():
 def test_mirror_matches_bcc(compiled, mirror, src, mapname, part):
     derived = getattr(compiled[src][mapname.encode()], part)
     assert ctypes.sizeof(mirror) == ctypes.sizeof(derived)
-    dfields = {f[0]: getattr(derived, f[0]).offset for f in derived._fields_ if not f[0].startswith("__pad")}
+    dfields = {
+        f[0]: getattr(derived, f[0]).offset
+        for f in derived._fields_
+        if not f[0].startswith("__pad")
+    }
     for fname, *_ in mirror._fields_:
         assert fname in dfields, f"{mirror.__name__}.{fname} is not in the C struct"
         assert getattr(mirror, fname).offset == dfields[fname], fname
@@ -52,10 +58,14 @@ def test_mirror_matches_bcc(compiled, mirror, src, mapname, part):
 
 
 def test_stat_enum_matches_c():
-    text = open(os.path.join(bpf_source_dir(), "include", "types.h")).read()
-    body = text[text.index("enum dabba_stat {"): text.index("DABBA_ST_MAX")]
-    c_names = [line.strip().split()[0].rstrip(",").removeprefix("DABBA_ST_")
-               for line in body.splitlines()[1:] if line.strip().startswith("DABBA_ST_")]
+    with open(os.path.join(bpf_source_dir(), "include", "types.h")) as f:
+        text = f.read()
+    body = text[text.index("enum dabba_stat {") : text.index("DABBA_ST_MAX")]
+    c_names = [
+        line.strip().split()[0].rstrip(",").removeprefix("DABBA_ST_")
+        for line in body.splitlines()[1:]
+        if line.strip().startswith("DABBA_ST_")
+    ]
     assert c_names == [s.name for s in abi.Stat]
     assert len(c_names) == abi.STAT_COUNT
 

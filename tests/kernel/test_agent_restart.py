@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import yaml
 
@@ -17,8 +16,13 @@ DABBA = [sys.executable, "-m", "agent.cli"]
 
 
 def _start_agent(lab, cfg_path, procs):
-    p = lab.popen("n1", [*DABBA, "agent", "run", "--config", cfg_path],
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = lab.popen(
+        "n1",
+        [*DABBA, "agent", "run", "--config", cfg_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(p)
     return p
 
@@ -53,38 +57,62 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
     st1 = wait_for(lambda: _status(state, a1.pid), 60, what="first agent status")
     assert {r["action"] for r in st1["load"]} == {"loaded"}
 
-    srv = lab.popen(server.name, [*helper("xfer"), "server", "--listen", f"{server.ip}:9100"],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srv = lab.popen(
+        server.name,
+        [*helper("xfer"), "server", "--listen", f"{server.ip}:9100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(srv)
     read_json(srv, "listening")
-    cli = lab.popen(client.name, [*helper("xfer"), "client", "--connect", f"{server.ip}:9100", "--stream"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = lab.popen(
+        client.name,
+        [*helper("xfer"), "client", "--connect", f"{server.ip}:9100", "--stream"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(cli)
 
     src = FlowSource(os.path.join("/sys/fs/bpf/dabba", n1.bpf_node, "maps"))
     try:
         dst = (server.ip, 9100)
-        f1 = wait_for(lambda: (f := _flow(src, dst)) and f.bytes_sent > 0 and f, 10, what="live flow")
+        f1 = wait_for(
+            lambda: (f := _flow(src, dst)) and f.bytes_sent > 0 and f, 10, what="live flow"
+        )
 
         a1.send_signal(signal.SIGTERM)
         assert a1.wait(10) == 0
         # agent down: the connection flows and the kernel keeps counting
-        f2 = wait_for(lambda: (f := _flow(src, dst)) and f.bytes_sent > f1.bytes_sent + 200_000 and f, 10,
-                      what="bytes counted while the agent is down")
+        f2 = wait_for(
+            lambda: (f := _flow(src, dst)) and f.bytes_sent > f1.bytes_sent + 200_000 and f,
+            10,
+            what="bytes counted while the agent is down",
+        )
         assert f2.cookie == f1.cookie and abs(f2.start - f1.start) < 1e-3  # same flow record
 
         a2 = _start_agent(lab, str(cfg_path), procs)
         st2 = wait_for(lambda: _status(state, a2.pid), 30, what="second agent status")
-        assert {r["action"] for r in st2["load"]} == {"adopted"}  # nothing compiled or attached again
+        assert {r["action"] for r in st2["load"]} == {
+            "adopted"
+        }  # nothing compiled or attached again
 
-        r = subprocess.run([*DABBA, "bpf", "status", "--node", n1.bpf_node, "-o", "json"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [*DABBA, "bpf", "status", "--node", n1.bpf_node, "-o", "json"],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         progs = json.loads(r.stdout)["programs"]
         assert len(progs) == 5 and all(p["attached"] == 1 for p in progs), progs
 
-        f3 = wait_for(lambda: (f := _flow(src, dst)) and f.bytes_sent > f2.bytes_sent and f, 10,
-                      what="bytes counted after the restart")
+        f3 = wait_for(
+            lambda: (f := _flow(src, dst)) and f.bytes_sent > f2.bytes_sent and f,
+            10,
+            what="bytes counted after the restart",
+        )
         assert f3.cookie == f1.cookie
 
         cli.stdin.close()

@@ -79,13 +79,19 @@ def test_failed_load_removes_what_it_created(lab, monkeypatch):
 def test_cli_errors_are_one_line_with_hint(tmp_path):
     bad = tmp_path / "agent.yaml"
     bad.write_text("node: n1\ncgroup: relative/path\ntunnel: {address: 10.0.0.1}\n")
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(bad), "--check"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(bad), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
     assert f"error: {bad}:2: cgroup must be an absolute path" in r.stderr
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "bpf", "status", "--node", "no-such-node"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bpf", "status", "--node", "no-such-node"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "has no pinned datapath" in r.stderr and "hint:" in r.stderr
 
 
@@ -96,8 +102,11 @@ def test_workload_enrolment_of_unknown_cgroup_via_agent_check(lab, tmp_path):
     cfg["workloads"][0]["cgroup"] = "/sys/fs/cgroup/unified/nope-" + unique()
     p = tmp_path / "a.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(p), "--check"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(p), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "unknown cgroup path" in r.stderr
 
 

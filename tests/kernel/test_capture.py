@@ -9,22 +9,39 @@ from tests.conftest import REPO, helper, read_json, wait_port
 
 
 def _http_server(lab, procs, pod):
-    p = lab.popen(pod.name, ["python3", "-m", "http.server", "8080", "--bind", pod.ip],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = lab.popen(
+        pod.name,
+        ["python3", "-m", "http.server", "8080", "--bind", pod.ip],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs.append(p)
     wait_port(lab, pod.name, pod.ip, 8080)
 
 
-def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_bcc(lab, datapaths, procs):
+def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_bcc(
+    lab, datapaths, procs
+):
     n1 = lab.node("n1")
     client, other, server = lab.pod("n1-p1"), lab.pod("n1-p2"), lab.pod("n2-p1")
     ctl = datapaths["n1"]
     ctl.enrol(client.cgroup, 1, abi.WL_CAPTURE | abi.WL_ACCOUNT)
     _http_server(lab, procs, server)
-    stub = lab.popen("n1", [*helper("stub_listener"), "--repo", REPO,
-                            "--maps", os.path.join("/sys/fs/bpf/dabba", n1.bpf_node, "maps"),
-                            "--listen", f"{n1.gateway}:15001"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stub = lab.popen(
+        "n1",
+        [
+            *helper("stub_listener"),
+            "--repo",
+            REPO,
+            "--maps",
+            os.path.join("/sys/fs/bpf/dabba", n1.bpf_node, "maps"),
+            "--listen",
+            f"{n1.gateway}:15001",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(stub)
     read_json(stub, "listening")
     try:
@@ -38,7 +55,9 @@ def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_b
         assert f'"orig_ip": "{server.ip}"' in r.stdout  # curl got the stub's answer
 
         # not enrolled: the same request goes straight to the server
-        direct = lab.run(other.name, ["curl", "-sS", "--max-time", "5", f"http://{server.ip}:8080/"])
+        direct = lab.run(
+            other.name, ["curl", "-sS", "--max-time", "5", f"http://{server.ip}:8080/"]
+        )
         assert "Directory listing" in direct.stdout
         assert read_json(stub, "bcc_imported")["bcc_imported"] is False
     finally:

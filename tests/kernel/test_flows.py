@@ -31,12 +31,18 @@ def test_exact_bytes_both_directions_and_close_event(lab, datapaths, procs):
     src1, src2 = FlowSource(_maps(lab.node("n1"))), FlowSource(_maps(lab.node("n2")))
     list(src1.closed()), list(src2.closed())  # drop events of earlier tests
     try:
-        srv = lab.popen(server.name, [*helper("xfer"), "server", "--listen", f"{server.ip}:9000",
-                                      "--send", "123456"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        srv = lab.popen(
+            server.name,
+            [*helper("xfer"), "server", "--listen", f"{server.ip}:9000", "--send", "123456"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         procs.append(srv)
         read_json(srv, "listening")
-        cli = lab.run(client.name, [*helper("xfer"), "client", "--connect", f"{server.ip}:9000",
-                                    "--send", "10000000"])
+        cli = lab.run(
+            client.name,
+            [*helper("xfer"), "client", "--connect", f"{server.ip}:9000", "--send", "10000000"],
+        )
         import json
 
         c = json.loads(cli.stdout)
@@ -78,15 +84,26 @@ def test_reset_and_refused_close_reasons(lab, datapaths, procs):
     list(src.closed())
     try:
         # refused: nothing listens on 9999
-        r = lab.run(client.name, ["curl", "-sS", "--max-time", "3", f"http://{server.ip}:9999/"], check=False)
+        r = lab.run(
+            client.name,
+            ["curl", "-sS", "--max-time", "3", f"http://{server.ip}:9999/"],
+            check=False,
+        )
         assert r.returncode != 0
         # reset: the server resets the connection after it is established
-        srv = lab.popen(server.name, [*helper("xfer"), "server", "--listen", f"{server.ip}:9001",
-                                      "--reset-after", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        srv = lab.popen(
+            server.name,
+            [*helper("xfer"), "server", "--listen", f"{server.ip}:9001", "--reset-after", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         procs.append(srv)
         read_json(srv, "listening")
-        lab.run(client.name, [*helper("xfer"), "client", "--connect", f"{server.ip}:9001", "--send", "1000"],
-                check=False)
+        lab.run(
+            client.name,
+            [*helper("xfer"), "client", "--connect", f"{server.ip}:9001", "--send", "1000"],
+            check=False,
+        )
         flows = _closed_flows(src, 2)
         by_port = {f.dst[1]: f for f in flows}
         assert by_port[9999].close == "refused"

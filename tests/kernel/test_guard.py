@@ -20,11 +20,17 @@ def _try(lab, target, ip, port, timeout):
     return lab.run(target, ["python3", "-c", CONNECT, ip, str(port), str(timeout)]).stdout.strip()
 
 
-def test_plaintext_from_other_node_dropped_and_counted_tunnel_address_accepted(lab, datapaths, procs):
+def test_plaintext_from_other_node_dropped_and_counted_tunnel_address_accepted(
+    lab, datapaths, procs
+):
     strict, peer = lab.pod("n2-p2"), lab.pod("n1-p1")
     ctl = datapaths["n2"]
-    srv = lab.popen(strict.name, ["python3", "-m", "http.server", "8081", "--bind", strict.ip],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = lab.popen(
+        strict.name,
+        ["python3", "-m", "http.server", "8081", "--bind", strict.ip],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs.append(srv)
     wait_port(lab, strict.name, strict.ip, 8081)
     cg = cgroup_id(strict.cgroup)

@@ -13,17 +13,38 @@ def _maps(node):
 
 def _splice(lab, procs, port, target, delay=0.0):
     n1 = lab.node("n1")
-    sp = lab.popen("n1", [*helper("splicer"), "--repo", REPO, "--maps", _maps(n1),
-                          "--listen", f"{n1.gateway}:{port}", "--target", target, "--delay", str(delay)],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sp = lab.popen(
+        "n1",
+        [
+            *helper("splicer"),
+            "--repo",
+            REPO,
+            "--maps",
+            _maps(n1),
+            "--listen",
+            f"{n1.gateway}:{port}",
+            "--target",
+            target,
+            "--delay",
+            str(delay),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(sp)
     read_json(sp, "listening")
     return sp
 
 
 def _server(lab, procs, pod, port, *args):
-    srv = lab.popen(pod.name, [*helper("xfer"), "server", "--listen", f"{pod.ip}:{port}", *args],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srv = lab.popen(
+        pod.name,
+        [*helper("xfer"), "server", "--listen", f"{pod.ip}:{port}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(srv)
     read_json(srv, "listening")
     return srv
@@ -35,8 +56,11 @@ def test_200mb_each_way_same_sha256_and_splicer_reads_nothing(lab, datapaths, pr
     srv = _server(lab, procs, server, 7001, "--duplex", str(size))
     sp = _splice(lab, procs, 7001, f"{server.ip}:7001")
     before = datapaths["n1"].stats()["splice_bytes"]
-    cli = lab.run(client.name, [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7001",
-                                "--duplex", str(size)], timeout=300)
+    cli = lab.run(
+        client.name,
+        [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7001", "--duplex", str(size)],
+        timeout=300,
+    )
     c, s = json.loads(cli.stdout), read_json(srv, "received", timeout=120)
     assert c["sent"] == c["received"] == s["sent"] == s["received"] == size
     assert c["sha_sent"] == s["sha_received"]
@@ -54,8 +78,11 @@ def test_bytes_sent_before_pairing_and_half_close_are_delivered(lab, datapaths, 
     client, server, n1 = lab.pod("n1-p1"), lab.pod("n1-p2"), lab.node("n1")
     srv = _server(lab, procs, server, 7002, "--send", "77777")
     sp = _splice(lab, procs, 7002, f"{server.ip}:7002", delay=0.5)
-    cli = lab.run(client.name, [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7002",
-                                "--send", "1234567"], timeout=60)
+    cli = lab.run(
+        client.name,
+        [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7002", "--send", "1234567"],
+        timeout=60,
+    )
     c, s = json.loads(cli.stdout), read_json(srv, "received")
     assert s["received"] == 1_234_567 and s["sha_received"] == c["sha_sent"]
     assert c["received"] == 77_777 and c["sha_received"] == s["sha_sent"]
@@ -66,8 +93,11 @@ def test_reset_is_propagated(lab, datapaths, procs):
     client, server, n1 = lab.pod("n1-p1"), lab.pod("n1-p2"), lab.node("n1")
     _server(lab, procs, server, 7003, "--reset-after", "0.5")
     sp = _splice(lab, procs, 7003, f"{server.ip}:7003")
-    cli = lab.run(client.name, [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7003",
-                                "--send", "5000", "--hold"], timeout=60)
+    cli = lab.run(
+        client.name,
+        [*helper("xfer"), "client", "--connect", f"{n1.gateway}:7003", "--send", "5000", "--hold"],
+        timeout=60,
+    )
     c = json.loads(cli.stdout)
     assert c.get("reset") is True and c["received"] == 0
     assert read_json(sp, "closed")["closed"].startswith("reset")
@@ -78,7 +108,7 @@ def test_socket_closed_by_peer_before_pairing_is_refused_cleanly(lab, datapaths)
     import socket
     import time
 
-    from agent.bpf.splice import SpliceUnavailable, Splicer
+    from agent.bpf.splice import Splicer, SpliceUnavailable
 
     sp = Splicer(_maps(lab.node("n1")))
     ls = socket.create_server(("127.0.0.1", 0))

@@ -1,0 +1,57 @@
+"""Names and ABI mirrors, checked without the kernel (the kernel tier checks them against bcc)."""
+
+import ctypes
+
+from agent.bpf import abi, names
+from agent.bpf.loader import ALL_PROGRAMS, MapSizes
+
+
+def test_names_fit_the_kernel_and_share_the_prefix():
+    for n in names.ALL_MAPS + tuple(p.function for p in ALL_PROGRAMS):
+        assert len(n) <= 15 and n.startswith("dabba_"), n
+
+
+def test_mirrors_have_no_implicit_padding():
+    for cls in abi.MIRRORS.values():
+        end = max(getattr(cls, f[0]).offset + getattr(cls, f[0]).size for f in cls._fields_)
+        assert end == ctypes.sizeof(cls), cls.__name__
+    assert (
+        ctypes.sizeof(abi.Flow) == 112
+        and ctypes.sizeof(abi.Capture) == 24
+        and ctypes.sizeof(abi.Tuple) == 12
+    )
+
+
+def test_ip_helpers_roundtrip_network_order():
+    v = abi.ip_be("10.20.1.11")
+    assert v.to_bytes(4, "little") == bytes([10, 20, 1, 11])
+    assert abi.ip_str(v) == "10.20.1.11"
+
+
+def test_flow_record_from_raw():
+    from agent.bpf.flows import FlowRecord
+
+    f = abi.Flow(
+        cookie=7,
+        cgroup_id=9,
+        start_ns=1,
+        end_ns=2,
+        bytes_sent=10,
+        bytes_received=20,
+        src_ip=abi.ip_be("10.0.0.1"),
+        dst_ip=abi.ip_be("10.0.0.2"),
+        orig_ip=abi.ip_be("10.0.0.3"),
+        src_port=1234,
+        dst_port=15001,
+        orig_port=80,
+        direction=1,
+        close=1,
+        captured=1,
+    )
+    r = FlowRecord.from_raw(bytes(f))
+    assert (r.direction, r.close, r.captured) == ("outbound", "fin", True)
+    assert r.src == ("10.0.0.1", 1234) and r.orig_dst == ("10.0.0.3", 80)
+
+
+def test_map_sizes_become_cflags():
+    assert "-DDABBA_FLOW_MAX=123" in MapSizes(flows=123).cflags()

@@ -1,0 +1,86 @@
+"""Agent config: parsing, defaults, and errors that name file, line and field."""
+
+import pytest
+
+from agent.errors import DabbaError
+from agent.node import config
+
+GOOD = """\
+node: n1
+cgroup: /sys/fs/cgroup/unified/pods
+tunnel: {address: 10.20.1.1}
+capture:
+  exclude_cidrs: [127.0.0.0/8, 10.96.0.0/12]
+  exclude_ports: [22]
+maps: {flows: 1024, ring_pages: 16}
+workloads:
+  - name: web
+    namespace: shop
+    service_account: web-sa
+    cgroup: /sys/fs/cgroup/unified/pods/web
+    strict: true
+"""
+
+
+def test_good_config_with_defaults():
+    c = config.parse(GOOD, "a.yaml")
+    assert c.node == "n1" and c.pin_name == "n1" and c.state_dir == "/run/dabba/n1"
+    assert c.tunnel.port == 15001 and c.tunnel_addresses == ["10.20.1.1"]
+    assert c.capture.exclude_ports == [22]
+    assert c.maps.flows == 1024 and c.maps.ring_pages == 16 and c.maps.captures == 16384
+    w = c.workloads[0]
+    assert (w.namespace, w.service_account, w.capture, w.strict) == ("shop", "web-sa", True, True)
+    assert w.spiffe_suffix == "ns/shop/sa/web-sa"
+    assert "source" not in c.dump()
+
+
+@pytest.mark.parametrize(
+    "text,where,msg",
+    [
+        ("node: n1\ncgroup: /x\n", "a.yaml", "missing required field 'tunnel'"),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nbogus: 1\n",
+            "a.yaml:4",
+            "unknown field 'bogus'",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.300\n",
+            "a.yaml:4",
+            "is not an IPv4 address",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1, port: 70000}\n",
+            "a.yaml:3",
+            "out of range",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nmaps:\n  ring_pages: 3\n",
+            "a.yaml:5",
+            "power of two",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  exclude_cidrs:\n    - 10.0.0.0/40\n",
+            "a.yaml:6",
+            "not an IPv4 CIDR",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nworkloads:\n  - name: a\n    cgroup: /a\n"
+            "  - name: a\n    cgroup: /b\n",
+            "a.yaml:7",
+            "listed twice",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nworkloads:\n  - name: a\n    cgroup: /a\n"
+            "    color: red\n",
+            "a.yaml:7",
+            "unknown field 'color'",
+        ),
+        ("node: [1\n", "a.yaml:2", "not valid YAML"),
+        ("- just\n- a list\n", "a.yaml", "must be a mapping"),
+    ],
+)
+def test_bad_config_names_file_line_and_field(text, where, msg):
+    with pytest.raises(DabbaError) as e:
+        config.parse(text, "a.yaml")
+    assert str(e.value).startswith(where + ":"), str(e.value)
+    assert msg in str(e.value)
