@@ -37,6 +37,32 @@ PROG_SK_SKB = 14
 PROG_CGROUP_SOCK_ADDR = 18
 
 
+def compile_programs(programs: list[Program], cflags: list[str]) -> dict[str, float]:
+    """Compile, load and pin programs with bcc in one child process.
+
+    bcc maps LLVM into whoever imports it (about 175 MiB resident); the
+    agent should not carry that for its whole life, so it never imports bcc.
+    """
+    import json
+    import subprocess
+    import sys
+
+    job = {"cflags": cflags, "programs": [p.compile_job() for p in programs]}
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.bpf.compile", json.dumps(job)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        detail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        failed = next((p for p in programs if detail.startswith(p.function + ":")), programs[0])
+        raise DabbaError(
+            f"loading {failed.hook} program {failed.function} from {failed.compile_job()['source']} "
+            f"failed: {detail.removeprefix(failed.function + ': ')}",
+            hint="is the kernel new enough (5.15+, BTF, cgroup BPF, sockmap) and are kernel "
+            "headers installed? `make setup` checks both",
+        )
+    return json.loads(r.stdout)
+
+
 def bpf_source_dir() -> str:
     """The folder of the C sources, resolved from the package (never the cwd)."""
     return str(resources.files("agent") / "bpf")
@@ -100,26 +126,15 @@ class Program:
         return os.path.join(self.pins.links, self.function)
 
     # -- lifecycle --
-    def load(self, cflags: list[str]) -> int:
-        """Compile with bcc, load into the kernel, pin; returns the program fd."""
-        from bcc import BPF  # LLVM: only here
-
-        src = os.path.join(bpf_source_dir(), self.source)
-        try:
-            b = BPF(src_file=src.encode(), cflags=cflags)
-            fn = b.load_func(
-                self.function.encode(), self.prog_type, attach_type=self.expected_attach
-            )
-        except Exception as e:  # bcc raises bare Exception
-            raise DabbaError(
-                f"loading {self.hook} program {self.function} from {src} failed: {e}",
-                hint="is the kernel new enough (5.10+, BTF, cgroup BPF, sockmap) and are kernel "
-                "headers installed? `make setup` checks both",
-            ) from None
-        fd = os.dup(fn.fd)
-        b.cleanup()
-        bpfsys.obj_pin(fd, self.prog_pin)
-        return fd
+    def compile_job(self) -> dict:
+        """This program's entry for agent/bpf/compile.py."""
+        return {
+            "source": os.path.join(bpf_source_dir(), self.source),
+            "function": self.function,
+            "prog_type": self.prog_type,
+            "expected_attach": self.expected_attach,
+            "pin": self.prog_pin,
+        }
 
     def attach(self, prog_fd: int, target_fd: int) -> None:
         """Attach through a pinned bpf_link."""
@@ -375,8 +390,10 @@ class Datapath:
         try:
             cg = self._cgroup_fd()
             try:
+                missing = [p for p in self.programs if not os.path.exists(p.prog_pin)]
+                compiled = compile_programs(missing, self._cflags()) if missing else {}
                 for prog in self.programs:
-                    reports.append(self._ensure_one(prog, cg))
+                    reports.append(self._ensure_one(prog, cg, compiled.get(prog.function)))
             finally:
                 os.close(cg)
         except BaseException:
@@ -385,14 +402,14 @@ class Datapath:
             raise
         return reports
 
-    def _ensure_one(self, prog: Program, cgroup_fd: int) -> LoadReport:
+    def _ensure_one(self, prog: Program, cgroup_fd: int, compile_s: float | None) -> LoadReport:
+        """Attach prog (pinned by now) unless it is attached already.
+
+        compile_s: seconds its compile and load took, None when it was pinned already.
+        """
         t0 = time.monotonic()
-        action = "adopted"
-        if os.path.exists(prog.prog_pin):
-            fd = bpfsys.obj_get(prog.prog_pin)
-        else:
-            fd = prog.load(self._cflags())
-            action = "loaded"
+        action = "adopted" if compile_s is None else "loaded"
+        fd = bpfsys.obj_get(prog.prog_pin)
         try:
             info = bpfsys.prog_info(fd)
             if isinstance(prog, SpliceProgram):
@@ -403,7 +420,7 @@ class Datapath:
                 self._ensure_link(prog, fd, info.id, cgroup_fd)
         finally:
             os.close(fd)
-        dt = time.monotonic() - t0
+        dt = time.monotonic() - t0 + (compile_s or 0.0)
         _log.info(
             f"{action} {prog.hook}",
             fields={"program": prog.function, "node": self.node, "s": f"{dt:.2f}"},
