@@ -17,6 +17,13 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${DABBA_VENV:-$here/.venv}"
 log() { printf 'setup: %s\n' "$*"; }
+apt_updated=0
+apt_update_once() {
+	if [ "$apt_updated" -eq 0 ]; then
+		apt-get update -qq
+		apt_updated=1
+	fi
+}
 warn() { printf '\033[33msetup: WARNING: %s\033[0m\n' "$*" >&2; }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -39,7 +46,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
 	log "installing Debian packages: ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
+	apt_update_once
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
 	log "Debian packages: all present"
@@ -52,6 +59,7 @@ if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/build/include/gener
 	log "kernel headers for $krel: present ($(readlink -f "$mod/build"))"
 else
 	export DEBIAN_FRONTEND=noninteractive
+	apt_update_once
 	if apt-cache show "linux-headers-$krel" >/dev/null 2>&1; then
 		log "installing the running kernel's own headers: linux-headers-$krel"
 		apt-get install -y -qq "linux-headers-$krel" >/dev/null

@@ -61,6 +61,26 @@ def wait_port(lab, target: str, ip: str, port: int, timeout: float = 10.0) -> No
     wait_for(listening, timeout, what=f"a listener on {ip}:{port} in {target}")
 
 
+def maps_dir(node) -> str:
+    """Where a lab node's maps are pinned (the loader's own layout)."""
+    from agent.bpf.loader import Pins
+
+    return Pins(os.path.join("/sys/fs/bpf/dabba", node.bpf_node)).maps
+
+
+def http_server(lab, procs, pod, port: int):
+    """python3 -m http.server in pod on pod.ip:port, ready when this returns."""
+    p = lab.popen(
+        pod.name,
+        ["python3", "-m", "http.server", str(port), "--bind", pod.ip],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(p)
+    wait_port(lab, pod.name, pod.ip, port)
+    return p
+
+
 @pytest.fixture(scope="module")
 def lab():
     """A 2-node lab with 2 pods per node, removed afterwards even on failure."""

@@ -213,6 +213,16 @@ def _netns_exists(ns: str) -> bool:
     return os.path.exists(os.path.join(NETNS_DIR, ns))
 
 
+PIN_PARENT = "/sys/fs/bpf/dabba"
+
+
+def _list_pins() -> list[str]:
+    try:
+        return sorted(os.listdir(PIN_PARENT))
+    except FileNotFoundError:
+        return []
+
+
 def _list_netns(prefix: str) -> list[str]:
     try:
         return sorted(n for n in os.listdir(NETNS_DIR) if n == prefix or n.startswith(prefix + "."))
@@ -235,6 +245,12 @@ def up(name: str, spec: specmod.ClusterSpec) -> Lab:
         raise DabbaError(
             f"a lab named {name!r} already exists",
             hint=f"pick another --name, or remove it with `dabba lab down {name}`",
+        )
+    stale = [e for e in _list_pins() if e.startswith(name + "_")]
+    if stale:
+        raise DabbaError(
+            f"pinned datapaths of an earlier lab named {name!r} are still there: {', '.join(stale)}",
+            hint=f"remove them with `dabba lab down {name}`",
         )
     lab = Lab(
         name=name,
@@ -410,13 +426,11 @@ def down(name: str, quiet: bool = False) -> bool:
         found = True
         _kill_cgroup_tree(cg)
     # pins: <bpffs>/dabba/<name>_<node>
-    pin_parent = "/sys/fs/bpf/dabba"
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(os.listdir(pin_parent)):
-            if entry.startswith(name + "_"):
-                found = True
-                node = entry[len(name) + 1 :]
-                Datapath(entry, os.path.join(cg or "/nonexistent", node)).remove()
+    for entry in _list_pins():
+        if entry.startswith(name + "_"):
+            found = True
+            node = entry[len(name) + 1 :]
+            Datapath(entry, os.path.join(cg or "/nonexistent", node)).remove()
     for ns in reversed(_list_netns(lab_netns(name))):
         found = True
         with contextlib.suppress(DabbaError):

@@ -10,7 +10,7 @@ import yaml
 
 from agent.bpf.flows import FlowSource
 from agent.lab import lab as labmod
-from tests.conftest import helper, read_json, wait_for
+from tests.conftest import helper, maps_dir, read_json, wait_for
 
 DABBA = [sys.executable, "-m", "agent.cli"]
 
@@ -76,7 +76,7 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
     )
     procs.append(cli)
 
-    src = FlowSource(os.path.join("/sys/fs/bpf/dabba", n1.bpf_node, "maps"))
+    src = FlowSource(maps_dir(n1))
     try:
         dst = (server.ip, 9100)
         f1 = wait_for(

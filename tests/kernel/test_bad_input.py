@@ -114,3 +114,18 @@ def test_control_rejects_bad_exclusion(datapaths):
     ctl: DatapathControl = datapaths["n1"]
     with pytest.raises(DabbaError, match="'10.0.0.0/33' is not an IPv4 CIDR"):
         ctl.set_exclusions(["10.0.0.0/33"], [])
+
+
+def test_stale_pins_of_a_crashed_lab_are_refused_then_removed_by_down():
+    name = unique("cs")
+    stale = os.path.join("/sys/fs/bpf/dabba", f"{name}_n1")
+    os.makedirs(os.path.join(stale, "maps"))
+    try:
+        ns_before = _netns()
+        with pytest.raises(DabbaError, match=f"pinned datapaths of an earlier lab named '{name}'"):
+            labmod.up(name, spec.default_spec(1, 1))
+        assert _netns() == ns_before
+        assert labmod.down(name, quiet=True) is True
+        assert not os.path.exists(stale)
+    finally:
+        labmod.down(name, quiet=True)  # also if up() wrongly succeeded

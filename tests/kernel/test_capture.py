@@ -5,18 +5,7 @@ import subprocess
 
 from agent.bpf import abi
 from agent.bpf.loader import cgroup_id
-from tests.conftest import REPO, helper, read_json, wait_port
-
-
-def _http_server(lab, procs, pod):
-    p = lab.popen(
-        pod.name,
-        ["python3", "-m", "http.server", "8080", "--bind", pod.ip],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    procs.append(p)
-    wait_port(lab, pod.name, pod.ip, 8080)
+from tests.conftest import REPO, helper, http_server, maps_dir, read_json
 
 
 def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_bcc(
@@ -26,7 +15,7 @@ def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_b
     client, other, server = lab.pod("n1-p1"), lab.pod("n1-p2"), lab.pod("n2-p1")
     ctl = datapaths["n1"]
     ctl.enrol(client.cgroup, 1, abi.WL_CAPTURE | abi.WL_ACCOUNT)
-    _http_server(lab, procs, server)
+    http_server(lab, procs, server, 8080)
     stub = lab.popen(
         "n1",
         [
@@ -34,7 +23,7 @@ def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_b
             "--repo",
             REPO,
             "--maps",
-            os.path.join("/sys/fs/bpf/dabba", n1.bpf_node, "maps"),
+            maps_dir(n1),
             "--listen",
             f"{n1.gateway}:15001",
         ],
@@ -68,7 +57,7 @@ def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_b
 def test_excluded_destination_is_not_captured(lab, datapaths, procs):
     client, server = lab.pod("n1-p2"), lab.pod("n2-p2")
     ctl = datapaths["n1"]
-    _http_server(lab, procs, server)
+    http_server(lab, procs, server, 8080)
     ctl.enrol(client.cgroup, 2, abi.WL_CAPTURE)
     before = ctl.stats()
     try:

@@ -1,17 +1,12 @@
 """Flow accounting (sockops): exact payload bytes, RTT, retransmits, the close event."""
 
-import os
 import subprocess
 import time
 
 from agent.bpf import abi
 from agent.bpf.flows import FlowSource
 from agent.bpf.loader import cgroup_id
-from tests.conftest import helper, read_json
-
-
-def _maps(node):
-    return os.path.join("/sys/fs/bpf/dabba", node.bpf_node, "maps")
+from tests.conftest import helper, maps_dir, read_json
 
 
 def _closed_flows(src, want, timeout=10.0):
@@ -28,7 +23,7 @@ def test_exact_bytes_both_directions_and_close_event(lab, datapaths, procs):
     # account both ends; no capture, so the flow is pod to pod
     ctl1.enrol(client.cgroup, 11, abi.WL_ACCOUNT)
     ctl2.enrol(server.cgroup, 21, abi.WL_ACCOUNT)
-    src1, src2 = FlowSource(_maps(lab.node("n1"))), FlowSource(_maps(lab.node("n2")))
+    src1, src2 = FlowSource(maps_dir(lab.node("n1"))), FlowSource(maps_dir(lab.node("n2")))
     list(src1.closed()), list(src2.closed())  # drop events of earlier tests
     try:
         srv = lab.popen(
@@ -80,7 +75,7 @@ def test_reset_and_refused_close_reasons(lab, datapaths, procs):
     client, server = lab.pod("n1-p2"), lab.pod("n2-p2")
     ctl = datapaths["n1"]
     ctl.enrol(client.cgroup, 12, abi.WL_ACCOUNT)
-    src = FlowSource(_maps(lab.node("n1")))
+    src = FlowSource(maps_dir(lab.node("n1")))
     list(src.closed())
     try:
         # refused: nothing listens on 9999

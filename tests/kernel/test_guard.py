@@ -1,10 +1,8 @@
 """Ingress guard (cgroup_skb/ingress): STRICT pods accept connections only from the tunnel."""
 
-import subprocess
-
 from agent.bpf import abi
 from agent.bpf.loader import cgroup_id
-from tests.conftest import wait_port
+from tests.conftest import http_server
 
 CONNECT = (
     "import socket,sys\n"
@@ -25,14 +23,7 @@ def test_plaintext_from_other_node_dropped_and_counted_tunnel_address_accepted(
 ):
     strict, peer = lab.pod("n2-p2"), lab.pod("n1-p1")
     ctl = datapaths["n2"]
-    srv = lab.popen(
-        strict.name,
-        ["python3", "-m", "http.server", "8081", "--bind", strict.ip],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    procs.append(srv)
-    wait_port(lab, strict.name, strict.ip, 8081)
+    http_server(lab, procs, strict, 8081)
     cg = cgroup_id(strict.cgroup)
     # PERMISSIVE (enrolled, not STRICT): plaintext from another node is accepted
     ctl.enrol(strict.cgroup, 22, abi.WL_ACCOUNT)

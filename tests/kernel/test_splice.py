@@ -1,14 +1,9 @@
 """Splice (sk_skb verdict on a SOCKHASH): the kernel moves the bytes, user space reads none."""
 
 import json
-import os
 import subprocess
 
-from tests.conftest import REPO, helper, read_json
-
-
-def _maps(node):
-    return os.path.join("/sys/fs/bpf/dabba", node.bpf_node, "maps")
+from tests.conftest import REPO, helper, maps_dir, read_json
 
 
 def _splice(lab, procs, port, target, delay=0.0):
@@ -20,7 +15,7 @@ def _splice(lab, procs, port, target, delay=0.0):
             "--repo",
             REPO,
             "--maps",
-            _maps(n1),
+            maps_dir(n1),
             "--listen",
             f"{n1.gateway}:{port}",
             "--target",
@@ -110,7 +105,7 @@ def test_socket_closed_by_peer_before_pairing_is_refused_cleanly(lab, datapaths)
 
     from agent.bpf.splice import Splicer, SpliceUnavailable
 
-    sp = Splicer(_maps(lab.node("n1")))
+    sp = Splicer(maps_dir(lab.node("n1")))
     ls = socket.create_server(("127.0.0.1", 0))
     c1 = socket.create_connection(ls.getsockname())
     a, _ = ls.accept()
