@@ -235,6 +235,11 @@ def bpf_status(node, config, output):
             fill = f"{m.fill:.1%}" if m.fill is not None else "-"
             ent = "-" if m.entries is None else m.entries
             click.echo(f"{m.name:<17}{m.type:<14}{ent:>9}{m.max_entries:>9}{fill:>8}")
+        if st.counters:
+            click.echo("\nCOUNTERS (since load)")
+            for k, v in st.counters.items():
+                warn = k in ("cap_full", "tuple_full", "flow_full", "ring_drop") and v > 0
+                click.echo(f"  {k:<14}{v:>14,}" + ("   <- map pressure" if warn else ""))
     sys.exit(0 if st.healthy() else 1)
 
 

@@ -43,17 +43,16 @@ class Stat(enum.IntEnum):
     EXCLUDED = 1
     CAP_FULL = 2
     TUPLE_FULL = 3
-    CAP_MISS = 4
-    FLOW_OPENED = 5
-    FLOW_CLOSED = 6
-    FLOW_FULL = 7
-    RING_DROP = 8
-    GUARD_DROP = 9
-    SPLICE_BYTES = 10
-    SPLICE_PASS = 11
+    FLOW_OPENED = 4
+    FLOW_CLOSED = 5
+    FLOW_FULL = 6
+    RING_DROP = 7
+    GUARD_DROP = 8
+    SPLICE_BYTES = 9
+    SPLICE_PASS = 10
 
 
-STAT_COUNT = 12  # DABBA_ST_MAX
+STAT_COUNT = 11  # DABBA_ST_MAX
 
 
 class Workload(ctypes.Structure):

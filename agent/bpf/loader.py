@@ -303,6 +303,9 @@ class DatapathStatus:
     cgroup: str
     programs: list[ProgramStatus] = field(default_factory=list)
     maps: list[MapStatus] = field(default_factory=list)
+    counters: dict[str, int] = field(
+        default_factory=dict
+    )  # dabba_stats: captures, map full, ring drops
 
     def healthy(self) -> bool:
         return all(p.pinned and p.attached in (1, -1) for p in self.programs)
@@ -315,6 +318,7 @@ class DatapathStatus:
             "healthy": self.healthy(),
             "programs": [p.__dict__ for p in self.programs],
             "maps": [dict(m.__dict__, fill=m.fill) for m in self.maps],
+            "counters": self.counters,
         }
 
 
@@ -501,6 +505,8 @@ class Datapath:
                     t = m.info.type_name
                     entries = m.count() if t in _COUNTED else None
                     st.maps.append(MapStatus(name, t, m.info.max_entries, entries))
+            if os.path.exists(self.pins.map_path(names.MAP_STATS)):
+                st.counters = DatapathControl(self).stats()
         finally:
             for fd in (cg, sockhash):
                 if fd is not None:

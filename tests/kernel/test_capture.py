@@ -73,3 +73,24 @@ def test_excluded_destination_is_not_captured(lab, datapaths, procs):
     after = ctl.stats()
     assert after["excluded"] - before["excluded"] == 2
     assert after["captured"] == before["captured"]
+
+
+def test_tunnel_mark_is_never_captured(lab, datapaths, procs):
+    """Sockets carrying the tunnel's SO_MARK go direct even from an enrolled cgroup."""
+    client, server, n1 = lab.pod("n1-p1"), lab.pod("n2-p2"), lab.node("n1")
+    http_server(lab, procs, server, 8082)
+    ctl = datapaths["n1"]
+    ctl.configure(n1.gateway, 15001, tunnel_mark=0x539)
+    ctl.enrol(client.cgroup, 3, abi.WL_CAPTURE)
+    before = ctl.stats()["captured"]
+    code = (
+        "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539);"
+        "s.settimeout(3); s.connect((sys.argv[1], 8082)); print(s.getpeername()[0])"
+    )
+    try:
+        r = lab.run(client.name, ["python3", "-c", code, server.ip])
+        assert r.stdout.strip() == server.ip  # connected to the server itself, not the tunnel
+        assert ctl.stats()["captured"] == before
+    finally:
+        ctl.unenrol(client.cgroup)
+        ctl.configure(n1.gateway, 15001)

@@ -126,7 +126,6 @@ enum dabba_stat {
 	DABBA_ST_EXCLUDED,     /* enrolled, but destination excluded */
 	DABBA_ST_CAP_FULL,     /* dabba_cap_ck full: connect() refused */
 	DABBA_ST_TUPLE_FULL,   /* dabba_cap_tp full: tunnel cannot resolve */
-	DABBA_ST_CAP_MISS,     /* ESTABLISHED without a capture record */
 	DABBA_ST_FLOW_OPENED,  /* flow records created */
 	DABBA_ST_FLOW_CLOSED,  /* flow records closed */
 	DABBA_ST_FLOW_FULL,    /* dabba_flows full: flow not accounted */
