@@ -1,0 +1,200 @@
+"""What the registry holds: workloads, services, and Istio's two security kinds (L4 fields).
+
+These are plain data, shared by the control plane (which parses and
+distributes them) and the tunnel (which enforces them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROOT_NAMESPACE = "dabba-system"  # like istio-system: policies here apply mesh-wide
+
+# Istio AuthorizationPolicy fields the tunnel can evaluate at L4 ...
+L4_SOURCE = {
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+}
+L4_OPERATION = {"ports", "notPorts"}
+L4_CONDITION_KEYS = {
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+}
+# ... and the ones that need L7 (a waypoint in Istio's ambient mode).
+L7_SOURCE = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks"}
+L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload (pod) and where it runs."""
+
+    name: str
+    namespace: str
+    service_account: str
+    node: str
+    ip: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def spiffe(self, trust_domain: str) -> str:
+        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A virtual IP; its endpoints are the workloads its selector picks."""
+
+    name: str
+    namespace: str
+    vip: str
+    ports: tuple[ServicePort, ...]
+    selector: dict[str, str] = field(default_factory=dict, hash=False)
+    lb_policy: str = "round_robin"  # round_robin | least_connections | random
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, w: Workload) -> bool:
+        return (
+            w.namespace == self.namespace
+            and bool(self.selector)
+            and all(w.labels.get(k) == v for k, v in self.selector.items())
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Operation:
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: all of from, to and when must match (each a list of alternatives).
+
+    l7_fields names fields that need L7. Such a rule fails safe, as in Istio's
+    ambient mode: in an ALLOW policy it never matches, in a DENY policy it
+    always matches.
+    """
+
+    sources: tuple[Source, ...] = ()
+    operations: tuple[Operation, ...] = ()
+    conditions: tuple[Condition, ...] = ()
+    l7_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthorizationPolicy:
+    """security.istio.io/v1 AuthorizationPolicy, L4 subset."""
+
+    name: str
+    namespace: str
+    action: str  # ALLOW | DENY | AUDIT
+    selector: dict[str, str] | None = field(
+        default=None, hash=False
+    )  # None: every workload in scope
+    rules: tuple[Rule, ...] = ()  # empty: ALLOW matches nothing, DENY matches nothing (Istio)
+    origin: str = ""  # file:line
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def applies_to(self, w: Workload) -> bool:
+        if self.namespace != ROOT_NAMESPACE and self.namespace != w.namespace:
+            return False
+        if self.selector is None:
+            return True
+        return all(w.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass(frozen=True)
+class PeerAuthentication:
+    """security.istio.io/v1 PeerAuthentication: mtls mode, per workload and per port."""
+
+    name: str
+    namespace: str
+    mode: str  # STRICT | PERMISSIVE | DISABLE | UNSET
+    selector: dict[str, str] | None = field(default=None, hash=False)
+    port_modes: dict[int, str] = field(default_factory=dict, hash=False)
+    origin: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def applies_to(self, w: Workload) -> bool:
+        if self.namespace != ROOT_NAMESPACE and self.namespace != w.namespace:
+            return False
+        if self.selector is None:
+            return True
+        return all(w.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass
+class State:
+    """One consistent registry state, with its version."""
+
+    version: int = 0
+    workloads: dict[str, Workload] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
+    authz: dict[str, AuthorizationPolicy] = field(default_factory=dict)
+    peerauth: dict[str, PeerAuthentication] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def workloads_on(self, node: str) -> list[Workload]:
+        return [w for w in self.workloads.values() if w.node == node]
+
+    def endpoints(self, svc: Service) -> list[Workload]:
+        return [w for w in self.workloads.values() if svc.selects(w)]
+
+    def peer_mode(self, w: Workload, port: int | None = None) -> str:
+        """Effective mTLS mode: workload policy, then namespace, then mesh-wide; default PERMISSIVE."""
+
+        def scope(p: PeerAuthentication) -> int:
+            if p.selector is not None:
+                return 0
+            return 1 if p.namespace == w.namespace else 2
+
+        for p in sorted((p for p in self.peerauth.values() if p.applies_to(w)), key=scope):
+            if port is not None and port in p.port_modes and p.port_modes[port] != "UNSET":
+                return p.port_modes[port]
+            if p.mode != "UNSET":
+                return p.mode
+        return "PERMISSIVE"

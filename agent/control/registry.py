@@ -1,0 +1,487 @@
+"""The file registry: a directory of YAML documents, parsed strictly and hot-reloaded.
+
+Kinds (several documents per file, separated by ``---``)::
+
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata: {name: web-1, namespace: shop, labels: {app: web}}
+    spec: {serviceAccount: web, node: n1, ip: 10.20.1.11}
+
+    apiVersion: dabbawala.io/v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec: {vip: 10.96.0.10, ports: [{port: 80, targetPort: 8080}], selector: {app: web},
+           lbPolicy: round_robin}
+
+and Istio's own ``security.istio.io/v1`` (or ``v1beta1``) ``AuthorizationPolicy``
+and ``PeerAuthentication``, L4 fields; a policy in the root namespace
+(``dabba-system``) is mesh-wide.
+
+A document that is invalid is rejected with file, line and reason, and the
+whole reload with it: the last good state stays in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import yaml
+
+from .. import log
+from ..errors import DabbaError
+from . import model as m
+
+_log = log.get("registry")
+
+OUR_API = "dabbawala.io/v1"
+ISTIO_APIS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+KINDS = {
+    "Workload": (OUR_API,),
+    "Service": (OUR_API,),
+    "AuthorizationPolicy": ISTIO_APIS,
+    "PeerAuthentication": ISTIO_APIS,
+}
+LB_POLICIES = ("round_robin", "least_connections", "random")
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE", "UNSET")
+ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+
+
+class RegistryError(DabbaError):
+    """An invalid document: the message starts with file:line."""
+
+
+class _Doc:
+    """A YAML document with its node tree, for line numbers."""
+
+    def __init__(self, path: str, node: yaml.Node, value):
+        self.path, self.node, self.value = path, node, value
+
+    def at(self, *keys) -> str:
+        n = self.node
+        for k in keys:
+            nxt = None
+            if isinstance(n, yaml.MappingNode):
+                nxt = next((v for kk, v in n.value if kk.value == k), None)
+            elif isinstance(n, yaml.SequenceNode) and isinstance(k, int) and k < len(n.value):
+                nxt = n.value[k]
+            if nxt is None:
+                break
+            n = nxt
+        return f"{self.path}:{n.start_mark.line + 1}"
+
+    def fail(self, keys: tuple, msg: str):
+        raise RegistryError(f"{self.at(*keys)}: {msg}")
+
+
+def _str_map(doc: _Doc, v, keys: tuple, what: str) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        doc.fail(keys, f"{what} must be a mapping of strings")
+    return {str(k): str(x) for k, x in v.items()}
+
+
+def _list(doc: _Doc, v, keys: tuple, what: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        doc.fail(keys, f"{what} must be a list")
+    return v
+
+
+def _port(doc: _Doc, v, keys: tuple, what: str) -> int:
+    try:
+        p = int(v)
+    except (TypeError, ValueError):
+        doc.fail(keys, f"{what}: {v!r} is not a port number")
+    if not 0 < p < 65536:
+        doc.fail(keys, f"{what}: {p} is out of range (1-65535)")
+    return p
+
+
+def _only(doc: _Doc, d: dict, allowed: set, keys: tuple, what: str) -> None:
+    for k in d:
+        if k not in allowed:
+            doc.fail(
+                (*keys, k), f"{what}: unknown field {k!r} (known: {', '.join(sorted(allowed))})"
+            )
+
+
+def _meta(doc: _Doc) -> tuple[str, str, dict[str, str]]:
+    md = doc.value.get("metadata")
+    if not isinstance(md, dict) or not md.get("name"):
+        doc.fail(("metadata",), "metadata.name is required")
+    return (
+        str(md["name"]),
+        str(md.get("namespace", "default")),
+        _str_map(doc, md.get("labels"), ("metadata", "labels"), "metadata.labels"),
+    )
+
+
+def _spec(doc: _Doc) -> dict:
+    s = doc.value.get("spec")
+    if s is None:
+        return {}
+    if not isinstance(s, dict):
+        doc.fail(("spec",), "spec must be a mapping")
+    return s
+
+
+def parse_workload(doc: _Doc) -> m.Workload:
+    name, ns, labels = _meta(doc)
+    s = _spec(doc)
+    _only(doc, s, {"serviceAccount", "node", "ip"}, ("spec",), "Workload spec")
+    for k in ("node", "ip"):
+        if not s.get(k):
+            doc.fail(("spec",), f"Workload {ns}/{name}: spec.{k} is required")
+    try:
+        ipaddress.IPv4Address(str(s["ip"]))
+    except ValueError:
+        doc.fail(
+            ("spec", "ip"), f"Workload {ns}/{name}: spec.ip {s['ip']!r} is not an IPv4 address"
+        )
+    return m.Workload(
+        name, ns, str(s.get("serviceAccount", "default")), str(s["node"]), str(s["ip"]), labels
+    )
+
+
+def parse_service(doc: _Doc) -> m.Service:
+    name, ns, _ = _meta(doc)
+    s = _spec(doc)
+    _only(doc, s, {"vip", "ports", "selector", "lbPolicy"}, ("spec",), "Service spec")
+    try:
+        ipaddress.IPv4Address(str(s.get("vip")))
+    except ValueError:
+        doc.fail(
+            ("spec", "vip"),
+            f"Service {ns}/{name}: spec.vip {s.get('vip')!r} is not an IPv4 address",
+        )
+    ports = []
+    for i, p in enumerate(_list(doc, s.get("ports"), ("spec", "ports"), "spec.ports")):
+        if isinstance(p, int):
+            p = {"port": p}
+        if not isinstance(p, dict):
+            doc.fail(("spec", "ports", i), "each port must be a number or {port, targetPort, name}")
+        _only(doc, p, {"port", "targetPort", "name"}, ("spec", "ports", i), "Service port")
+        port = _port(doc, p.get("port"), ("spec", "ports", i), "port")
+        ports.append(
+            m.ServicePort(
+                port,
+                _port(doc, p.get("targetPort", port), ("spec", "ports", i), "targetPort"),
+                str(p.get("name", "")),
+            )
+        )
+    if not ports:
+        doc.fail(("spec",), f"Service {ns}/{name}: spec.ports needs at least one port")
+    lb = str(s.get("lbPolicy", "round_robin"))
+    if lb not in LB_POLICIES:
+        doc.fail(
+            ("spec", "lbPolicy"),
+            f"Service {ns}/{name}: lbPolicy {lb!r} is not one of {', '.join(LB_POLICIES)}",
+        )
+    return m.Service(
+        name,
+        ns,
+        str(s["vip"]),
+        tuple(ports),
+        _str_map(doc, s.get("selector"), ("spec", "selector"), "spec.selector"),
+        lb,
+    )
+
+
+def _selector(doc: _Doc, s: dict) -> dict[str, str] | None:
+    sel = s.get("selector")
+    if sel is None:
+        return None
+    if not isinstance(sel, dict):
+        doc.fail(("spec", "selector"), "spec.selector must be {matchLabels: {...}}")
+    _only(doc, sel, {"matchLabels"}, ("spec", "selector"), "selector")
+    return _str_map(doc, sel.get("matchLabels"), ("spec", "selector", "matchLabels"), "matchLabels")
+
+
+def _cidrs(doc: _Doc, vals, keys) -> tuple[str, ...]:
+    out = []
+    for i, v in enumerate(_list(doc, vals, keys, keys[-1])):
+        try:
+            out.append(str(ipaddress.ip_network(str(v), strict=False)))
+        except ValueError:
+            doc.fail((*keys, i), f"{keys[-1]}: {v!r} is not an IP address or CIDR")
+    return tuple(out)
+
+
+def _strs(doc: _Doc, vals, keys) -> tuple[str, ...]:
+    return tuple(str(v) for v in _list(doc, vals, keys, keys[-1]))
+
+
+def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy:
+    name, ns, _ = _meta(doc)
+    s = _spec(doc)
+    _only(
+        doc,
+        s,
+        {"selector", "action", "rules", "provider", "targetRef", "targetRefs"},
+        ("spec",),
+        "AuthorizationPolicy spec",
+    )
+    action = str(s.get("action", "ALLOW"))
+    if action not in ACTIONS:
+        doc.fail(("spec", "action"), f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    if action == "CUSTOM":
+        doc.fail(
+            ("spec", "action"), "action CUSTOM (external authorization) is not supported at L4"
+        )
+    rules = []
+    for i, r in enumerate(_list(doc, s.get("rules"), ("spec", "rules"), "spec.rules")):
+        rk = ("spec", "rules", i)
+        if not isinstance(r, dict):
+            doc.fail(rk, "each rule must be a mapping of from, to, when")
+        _only(doc, r, {"from", "to", "when"}, rk, "rule")
+        l7: list[str] = []
+        sources, operations, conditions = [], [], []
+        for j, f in enumerate(_list(doc, r.get("from"), (*rk, "from"), "from")):
+            src = (f or {}).get("source") if isinstance(f, dict) else None
+            if not isinstance(src, dict):
+                doc.fail((*rk, "from", j), "each from entry needs a source mapping")
+            sk = (*rk, "from", j, "source")
+            _only(doc, src, m.L4_SOURCE | m.L7_SOURCE, sk, "source")
+            l7 += [f"from.source.{k}" for k in src if k in m.L7_SOURCE]
+            sources.append(
+                m.Source(
+                    principals=_strs(doc, src.get("principals"), (*sk, "principals")),
+                    not_principals=_strs(doc, src.get("notPrincipals"), (*sk, "notPrincipals")),
+                    namespaces=_strs(doc, src.get("namespaces"), (*sk, "namespaces")),
+                    not_namespaces=_strs(doc, src.get("notNamespaces"), (*sk, "notNamespaces")),
+                    ip_blocks=_cidrs(doc, src.get("ipBlocks"), (*sk, "ipBlocks")),
+                    not_ip_blocks=_cidrs(doc, src.get("notIpBlocks"), (*sk, "notIpBlocks")),
+                )
+            )
+        for j, t in enumerate(_list(doc, r.get("to"), (*rk, "to"), "to")):
+            op = (t or {}).get("operation") if isinstance(t, dict) else None
+            if not isinstance(op, dict):
+                doc.fail((*rk, "to", j), "each to entry needs an operation mapping")
+            ok = (*rk, "to", j, "operation")
+            _only(doc, op, m.L4_OPERATION | m.L7_OPERATION, ok, "operation")
+            l7 += [f"to.operation.{k}" for k in op if k in m.L7_OPERATION]
+            operations.append(
+                m.Operation(
+                    ports=tuple(
+                        _port(doc, p, (*ok, "ports"), "ports")
+                        for p in _list(doc, op.get("ports"), (*ok, "ports"), "ports")
+                    ),
+                    not_ports=tuple(
+                        _port(doc, p, (*ok, "notPorts"), "notPorts")
+                        for p in _list(doc, op.get("notPorts"), (*ok, "notPorts"), "notPorts")
+                    ),
+                )
+            )
+        for j, c in enumerate(_list(doc, r.get("when"), (*rk, "when"), "when")):
+            ck = (*rk, "when", j)
+            if not isinstance(c, dict) or "key" not in c:
+                doc.fail(ck, "each when entry needs a key")
+            _only(doc, c, {"key", "values", "notValues"}, ck, "condition")
+            key = str(c["key"])
+            if key not in m.L4_CONDITION_KEYS:
+                l7.append(f"when.key={key}")
+            conditions.append(
+                m.Condition(
+                    key,
+                    _strs(doc, c.get("values"), (*ck, "values")),
+                    _strs(doc, c.get("notValues"), (*ck, "notValues")),
+                )
+            )
+        if l7:
+            effect = (
+                "never matches (ALLOW)" if action == "ALLOW" else "matches every connection (DENY)"
+            )
+            warn(
+                f"{doc.at(*rk)}: AuthorizationPolicy {ns}/{name} rule {i} uses L7 field(s) {', '.join(l7)}; "
+                f"at L4 the rule fails safe and {effect}"
+            )
+        rules.append(m.Rule(tuple(sources), tuple(operations), tuple(conditions), tuple(l7)))
+    return m.AuthorizationPolicy(name, ns, action, _selector(doc, s), tuple(rules), doc.at())
+
+
+def parse_peerauth(doc: _Doc) -> m.PeerAuthentication:
+    name, ns, _ = _meta(doc)
+    s = _spec(doc)
+    _only(doc, s, {"selector", "mtls", "portLevelMtls"}, ("spec",), "PeerAuthentication spec")
+    mode = str(((s.get("mtls") or {}).get("mode")) or "UNSET")
+    if mode not in MTLS_MODES:
+        doc.fail(
+            ("spec", "mtls", "mode"), f"mtls.mode {mode!r} is not one of {', '.join(MTLS_MODES)}"
+        )
+    ports = {}
+    plm = s.get("portLevelMtls") or {}
+    if not isinstance(plm, dict):
+        doc.fail(("spec", "portLevelMtls"), "portLevelMtls must map ports to {mode: ...}")
+    for p, v in plm.items():
+        pm = str((v or {}).get("mode", "UNSET")) if isinstance(v, dict) else "?"
+        if pm not in MTLS_MODES:
+            doc.fail(
+                ("spec", "portLevelMtls", p),
+                f"portLevelMtls {p}: mode {pm!r} is not one of {', '.join(MTLS_MODES)}",
+            )
+        ports[_port(doc, p, ("spec", "portLevelMtls", p), "portLevelMtls")] = pm
+    return m.PeerAuthentication(name, ns, mode, _selector(doc, s), ports, doc.at())
+
+
+def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]) -> None:
+    """Parse every document of one file into state; raises RegistryError on the first bad one."""
+    try:
+        nodes = list(yaml.compose_all(text))
+        values = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RegistryError(
+            f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: "
+            f"{getattr(e, 'problem', None) or e}"
+        ) from None
+    for node, value in zip(nodes, values, strict=True):
+        if value is None:
+            continue
+        doc = _Doc(path, node, value)
+        if not isinstance(value, dict):
+            doc.fail((), "a document must be a mapping with apiVersion, kind, metadata, spec")
+        kind, api = value.get("kind"), value.get("apiVersion")
+        if kind not in KINDS:
+            doc.fail(("kind",), f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        if api not in KINDS[kind]:
+            doc.fail(
+                ("apiVersion",), f"{kind} needs apiVersion {' or '.join(KINDS[kind])}, not {api!r}"
+            )
+        _only(doc, value, {"apiVersion", "kind", "metadata", "spec"}, (), kind)
+        if kind == "Workload":
+            obj, table = parse_workload(doc), state.workloads
+        elif kind == "Service":
+            obj, table = parse_service(doc), state.services
+        elif kind == "AuthorizationPolicy":
+            obj, table = parse_authz(doc, warn), state.authz
+        else:
+            obj, table = parse_peerauth(doc), state.peerauth
+        if obj.key in table:
+            doc.fail(("metadata", "name"), f"{kind} {obj.key} is defined twice")
+        table[obj.key] = obj
+    _check_ips(state)
+
+
+def _check_ips(state: m.State) -> None:
+    seen: dict[str, str] = {}
+    for w in state.workloads.values():
+        if w.ip in seen:
+            raise RegistryError(f"workloads {seen[w.ip]} and {w.key} have the same ip {w.ip}")
+        seen[w.ip] = w.key
+
+
+def load_dir(path: str) -> m.State:
+    """Parse every *.yaml/*.yml under path (sorted); raises RegistryError."""
+    if not os.path.isdir(path):
+        raise RegistryError(f"{path}: the registry directory does not exist")
+    state = m.State()
+    for f in _files(path):
+        with open(f) as fh:
+            parse_text(fh.read(), f, state, state.warnings.append)
+    return state
+
+
+def _files(path: str) -> list[str]:
+    out = []
+    for dirpath, _, files in os.walk(path):
+        out += [
+            os.path.join(dirpath, f)
+            for f in files
+            if f.endswith((".yaml", ".yml")) and not f.startswith(".")
+        ]
+    return sorted(out)
+
+
+class FileRegistry:
+    """Watches a directory; on every valid change publishes a new State with version + 1.
+
+    Polls modification times (every ``interval`` s): no extra dependency,
+    and it sees edits on any filesystem. An invalid change is logged with
+    file:line:reason and ignored; the last good state stays in force.
+    """
+
+    def __init__(
+        self, path: str, on_change: Callable[[m.State], None] | None = None, interval: float = 0.5
+    ):
+        self.path = path
+        self.on_change = on_change
+        self.interval = interval
+        self.state = load_dir(path)
+        self.state.version = 1
+        self.last_error: str | None = None
+        self._stamp = self._snapshot()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        for w in self.state.warnings:
+            _log.warning(w)
+
+    def _snapshot(self):
+        out = []
+        for f in _files(self.path):
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                pass
+        return out
+
+    def poll(self) -> bool:
+        """Reload if anything changed; True when a new state was published."""
+        stamp = self._snapshot()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            new = load_dir(self.path)
+        except RegistryError as e:
+            self.last_error = str(e)
+            _log.error(f"registry change rejected, keeping version {self.state.version}: {e}")
+            return False
+        self.last_error = None
+        new.version = self.state.version + 1
+        for w in new.warnings:
+            _log.warning(w)
+        self.state = new
+        _log.info(
+            "registry reloaded",
+            fields={
+                "version": new.version,
+                "workloads": len(new.workloads),
+                "services": len(new.services),
+                "policies": len(new.authz) + len(new.peerauth),
+            },
+        )
+        if self.on_change:
+            self.on_change(new)
+        return True
+
+    def start(self) -> None:
+        def loop():
+            while not self._stop.wait(self.interval):
+                try:
+                    self.poll()
+                except Exception as e:  # never let the watcher die
+                    _log.error(f"registry watcher: {e}")
+
+        self._thread = threading.Thread(target=loop, name="registry-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(2)
+
+
+def wait_version(reg: FileRegistry, version: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if reg.state.version >= version:
+            return True
+        time.sleep(0.02)
+    return False

@@ -1,0 +1,204 @@
+"""The file registry: good and bad documents, L7 fail-safe, hot reload keeping the last good state."""
+
+import textwrap
+
+import pytest
+
+from agent.control import model as m
+from agent.control.registry import FileRegistry, RegistryError, load_dir
+
+GOOD = textwrap.dedent("""\
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata: {name: web-1, namespace: shop, labels: {app: web, version: v1}}
+    spec: {serviceAccount: web, node: n1, ip: 10.20.1.11}
+    ---
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata: {name: client, namespace: front}
+    spec: {serviceAccount: sleep, node: n2, ip: 10.20.2.11}
+    ---
+    apiVersion: dabbawala.io/v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec:
+      vip: 10.96.0.10
+      ports: [{port: 80, targetPort: 8080, name: http}]
+      selector: {app: web}
+      lbPolicy: least_connections
+    ---
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-front, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: web}}
+      action: ALLOW
+      rules:
+      - from:
+        - source: {principals: ["cluster.local/ns/front/sa/sleep"], notIpBlocks: [10.0.0.0/8]}
+        to:
+        - operation: {ports: ["8080"], notPorts: [9090]}
+        when:
+        - {key: source.namespace, values: [front]}
+    ---
+    apiVersion: security.istio.io/v1beta1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: dabba-system}
+    spec: {mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: PERMISSIVE}}}
+    """)
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_documents(tmp_path):
+    write(tmp_path, "a.yaml", GOOD)
+    s = load_dir(str(tmp_path))
+    w = s.workloads["shop/web-1"]
+    assert (w.service_account, w.node, w.ip, w.labels["app"]) == ("web", "n1", "10.20.1.11", "web")
+    assert w.spiffe("cluster.local") == "spiffe://cluster.local/ns/shop/sa/web"
+    svc = s.services["shop/web"]
+    assert svc.ports == (m.ServicePort(80, 8080, "http"),) and svc.lb_policy == "least_connections"
+    assert [x.key for x in s.endpoints(svc)] == ["shop/web-1"]
+    p = s.authz["shop/allow-front"]
+    assert p.action == "ALLOW" and p.selector == {"app": "web"} and p.applies_to(w)
+    r = p.rules[0]
+    assert r.sources[0].principals == ("cluster.local/ns/front/sa/sleep",)
+    assert r.sources[0].not_ip_blocks == ("10.0.0.0/8",)
+    assert r.operations[0].ports == (8080,) and r.operations[0].not_ports == (9090,)
+    assert r.conditions[0] == m.Condition("source.namespace", ("front",))
+    assert r.l7_fields == () and s.warnings == []
+    assert s.peer_mode(w) == "STRICT" and s.peer_mode(w, 9090) == "PERMISSIVE"
+    assert p.origin.endswith("a.yaml:20")  # the document starts there
+
+
+def test_l7_field_fails_safe_with_a_warning_naming_it(tmp_path):
+    write(
+        tmp_path,
+        "p.yaml",
+        textwrap.dedent("""\
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: l7, namespace: shop}
+        spec:
+          action: ALLOW
+          rules:
+          - to:
+            - operation: {methods: [GET], ports: ["80"]}
+        """),
+    )
+    s = load_dir(str(tmp_path))
+    assert s.authz["shop/l7"].rules[0].l7_fields == ("to.operation.methods",)
+    assert len(s.warnings) == 1
+    assert "p.yaml:7" in s.warnings[0] and "to.operation.methods" in s.warnings[0]
+    assert "fails safe and never matches (ALLOW)" in s.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "text,where,msg",
+    [
+        ("kind: Gadget\napiVersion: dabbawala.io/v1\n", "x.yaml:1", "unknown kind 'Gadget'"),
+        (
+            "apiVersion: security.istio.io/v1\nkind: Workload\nmetadata: {name: a}\n",
+            "x.yaml:1",
+            "Workload needs apiVersion dabbawala.io/v1",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec:\n  node: n1\n  ip: 10.1.1\n",
+            "x.yaml:6",
+            "spec.ip '10.1.1' is not an IPv4 address",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Service\nmetadata: {name: s}\nspec:\n  vip: 10.96.0.1\n"
+            "  ports: [{port: 99999}]\n",
+            "x.yaml:6",
+            "99999 is out of range",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n"
+            "  action: MAYBE\n",
+            "x.yaml:5",
+            "action 'MAYBE' is not one of",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules:\n"
+            "  - from:\n    - source: {ipBlocks: [300.1.1.1]}\n",
+            "x.yaml:7",
+            "'300.1.1.1' is not an IP address",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules:\n"
+            "  - from:\n    - source: {principalz: [a]}\n",
+            "x.yaml:7",
+            "unknown field 'principalz'",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  mtls:\n"
+            "    mode: STRICTER\n",
+            "x.yaml:6",
+            "mtls.mode 'STRICTER'",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, ip: 10.0.0.1}\n---\n"
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, ip: 10.0.0.2}\n",
+            "x.yaml:8",
+            "Workload default/a is defined twice",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: [\n",
+            "x.yaml:4",
+            "not valid YAML",
+        ),
+        ("- a list\n", "x.yaml:1", "must be a mapping"),
+    ],
+)
+def test_bad_documents_name_file_line_and_reason(tmp_path, text, where, msg):
+    write(tmp_path, "x.yaml", text)
+    with pytest.raises(RegistryError) as e:
+        load_dir(str(tmp_path))
+    assert str(e.value).startswith(str(tmp_path / where)), str(e.value)
+    assert msg in str(e.value)
+
+
+def test_hot_reload_applies_good_changes_and_keeps_last_good_state(tmp_path):
+    write(tmp_path, "a.yaml", GOOD)
+    seen = []
+    reg = FileRegistry(str(tmp_path), seen.append)
+    assert reg.state.version == 1
+    write(
+        tmp_path,
+        "b.yaml",
+        "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: new}\n"
+        "spec: {node: n2, ip: 10.20.2.12}\n",
+    )
+    assert reg.poll() is True
+    assert reg.state.version == 2 and "default/new" in reg.state.workloads and seen[-1] is reg.state
+    write(
+        tmp_path,
+        "b.yaml",
+        "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: new}\n"
+        "spec: {node: n2, ip: not-an-ip}\n",
+    )
+    assert reg.poll() is False
+    assert reg.state.version == 2 and reg.state.workloads["default/new"].ip == "10.20.2.12"
+    assert "b.yaml:4" in reg.last_error
+    (tmp_path / "b.yaml").unlink()
+    assert (
+        reg.poll() is True and reg.state.version == 3 and "default/new" not in reg.state.workloads
+    )
+    assert reg.last_error is None
+
+
+def test_duplicate_ip_is_refused(tmp_path):
+    write(
+        tmp_path,
+        "a.yaml",
+        "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\n"
+        "spec: {node: n1, ip: 10.0.0.1}\n---\napiVersion: dabbawala.io/v1\nkind: Workload\n"
+        "metadata: {name: b}\nspec: {node: n1, ip: 10.0.0.1}\n",
+    )
+    with pytest.raises(RegistryError, match="same ip 10.0.0.1"):
+        load_dir(str(tmp_path))
