@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 C_SOURCES := $(wildcard agent/bpf/*.c agent/bpf/include/*.h)
 
-.PHONY: setup demo test test-unit test-kernel test-cluster lint fmt clean
+.PHONY: setup demo test test-unit test-kernel test-cluster lint fmt clean gen gen-check
 
 setup:
 	@bash scripts/setup.sh
@@ -25,7 +25,21 @@ test-kernel: setup
 test-cluster: setup
 	$(PY) -m pytest -ra tests/cluster
 
-lint: setup
+PROTOS := $(wildcard agent/control/proto/*.proto)
+
+# Generated gRPC code lives next to its .proto and is committed; gen-check
+# regenerates into a temporary folder and fails on any difference.
+gen: setup
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(PROTOS)
+
+gen-check: setup
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -I. --python_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
+	for f in $$(cd $$tmp && find . -name '*.py'); do \
+		diff -u $$tmp/$$f $$f || { echo "gen-check: $$f is stale, run make gen"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "gen-check: generated code is up to date"
+
+lint: setup gen-check
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
 	clang-format --dry-run --Werror $(C_SOURCES)

@@ -5,7 +5,8 @@ Kinds (several documents per file, separated by ``---``)::
     apiVersion: dabbawala.io/v1
     kind: Workload
     metadata: {name: web-1, namespace: shop, labels: {app: web}}
-    spec: {serviceAccount: web, node: n1, ip: 10.20.1.11}
+    spec: {serviceAccount: web, node: n1, ip: 10.20.1.11,
+           cgroup: /sys/fs/cgroup/unified/kubepods/web-1}   # optional: where its processes run
 
     apiVersion: dabbawala.io/v1
     kind: Service
@@ -134,7 +135,7 @@ def _spec(doc: _Doc) -> dict:
 def parse_workload(doc: _Doc) -> m.Workload:
     name, ns, labels = _meta(doc)
     s = _spec(doc)
-    _only(doc, s, {"serviceAccount", "node", "ip"}, ("spec",), "Workload spec")
+    _only(doc, s, {"serviceAccount", "node", "ip", "cgroup"}, ("spec",), "Workload spec")
     for k in ("node", "ip"):
         if not s.get(k):
             doc.fail(("spec",), f"Workload {ns}/{name}: spec.{k} is required")
@@ -144,9 +145,11 @@ def parse_workload(doc: _Doc) -> m.Workload:
         doc.fail(
             ("spec", "ip"), f"Workload {ns}/{name}: spec.ip {s['ip']!r} is not an IPv4 address"
         )
-    return m.Workload(
-        name, ns, str(s.get("serviceAccount", "default")), str(s["node"]), str(s["ip"]), labels
-    )
+    cg = str(s.get("cgroup", ""))
+    if cg and not cg.startswith("/"):
+        doc.fail(("spec", "cgroup"), f"Workload {ns}/{name}: spec.cgroup must be an absolute path")
+    sa = str(s.get("serviceAccount", "default"))
+    return m.Workload(name, ns, sa, str(s["node"]), str(s["ip"]), labels, cg)
 
 
 def parse_service(doc: _Doc) -> m.Service:

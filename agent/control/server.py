@@ -1,0 +1,475 @@
+"""`dabba control serve`: the CA, the registry and the per-node stream, over gRPC (grpc.aio).
+
+Two listeners (see proto/control.proto):
+- join (default :15013): server-authenticated TLS; Join with a one-time token;
+- control (default :15012): mutual TLS; the node's certificate names it
+  (spiffe://<td>/node/<name>), and every call is authorized for that node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import re
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+
+from .. import log
+from ..errors import DabbaError
+from . import ca as camod
+from . import model as m
+from .proto import control_pb2 as pb
+from .proto import control_pb2_grpc as pbg
+from .registry import FileRegistry
+from .store import append_record, atomic_write, load_records
+from .tokens import TokenError, TokenStore
+
+_log = log.get("control")
+
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_NODE_TTL = datetime.timedelta(days=7)
+
+
+@dataclass
+class ControlConfig:
+    """Everything `dabba control serve` takes (flags of the same names)."""
+
+    state_dir: str
+    registry_dir: str
+    trust_domain: str = "cluster.local"
+    listen: str = "0.0.0.0:15012"
+    join_listen: str = "0.0.0.0:15013"
+    server_names: list[str] = field(
+        default_factory=list
+    )  # DNS names / IPs in the serving certificate
+    workload_ttl: datetime.timedelta = camod.DEFAULT_WORKLOAD_TTL
+    node_ttl: datetime.timedelta = DEFAULT_NODE_TTL
+    plugin_ca_dir: str | None = None
+    registry_poll_s: float = 0.5
+
+
+class ControlPlane:
+    """The state behind both services; the one writer of nodes and issued serials."""
+
+    def __init__(self, cfg: ControlConfig):
+        self.cfg = cfg
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        self.ca = camod.CA.load_or_create(
+            cfg.state_dir, cfg.trust_domain, cfg.plugin_ca_dir, cfg.workload_ttl
+        )
+        self.tokens = TokenStore(cfg.state_dir)
+        self.nodes_path = os.path.join(cfg.state_dir, "nodes.json")
+        self.serials_path = os.path.join(cfg.state_dir, "serials.log")
+        self.nodes: dict[str, str] = _load_json(self.nodes_path)
+        self.registry = FileRegistry(cfg.registry_dir, self._registry_changed, cfg.registry_poll_s)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.changed: asyncio.Condition | None = None
+        self.version = self.registry.state.version
+        self.issued = len(load_records(self.serials_path))
+
+    # -- change notification --
+    def _registry_changed(self, state: m.State) -> None:
+        if self.loop:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._bump()))
+
+    async def _bump(self) -> None:
+        async with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    # -- nodes --
+    def record_node(self, node: str, address: str) -> None:
+        if self.nodes.get(node) != address:
+            self.nodes[node] = address
+            import json
+
+            atomic_write(self.nodes_path, json.dumps(self.nodes, indent=1).encode(), mode=0o600)
+            if self.loop:
+                asyncio.ensure_future(self._bump())
+
+    def record_issue(self, issued: camod.Issued, identity: str, node: str) -> None:
+        append_record(
+            self.serials_path,
+            {
+                "serial": format(issued.serial, "x"),
+                "identity": identity,
+                "node": node,
+                "not_after": int(issued.not_after.timestamp()),
+            },
+        )
+        self.issued += 1
+
+    # -- what a node gets --
+    def snapshot_for(self, node: str) -> pb.Snapshot:
+        st = self.registry.state
+        td = self.cfg.trust_domain
+        local = {w.key for w in st.workloads_on(node)}
+        snap = pb.Snapshot(
+            version=self.version, trust_domain=td, trust_bundle_pem=self.ca.bundle_pem()
+        )
+        for w in sorted(st.workloads.values(), key=lambda w: w.key):
+            pw = pb.Workload(
+                name=w.name,
+                namespace=w.namespace,
+                service_account=w.service_account,
+                node=w.node,
+                ip=w.ip,
+                labels=w.labels,
+                spiffe_id=w.spiffe(td),
+                mtls_mode=st.peer_mode(w),
+            )
+            for pa in st.peerauth.values():
+                if pa.applies_to(w):
+                    for port in pa.port_modes:
+                        pw.port_mtls[port] = st.peer_mode(w, port)
+            if w.key in local:
+                pw.cgroup = w.cgroup
+            snap.workloads.append(pw)
+        for s in sorted(st.services.values(), key=lambda s: s.key):
+            snap.services.append(
+                pb.Service(
+                    name=s.name,
+                    namespace=s.namespace,
+                    vip=s.vip,
+                    lb_policy=s.lb_policy,
+                    ports=[
+                        pb.ServicePort(port=p.port, target_port=p.target_port, name=p.name)
+                        for p in s.ports
+                    ],
+                    endpoints=[w.key for w in st.endpoints(s)],
+                )
+            )
+        for name, addr in sorted(self.nodes.items()):
+            snap.nodes.append(pb.Node(name=name, address=addr))
+        mine = [w for w in st.workloads.values() if w.key in local]
+        for p in sorted(st.authz.values(), key=lambda p: p.key):
+            if any(p.applies_to(w) for w in mine):
+                snap.policies.append(policy_to_pb(p))
+        return snap
+
+
+class _Malformed:
+    """Stands in for a request that did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.type_name, self.error = type_name, error
+
+
+def _safe_handlers(servicer, service) -> grpc.GenericRpcHandler:
+    """Method handlers like the generated add_*_to_server, but a request that does not
+    parse gets INVALID_ARGUMENT naming its type, instead of UNKNOWN and a traceback."""
+    handlers = {}
+    for method in service.methods:
+        req_cls = getattr(pb, method.input_type.name)
+        resp_cls = getattr(pb, method.output_type.name)
+        impl = getattr(servicer, method.name)
+
+        def deserialize(data: bytes, req_cls=req_cls):
+            try:
+                return req_cls.FromString(data)
+            except Exception as e:  # protobuf's DecodeError and friends
+                return _Malformed(req_cls.DESCRIPTOR.full_name, e)
+
+        if method.server_streaming:
+
+            async def call(req, ctx, impl=impl):
+                if isinstance(req, _Malformed):
+                    await ctx.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed {req.type_name}: {req.error}"
+                    )
+                async for item in impl(req, ctx):
+                    yield item
+
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                call,
+                request_deserializer=deserialize,
+                response_serializer=resp_cls.SerializeToString,
+            )
+        else:
+
+            async def call(req, ctx, impl=impl):
+                if isinstance(req, _Malformed):
+                    _log.warning(
+                        "malformed request", fields={"type": req.type_name, "peer": ctx.peer()}
+                    )
+                    await ctx.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed {req.type_name}: {req.error}"
+                    )
+                return await impl(req, ctx)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=deserialize,
+                response_serializer=resp_cls.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def policy_to_pb(p: m.AuthorizationPolicy) -> pb.AuthorizationPolicy:
+    return pb.AuthorizationPolicy(
+        name=p.name,
+        namespace=p.namespace,
+        action=p.action,
+        has_selector=p.selector is not None,
+        selector=p.selector or {},
+        origin=p.origin,
+        rules=[
+            pb.Rule(
+                sources=[
+                    pb.Source(
+                        principals=s.principals,
+                        not_principals=s.not_principals,
+                        namespaces=s.namespaces,
+                        not_namespaces=s.not_namespaces,
+                        ip_blocks=s.ip_blocks,
+                        not_ip_blocks=s.not_ip_blocks,
+                    )
+                    for s in r.sources
+                ],
+                operations=[
+                    pb.Operation(ports=o.ports, not_ports=o.not_ports) for o in r.operations
+                ],
+                conditions=[
+                    pb.Condition(key=c.key, values=c.values, not_values=c.not_values)
+                    for c in r.conditions
+                ],
+                l7_fields=r.l7_fields,
+            )
+            for r in p.rules
+        ],
+    )
+
+
+def policy_from_pb(p: pb.AuthorizationPolicy) -> m.AuthorizationPolicy:
+    return m.AuthorizationPolicy(
+        p.name,
+        p.namespace,
+        p.action,
+        dict(p.selector) if p.has_selector else None,
+        tuple(
+            m.Rule(
+                tuple(
+                    m.Source(
+                        tuple(s.principals),
+                        tuple(s.not_principals),
+                        tuple(s.namespaces),
+                        tuple(s.not_namespaces),
+                        tuple(s.ip_blocks),
+                        tuple(s.not_ip_blocks),
+                    )
+                    for s in r.sources
+                ),
+                tuple(m.Operation(tuple(o.ports), tuple(o.not_ports)) for o in r.operations),
+                tuple(
+                    m.Condition(c.key, tuple(c.values), tuple(c.not_values)) for c in r.conditions
+                ),
+                tuple(r.l7_fields),
+            )
+            for r in p.rules
+        ),
+        p.origin,
+    )
+
+
+def _load_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def _ts(d: datetime.datetime) -> int:
+    return int(d.timestamp())
+
+
+class JoinService(pbg.JoinServicer):
+    def __init__(self, cp: ControlPlane):
+        self.cp = cp
+
+    async def Join(self, req: pb.JoinRequest, ctx: grpc.aio.ServicerContext) -> pb.NodeCertificate:
+        peer = ctx.peer()
+        if not NODE_RE.match(req.node):
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {req.node!r}")
+        try:
+            self.cp.tokens.consume(req.token, req.node)
+        except TokenError as e:
+            _log.warning("join refused", fields={"node": req.node, "peer": peer, "reason": str(e)})
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, req.node)
+        try:
+            issued = self.cp.ca.issue(req.csr_pem, uri, self.cp.cfg.node_ttl)
+        except camod.CSRError as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node CSR: {e}")
+        self.cp.record_issue(issued, uri, req.node)
+        if req.address:
+            self.cp.record_node(req.node, req.address)
+        _log.info(
+            "node joined",
+            fields={"node": req.node, "peer": peer, "serial": format(issued.serial, "x")},
+        )
+        return pb.NodeCertificate(
+            cert_chain_pem=issued.chain_pem,
+            trust_bundle_pem=self.cp.ca.bundle_pem(),
+            trust_domain=self.cp.cfg.trust_domain,
+            not_after_unix=_ts(issued.not_after),
+        )
+
+
+class ControlService(pbg.ControlServicer):
+    def __init__(self, cp: ControlPlane):
+        self.cp = cp
+        self.prefix = f"spiffe://{cp.cfg.trust_domain}/node/"
+
+    async def _node(self, ctx) -> str:
+        """The calling node, from its (already verified) client certificate."""
+        pem = (ctx.auth_context().get("x509_pem_cert") or [b""])[0]
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        ids = [u for u in camod.spiffe_ids_of(cert) if u.startswith(self.prefix)]
+        if len(ids) != 1:
+            await ctx.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the client certificate is not a node certificate",
+            )
+        return ids[0][len(self.prefix) :]
+
+    async def SignWorkload(self, req: pb.SignWorkloadRequest, ctx) -> pb.WorkloadCertificate:
+        node = await self._node(ctx)
+        key = f"{req.namespace}/{req.name}"
+        w = self.cp.registry.state.workloads.get(key)
+        if w is None:
+            await ctx.abort(grpc.StatusCode.NOT_FOUND, f"no workload {key} in the registry")
+        uri = w.spiffe(self.cp.cfg.trust_domain)
+        if w.node != node:
+            _log.warning(
+                "certificate refused: workload is not scheduled on the calling node",
+                fields={"node": node, "identity": uri, "workload": key, "scheduled_on": w.node},
+            )
+            await ctx.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {node} may not obtain {uri}: workload {key} is scheduled on {w.node}",
+            )
+        try:
+            issued = self.cp.ca.issue(req.csr_pem, uri)
+        except camod.CSRError as e:
+            _log.warning("CSR refused", fields={"node": node, "identity": uri, "reason": str(e)})
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"CSR for {uri}: {e}")
+        self.cp.record_issue(issued, uri, node)
+        return pb.WorkloadCertificate(
+            spiffe_id=uri,
+            cert_chain_pem=issued.chain_pem,
+            trust_bundle_pem=self.cp.ca.bundle_pem(),
+            not_after_unix=_ts(issued.not_after),
+            serial=format(issued.serial, "x"),
+        )
+
+    async def RenewNode(self, req: pb.RenewNodeRequest, ctx) -> pb.NodeCertificate:
+        node = await self._node(ctx)
+        uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, node)
+        try:
+            issued = self.cp.ca.issue(req.csr_pem, uri, self.cp.cfg.node_ttl)
+        except camod.CSRError as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node CSR: {e}")
+        self.cp.record_issue(issued, uri, node)
+        return pb.NodeCertificate(
+            cert_chain_pem=issued.chain_pem,
+            trust_bundle_pem=self.cp.ca.bundle_pem(),
+            trust_domain=self.cp.cfg.trust_domain,
+            not_after_unix=_ts(issued.not_after),
+        )
+
+    async def Watch(self, req: pb.WatchRequest, ctx):
+        node = await self._node(ctx)
+        sent = req.have_version
+        _log.info("node watching", fields={"node": node, "have": sent})
+        while True:
+            async with self.cp.changed:
+                await self.cp.changed.wait_for(lambda have=sent: self.cp.version > have)
+            snap = self.cp.snapshot_for(node)
+            sent = snap.version
+            yield snap
+
+
+class ControlServer:
+    """Both listeners around one ControlPlane; start() binds, the bound ports are then known."""
+
+    def __init__(self, cfg: ControlConfig):
+        self.cfg = cfg
+        self.cp = ControlPlane(cfg)
+        self.control_port = self.join_port = 0
+        self._servers: list[grpc.aio.Server] = []
+
+    async def start(self) -> None:
+        cp, cfg = self.cp, self.cfg
+        cp.loop = asyncio.get_running_loop()
+        cp.changed = asyncio.Condition()
+        names = cfg.server_names or ["localhost", "127.0.0.1"]
+        issued, key = cp.ca.issue_server(
+            f"spiffe://{cfg.trust_domain}/control", names, datetime.timedelta(days=365)
+        )
+        pair = [(key, issued.chain_pem)]
+
+        def mtls_config():
+            # read per handshake: a root rotation reaches new connections at once
+            return grpc.ssl_server_certificate_configuration(
+                pair, root_certificates=cp.ca.bundle_pem()
+            )
+
+        opts = [("grpc.max_receive_message_length", 1 << 20)]
+        control = grpc.aio.server(options=opts)
+        control.add_generic_rpc_handlers(
+            (_safe_handlers(ControlService(cp), pb.DESCRIPTOR.services_by_name["Control"]),)
+        )
+        join = grpc.aio.server(options=opts)
+        join.add_generic_rpc_handlers(
+            (_safe_handlers(JoinService(cp), pb.DESCRIPTOR.services_by_name["Join"]),)
+        )
+        try:
+            self.control_port = control.add_secure_port(
+                cfg.listen, grpc.dynamic_ssl_server_credentials(mtls_config(), mtls_config, True)
+            )
+            self.join_port = join.add_secure_port(
+                cfg.join_listen, grpc.ssl_server_credentials(pair)
+            )
+        except RuntimeError as e:
+            raise DabbaError(
+                f"cannot listen on {cfg.listen} / {cfg.join_listen}: {e}",
+                hint="is another control plane running, or is the address not on this host?",
+            ) from None
+        await control.start()
+        await join.start()
+        self._servers = [control, join]
+        cp.registry.start()
+        _log.info(
+            "control plane serving",
+            fields={
+                "control": cfg.listen,
+                "join": cfg.join_listen,
+                "trust_domain": cfg.trust_domain,
+                "ca": cp.ca.mode,
+                "registry_version": cp.version,
+            },
+        )
+
+    async def stop(self) -> None:
+        self.cp.registry.stop()
+        for s in self._servers:
+            await s.stop(1)
+
+
+async def serve(cfg: ControlConfig, stop: asyncio.Event | None = None) -> None:
+    """Run both listeners until stop is set (or forever)."""
+    srv = ControlServer(cfg)
+    await srv.start()
+    try:
+        await (stop.wait() if stop else asyncio.Event().wait())
+    finally:
+        await srv.stop()
