@@ -66,8 +66,15 @@ def lab():
 @click.option(
     "-f", "--file", "file_", type=click.Path(dir_okay=False), help="cluster YAML: pods, services"
 )
+@click.option("--mesh", is_flag=True, help="also start a control plane and one agent per node")
+@click.option(
+    "--workload-ttl",
+    default="24h",
+    show_default=True,
+    help="with --mesh: workload certificate lifetime",
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def lab_up(name, nodes, pods_per_node, file_, output):
+def lab_up(name, nodes, pods_per_node, file_, mesh, workload_ttl, output):
     """Create a lab and print its nodes and pods.
 
     \b
@@ -81,7 +88,22 @@ def lab_up(name, nodes, pods_per_node, file_, output):
     _need_root("dabba lab up")
     sp = spec.load_spec(file_, nodes) if file_ else spec.default_spec(nodes or 2, pods_per_node)
     L = labmod.up(name, sp)
+    if mesh:
+        from .lab import mesh as meshmod
+
+        _duration(workload_ttl, "--workload-ttl")
+        try:
+            meshmod.up(L, workload_ttl)
+        except BaseException:
+            labmod.down(name, quiet=True)
+            raise
     _print_lab(L, output)
+    if mesh and output == "table":
+        p = meshmod.paths(L)
+        click.echo(
+            f"\ncontrol plane {labmod.CONTROL_IP}:{meshmod.CONTROL_PORT} (registry {p['registry']}, "
+            f"logs {p['logs']}); one agent per node, joined, certificates issued"
+        )
 
 
 def _print_lab(L, output):
@@ -305,6 +327,202 @@ def agent_run(config, check):
     a = Agent(cfg)
     a.install_signals()
     a.run()
+
+
+# ---- control plane ------------------------------------------------------------------------------
+
+
+def _duration(text: str, what: str):
+    import datetime
+    import re
+
+    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not m:
+        raise DabbaError(f"{what}: {text!r} is not a duration like 90s, 30m, 24h or 7d")
+    n, unit = int(m.group(1)), m.group(2)
+    return datetime.timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+DEFAULT_CONTROL_STATE = "/var/lib/dabba/control"
+
+
+@main.group(cls=_Group)
+def control():
+    """The control plane: CA, registry, distribution to nodes."""
+
+
+@control.command("serve")
+@click.option(
+    "--state-dir",
+    default=DEFAULT_CONTROL_STATE,
+    show_default=True,
+    help="CA, tokens, nodes, serials",
+)
+@click.option(
+    "--registry",
+    "registry_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="folder of YAML documents (workloads, services, Istio policies); hot-reloaded",
+)
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option(
+    "--listen", default="0.0.0.0:15012", show_default=True, help="mutual-TLS API for joined nodes"
+)
+@click.option(
+    "--join-listen",
+    default="0.0.0.0:15013",
+    show_default=True,
+    help="TLS port for joining with a token",
+)
+@click.option(
+    "--server-name", "server_names", multiple=True, help="DNS name or IP in the serving certificate"
+)
+@click.option(
+    "--workload-ttl", default="24h", show_default=True, help="lifetime of workload certificates"
+)
+@click.option(
+    "--plugin-ca",
+    type=click.Path(file_okay=False),
+    help="Istio-style cacerts folder (ca-cert.pem, ...)",
+)
+def control_serve(
+    state_dir,
+    registry_dir,
+    trust_domain,
+    listen,
+    join_listen,
+    server_names,
+    workload_ttl,
+    plugin_ca,
+):
+    """Serve the control plane.
+
+    \b
+    Example:
+      dabba control serve --registry /etc/dabba/registry --server-name 10.10.0.1
+    """
+    import asyncio
+    import signal
+
+    from .control.server import ControlConfig, serve
+
+    cfg = ControlConfig(
+        state_dir=state_dir,
+        registry_dir=registry_dir,
+        trust_domain=trust_domain,
+        listen=listen,
+        join_listen=join_listen,
+        server_names=list(server_names),
+        workload_ttl=_duration(workload_ttl, "--workload-ttl"),
+        plugin_ca_dir=plugin_ca,
+    )
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    asyncio.run(run())
+
+
+@control.group("token", cls=_Group)
+def control_token():
+    """One-time join tokens for nodes."""
+
+
+@control_token.command("create")
+@click.option("--node", required=True, help="the node that will join with it")
+@click.option(
+    "--ttl", default="1h", show_default=True, help="how long it stays valid (it works once)"
+)
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+def control_token_create(node, ttl, state_dir):
+    """Print a one-time join token for NODE.
+
+    \b
+    Example:
+      dabba control token create --node n1 --ttl 1h > /etc/dabba/join-token
+    """
+    from .control.tokens import TokenStore
+
+    click.echo(TokenStore(state_dir).create(node, _duration(ttl, "--ttl").total_seconds()))
+
+
+@control.group("ca", cls=_Group)
+def control_ca():
+    """The mesh CA: show, rotate the root, retire old roots."""
+
+
+def _ca(state_dir):
+    from .control.ca import CA
+
+    meta = os.path.join(state_dir, "ca", "meta.json")
+    if not os.path.exists(meta):
+        raise DabbaError(
+            f"no CA in {state_dir}", hint="start `dabba control serve --state-dir ...` once first"
+        )
+    with open(meta) as f:
+        td = json.load(f)["trust_domain"]
+    return CA.load_or_create(state_dir, td)
+
+
+@control_ca.command("show")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def control_ca_show(state_dir, output):
+    """The trust bundle's roots and which one signs."""
+    from .control.ca import fingerprint
+
+    ca = _ca(state_dir)
+    roots = [
+        {
+            "fingerprint": fingerprint(r),
+            "subject": r.subject.rfc4514_string(),
+            "not_after": r.not_valid_after_utc.isoformat(),
+            "signing": r == ca.cert,
+        }
+        for r in ca.roots
+    ]
+    if output == "json":
+        click.echo(
+            json.dumps({"trust_domain": ca.trust_domain, "mode": ca.mode, "roots": roots}, indent=1)
+        )
+        return
+    click.echo(f"trust domain {ca.trust_domain}  mode {ca.mode}")
+    for r in roots:
+        click.echo(
+            f"  root {r['fingerprint']}  until {r['not_after']}{'  (signing)' if r['signing'] else ''}"
+        )
+
+
+@control_ca.command("rotate")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+def control_ca_rotate(state_dir):
+    """Add a new root that signs from now on; the old one stays trusted until `ca retire`.
+
+    A running control plane picks it up within a second and sends the new
+    bundle to every node, which re-issues its workloads' certificates.
+    """
+    from .control.ca import fingerprint
+
+    root = _ca(state_dir).rotate()
+    click.echo(
+        f"new root {fingerprint(root)} signs from now on; run `dabba control ca retire` once every "
+        "node has re-issued its certificates"
+    )
+
+
+@control_ca.command("retire")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+def control_ca_retire(state_dir):
+    """Remove every root but the signing one from the trust bundle."""
+    gone = _ca(state_dir).retire()
+    click.echo(
+        f"retired {', '.join(gone)}" if gone else "nothing to retire: the bundle holds one root"
+    )
 
 
 # ---- demo -----------------------------------------------------------------------------------

@@ -448,6 +448,7 @@ class ControlServer:
         await join.start()
         self._servers = [control, join]
         cp.registry.start()
+        self._ca_watch = asyncio.ensure_future(self._watch_ca())
         _log.info(
             "control plane serving",
             fields={
@@ -459,7 +460,47 @@ class ControlServer:
             },
         )
 
+    def _ca_stamp(self):
+        d = self.cp.ca.dir
+        out = []
+        for f in ("bundle.pem", "signing-cert.pem"):
+            try:
+                out.append(os.stat(os.path.join(d, f)).st_mtime_ns)
+            except FileNotFoundError:
+                out.append(0)
+        return out
+
+    async def _watch_ca(self) -> None:
+        """`dabba control ca rotate|retire` change the CA files: load them and tell every node."""
+        stamp = self._ca_stamp()
+        while True:
+            await asyncio.sleep(self.cfg.registry_poll_s)
+            now = self._ca_stamp()
+            if now == stamp:
+                continue
+            stamp = now
+            try:
+                self.cp.ca = camod.CA.load_or_create(
+                    self.cfg.state_dir,
+                    self.cfg.trust_domain,
+                    self.cfg.plugin_ca_dir,
+                    self.cfg.workload_ttl,
+                )
+            except DabbaError as e:
+                _log.error(f"CA files changed but cannot be loaded, keeping the current CA: {e}")
+                continue
+            _log.info(
+                "CA reloaded",
+                fields={
+                    "roots": len(self.cp.ca.roots),
+                    "signing": camod.fingerprint(self.cp.ca.cert),
+                },
+            )
+            await self.cp._bump()
+
     async def stop(self) -> None:
+        if getattr(self, "_ca_watch", None):
+            self._ca_watch.cancel()
         self.cp.registry.stop()
         for s in self._servers:
             await s.stop(1)

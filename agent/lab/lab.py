@@ -2,7 +2,8 @@
 
 Layout of lab NAME (every name carries the lab's, so labs coexist)::
 
-    netns dl.NAME              the lab's own: bridge br0 joins the nodes
+    netns dl.NAME              the lab's own: bridge br0 joins the nodes; the control
+                               plane (--mesh) listens on 10.10.0.1 there
     netns dl.NAME.nI           node nI: eth0 10.10.0.(10+I) on br0; bridge cbr0
                                10.20.I.1/24 for its pods; routes to the other
                                nodes' pod /24s; forwarding on
@@ -37,6 +38,7 @@ from ..errors import DabbaError
 from . import spec as specmod
 
 STATE_DIR = os.environ.get("DABBA_LAB_STATE", "/run/dabba/labs")
+CONTROL_IP = "10.10.0.1"  # on the lab bridge, in the lab's own namespace
 NETNS_DIR = "/run/netns"
 _log = log.get("lab")
 
@@ -103,7 +105,7 @@ class Lab:
             if n.name == name:
                 return n.netns, n.system_cgroup
         if name == "lab":
-            return self.netns, self.cgroup
+            return self.netns, os.path.join(self.cgroup, "_control")
         raise DabbaError(
             f"lab {self.name} has no pod or node {name!r}",
             hint=f"targets: {', '.join([n.name for n in self.nodes] + [p.name for p in self.pods])}",
@@ -281,8 +283,11 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
     _ip("netns", "add", lab.netns)
     _ip("link", "set", "lo", "up", ns=lab.netns)
     _ip("link", "add", "br0", "type", "bridge", ns=lab.netns)
+    _ip(
+        "addr", "add", f"{CONTROL_IP}/24", "dev", "br0", ns=lab.netns
+    )  # the control plane's address
     _ip("link", "set", "br0", "up", ns=lab.netns)
-    os.makedirs(lab.cgroup)
+    os.makedirs(os.path.join(lab.cgroup, "_control"))
     node_ips = {}
     for i, nname in enumerate(spec.node_names(), start=1):
         node_ips[nname] = (i, f"10.10.0.{10 + i}")

@@ -16,6 +16,7 @@ accounting and the guard go on in the kernel while it is down.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -47,6 +48,7 @@ class Agent:
         self.started = time.time()
         self.load_reports = []
         self.workload_ids: dict[int, str] = {}  # cgroup id -> namespace/name
+        self.sync = None
 
     def check(self) -> list[str]:
         """What --check verifies without changing anything; returns notes for the operator."""
@@ -86,25 +88,62 @@ class Agent:
         self.reconcile()
 
     def reconcile(self) -> None:
-        """Make the maps say what the config says."""
+        """Make the maps say what the config says (workloads from the config: no control plane)."""
+        self._configure_datapath()
+        if self.cfg.control is None:
+            self._enrol(
+                [
+                    (f"{w.namespace}/{w.name}", w.cgroup, w.capture, w.strict)
+                    for w in self.cfg.workloads
+                ]
+            )
+
+    def _configure_datapath(self) -> None:
         c = self.cfg
         self.ctl.configure(c.tunnel.address, c.tunnel.port, c.tunnel.mark)
         self.ctl.set_exclusions(c.capture.exclude_cidrs, c.capture.exclude_ports)
         self.ctl.set_tunnel_addrs(c.tunnel_addresses)
+
+    def _enrol(self, entries: list[tuple[str, str, bool, bool]]) -> None:
+        """entries: (namespace/name, cgroup, capture, strict); everything else is unenrolled."""
         want = {}
-        for i, w in enumerate(c.workloads, start=1):
-            flags = (
-                abi.WL_ACCOUNT
-                | (abi.WL_CAPTURE if w.capture else 0)
-                | (abi.WL_STRICT if w.strict else 0)
-            )
-            cg = self.ctl.enrol(w.cgroup, i, flags)
-            want[cg] = f"{w.namespace}/{w.name}"
+        for i, (key, cgroup, capture, strict) in enumerate(entries, start=1):
+            flags = abi.WL_ACCOUNT
+            if capture and self.cfg.capture.enabled:
+                flags |= abi.WL_CAPTURE
+            if strict:
+                flags |= abi.WL_STRICT
+            try:
+                cg = self.ctl.enrol(cgroup, i, flags)
+            except DabbaError as e:
+                _log.error(f"workload {key} not enrolled: {e}")
+                continue
+            want[cg] = key
         for cg in set(self.ctl.workloads()) - set(want):
             self.ctl.unenrol(cg)
-            _log.info("unenrolled workload no longer configured", fields={"cgroup_id": cg})
+            _log.info("unenrolled workload no longer present", fields={"cgroup_id": cg})
         self.workload_ids = want
         _log.info("workloads enrolled", fields={"count": len(want)})
+
+    def apply_snapshot(self, snap, certs) -> None:
+        """Enrol the node's workloads from a control-plane snapshot, each once its certificate is here."""
+        by_name = {f"{w.namespace}/{w.name}": w for w in self.cfg.workloads}
+        entries = []
+        for w in snap.workloads:
+            if w.node != self.cfg.node:
+                continue
+            key = f"{w.namespace}/{w.name}"
+            local = by_name.get(key)
+            cgroup = (local.cgroup if local else "") or w.cgroup
+            if not cgroup:
+                _log.warning(f"workload {key} has no known cgroup on this node; not enrolled")
+                continue
+            if key not in certs:
+                _log.info(f"workload {key} waits for its certificate before it is captured")
+                continue
+            capture = local.capture if local else True
+            entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
+        self._enrol(entries)
 
     def write_status(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
@@ -117,6 +156,7 @@ class Agent:
             "workloads": self.workload_ids,
             "stats": self.ctl.stats(),
             "closed_kept": len(self.closed),
+            "control": self.sync.status() if self.sync else None,
         }
         tmp = os.path.join(self.cfg.state_dir, "status.json.tmp")
         with open(tmp, "w") as f:
@@ -129,8 +169,40 @@ class Agent:
         os.replace(tmp, os.path.join(self.cfg.state_dir, "closed.jsonl"))
 
     def run(self) -> None:
-        """Start, then drain flow records until stopped."""
+        """Start, then drain flow records (and follow the control plane) until stopped."""
         self.start()
+        if self.cfg.control is None:
+            self._drain_flows()
+            return
+        from .sync import ControlSync
+
+        c = self.cfg.control
+        self.sync = ControlSync(
+            self.cfg.node,
+            c.node_address,
+            c.address,
+            c.join_address,
+            c.ca_file,
+            c.token_file,
+            self.cfg.state_dir,
+            self.apply_snapshot,
+        )
+        drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
+        drain.start()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda: (self.stop.set(), self.sync.stop()))
+            await self.sync.run()
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.stop.set()
+            drain.join(5)
+
+    def _drain_flows(self) -> None:
         src = FlowSource(self.dp.pins.maps)
         last_status = 0.0
         try:

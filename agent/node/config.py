@@ -14,8 +14,15 @@ A YAML file (``dabba agent run --config FILE``)::
       mark: 0                     # SO_MARK of the tunnel's own sockets (never captured)
     tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
     capture:
+      enabled: true               # false: account and guard only (until a tunnel runs)
       exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture
       exclude_ports: []
+    control:                      # optional: workloads, policies and certificates
+      address: 10.10.0.1:15012    # from the control plane (mutual TLS)
+      join_address: 10.10.0.1:15013  # where the one-time join token is used (TLS)
+      ca_file: /etc/dabba/ca.pem  # the control plane's root, trusted on first contact
+      token_file: /etc/dabba/join-token
+      node_address: 10.10.0.11    # where other nodes reach this node's tunnel
     maps:                         # sizes, fixed when the programs are first loaded
       workloads: 4096
       captures: 16384
@@ -24,7 +31,8 @@ A YAML file (``dabba agent run --config FILE``)::
       splice: 16384
     flows:
       keep_closed: 10000          # closed flows kept in memory for `dabba flows`
-    workloads:                    # workloads of this node
+    workloads:                    # workloads of this node (with a control plane: only
+                                  # their cgroups; the control plane says which exist)
       - name: web-1
         namespace: default
         service_account: web
@@ -64,9 +72,21 @@ class TunnelConfig:
 
 
 @dataclass
-class CaptureConfig:
-    """Destinations that bypass capture."""
+class ControlLink:
+    """How the agent reaches the control plane."""
 
+    address: str
+    join_address: str
+    ca_file: str
+    token_file: str
+    node_address: str
+
+
+@dataclass
+class CaptureConfig:
+    """Whether enrolled workloads are captured, and destinations that bypass capture."""
+
+    enabled: bool = True
     exclude_cidrs: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_CIDRS))
     exclude_ports: list[int] = field(default_factory=list)
 
@@ -104,6 +124,7 @@ class AgentConfig:
     maps: MapSizes = field(default_factory=MapSizes)
     keep_closed: int = DEFAULT_KEEP_CLOSED
     workloads: list[WorkloadConfig] = field(default_factory=list)
+    control: ControlLink | None = None
     source: str = "<memory>"
 
     def __post_init__(self):
@@ -154,7 +175,9 @@ _TOP = {
     "maps",
     "flows",
     "workloads",
+    "control",
 }
+_CONTROL = {"address", "join_address", "ca_file", "token_file", "node_address"}
 _WL = {"name", "cgroup", "namespace", "service_account", "ip", "capture", "strict", "labels"}
 
 
@@ -221,7 +244,14 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
             ) from None
 
     c = doc.get("capture") or {}
+    for k in c:
+        need(
+            k in {"enabled", "exclude_cidrs", "exclude_ports"},
+            ("capture", k),
+            f"capture: unknown field {k!r}",
+        )
     cap = CaptureConfig(
+        bool(c.get("enabled", True)),
         [str(x) for x in c.get("exclude_cidrs", DEFAULT_EXCLUDE_CIDRS)],
         [int(x) for x in c.get("exclude_ports", [])],
     )
@@ -295,7 +325,25 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
                 labels={str(k): str(v) for k, v in (w.get("labels") or {}).items()},
             )
         )
+    control = None
+    if doc.get("control") is not None:
+        ctl = doc["control"]
+        need(isinstance(ctl, dict), ("control",), "control must be a mapping")
+        for k in ctl:
+            need(
+                k in _CONTROL,
+                ("control", k),
+                f"control: unknown field {k!r} (known: {', '.join(sorted(_CONTROL))})",
+            )
+        for k in sorted(_CONTROL):
+            need(k in ctl and str(ctl[k]), ("control",), f"control.{k} is required")
+        for k in ("address", "join_address"):
+            need(
+                ":" in str(ctl[k]), ("control", k), f"control.{k} must be HOST:PORT, not {ctl[k]!r}"
+            )
+        control = ControlLink(**{k: str(ctl[k]) for k in _CONTROL})
     return AgentConfig(
+        control=control,
         node=doc["node"],
         cgroup=doc["cgroup"],
         tunnel=tunnel,

@@ -1,0 +1,207 @@
+"""`dabba lab up --mesh`: a control plane and one agent per node, on a lab.
+
+The control plane runs in the lab's own namespace (10.10.0.1:15012, join on
+:15013) with a registry generated from the lab's pods and services; every
+node gets a one-time join token and an agent (in the node's namespace and
+system cgroup) that joins with it. Until the tunnel exists the agents
+account and guard but do not capture (capture.enabled: false).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+from ..errors import DabbaError
+from .lab import CONTROL_IP, STATE_DIR, Lab, agent_config
+
+CONTROL_PORT, JOIN_PORT = 15012, 15013
+
+
+def paths(lab: Lab) -> dict[str, str]:
+    root = os.path.join(STATE_DIR, lab.name)
+    return {
+        "root": root,
+        "registry": os.path.join(root, "registry"),
+        "control": os.path.join(root, "control"),
+        "logs": os.path.join(root, "logs"),
+    }
+
+
+def registry_docs(lab: Lab) -> list[dict]:
+    docs = []
+    for p in lab.pods:
+        docs.append(
+            {
+                "apiVersion": "dabbawala.io/v1",
+                "kind": "Workload",
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+                "spec": {
+                    "serviceAccount": p.service_account,
+                    "node": p.node,
+                    "ip": p.ip,
+                    "cgroup": p.cgroup,
+                },
+            }
+        )
+    for s in lab.services:
+        docs.append(
+            {
+                "apiVersion": "dabbawala.io/v1",
+                "kind": "Service",
+                "metadata": {"name": s["name"], "namespace": s["namespace"]},
+                "spec": {
+                    "vip": s["vip"],
+                    "selector": s["selector"],
+                    "lbPolicy": s["lb_policy"],
+                    "ports": [
+                        {"port": x["port"], "targetPort": x["target_port"]} for x in s["ports"]
+                    ],
+                },
+            }
+        )
+    return docs
+
+
+def _spawn(lab: Lab, target: str, argv: list[str], log_path: str) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 (handed to the child for its life)
+    proc = lab.popen(
+        target, argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    proc.log_path = log_path
+    return proc
+
+
+def start_control(lab: Lab, workload_ttl: str = "24h") -> subprocess.Popen:
+    p = paths(lab)
+    for d in (p["registry"], p["control"], p["logs"]):
+        os.makedirs(d, exist_ok=True)
+    with open(os.path.join(p["registry"], "lab.yaml"), "w") as f:
+        yaml.safe_dump_all(registry_docs(lab), f, sort_keys=False)
+    proc = _spawn(
+        lab,
+        "lab",
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "control",
+            "serve",
+            "--state-dir",
+            p["control"],
+            "--registry",
+            p["registry"],
+            "--listen",
+            f"{CONTROL_IP}:{CONTROL_PORT}",
+            "--join-listen",
+            f"{CONTROL_IP}:{JOIN_PORT}",
+            "--server-name",
+            CONTROL_IP,
+            "--workload-ttl",
+            workload_ttl,
+        ],
+        os.path.join(p["logs"], "control.log"),
+    )
+    bundle = os.path.join(p["control"], "ca", "bundle.pem")
+    _wait(
+        lambda: os.path.exists(bundle) and _listening(lab, CONTROL_PORT),
+        30,
+        "the control plane",
+        proc,
+    )
+    return proc
+
+
+def _listening(lab: Lab, port: int) -> bool:
+    r = lab.run("lab", ["ss", "-Hltn", f"src {CONTROL_IP}:{port}"], check=False)
+    return r.returncode == 0 and r.stdout.strip() != ""
+
+
+def node_config(lab: Lab, node: str, capture: bool = False) -> str:
+    """Write node's join token and agent config; returns the config path."""
+    from ..control.tokens import TokenStore
+
+    p = paths(lab)
+    cfg = agent_config(lab, node)
+    cfg[
+        "workloads"
+    ] = []  # the control plane says which workloads exist; cgroups come from the registry
+    cfg["capture"] = {"enabled": capture}
+    token = os.path.join(p["root"], f"{node}.token")
+    with open(token, "w") as f:
+        f.write(TokenStore(p["control"]).create(node, 3600) + "\n")
+    os.chmod(token, 0o600)
+    cfg["control"] = {
+        "address": f"{CONTROL_IP}:{CONTROL_PORT}",
+        "join_address": f"{CONTROL_IP}:{JOIN_PORT}",
+        "ca_file": os.path.join(p["control"], "ca", "bundle.pem"),
+        "token_file": token,
+        "node_address": lab.node(node).ip,
+    }
+    path = os.path.join(p["root"], f"{node}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def start_agent(lab: Lab, node: str, config_path: str) -> subprocess.Popen:
+    return _spawn(
+        lab,
+        node,
+        [sys.executable, "-m", "agent.cli", "agent", "run", "--config", config_path],
+        os.path.join(paths(lab)["logs"], f"agent-{node}.log"),
+    )
+
+
+def agent_status(lab: Lab, node: str) -> dict | None:
+    path = os.path.join(STATE_DIR, lab.name, node, "status.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def ready(lab: Lab, node: str) -> bool:
+    """The agent is connected and holds a certificate for each of its pods."""
+    st = agent_status(lab, node)
+    ctl = (st or {}).get("control") or {}
+    want = {f"{p.namespace}/{p.name}" for p in lab.pods_on(node)}
+    return bool(ctl.get("connected")) and want <= set(ctl.get("certs", {}))
+
+
+def up(lab: Lab, workload_ttl: str = "24h", capture: bool = False) -> dict[str, subprocess.Popen]:
+    procs = {"control": start_control(lab, workload_ttl)}
+    for n in lab.nodes:
+        procs[n.name] = start_agent(lab, n.name, node_config(lab, n.name, capture))
+    for n in lab.nodes:
+        _wait(
+            lambda n=n: ready(lab, n.name),
+            120,
+            f"the agent of {n.name} to join and get certificates",
+            procs[n.name],
+        )
+    return procs
+
+
+def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            log_path = getattr(proc, "log_path", "")
+            tail = ""
+            if log_path:
+                with open(log_path, errors="replace") as f:
+                    tail = "".join(f.readlines()[-8:])
+            raise DabbaError(
+                f"{what}: the process exited with {proc.returncode}; the end of {log_path}:\n{tail}"
+            )
+        time.sleep(0.1)
+    raise DabbaError(f"timed out after {timeout:.0f}s waiting for {what}")

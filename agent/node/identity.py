@@ -1,0 +1,125 @@
+"""Certificates on the node: the node's own, and one per local workload.
+
+Keys are made here and never leave (only CSRs do). Everything is kept on
+disk (keys 0600) so a restarted agent, or one cut off from the control
+plane, serves from what it has::
+
+    <state>/identity/node-key.pem, node-chain.pem, bundle.pem
+    <state>/certs/<namespace>/<name>/key.pem, chain.pem
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from ..control import ca as camod
+from ..control.store import atomic_write
+
+
+@dataclass
+class CertInfo:
+    """A certificate the node holds."""
+
+    spiffe_id: str
+    serial: str
+    issuer: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    renew_at: datetime.datetime  # half the lifetime, plus jitter
+
+    @property
+    def seconds_left(self) -> float:
+        return (self.not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
+
+    def as_dict(self) -> dict:
+        return {
+            "spiffe_id": self.spiffe_id,
+            "serial": self.serial,
+            "issuer": self.issuer,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "renew_at": self.renew_at.isoformat(),
+            "seconds_left": round(self.seconds_left, 1),
+        }
+
+
+def info_of(chain_pem: bytes, jitter: float = 0.1, rng: random.Random | None = None) -> CertInfo:
+    """Parse a chain; renew_at is at half the lifetime plus up to jitter x lifetime (spreads renewals)."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    life = na - nb
+    r = (rng or random).random()
+    renew = nb + life / 2 + life * jitter * r
+    ids = camod.spiffe_ids_of(leaf)
+    return CertInfo(
+        ids[0] if ids else "",
+        format(leaf.serial_number, "x"),
+        leaf.issuer.rfc4514_string(),
+        nb,
+        na,
+        renew,
+    )
+
+
+class CertStore:
+    """The node's certificate files."""
+
+    def __init__(self, state_dir: str):
+        self.root = state_dir
+        self.identity = os.path.join(state_dir, "identity")
+        self.certs = os.path.join(state_dir, "certs")
+
+    # node identity
+    def node_paths(self) -> tuple[str, str, str]:
+        return (
+            os.path.join(self.identity, "node-key.pem"),
+            os.path.join(self.identity, "node-chain.pem"),
+            os.path.join(self.identity, "bundle.pem"),
+        )
+
+    def has_node_identity(self) -> bool:
+        return all(os.path.exists(p) for p in self.node_paths())
+
+    def save_node(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> None:
+        k, c, b = self.node_paths()
+        os.makedirs(self.identity, mode=0o700, exist_ok=True)
+        atomic_write(k, key_pem, mode=0o600)
+        atomic_write(c, chain_pem)
+        atomic_write(b, bundle_pem)
+
+    def load_node(self) -> tuple[bytes, bytes, bytes]:
+        return tuple(open(p, "rb").read() for p in self.node_paths())  # type: ignore[return-value]
+
+    def save_bundle(self, bundle_pem: bytes) -> None:
+        atomic_write(self.node_paths()[2], bundle_pem)
+
+    # workloads
+    def workload_dir(self, namespace: str, name: str) -> str:
+        return os.path.join(self.certs, namespace, name)
+
+    def save_workload(self, namespace: str, name: str, key_pem: bytes, chain_pem: bytes) -> None:
+        d = self.workload_dir(namespace, name)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        atomic_write(os.path.join(d, "key.pem"), key_pem, mode=0o600)
+        atomic_write(os.path.join(d, "chain.pem"), chain_pem)
+
+    def load_workload(self, namespace: str, name: str) -> tuple[bytes, bytes] | None:
+        d = self.workload_dir(namespace, name)
+        try:
+            with (
+                open(os.path.join(d, "key.pem"), "rb") as k,
+                open(os.path.join(d, "chain.pem"), "rb") as c,
+            ):
+                return k.read(), c.read()
+        except FileNotFoundError:
+            return None
+
+    def remove_workload(self, namespace: str, name: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.workload_dir(namespace, name), ignore_errors=True)

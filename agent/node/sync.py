@@ -1,0 +1,265 @@
+"""The agent's link to the control plane: join, watch, certificates, renewal, offline operation.
+
+- Joins once with the one-time token (then authenticates with the node
+  certificate only), retrying with backoff while the control plane is
+  unreachable.
+- Keeps the last good snapshot on disk and applies it at start, so a node
+  cut off from the control plane goes on serving what it knew.
+- Fetches a certificate for every local workload before the workload's
+  traffic is captured (enrolment waits for it), and renews at half the
+  lifetime plus jitter; a trust-bundle change (root rotation) re-issues all.
+- Reconnects with exponential backoff; reports how stale its state is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import random
+import time
+from collections.abc import Callable
+
+import grpc
+
+from .. import log
+from ..control import ca as camod
+from ..control.proto import control_pb2 as pb
+from ..control.proto import control_pb2_grpc as pbg
+from ..control.store import atomic_write
+from ..errors import DabbaError
+from .control_client import control_channel, describe, join
+from .identity import CertInfo, CertStore, info_of
+
+_log = log.get("sync")
+
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+class ControlSync:
+    """Runs in the agent's event loop; calls apply(snapshot, certs) whenever either changes."""
+
+    def __init__(
+        self,
+        node: str,
+        address: str,
+        control_addr: str,
+        join_addr: str,
+        ca_file: str,
+        token_file: str,
+        state_dir: str,
+        apply: Callable[[pb.Snapshot, dict[str, CertInfo]], None],
+    ):
+        self.node, self.address = node, address
+        self.control_addr, self.join_addr = control_addr, join_addr
+        self.ca_file, self.token_file = ca_file, token_file
+        self.store = CertStore(state_dir)
+        self.snapshot_path = os.path.join(state_dir, "snapshot.pb")
+        self.apply = apply
+        self.snapshot: pb.Snapshot | None = None
+        self.certs: dict[str, CertInfo] = {}  # namespace/name -> info
+        self.connected = False
+        self.last_contact: float | None = None
+        self.renewals = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._stop = asyncio.Event()
+        self._bundle: bytes = b""
+
+    # ---- status ----------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.time()
+        return {
+            "connected": self.connected,
+            "address": self.control_addr,
+            "config_version": self.snapshot.version if self.snapshot else 0,
+            "last_contact": self.last_contact,
+            "staleness_s": round(now - self.last_contact, 1) if self.last_contact else None,
+            "renewals": self.renewals,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "certs": {k: v.as_dict() for k, v in self.certs.items()},
+        }
+
+    # ---- start-up ------------------------------------------------------------------------------
+    def load_cached(self) -> None:
+        """The last good snapshot and certificates from disk (used until the control plane answers)."""
+        try:
+            with open(self.snapshot_path, "rb") as f:
+                self.snapshot = pb.Snapshot.FromString(f.read())
+        except FileNotFoundError:
+            return
+        except Exception as e:
+            _log.warning(f"cached snapshot {self.snapshot_path} is unreadable, ignoring it: {e}")
+            return
+        for w in self._local(self.snapshot):
+            got = self.store.load_workload(w.namespace, w.name)
+            if got:
+                self.certs[f"{w.namespace}/{w.name}"] = info_of(got[1])
+        if self.store.has_node_identity():
+            self._bundle = self.store.load_node()[2]
+        _log.info(
+            "serving from the cached snapshot until the control plane answers",
+            fields={"version": self.snapshot.version, "certs": len(self.certs)},
+        )
+        self.apply(self.snapshot, dict(self.certs))
+
+    async def ensure_joined(self) -> None:
+        if self.store.has_node_identity():
+            return
+        try:
+            with open(self.ca_file, "rb") as f:
+                ca_pem = f.read()
+        except OSError as e:
+            raise DabbaError(
+                f"cannot read the control plane's CA file {self.ca_file}: {e.strerror}"
+            ) from None
+        try:
+            with open(self.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise DabbaError(
+                f"this node has not joined and its join token {self.token_file} is unreadable: "
+                f"{e.strerror}",
+                hint=f"create one with `dabba control token create --node {self.node}`",
+            ) from None
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                key, cert = await join(self.join_addr, ca_pem, self.node, token, self.address)
+                break
+            except DabbaError as e:
+                if "unreachable" not in str(e):
+                    raise  # a refused token does not get better by retrying
+                self.last_error = str(e)
+                _log.warning(f"join: {e}; retrying in {delay:.1f}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        self.store.save_node(key, cert.cert_chain_pem, cert.trust_bundle_pem)
+        self._bundle = cert.trust_bundle_pem
+        _log.info("joined the mesh", fields={"node": self.node, "trust_domain": cert.trust_domain})
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.load_cached()
+        await self.ensure_joined()
+        delay = BACKOFF_MIN
+        renew = asyncio.ensure_future(self._renew_loop())
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._watch()
+                    delay = BACKOFF_MIN
+                except (grpc.RpcError, DabbaError, OSError) as e:
+                    msg = (
+                        str(describe(e, self.control_addr))
+                        if isinstance(e, grpc.RpcError)
+                        else str(e)
+                    )
+                    if self.connected or msg != self.last_error:
+                        _log.warning(
+                            f"control plane stream lost: {msg}; reconnecting in {delay:.1f}s",
+                            fields={"staleness_s": self.status()["staleness_s"]},
+                        )
+                    self.connected, self.last_error = False, msg
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, BACKOFF_MAX)
+        finally:
+            renew.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _channel(self):
+        key, chain, bundle = self.store.load_node()
+        return control_channel(self.control_addr, bundle, key, chain)
+
+    async def _watch(self) -> None:
+        async with self._channel() as ch:
+            stub = pbg.ControlStub(ch)
+            have = self.snapshot.version if self.snapshot else 0
+            async for snap in stub.Watch(pb.WatchRequest(have_version=have)):
+                self.connected, self.last_error, self.last_contact = True, None, time.time()
+                await self._on_snapshot(stub, snap)
+
+    async def _on_snapshot(self, stub, snap: pb.Snapshot) -> None:
+        bundle_changed = bool(self._bundle) and snap.trust_bundle_pem != self._bundle
+        if snap.trust_bundle_pem:
+            self.store.save_bundle(snap.trust_bundle_pem)
+            self._bundle = snap.trust_bundle_pem
+        atomic_write(self.snapshot_path, snap.SerializeToString())
+        self.snapshot = snap
+        local = {f"{w.namespace}/{w.name}": w for w in self._local(snap)}
+        for key in set(self.certs) - set(local):
+            ns, name = key.split("/", 1)
+            self.store.remove_workload(ns, name)
+            del self.certs[key]
+        for key, w in local.items():
+            info = self.certs.get(key)
+            if info is None or bundle_changed or info.spiffe_id != w.spiffe_id:
+                await self._sign(
+                    stub, w, "root rotation" if bundle_changed and info else "new workload"
+                )
+        _log.info(
+            "applied snapshot",
+            fields={
+                "version": snap.version,
+                "workloads": len(local),
+                "policies": len(snap.policies),
+            },
+        )
+        self.apply(snap, dict(self.certs))
+
+    def _local(self, snap: pb.Snapshot):
+        return [w for w in snap.workloads if w.node == self.node]
+
+    async def _sign(self, stub, w: pb.Workload, why: str) -> None:
+        key = camod.new_key()
+        csr = camod.make_csr(key, w.spiffe_id)
+        resp = await stub.SignWorkload(
+            pb.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr), timeout=10
+        )
+        self.store.save_workload(w.namespace, w.name, camod.key_pem(key), resp.cert_chain_pem)
+        info = info_of(resp.cert_chain_pem)
+        old = self.certs.get(f"{w.namespace}/{w.name}")
+        self.certs[f"{w.namespace}/{w.name}"] = info
+        if old:
+            self.renewals += 1
+        _log.info(
+            "certificate issued",
+            fields={
+                "identity": info.spiffe_id,
+                "serial": info.serial,
+                "why": why,
+                "not_after": info.not_after.isoformat(),
+            },
+        )
+
+    async def _renew_loop(self) -> None:
+        """Renew certificates due (half-life + jitter); on failure keep the old one and retry."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.snapshot or not self.connected:
+                continue
+            now = datetime.datetime.now(datetime.UTC)
+            due = [
+                w
+                for w in self._local(self.snapshot)
+                if (i := self.certs.get(f"{w.namespace}/{w.name}")) is not None
+                and now >= i.renew_at
+            ]
+            if not due:
+                continue
+            try:
+                async with self._channel() as ch:
+                    stub = pbg.ControlStub(ch)
+                    for w in due:
+                        await self._sign(stub, w, "renewal")
+                self.apply(self.snapshot, dict(self.certs))
+            except (grpc.RpcError, OSError) as e:
+                self.failures += 1
+                _log.warning(f"renewal failed, keeping the current certificates: {e}")
+                await asyncio.sleep(min(BACKOFF_MAX, random.uniform(1, 3)))
