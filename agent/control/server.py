@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,7 +68,8 @@ class ControlPlane:
         self.registry = FileRegistry(cfg.registry_dir, self._registry_changed, cfg.registry_poll_s)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.changed: asyncio.Condition | None = None
-        self.version = self.registry.state.version
+        # Versions only grow, across restarts too: start from the clock (ms), then count changes.
+        self.version = int(time.time() * 1000)
         self.issued = len(load_records(self.serials_path))
 
     # -- change notification --
@@ -388,8 +390,12 @@ class ControlService(pbg.ControlServicer):
 
     async def Watch(self, req: pb.WatchRequest, ctx):
         node = await self._node(ctx)
-        sent = req.have_version
-        _log.info("node watching", fields={"node": node, "have": sent})
+        _log.info("node watching", fields={"node": node, "have": req.have_version})
+        # A snapshot first, whatever the node has (it may come from before a restart of
+        # either side), then a new one on every change.
+        snap = self.cp.snapshot_for(node)
+        sent = snap.version
+        yield snap
         while True:
             async with self.cp.changed:
                 await self.cp.changed.wait_for(lambda have=sent: self.cp.version > have)

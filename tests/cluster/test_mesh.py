@@ -1,0 +1,302 @@
+"""Control plane and node agents in the lab: join, authorization, propagation, outage.
+
+Everything is real: the control plane serves gRPC over TLS in the lab's own
+namespace, agents join from node namespaces with one-time tokens.
+The tunnel does not exist yet, so the agents account but do not capture;
+what is checked about connections is the datapath's accounting of them.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.lab import lab as labmod
+from agent.lab import mesh, spec
+from tests.conftest import unique, wait_for
+
+JOIN = """
+import asyncio, sys
+from agent.node.control_client import join
+ca = open(sys.argv[1], "rb").read()
+try:
+    asyncio.run(join("10.10.0.1:15013", ca, sys.argv[2], sys.argv[3], "10.10.0.99"))
+    print("joined")
+except Exception as e:
+    print("refused:", e)
+"""
+
+SIGN = """
+import asyncio, sys
+import grpc
+from agent.control import ca as camod
+from agent.control.proto import control_pb2 as pb, control_pb2_grpc as pbg
+from agent.node.control_client import control_channel
+from agent.node.identity import CertStore
+key, chain, bundle = CertStore(sys.argv[1]).load_node()
+async def go():
+    async with control_channel("10.10.0.1:15012", bundle, key, chain) as ch:
+        csr = camod.make_csr(camod.new_key(), sys.argv[4])
+        await pbg.ControlStub(ch).SignWorkload(pb.SignWorkloadRequest(namespace=sys.argv[2], name=sys.argv[3],
+                                                                      csr_pem=csr), timeout=10)
+try:
+    asyncio.run(go()); print("signed")
+except grpc.RpcError as e:
+    print("refused:", e.code().name, e.details())
+"""
+
+
+@pytest.fixture(scope="module")
+def meshlab():
+    name = unique("m")
+    L = labmod.up(name, spec.default_spec(2, 2))
+    try:
+        procs = mesh.up(L)
+        yield L, procs
+    finally:
+        labmod.down(name, quiet=True)
+
+
+def _status(L, node):
+    return mesh.agent_status(L, node)
+
+
+def _py(L, target, code, *args):
+    return L.run(
+        target, [sys.executable, "-c", code, *map(str, args)], cwd=os.getcwd()
+    ).stdout.strip()
+
+
+def test_agents_join_and_hold_keys_and_certificates_for_their_own_pods(meshlab):
+    L, _ = meshlab
+    from cryptography import x509
+
+    from agent.control import ca as camod
+
+    for node in L.nodes:
+        certs = _status(L, node.name)["control"]["certs"]
+        assert set(certs) == {f"default/{p.name}" for p in L.pods_on(node.name)}
+        for p in L.pods_on(node.name):
+            d = os.path.join(labmod.STATE_DIR, L.name, node.name, "certs", "default", p.name)
+            assert oct(os.stat(os.path.join(d, "key.pem")).st_mode & 0o777) == "0o600"
+            with open(os.path.join(d, "chain.pem"), "rb") as f:
+                leaf = x509.load_pem_x509_certificate(f.read())
+            assert camod.spiffe_ids_of(leaf) == [
+                f"spiffe://cluster.local/ns/default/sa/{p.service_account}"
+            ]
+    # the keys never left the nodes: the control plane's state holds only its CA key
+    control = mesh.paths(L)["control"]
+    keys = []
+    for dirpath, _, files in os.walk(control):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                if b"PRIVATE KEY" in fh.read():
+                    keys.append(f)
+    assert keys == ["signing-key.pem"]
+
+
+def test_reused_expired_and_foreign_tokens_are_refused(meshlab):
+    L, _ = meshlab
+    from agent.control.tokens import TokenStore
+
+    p = mesh.paths(L)
+    ca = os.path.join(p["control"], "ca", "bundle.pem")
+    with open(os.path.join(p["root"], "n1.token")) as f:
+        used = f.read().strip()
+    assert "already used" in _py(L, "n1", JOIN, ca, "n1", used)
+    short = TokenStore(p["control"]).create("n3", 1)
+    time.sleep(1.5)
+    assert "expired" in _py(L, "n1", JOIN, ca, "n3", short)
+    fresh = TokenStore(p["control"]).create("n3", 60)
+    assert "is for node 'n3', not 'n4'" in _py(L, "n1", JOIN, ca, "n4", fresh)
+    assert _py(L, "n1", JOIN, ca, "n3", fresh) == "joined"
+
+
+def test_node_cannot_obtain_a_certificate_for_another_nodes_workload(meshlab):
+    L, _ = meshlab
+    state = os.path.join(labmod.STATE_DIR, L.name, "n1")
+    other = L.pod("n2-p1")
+    uri = f"spiffe://cluster.local/ns/default/sa/{other.service_account}"
+    out = _py(L, "n1", SIGN, state, "default", other.name, uri)
+    assert out.startswith("refused: PERMISSION_DENIED")
+    assert f"node n1 may not obtain {uri}" in out
+    with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
+        log = f.read()
+    assert f"node=n1 identity={uri}" in log
+    own = L.pod("n1-p1")
+    assert (
+        _py(
+            L,
+            "n1",
+            SIGN,
+            state,
+            "default",
+            own.name,
+            f"spiffe://cluster.local/ns/default/sa/{own.service_account}",
+        )
+        == "signed"
+    )
+
+
+def test_policy_change_reaches_the_agent(meshlab):
+    L, _ = meshlab
+    reg = os.path.join(mesh.paths(L)["registry"], "policy.yaml")
+    before = _status(L, "n1")["control"]["config_version"]
+    t0 = time.monotonic()
+    with open(reg, "w") as f:
+        f.write(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: deny-p2, namespace: default}\n"
+            "spec: {selector: {matchLabels: {app: n1-p2}}, action: DENY, rules: [{}]}\n"
+        )
+    snap_path = os.path.join(labmod.STATE_DIR, L.name, "n1", "snapshot.pb")
+
+    def has_policy():
+        from agent.control.proto import control_pb2 as pb
+
+        with open(snap_path, "rb") as f:
+            s = pb.Snapshot.FromString(f.read())
+        return s.version > before and [p.name for p in s.policies] == ["deny-p2"] and s
+
+    snap = wait_for(has_policy, 10, interval=0.01, what="the policy in the agent's snapshot")
+    dt = time.monotonic() - t0
+    print(f"\npolicy file change -> agent snapshot: {dt * 1000:.0f} ms")
+    assert snap.policies[0].action == "DENY"
+    # n2 has no workload the policy applies to: it is not sent there
+    from agent.control.proto import control_pb2 as pb
+
+    with open(os.path.join(labmod.STATE_DIR, L.name, "n2", "snapshot.pb"), "rb") as f:
+        assert [p.name for p in pb.Snapshot.FromString(f.read()).policies] == []
+    # a broken change is rejected, the last good state stays
+    with open(reg, "w") as f:
+        f.write(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\n"
+            "spec: {action: NOPE}\n"
+        )
+    time.sleep(1.5)
+    with open(snap_path, "rb") as f:
+        assert [p.name for p in pb.Snapshot.FromString(f.read()).policies] == ["deny-p2"]
+    with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
+        assert "policy.yaml:4: action 'NOPE' is not one of" in f.read()
+    os.unlink(reg)
+
+
+def test_control_plane_outage_then_resync_without_agent_restart(meshlab):
+    L, procs = meshlab
+    agent_pid = _status(L, "n1")["pid"]
+    version = _status(L, "n1")["control"]["config_version"]
+    procs["control"].send_signal(signal.SIGTERM)
+    assert procs["control"].wait(10) == 0
+    wait_for(lambda: not _status(L, "n1")["control"]["connected"], 10, what="the agent to notice")
+    # during the outage the node keeps its workloads enrolled and accounts new connections
+    enrolled = _status(L, "n1")["workloads"]
+    srv = L.popen(
+        "n2-p1",
+        ["python3", "-m", "http.server", "8080", "--bind", L.pod("n2-p1").ip],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1)
+        outage = 120
+        t_end = time.monotonic() + outage
+        while time.monotonic() < t_end:
+            r = L.run(
+                "n1-p1",
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    f"http://{L.pod('n2-p1').ip}:8080/",
+                ],
+            )
+            assert r.stdout == "200"
+            time.sleep(10)
+    finally:
+        srv.kill()
+    st = _status(L, "n1")
+    assert st["workloads"] == enrolled
+    assert st["control"]["staleness_s"] >= outage
+    assert st["stats"]["flow_closed"] > 0
+    # the control plane comes back with its state (CA, nodes, tokens): the agent resyncs by itself
+    procs["control"] = mesh.start_control(L)
+    wait_for(lambda: _status(L, "n1")["control"]["connected"], 60, what="the agent to reconnect")
+    st = _status(L, "n1")
+    assert st["pid"] == agent_pid
+    assert st["control"]["config_version"] > version and st["control"]["staleness_s"] < 5
+    assert set(st["control"]["certs"]) == {"default/n1-p1", "default/n1-p2"}
+    print(f"\nresynced at version {st['control']['config_version']} (was {version})")
+
+
+@pytest.fixture(scope="module")
+def shortlab():
+    name = unique("r")
+    L = labmod.up(name, spec.default_spec(1, 2))
+    try:
+        procs = mesh.up(L, workload_ttl="12s")
+        yield L, procs
+    finally:
+        labmod.down(name, quiet=True)
+
+
+def test_certificates_renew_at_half_life_without_failures(shortlab):
+    L, _ = shortlab
+    first = {k: v["serial"] for k, v in _status(L, "n1")["control"]["certs"].items()}
+    wait_for(
+        lambda: _status(L, "n1")["control"]["renewals"] >= 6, 40, what="three renewals per workload"
+    )
+    st = _status(L, "n1")["control"]
+    assert st["failures"] == 0
+    for k, v in st["certs"].items():
+        assert v["serial"] != first[k]
+        assert v["seconds_left"] > 0
+
+
+def test_root_rotation_reissues_and_retire_drops_the_old_root(shortlab):
+    L, _ = shortlab
+    from cryptography import x509
+
+    state = mesh.paths(L)["control"]
+    dabba = [sys.executable, "-m", "agent.cli", "control", "ca"]
+    old = json.loads(
+        subprocess.run(
+            [*dabba, "show", "--state-dir", state, "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["roots"]
+    subprocess.run([*dabba, "rotate", "--state-dir", state], check=True, capture_output=True)
+    bundle = os.path.join(labmod.STATE_DIR, L.name, "n1", "identity", "bundle.pem")
+
+    def roots():
+        with open(bundle, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+
+    wait_for(lambda: len(roots()) == 2, 10, what="the node to get the two-root bundle")
+    new_root = roots()[1]
+
+    def reissued():
+        d = os.path.join(labmod.STATE_DIR, L.name, "n1", "certs", "default")
+        ok = 0
+        for pod in os.listdir(d):
+            with open(os.path.join(d, pod, "chain.pem"), "rb") as f:
+                leaf = x509.load_pem_x509_certificate(f.read())
+            try:
+                leaf.verify_directly_issued_by(new_root)
+                ok += 1
+            except Exception:
+                pass
+        return ok == 2
+
+    wait_for(reissued, 15, what="workload certificates signed by the new root")
+    subprocess.run([*dabba, "retire", "--state-dir", state], check=True, capture_output=True)
+    wait_for(lambda: len(roots()) == 1 and roots()[0] == new_root, 10, what="the one-root bundle")
+    assert len(old) == 1 and _status(L, "n1")["control"]["failures"] == 0
