@@ -361,9 +361,18 @@ def control():
 @click.option(
     "--registry",
     "registry_dir",
-    required=True,
     type=click.Path(file_okay=False),
     help="folder of YAML documents (workloads, services, Istio policies); hot-reloaded",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["files", "kubernetes"]),
+    default="files",
+    show_default=True,
+    help="where workloads, services and policies come from",
+)
+@click.option(
+    "--kubeconfig", type=click.Path(dir_okay=False), help="with --source kubernetes, outside a pod"
 )
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option(
@@ -395,6 +404,8 @@ def control_serve(
     server_names,
     workload_ttl,
     plugin_ca,
+    source,
+    kubeconfig,
 ):
     """Serve the control plane.
 
@@ -416,7 +427,11 @@ def control_serve(
         server_names=list(server_names),
         workload_ttl=_duration(workload_ttl, "--workload-ttl"),
         plugin_ca_dir=plugin_ca,
+        source=source,
+        kubeconfig=kubeconfig,
     )
+    if source == "files" and not registry_dir:
+        raise DabbaError("--registry DIR is required with --source files")
 
     async def run():
         stop = asyncio.Event()

@@ -50,6 +50,8 @@ class ControlConfig:
     node_ttl: datetime.timedelta = DEFAULT_NODE_TTL
     plugin_ca_dir: str | None = None
     registry_poll_s: float = 0.5
+    source: str = "files"  # files | kubernetes
+    kubeconfig: str | None = None  # kubernetes: None means in-cluster
 
 
 class ControlPlane:
@@ -65,7 +67,14 @@ class ControlPlane:
         self.nodes_path = os.path.join(cfg.state_dir, "nodes.json")
         self.serials_path = os.path.join(cfg.state_dir, "serials.log")
         self.nodes: dict[str, str] = _load_json(self.nodes_path)
-        self.registry = FileRegistry(cfg.registry_dir, self._registry_changed, cfg.registry_poll_s)
+        if cfg.source == "kubernetes":
+            from .kube import KubeSource
+
+            self.registry = KubeSource(kubeconfig=cfg.kubeconfig, on_change=self._registry_changed)
+        else:
+            self.registry = FileRegistry(
+                cfg.registry_dir, self._registry_changed, cfg.registry_poll_s
+            )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.changed: asyncio.Condition | None = None
         # Versions only grow, across restarts too: start from the clock (ms), then count changes.
