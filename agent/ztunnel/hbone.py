@@ -1,0 +1,565 @@
+"""HBONE: TCP flows as HTTP/2 CONNECT streams over mutual TLS 1.3 (ALPN h2), as Istio's ztunnel.
+
+Server (inbound, 15008): presents the certificate of the destination
+workload the client names by SNI, requires a client certificate from the
+trust bundle, hands each CONNECT (``:authority`` = destination ip:port) with
+the client's SPIFFE ID to a callback that decides and connects upstream,
+answers 200 and relays.
+
+Client (outbound): presents the source workload's certificate, requires the
+destination workload's SPIFFE ID from the server (else the connection is
+refused), and multiplexes flows as streams on pooled connections, one per
+(source identity, destination identity, destination node): a new flow
+costs a stream, not a handshake.
+
+Relaying runs in protocol callbacks, without a coroutine per chunk. HTTP/2
+flow control carries TCP backpressure both ways: received DATA is
+acknowledged (window opened) only as the TCP side drains, and a TCP side
+is paused while its stream's send window is closed. Half-close maps to
+END_STREAM; a reset on either side resets the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from cryptography import x509
+
+from .. import log
+from ..control import ca as camod
+
+_log = log.get("hbone")
+
+WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
+MAX_FRAME = 256 * 1024
+TCP_HIGH_WATER = 4 * 1024 * 1024
+SNI_SUFFIX = "hbone.dabba"
+
+
+class HboneError(Exception):
+    """A flow could not be opened; the message says why (identity, refusal, connect)."""
+
+
+# ---- identities and TLS --------------------------------------------------------------------------
+
+
+def sni_for(spiffe_id: str) -> str:
+    """spiffe://td/ns/N/sa/S -> S.N.hbone.dabba (a host name the server maps back)."""
+    parts = spiffe_id.removeprefix("spiffe://").split("/")
+    return f"{parts[4]}.{parts[2]}.{SNI_SUFFIX}"
+
+
+def identity_from_sni(name: str, trust_domain: str) -> str | None:
+    if not name or not name.endswith("." + SNI_SUFFIX):
+        return None
+    sa, _, ns = name[: -len(SNI_SUFFIX) - 1].partition(".")
+    return camod.spiffe_id(trust_domain, ns, sa) if sa and ns else None
+
+
+def peer_identity(sslobj) -> str | None:
+    der = sslobj.getpeercert(binary_form=True) if sslobj else None
+    if not der:
+        return None
+    ids = camod.spiffe_ids_of(x509.load_der_x509_certificate(der))
+    return ids[0] if len(ids) == 1 else None
+
+
+def _base_context(purpose) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose == "server" else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = False  # SPIFFE IDs are checked instead, after the handshake
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def client_context(chain_file: str, key_file: str, bundle_pem: bytes) -> ssl.SSLContext:
+    ctx = _base_context("client")
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    ctx.load_cert_chain(chain_file, key_file)
+    return ctx
+
+
+class ServerIdentities:
+    """The inbound side's certificates: one TLS context per local workload identity, chosen by SNI."""
+
+    def __init__(self, trust_domain: str, bundle_pem: bytes):
+        self.trust_domain = trust_domain
+        self.bundle_pem = bundle_pem
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.default = _base_context("server")
+        self.default.load_verify_locations(cadata=bundle_pem.decode())
+        self.default.sni_callback = self._pick
+
+    def set(self, spiffe_id: str, chain_file: str, key_file: str) -> None:
+        ctx = _base_context("server")
+        ctx.load_verify_locations(cadata=self.bundle_pem.decode())
+        ctx.load_cert_chain(chain_file, key_file)
+        self.contexts[spiffe_id] = ctx
+
+    def _pick(self, sslobj, name, _ctx):
+        ident = identity_from_sni(name, self.trust_domain)
+        ctx = self.contexts.get(ident) if ident else None
+        if ctx is None:
+            _log.warning(
+                "inbound TLS for an identity this node does not hold", fields={"sni": name}
+            )
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = ctx
+        return None
+
+
+# ---- the TCP side of a flow ---------------------------------------------------------------------
+
+
+class TcpSide(asyncio.Protocol):
+    """A plain TCP connection coupled to one HBONE stream."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.stream: Stream | None = None
+        self.pending: list[bytes] = []  # data before the stream is attached
+        self.eof = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+
+    def attach(self, stream: Stream) -> None:
+        self.stream = stream
+        stream.tcp = self
+        for chunk in self.pending:
+            stream.send(chunk)
+        self.pending.clear()
+        if self.eof:
+            stream.end()
+
+    def data_received(self, data: bytes):
+        if self.stream is None:
+            self.pending.append(data)
+        else:
+            self.stream.send(data)
+
+    def eof_received(self):
+        self.eof = True
+        if self.stream is not None:
+            self.stream.end()
+        return True  # keep our sending half open: half-close
+
+    def connection_lost(self, exc):
+        if self.stream is not None and not self.stream.closed:
+            self.stream.reset() if exc else self.stream.end()
+
+    def pause_writing(self):
+        if self.stream:
+            self.stream.tcp_paused = True
+
+    def resume_writing(self):
+        if self.stream:
+            self.stream.tcp_paused = False
+            self.stream.conn.ack_pending(self.stream)
+
+
+# ---- HTTP/2 connections ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One flow on an HBONE connection."""
+
+    conn: H2Connection
+    stream_id: int
+    authority: str
+    tcp: TcpSide | None = None
+    outbuf: bytearray = None  # waiting for send window
+    end_pending: bool = False
+    closed: bool = False
+    tcp_paused: bool = False
+    unacked: int = 0  # received bytes written to TCP but not yet acknowledged
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def __post_init__(self):
+        self.outbuf = bytearray()
+
+    def send(self, data: bytes) -> None:
+        self.outbuf += data
+        self.conn.flush(self)
+
+    def end(self) -> None:
+        self.end_pending = True
+        self.conn.flush(self)
+
+    def reset(self) -> None:
+        self.conn.reset_stream(self)
+
+
+class H2Connection(asyncio.Protocol):
+    """Shared by client and server: h2 state, streams, flow control."""
+
+    client_side = True
+
+    def __init__(self):
+        # RFC 9113 §8.5: a CONNECT request carries :method and :authority only. h2 4.2's
+        # header validation demands :scheme and :path of every request, so it is off, and
+        # the server checks what it uses (:method, :authority) itself (_authority_ok).
+        cfg = h2.config.H2Configuration(
+            client_side=self.client_side,
+            header_encoding="utf-8",
+            validate_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config=cfg)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.closed = asyncio.get_event_loop().create_future()
+        self.peer_id: str | None = None
+
+    # -- transport callbacks --
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer_id = peer_identity(transport.get_extra_info("ssl_object"))
+        self.h2.initiate_connection()
+        # Our limits apply once the peer acknowledges them, which it does before it can
+        # send a frame that uses them.
+        self.h2.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10000,
+            }
+        )
+        self.h2.increment_flow_control_window(WINDOW - 65535)
+        self._write()
+
+    def data_received(self, data: bytes):
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            _log.warning(
+                f"HTTP/2 protocol error from peer, closing: {e}", fields={"peer": self.peer_id}
+            )
+            self._write()
+            self.transport.close()
+            return
+        for ev in events:
+            self.handle(ev)
+        self._write()
+
+    def connection_lost(self, exc):
+        for s in list(self.streams.values()):
+            if s.tcp and s.tcp.transport:
+                s.tcp.transport.abort()
+            s.closed = True
+        self.streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _write(self):
+        out = self.h2.data_to_send()
+        if out and self.transport and not self.transport.is_closing():
+            self.transport.write(out)
+
+    # -- events --
+    def handle(self, ev):
+        if isinstance(ev, h2.events.DataReceived):
+            s = self.streams.get(ev.stream_id)
+            if s is None or s.tcp is None:
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                return
+            s.bytes_in += len(ev.data)
+            s.tcp.transport.write(ev.data)
+            s.unacked += ev.flow_controlled_length
+            self.ack_pending(s)
+        elif isinstance(ev, h2.events.StreamEnded):
+            s = self.streams.get(ev.stream_id)
+            if s and s.tcp and s.tcp.transport and s.tcp.transport.can_write_eof():
+                s.tcp.transport.write_eof()
+            self._maybe_done(s)
+        elif isinstance(ev, h2.events.StreamReset):
+            s = self.streams.pop(ev.stream_id, None)
+            if s:
+                s.closed = True
+                if s.tcp and s.tcp.transport:
+                    s.tcp.transport.abort()
+        elif isinstance(ev, h2.events.WindowUpdated):
+            targets = (
+                self.streams.values() if ev.stream_id == 0 else [self.streams.get(ev.stream_id)]
+            )
+            for s in list(targets):
+                if s:
+                    self.flush(s)
+
+    def ack_pending(self, s: Stream) -> None:
+        """Open the window for what TCP took, unless TCP is backed up (that is the backpressure)."""
+        if s.unacked and not s.tcp_paused and not s.closed:
+            try:
+                self.h2.acknowledge_received_data(s.unacked, s.stream_id)
+            except h2.exceptions.StreamClosedError:
+                pass
+            s.unacked = 0
+            self._write()
+
+    def flush(self, s: Stream) -> None:
+        if s.closed:
+            return
+        try:
+            while s.outbuf:
+                window = min(
+                    self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
+                )
+                if window <= 0:
+                    break
+                chunk = bytes(s.outbuf[:window])
+                del s.outbuf[:window]
+                self.h2.send_data(s.stream_id, chunk)
+                s.bytes_out += len(chunk)
+            if s.tcp and s.tcp.transport:
+                # pause the TCP side while data waits for window
+                (s.tcp.transport.pause_reading if s.outbuf else s.tcp.transport.resume_reading)()
+            if s.end_pending and not s.outbuf:
+                self.h2.end_stream(s.stream_id)
+                s.end_pending = False
+                self._maybe_done(s)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            s.closed = True
+        self._write()
+
+    def reset_stream(self, s: Stream) -> None:
+        if not s.closed:
+            s.closed = True
+            try:
+                self.h2.reset_stream(s.stream_id, error_code=h2.errors.ErrorCodes.CONNECT_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self.streams.pop(s.stream_id, None)
+            self._write()
+
+    def _maybe_done(self, s: Stream | None) -> None:
+        if s is None:
+            return
+        st = self.h2.streams.get(s.stream_id)
+        if st is None or st.closed:
+            self.streams.pop(s.stream_id, None)
+            s.closed = True
+            if s.tcp and s.tcp.transport and s.tcp.eof:
+                s.tcp.transport.close()
+
+
+def _authority_ok(authority: str) -> bool:
+    """host:port with an IPv4 host and a port in range (HBONE names an address, never a name)."""
+    import ipaddress
+
+    host, _, port = authority.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        return port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        return False
+
+
+class ServerConnection(H2Connection):
+    """Inbound: CONNECT requests become flows through the on_connect callback."""
+
+    client_side = False
+
+    def __init__(
+        self,
+        trust_domain: str,
+        on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
+    ):
+        super().__init__()
+        self.trust_domain = trust_domain
+        self.on_connect = (
+            on_connect  # (authority, client SPIFFE ID, client address) -> TcpSide | refusal reason
+        )
+
+    def handle(self, ev):
+        if isinstance(ev, h2.events.RequestReceived):
+            headers = dict(ev.headers)
+            if headers.get(":method") != "CONNECT" or not _authority_ok(
+                headers.get(":authority", "")
+            ):
+                _log.warning(
+                    "malformed HBONE request refused",
+                    fields={
+                        "peer": self.peer_id,
+                        "method": headers.get(":method"),
+                        "authority": str(headers.get(":authority"))[:64],
+                    },
+                )
+                self.h2.send_headers(ev.stream_id, [(":status", "400")], end_stream=True)
+                return
+            s = Stream(self, ev.stream_id, headers[":authority"])
+            self.streams[ev.stream_id] = s
+            asyncio.ensure_future(self._open(s))
+            return
+        super().handle(ev)
+
+    async def _open(self, s: Stream) -> None:
+        peer = self.transport.get_extra_info("peername")
+        try:
+            if not (self.peer_id or "").startswith(f"spiffe://{self.trust_domain}/"):
+                result = f"denied: client identity {self.peer_id or 'none'} is not of trust domain {self.trust_domain}"
+            else:
+                result = await self.on_connect(s.authority, self.peer_id, peer[0] if peer else "")
+        except Exception as e:  # a failing callback must not take the connection down
+            result = f"internal error: {e}"
+        if s.closed or self.transport.is_closing():
+            if isinstance(result, TcpSide) and result.transport:
+                result.transport.abort()
+            return
+        if isinstance(result, str):
+            status = "403" if result.startswith("denied") else "503"
+            self.h2.send_headers(
+                s.stream_id, [(":status", status), ("dabba-reason", result[:200])], end_stream=True
+            )
+            self.streams.pop(s.stream_id, None)
+            self._write()
+            return
+        self.h2.send_headers(s.stream_id, [(":status", "200")])
+        result.attach(s)
+        self._write()
+
+
+class ClientConnection(H2Connection):
+    """Outbound: one TLS connection to a peer node's tunnel, carrying many flows."""
+
+    client_side = True
+
+    def __init__(self):
+        super().__init__()
+        self.waiting: dict[int, asyncio.Future] = {}
+
+    def handle(self, ev):
+        if isinstance(ev, h2.events.ResponseReceived):
+            fut = self.waiting.pop(ev.stream_id, None)
+            headers = dict(ev.headers)
+            if fut and not fut.done():
+                fut.set_result(headers)
+            return
+        if isinstance(ev, h2.events.StreamReset):
+            fut = self.waiting.pop(ev.stream_id, None)
+            if fut and not fut.done():
+                fut.set_exception(HboneError(f"peer reset the CONNECT (error {ev.error_code})"))
+        super().handle(ev)
+
+    def connection_lost(self, exc):
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(HboneError(f"HBONE connection lost: {exc or 'closed by peer'}"))
+        self.waiting.clear()
+        super().connection_lost(exc)
+
+    async def connect(self, authority: str, timeout: float = 10.0) -> Stream:
+        sid = self.h2.get_next_available_stream_id()
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[sid] = fut
+        self.h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+        s = Stream(self, sid, authority)
+        self.streams[sid] = s
+        self._write()
+        headers = await asyncio.wait_for(fut, timeout)
+        if headers.get(":status") != "200":
+            self.streams.pop(sid, None)
+            raise HboneError(
+                f"CONNECT {authority} refused with {headers.get(':status')}: "
+                f"{headers.get('dabba-reason', '')}"
+            )
+        return s
+
+
+class Pool:
+    """Client connections keyed by (source identity, destination identity, node address)."""
+
+    def __init__(
+        self, trust_domain: str, bundle_pem: bytes, cert_files: Callable[[str], tuple[str, str]]
+    ):
+        self.trust_domain = trust_domain
+        self.bundle_pem = bundle_pem
+        self.cert_files = cert_files  # source identity -> (chain file, key file)
+        self.conns: dict[tuple[str, str, str], ClientConnection] = {}
+        self.handshakes = 0
+        self._opening: dict[tuple[str, str, str], asyncio.Future] = {}
+
+    async def get(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
+        key = (src_id, dst_id, f"{node[0]}:{node[1]}")
+        c = self.conns.get(key)
+        if c is not None and not c.closed.done() and c.transport and not c.transport.is_closing():
+            return c
+        if key in self._opening:
+            return await asyncio.shield(self._opening[key])
+        fut = asyncio.get_running_loop().create_future()
+        self._opening[key] = fut
+        try:
+            c = await self._dial(src_id, dst_id, node)
+            self.conns[key] = c
+            fut.set_result(c)
+            return c
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self._opening[key]
+
+    async def _dial(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
+        chain, key = self.cert_files(src_id)
+        ctx = client_context(chain, key, self.bundle_pem)
+        loop = asyncio.get_running_loop()
+        try:
+            tr, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    ClientConnection, node[0], node[1], ssl=ctx, server_hostname=sni_for(dst_id)
+                ),
+                10,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            raise HboneError(f"TLS to {node[0]}:{node[1]} as {src_id} failed: {e}") from None
+        self.handshakes += 1
+        sslobj = tr.get_extra_info("ssl_object")
+        if sslobj.selected_alpn_protocol() != "h2":
+            tr.abort()
+            raise HboneError(f"peer {node[0]}:{node[1]} did not negotiate h2")
+        got = conn.peer_id
+        if got != dst_id:
+            tr.abort()
+            raise HboneError(
+                f"peer {node[0]}:{node[1]} proved {got or 'no SPIFFE identity'}, not {dst_id}: refused"
+            )
+        return conn
+
+
+async def serve(
+    host: str,
+    port: int,
+    identities: ServerIdentities,
+    on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
+) -> asyncio.base_events.Server:
+    """Listen for HBONE; on_connect(authority, client id, client ip) returns a connected TcpSide or a refusal."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: ServerConnection(identities.trust_domain, on_connect),
+        host,
+        port,
+        ssl=identities.default,
+        reuse_port=True,
+    )
+
+
+async def dial_tcp(host: str, port: int, timeout: float = 5.0) -> TcpSide:
+    """A plain TCP connection to a workload, as the relay's other side."""
+    loop = asyncio.get_running_loop()
+    _, side = await asyncio.wait_for(loop.create_connection(TcpSide, host, port), timeout)
+    return side

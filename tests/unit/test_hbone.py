@@ -1,0 +1,217 @@
+"""HBONE on loopback: real TLS 1.3 + HTTP/2 CONNECT, identities from a real CA, real sockets."""
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+
+from agent.control import ca as camod
+from agent.ztunnel import hbone
+
+TD = "cluster.local"
+CLIENT = camod.spiffe_id(TD, "front", "sleep")
+SERVER = camod.spiffe_id(TD, "shop", "web")
+OTHER = camod.spiffe_id(TD, "shop", "db")
+
+
+def _issue(ca, d, ident):
+    key = camod.new_key()
+    issued = ca.issue(camod.make_csr(key, ident), ident)
+    base = os.path.join(d, ident.split("/")[-1])
+    with open(base + ".chain.pem", "wb") as f:
+        f.write(issued.chain_pem)
+    with open(base + ".key.pem", "wb") as f:
+        f.write(camod.key_pem(key))
+    return base + ".chain.pem", base + ".key.pem"
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = camod.CA.load_or_create(str(tmp_path / "ca"), TD)
+    files = {i: _issue(ca, str(tmp_path), i) for i in (CLIENT, SERVER, OTHER)}
+    return ca, files, tmp_path
+
+
+async def _echo_server():
+    async def handle(r, w):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.write_eof()
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def _setup(ca, files, decide=None):
+    echo, echo_port = await _echo_server()
+    ids = hbone.ServerIdentities(TD, ca.bundle_pem())
+    ids.set(SERVER, *files[SERVER])
+    seen = []
+
+    async def on_connect(authority, client_id, client_ip):
+        seen.append((authority, client_id))
+        if decide and (why := decide(authority, client_id)):
+            return why
+        host, port = authority.rsplit(":", 1)
+        return await hbone.dial_tcp(host, int(port))
+
+    srv = await hbone.serve("127.0.0.1", 0, ids, on_connect)
+    port = srv.sockets[0].getsockname()[1]
+    pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident])
+    return echo, echo_port, ids, srv, port, pool, seen
+
+
+async def _flow(pool, port, echo_port, dst=SERVER, src=CLIENT):
+    """A local socket whose bytes go through HBONE to the echo server; returns asyncio streams on it."""
+    conn = await pool.get(src, dst, ("127.0.0.1", port))
+    stream = await conn.connect(f"127.0.0.1:{echo_port}")
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    _, side = await loop.connect_accepted_socket(hbone.TcpSide, a)
+    side.attach(stream)
+    r, w = await asyncio.open_connection(sock=b)
+    return r, w, stream
+
+
+async def _roundtrip(r, w, n):
+    payload = os.urandom(n)
+
+    async def send():
+        for i in range(0, n, 1 << 20):
+            w.write(payload[i : i + (1 << 20)])
+            await w.drain()
+        w.write_eof()
+
+    t = asyncio.ensure_future(send())
+    got = bytearray()
+    while chunk := await r.read(1 << 20):
+        got += chunk
+    await t
+    return hashlib.sha256(payload).hexdigest(), hashlib.sha256(got).hexdigest(), len(got)
+
+
+def test_flows_are_multiplexed_on_one_handshake_and_bytes_survive(pki):
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, _, srv, port, pool, seen = await _setup(ca, files)
+        r1, w1, s1 = await _flow(pool, port, echo_port)
+        r2, w2, s2 = await _flow(pool, port, echo_port)
+        res = await asyncio.gather(_roundtrip(r1, w1, 10_000_000), _roundtrip(r2, w2, 3_000_000))
+        srv.close()
+        echo.close()
+        return res, pool.handshakes, seen, s1.stream_id, s2.stream_id
+
+    res, handshakes, seen, id1, id2 = asyncio.run(go())
+    (h1, g1, n1), (h2_, g2, n2) = res
+    assert (n1, n2) == (10_000_000, 3_000_000) and h1 == g1 and h2_ == g2
+    assert handshakes == 1 and id1 != id2  # two streams, one TLS connection
+    assert all(client == CLIENT for _, client in seen)
+
+
+def test_peer_must_prove_the_destination_identity(pki):
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, ids, srv, port, pool, _ = await _setup(ca, files)
+        ids.contexts[OTHER] = ids.contexts[
+            SERVER
+        ]  # a server answering for db with web's certificate
+        try:
+            with pytest.raises(hbone.HboneError, match=f"proved {SERVER}, not {OTHER}: refused"):
+                await pool.get(CLIENT, OTHER, ("127.0.0.1", port))
+        finally:
+            srv.close()
+            echo.close()
+
+    asyncio.run(go())
+
+
+def test_unknown_destination_identity_fails_the_handshake(pki):
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, ids, srv, port, pool, _ = await _setup(ca, files)
+        try:
+            with pytest.raises(hbone.HboneError, match="TLS to 127.0.0.1"):
+                await pool.get(CLIENT, OTHER, ("127.0.0.1", port))
+        finally:
+            srv.close()
+            echo.close()
+
+    asyncio.run(go())
+
+
+def test_client_certificate_from_another_ca_is_refused(pki):
+    ca, files, tmp = pki
+    other_ca = camod.CA.load_or_create(str(tmp / "other"), TD)
+    rogue = _issue(other_ca, str(tmp / "other"), CLIENT)
+
+    async def go():
+        echo, echo_port, _, srv, port, _, seen = await _setup(ca, files)
+        pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: rogue)
+        try:
+            with pytest.raises((hbone.HboneError, ConnectionError, asyncio.TimeoutError)):
+                conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+                await conn.connect(f"127.0.0.1:{echo_port}", timeout=3)
+            assert seen == []
+        finally:
+            srv.close()
+            echo.close()
+
+    asyncio.run(go())
+
+
+def test_policy_refusal_is_reported_and_the_connection_stays_usable(pki):
+    ca, files, _ = pki
+
+    def decide(authority, client):
+        return "denied by DENY policy shop/d rule 0" if authority.endswith(":1") else None
+
+    async def go():
+        echo, echo_port, _, srv, port, pool, _ = await _setup(ca, files, decide=decide)
+        try:
+            conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+            with pytest.raises(
+                hbone.HboneError, match="refused with 403: denied by DENY policy shop/d rule 0"
+            ):
+                await conn.connect("127.0.0.1:1")
+            r, w, _ = await _flow(pool, port, echo_port)  # same pooled connection, another flow
+            return await _roundtrip(r, w, 50_000), pool.handshakes
+        finally:
+            srv.close()
+            echo.close()
+
+    (h, g, n), handshakes = asyncio.run(go())
+    assert n == 50_000 and h == g and handshakes == 1
+
+
+def test_garbage_after_handshake_closes_that_connection_only(pki):
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, _, srv, port, pool, _ = await _setup(ca, files)
+        ctx = hbone.client_context(*files[CLIENT], ca.bundle_pem())
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname=hbone.sni_for(SERVER)
+        )
+        # preface, empty SETTINGS, then DATA on stream 0: a connection error (RFC 9113 §6.1)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        data_on_0 = b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello"
+        w.write(preface + settings + data_on_0)
+        await w.drain()
+        closed = await asyncio.wait_for(r.read(), 5)  # the server answers GOAWAY and closes
+        r1, w1, _ = await _flow(pool, port, echo_port)
+        ok = await _roundtrip(r1, w1, 100_000)
+        srv.close()
+        echo.close()
+        return closed, ok
+
+    closed, (h, g, n) = asyncio.run(go())
+    assert n == 100_000 and h == g
