@@ -540,6 +540,47 @@ def control_ca_retire(state_dir):
     )
 
 
+# ---- tunnel ---------------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def tunnel():
+    """The node tunnel (started and supervised by the agent)."""
+
+
+@tunnel.command("run")
+@click.option("--node", required=True)
+@click.option("--state-dir", required=True, help="the agent's state folder (snapshot.pb, certs/)")
+@click.option("--maps", "maps_dir", required=True, help="the node's pinned maps folder")
+@click.option("--outbound", required=True, help="IP:PORT where captured connections arrive (15001)")
+@click.option("--inbound", required=True, help="IP:PORT for HBONE (15008)")
+@click.option("--registry-only", is_flag=True, help="refuse destinations outside the mesh")
+def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only):
+    """Run the tunnel in the foreground."""
+    import asyncio
+    import signal
+
+    from .ztunnel.tunnel import Tunnel, TunnelConfig, parse_hostport
+
+    cfg = TunnelConfig(
+        node=node,
+        state_dir=state_dir,
+        maps_dir=maps_dir,
+        outbound=parse_hostport(outbound),
+        inbound=parse_hostport(inbound),
+        registry_only=registry_only,
+    )
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Tunnel(cfg).run(stop)
+
+    asyncio.run(run())
+
+
 # ---- demo -----------------------------------------------------------------------------------
 
 

@@ -132,6 +132,9 @@ def node_config(lab: Lab, node: str, capture: bool = False) -> str:
         "workloads"
     ] = []  # the control plane says which workloads exist; cgroups come from the registry
     cfg["capture"] = {"enabled": capture}
+    if capture:  # capture needs a tunnel: the agent runs one
+        cfg["tunnel"]["run"] = True
+        cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"
     token = os.path.join(p["root"], f"{node}.token")
     with open(token, "w") as f:
         f.write(TokenStore(p["control"]).create(node, 3600) + "\n")
@@ -168,14 +171,20 @@ def agent_status(lab: Lab, node: str) -> dict | None:
 
 
 def ready(lab: Lab, node: str) -> bool:
-    """The agent is connected and holds a certificate for each of its pods."""
+    """The agent is connected, holds a certificate for each of its pods, and its tunnel (if any) is up."""
     st = agent_status(lab, node)
     ctl = (st or {}).get("control") or {}
     want = {f"{p.namespace}/{p.name}" for p in lab.pods_on(node)}
-    return bool(ctl.get("connected")) and want <= set(ctl.get("certs", {}))
+    tun = (st or {}).get("tunnel") or {}
+    return (
+        bool(ctl.get("connected"))
+        and want <= set(ctl.get("certs", {}))
+        and (not tun.get("supervised") or bool(tun.get("ready")))
+    )
 
 
 def up(lab: Lab, workload_ttl: str = "24h", capture: bool = False) -> dict[str, subprocess.Popen]:
+    """Control plane and agents; with capture, every agent also runs its node's tunnel."""
     procs = {"control": start_control(lab, workload_ttl)}
     for n in lab.nodes:
         procs[n.name] = start_agent(lab, n.name, node_config(lab, n.name, capture))

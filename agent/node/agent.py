@@ -34,6 +34,11 @@ from .config import AgentConfig
 _log = log.get("agent")
 
 
+def _log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error(f"{task.get_coro().__qualname__} failed: {task.exception()!r}")
+
+
 class Agent:
     """One node's agent."""
 
@@ -49,6 +54,9 @@ class Agent:
         self.load_reports = []
         self.workload_ids: dict[int, str] = {}  # cgroup id -> namespace/name
         self.sync = None
+        self.tunnel_proc = None
+        self.tunnel_restarts = 0
+        self._last = None
 
     def check(self) -> list[str]:
         """What --check verifies without changing anything; returns notes for the operator."""
@@ -141,9 +149,84 @@ class Agent:
             if key not in certs:
                 _log.info(f"workload {key} waits for its certificate before it is captured")
                 continue
-            capture = local.capture if local else True
+            # capture only once a tunnel listens for the captured connections
+            capture = (local.capture if local else True) and self.tunnel_ready()
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
+        self._last = (snap, certs)
         self._enrol(entries)
+
+    def tunnel_ready(self) -> bool:
+        if not self.cfg.tunnel.run:
+            return True  # someone else runs the tunnel
+        try:
+            with open(os.path.join(self.cfg.state_dir, "tunnel.ready")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            return False
+        return (
+            self.tunnel_proc is not None
+            and self.tunnel_proc.pid == pid
+            and self.tunnel_proc.returncode is None
+        )
+
+    async def supervise_tunnel(self) -> None:
+        """Run the tunnel; restart it when it exits (backoff 1 s to 30 s); re-enrol when it is ready."""
+        import sys
+
+        c = self.cfg
+        inbound = c.tunnel.inbound or f"{c.control.node_address}:15008"
+        argv = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tunnel",
+            "run",
+            "--node",
+            c.node,
+            "--state-dir",
+            c.state_dir,
+            "--maps",
+            self.dp.pins.maps,
+            "--outbound",
+            f"{c.tunnel.address}:{c.tunnel.port}",
+            "--inbound",
+            inbound,
+        ]
+        delay = 1.0
+        os.makedirs(c.state_dir, exist_ok=True)
+        log_path = os.path.join(c.state_dir, "tunnel.log")
+        while not self.stop.is_set():
+            with open(log_path, "ab") as logf:
+                self.tunnel_proc = await asyncio.create_subprocess_exec(
+                    *argv, stdout=logf, stderr=logf
+                )
+            started = time.monotonic()
+            while self.tunnel_proc.returncode is None and not self.tunnel_ready():
+                await asyncio.sleep(0.1)
+                if self.stop.is_set():
+                    break
+            if self.tunnel_ready():
+                _log.info("tunnel ready; capturing", fields={"pid": self.tunnel_proc.pid})
+                if self._last:
+                    self.apply_snapshot(*self._last)
+            rc = await self.tunnel_proc.wait()
+            if self.stop.is_set():
+                break
+            self.tunnel_restarts += 1
+            if self._last:
+                self.apply_snapshot(*self._last)  # not ready: stop capturing until it is back
+            delay = 1.0 if time.monotonic() - started > 30 else min(delay * 2, 30.0)
+            _log.warning(f"tunnel exited with {rc}; restarting in {delay:.0f}s (log {log_path})")
+            await asyncio.sleep(delay)
+
+    async def stop_tunnel(self) -> None:
+        p = self.tunnel_proc
+        if p is not None and p.returncode is None:
+            p.terminate()
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
 
     def write_status(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
@@ -157,6 +240,12 @@ class Agent:
             "stats": self.ctl.stats(),
             "closed_kept": len(self.closed),
             "control": self.sync.status() if self.sync else None,
+            "tunnel": {
+                "supervised": self.cfg.tunnel.run,
+                "ready": self.tunnel_ready(),
+                "pid": self.tunnel_proc.pid if self.tunnel_proc else None,
+                "restarts": self.tunnel_restarts,
+            },
         }
         tmp = os.path.join(self.cfg.state_dir, "status.json.tmp")
         with open(tmp, "w") as f:
@@ -194,7 +283,17 @@ class Agent:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda: (self.stop.set(), self.sync.stop()))
-            await self.sync.run()
+            tasks = [asyncio.ensure_future(self.sync.run())]
+            if self.cfg.tunnel.run:
+                sup = asyncio.ensure_future(self.supervise_tunnel())
+                sup.add_done_callback(_log_task_failure)
+                tasks.append(sup)
+            try:
+                await tasks[0]
+            finally:
+                for t in tasks[1:]:
+                    t.cancel()
+                await self.stop_tunnel()
 
         try:
             asyncio.run(main())

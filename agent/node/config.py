@@ -12,6 +12,8 @@ A YAML file (``dabba agent run --config FILE``)::
       address: 10.20.1.1          # the tunnel's outbound listener, where
       port: 15001                 # captured connect()s are sent
       mark: 0                     # SO_MARK of the tunnel's own sockets (never captured)
+      run: false                  # start and supervise the tunnel (with control)
+      inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
     tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
@@ -64,11 +66,13 @@ DEFAULT_EXCLUDE_CIDRS = ("127.0.0.0/8",)
 
 @dataclass
 class TunnelConfig:
-    """Where captured connections go."""
+    """Where captured connections go, and whether the agent runs the tunnel."""
 
     address: str
     port: int = DEFAULT_TUNNEL_PORT
     mark: int = 0
+    run: bool = False  # start and supervise `dabba tunnel run` (needs control)
+    inbound: str = ""  # HBONE listener IP:PORT (default: control.node_address:15008)
 
 
 @dataclass
@@ -230,7 +234,19 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         ("tunnel", "port"),
         f"tunnel.port {port!r} out of range",
     )
-    tunnel = TunnelConfig(str(t["address"]), port, int(t.get("mark", 0)))
+    for k in t:
+        need(
+            k in {"address", "port", "mark", "run", "inbound"},
+            ("tunnel", k),
+            f"tunnel: unknown field {k!r}",
+        )
+    tunnel = TunnelConfig(
+        str(t["address"]),
+        port,
+        int(t.get("mark", 0)),
+        bool(t.get("run", False)),
+        str(t.get("inbound", "")),
+    )
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]
     for i, a in enumerate(tun_addrs):

@@ -1,0 +1,370 @@
+"""The node tunnel: outbound (15001) and inbound HBONE (15008).
+
+It reads what the agent keeps in the node's state folder -- the last
+snapshot (snapshot.pb) and the workloads' certificates (certs/) -- and
+reloads when they change; it has no control-plane credentials of its own.
+Captured connections are resolved through the pinned capture map (no
+bcc): the original destination, and the source workload from the kernel-
+attested cgroup id.
+
+Paths of a captured connection:
+- destination on another node: HBONE to that node's tunnel (15008), as
+  the source workload, requiring the destination workload's identity;
+- destination on this node: policy decided here (as the destination's
+  enforcement point), then the kernel splice;
+- destination outside the mesh: passthrough (spliced, counted plaintext),
+  or refused when the mesh is registry-only.
+Inbound: the client's SPIFFE ID is verified, policy decided, the workload
+connected from the tunnel's own address (which the ingress guard admits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .. import log
+from ..bpf.capture import CaptureReader
+from ..bpf.splice import Splicer, SpliceUnavailable
+from ..control import model as m
+from ..control.proto import control_pb2 as pb
+from ..control.server import policy_from_pb
+from . import hbone
+from .policy import Request, evaluate
+
+_log = log.get("tunnel")
+
+HBONE_PORT = 15008
+TUNNEL_MARK = 0x539  # SO_MARK of the tunnel's own sockets: connect4 never captures them
+
+
+@dataclass
+class TunnelConfig:
+    node: str
+    state_dir: str  # the agent's: snapshot.pb, certs/
+    maps_dir: str  # pinned maps of the node's datapath
+    outbound: tuple[str, int]  # where connect4 sends captured connections
+    inbound: tuple[str, int]  # HBONE listener
+    registry_only: bool = False
+    connect_timeout: float = 5.0
+
+
+@dataclass
+class State:
+    """What the tunnel knows, rebuilt from each snapshot."""
+
+    version: int = 0
+    trust_domain: str = "cluster.local"
+    bundle: bytes = b""
+    by_ip: dict[str, pb.Workload] = field(default_factory=dict)
+    by_cgroup: dict[int, pb.Workload] = field(default_factory=dict)  # local workloads
+    services: dict[str, pb.Service] = field(default_factory=dict)  # by VIP
+    nodes: dict[str, str] = field(default_factory=dict)
+    policies: list[m.AuthorizationPolicy] = field(default_factory=list)
+    workloads: dict[str, pb.Workload] = field(default_factory=dict)  # by namespace/name
+
+
+def _model(w: pb.Workload) -> m.Workload:
+    return m.Workload(w.name, w.namespace, w.service_account, w.node, w.ip, dict(w.labels))
+
+
+class Tunnel:
+    def __init__(self, cfg: TunnelConfig):
+        self.cfg = cfg
+        self.state = State()
+        self.capture = CaptureReader(cfg.maps_dir)
+        self.splicer = Splicer(cfg.maps_dir)
+        self.pool: hbone.Pool | None = None
+        self.identities: hbone.ServerIdentities | None = None
+        self.rr = Counter()
+        self.stats = Counter()
+        self._stamp = None
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _cert_files(self, spiffe_id: str) -> tuple[str, str]:
+        w = next((w for w in self.state.by_cgroup.values() if w.spiffe_id == spiffe_id), None)
+        if w is None:
+            raise hbone.HboneError(f"no local workload holds {spiffe_id}")
+        d = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name)
+        return os.path.join(d, "chain.pem"), os.path.join(d, "key.pem")
+
+    def reload(self) -> bool:
+        path = os.path.join(self.cfg.state_dir, "snapshot.pb")
+        certs = os.path.join(self.cfg.state_dir, "certs")
+        try:
+            stamp = (
+                os.stat(path).st_mtime_ns,
+                max(
+                    (
+                        os.stat(os.path.join(dp, f)).st_mtime_ns
+                        for dp, _, fs in os.walk(certs)
+                        for f in fs
+                    ),
+                    default=0,
+                ),
+            )
+        except FileNotFoundError:
+            return False
+        if stamp == self._stamp:
+            return False
+        with open(path, "rb") as f:
+            snap = pb.Snapshot.FromString(f.read())
+        st = State(
+            version=snap.version, trust_domain=snap.trust_domain, bundle=snap.trust_bundle_pem
+        )
+        for w in snap.workloads:
+            st.by_ip[w.ip] = w
+            st.workloads[f"{w.namespace}/{w.name}"] = w
+            if w.node == self.cfg.node and w.cgroup:
+                with contextlib.suppress(OSError):
+                    st.by_cgroup[os.stat(w.cgroup).st_ino] = w
+        st.services = {s.vip: s for s in snap.services}
+        st.nodes = {n.name: n.address for n in snap.nodes}
+        st.policies = [policy_from_pb(p) for p in snap.policies]
+        ids = hbone.ServerIdentities(st.trust_domain, st.bundle)
+        for w in st.by_cgroup.values():
+            d = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name)
+            if os.path.exists(os.path.join(d, "chain.pem")):
+                ids.set(w.spiffe_id, os.path.join(d, "chain.pem"), os.path.join(d, "key.pem"))
+        self.state, self._stamp = st, stamp
+        if self.identities is None:
+            self.identities = ids
+        else:  # the listener keeps its default context; swap the per-identity ones in place
+            self.identities.contexts = ids.contexts
+        self.pool = (
+            hbone.Pool(st.trust_domain, st.bundle, self._cert_files)
+            if self.pool is None or self.pool.bundle_pem != st.bundle
+            else self.pool
+        )
+        _log.info(
+            "state loaded",
+            fields={
+                "version": st.version,
+                "local": len(st.by_cgroup),
+                "workloads": len(st.by_ip),
+                "policies": len(st.policies),
+            },
+        )
+        return True
+
+    # ---- decisions ------------------------------------------------------------------------------------
+    def resolve(self, ip: str, port: int) -> tuple[pb.Workload | None, int, str | None]:
+        """(destination workload or None, its port, service key) for an original destination."""
+        svc = self.state.services.get(ip)
+        if svc is not None:
+            sp = next((p for p in svc.ports if p.port == port), None)
+            eps = [self.state.workloads[k] for k in svc.endpoints if k in self.state.workloads]
+            if sp is None or not eps:
+                return None, port, f"{svc.namespace}/{svc.name}"
+            i = self.rr[svc.vip]
+            self.rr[svc.vip] += 1
+            return eps[i % len(eps)], sp.target_port, f"{svc.namespace}/{svc.name}"
+        return self.state.by_ip.get(ip), port, None
+
+    def decide(self, dst: pb.Workload, src_identity: str | None, src_ip: str, port: int):
+        return evaluate(
+            self.state.policies, _model(dst), Request(src_ip, dst.ip, port, src_identity)
+        )
+
+    # ---- outbound -------------------------------------------------------------------------------------------
+    async def _accept_loop(self, ls: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(ls)
+            asyncio.ensure_future(self._outbound(sock))
+
+    async def _outbound(self, sock: socket.socket) -> None:
+        try:
+            await self._outbound_inner(sock)
+        except Exception as e:
+            self.stats["outbound_errors"] += 1
+            _log.warning(f"outbound flow failed: {e}")
+            _reset(sock)
+
+    async def _outbound_inner(self, sock: socket.socket) -> None:
+        cap = self.capture.lookup_socket(sock)
+        if cap is None:
+            self.stats["unknown"] += 1
+            _log.warning(
+                "connection without a capture record, reset", fields={"peer": sock.getpeername()}
+            )
+            return _reset(sock)
+        src = self.state.by_cgroup.get(cap.cgroup_id)
+        if src is None:
+            self.reload()
+            src = self.state.by_cgroup.get(cap.cgroup_id)
+        if src is None:
+            self.stats["denied_unknown_source"] += 1
+            _log.warning(
+                "captured connection from an unknown workload, reset",
+                fields={"cgroup_id": cap.cgroup_id},
+            )
+            return _reset(sock)
+        dst, port, svc = self.resolve(cap.orig_ip, cap.orig_port)
+        if dst is None:
+            if svc is not None:
+                self.stats["no_endpoint"] += 1
+                return _reset(sock)
+            if self.cfg.registry_only:
+                self.stats["denied_registry_only"] += 1
+                return _reset(sock)
+            self.stats["passthrough"] += 1
+            return await self._splice(sock, cap.orig_ip, cap.orig_port)
+        if dst.node == self.cfg.node:
+            d = self.decide(dst, src.spiffe_id, sock.getpeername()[0], port)
+            if not d.allowed:
+                self.stats["denied"] += 1
+                _log.info(
+                    "connection denied",
+                    fields={"src": src.spiffe_id, "dst": f"{dst.ip}:{port}", "reason": d.reason},
+                )
+                return _reset(sock)
+            self.stats["splice"] += 1
+            return await self._splice(sock, dst.ip, port)
+        node_addr = self.state.nodes.get(dst.node)
+        if not node_addr:
+            self.stats["no_node"] += 1
+            return _reset(sock)
+        conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
+        stream = await conn.connect(f"{dst.ip}:{port}", timeout=self.cfg.connect_timeout)
+        _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
+        side.attach(stream)
+        self.stats["hbone"] += 1
+
+    async def _splice(self, down: socket.socket, ip: str, port: int) -> None:
+        up = _tunnel_socket()
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_connect(up, (ip, port)), self.cfg.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            up.close()
+            self.stats["connect_failed"] += 1
+            _log.info(f"connect to {ip}:{port} failed: {e}")
+            return _reset(down)
+        try:
+            self.splicer.pair(down, up)
+        except SpliceUnavailable:
+            # the client already half-closed: relay this one in user space
+            self.stats["relayed"] += 1
+            _, a = await loop.connect_accepted_socket(hbone.TcpSide, down)
+            _, b = await loop.connect_accepted_socket(hbone.TcpSide, up)
+            _couple(a, b)
+
+    # ---- inbound --------------------------------------------------------------------------------------------
+    async def _inbound(self, authority: str, client_id: str | None, client_ip: str):
+        host, _, p = authority.rpartition(":")
+        port = int(p)
+        dst = self.state.by_ip.get(host)
+        if dst is None or dst.node != self.cfg.node:
+            self.stats["inbound_unknown"] += 1
+            return f"no workload {host} on node {self.cfg.node}"
+        d = self.decide(dst, client_id, client_ip, port)
+        if not d.allowed:
+            self.stats["inbound_denied"] += 1
+            _log.info(
+                "inbound denied", fields={"src": client_id, "dst": authority, "reason": d.reason}
+            )
+            return d.reason
+        up = _tunnel_socket()
+        up.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_connect(up, (host, port)), self.cfg.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            up.close()
+            return f"connect to {authority} failed: {e}"
+        _, side = await loop.connect_accepted_socket(hbone.TcpSide, up)
+        self.stats["inbound"] += 1
+        return side
+
+    # ---- run --------------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.reload():
+            _log.info("waiting for the agent's snapshot", fields={"dir": self.cfg.state_dir})
+            await asyncio.sleep(0.5)
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        ls.bind(self.cfg.outbound)
+        ls.listen(4096)
+        ls.setblocking(False)
+        inbound = await hbone.serve(
+            self.cfg.inbound[0], self.cfg.inbound[1], self.identities, self._inbound
+        )
+        loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
+        accept = asyncio.ensure_future(self._accept_loop(ls))
+        _log.info(
+            "tunnel ready",
+            fields={
+                "outbound": self.cfg.outbound,
+                "inbound": self.cfg.inbound,
+                "node": self.cfg.node,
+            },
+        )
+        ready = os.path.join(self.cfg.state_dir, "tunnel.ready")
+        with open(ready, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            while not (stop and stop.is_set()):
+                await asyncio.sleep(0.5)
+                self.reload()
+                self.splicer.process(0)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready)
+            accept.cancel()
+            inbound.close()
+            ls.close()
+
+
+def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:
+    """Relay two TCP sides in user space, half-close included (the rare non-splice case)."""
+
+    class _Half:
+        def __init__(self, out: hbone.TcpSide):
+            self.out = out
+            self.closed = False
+            self.conn = self
+            self.tcp_paused = False
+
+        def send(self, data):
+            self.out.transport.write(data)
+
+        def end(self):
+            if self.out.transport.can_write_eof():
+                self.out.transport.write_eof()
+
+        def reset(self):
+            self.out.transport.abort()
+
+        def ack_pending(self, _):
+            pass
+
+    a.attach(_Half(b))
+    b.attach(_Half(a))
+
+
+def _tunnel_socket() -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
+    s.setblocking(False)
+    return s
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    ipaddress.IPv4Address(host)
+    return host, int(port)

@@ -1,0 +1,146 @@
+"""The tunnel in the lab, with real clients: HBONE across nodes, splice on the node, policy, no plaintext.
+
+A first slice of the tunnel issue's tests (see that issue for the whole list).
+"""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from agent.bpf.loader import Datapath, DatapathControl
+from agent.lab import lab as labmod
+from agent.lab import mesh, spec
+from tests.conftest import http_server, unique, wait_for
+
+MARKER = "dabbawala-plaintext-marker-7f3a"
+
+
+@pytest.fixture(scope="module")
+def tlab():
+    name = unique("u")
+    L = labmod.up(name, spec.default_spec(2, 2))
+    try:
+        procs = mesh.up(L, capture=True)
+        yield L, procs
+    finally:
+        labmod.down(name, quiet=True)
+
+
+def _ctl(L, node):
+    n = L.node(node)
+    return DatapathControl(Datapath(n.bpf_node, n.cgroup))
+
+
+def _curl(L, src, url, *extra):
+    return L.run(src, ["curl", "-sS", "--max-time", "5", *extra, url], check=False)
+
+
+def test_cross_node_goes_through_hbone_and_no_plaintext_crosses_the_wire(tlab, procs, tmp_path):
+    L, _ = tlab
+    dst = L.pod("n2-p1")
+    http_server(L, procs, dst, 8080)
+    (tmp_path / "marker.txt").write_text(MARKER * 100)
+    pcap = tmp_path / "br0.pcap"
+    cap = L.popen(
+        "lab",
+        ["tcpdump", "-i", "br0", "-U", "-w", str(pcap), "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(cap)
+    time.sleep(1)
+    before = _ctl(L, "n1").stats()["captured"]
+    r = _curl(
+        L,
+        "n1-p1",
+        f"http://{dst.ip}:8080/",
+        "-H",
+        f"X-Marker: {MARKER}",
+        "--data-binary",
+        f"@{tmp_path / 'marker.txt'}",
+    )
+    assert r.returncode == 0, r.stderr
+    assert _ctl(L, "n1").stats()["captured"] == before + 1
+    time.sleep(1)
+    cap.terminate()
+    cap.wait(5)
+    data = pcap.read_bytes()
+    assert len(data) > 2000  # the flow was on the wire...
+    assert MARKER.encode() not in data  # ...but never in plaintext
+    # TLS 1.3 on the HBONE port: the ServerHello's supported_versions extension says 0x0304
+    assert b"\x00\x2b\x00\x02\x03\x04" in data
+
+
+def test_same_node_is_spliced_with_exact_bytes(tlab, procs):
+    L, _ = tlab
+    dst = L.pod("n1-p2")
+    http_server(L, procs, dst, 8081)
+    ctl = _ctl(L, "n1")
+    before = ctl.stats()["splice_bytes"]
+    r = L.run(
+        "n1-p1",
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{size_request}",
+            f"http://{dst.ip}:8081/",
+        ],
+    )
+    body, req = map(int, r.stdout.split())
+    moved = wait_for(
+        lambda: (v := ctl.stats()["splice_bytes"] - before) > 0 and v, 5, what="splice bytes"
+    )
+    assert (
+        moved > body
+    )  # the response (headers + body) and the request went through the kernel splice
+    assert moved >= body + req
+
+
+def test_policy_from_the_registry_denies_then_allows(tlab, procs):
+    L, _ = tlab
+    dst = L.pod("n2-p2")
+    http_server(L, procs, dst, 8082)
+    reg = os.path.join(mesh.paths(L)["registry"], "deny.yaml")
+    assert _curl(L, "n1-p1", f"http://{dst.ip}:8082/", "-o", "/dev/null").returncode == 0
+    with open(reg, "w") as f:
+        f.write(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: no-p1, namespace: default}\n"
+            "spec:\n  selector: {matchLabels: {app: n2-p2}}\n  action: DENY\n  rules:\n"
+            "  - from: [{source: {principals: [cluster.local/ns/default/sa/sa-n1-p1]}}]\n"
+        )
+    try:
+        wait_for(
+            lambda: _curl(L, "n1-p1", f"http://{dst.ip}:8082/", "-o", "/dev/null").returncode != 0,
+            10,
+            what="the deny to take effect",
+        )
+        # another source is not denied
+        assert _curl(L, "n1-p2", f"http://{dst.ip}:8082/", "-o", "/dev/null").returncode == 0
+    finally:
+        os.unlink(reg)
+    wait_for(
+        lambda: _curl(L, "n1-p1", f"http://{dst.ip}:8082/", "-o", "/dev/null").returncode == 0,
+        10,
+        what="the deny to be lifted",
+    )
+
+
+def test_hbone_port_refuses_a_client_without_certificate(tlab):
+    """openssl s_client without a client certificate: TLS 1.3 checks it after the server's
+    Finished, so the refusal comes as the alert or a reset on the first read, never as data."""
+    L, _ = tlab
+    n2 = L.node("n2")
+    script = (
+        "(printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'; sleep 2) | "
+        f"openssl s_client -connect {n2.ip}:15008 -tls1_3 -alpn h2 -servername sa-n2-p1.default.hbone.dabba 2>&1"
+    )
+    out = L.run("n1", ["sh", "-c", script], check=False, timeout=30).stdout
+    assert "alert certificate required" in out or "read:errno=104" in out, out[-800:]
