@@ -68,13 +68,16 @@ def lab():
 )
 @click.option("--mesh", is_flag=True, help="also start a control plane and one agent per node")
 @click.option(
+    "--capture", is_flag=True, help="with --mesh: agents run their tunnel and capture pod traffic"
+)
+@click.option(
     "--workload-ttl",
     default="24h",
     show_default=True,
     help="with --mesh: workload certificate lifetime",
 )
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def lab_up(name, nodes, pods_per_node, file_, mesh, workload_ttl, output):
+def lab_up(name, nodes, pods_per_node, file_, mesh, capture, workload_ttl, output):
     """Create a lab and print its nodes and pods.
 
     \b
@@ -93,7 +96,7 @@ def lab_up(name, nodes, pods_per_node, file_, mesh, workload_ttl, output):
 
         _duration(workload_ttl, "--workload-ttl")
         try:
-            meshmod.up(L, workload_ttl)
+            meshmod.up(L, workload_ttl, capture=capture)
         except BaseException:
             labmod.down(name, quiet=True)
             raise
@@ -497,7 +500,7 @@ def control_ca_show(state_dir, output):
             "fingerprint": fingerprint(r),
             "subject": r.subject.rfc4514_string(),
             "not_after": r.not_valid_after_utc.isoformat(),
-            "signing": r == ca.cert,
+            "signing": r == ca.signing_root(),
         }
         for r in ca.roots
     ]
@@ -511,22 +514,36 @@ def control_ca_show(state_dir, output):
         click.echo(
             f"  root {r['fingerprint']}  until {r['not_after']}{'  (signing)' if r['signing'] else ''}"
         )
+    if ca.next_cert is not None:
+        import time
+
+        wait = max(0.0, ca.activate_at - time.time())
+        click.echo(f"  rotation in progress: {fingerprint(ca.next_cert)} signs in {wait:.0f}s")
 
 
 @control_ca.command("rotate")
 @click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
-def control_ca_rotate(state_dir):
-    """Add a new root that signs from now on; the old one stays trusted until `ca retire`.
+@click.option(
+    "--overlap",
+    default="15s",
+    show_default=True,
+    help="how long the new root is trusted before it signs",
+)
+def control_ca_rotate(state_dir, overlap):
+    """Start a root rotation with no failed connection, in two phases.
 
-    A running control plane picks it up within a second and sends the new
-    bundle to every node, which re-issues its workloads' certificates.
+    \b
+    1. now: a new root joins the trust bundle; a running control plane sends
+       it to every node within a second; the old root still signs;
+    2. after --overlap: the new root signs and every node re-issues.
+    Then `dabba control ca retire` drops the old root.
     """
     from .control.ca import fingerprint
 
-    root = _ca(state_dir).rotate()
+    root = _ca(state_dir).rotate(_duration(overlap, "--overlap").total_seconds())
     click.echo(
-        f"new root {fingerprint(root)} signs from now on; run `dabba control ca retire` once every "
-        "node has re-issued its certificates"
+        f"new root {fingerprint(root)} is trusted now and signs in {overlap}; run "
+        "`dabba control ca retire` once every node has re-issued its certificates"
     )
 
 

@@ -1,8 +1,9 @@
 """`dabba demo`: the main job on the embedded default, end to end on this machine.
 
-Builds a 2-node lab, starts one agent per node (which loads the eBPF
-datapath), moves traffic of known sizes between pods with real clients
-(curl, iperf3), and prints the flow table the kernel accounted.
+Builds a 2-node lab, starts a control plane and one agent per node (which
+loads the eBPF datapath, joins, gets a certificate per pod and runs the
+node's tunnel), moves traffic between pods with real clients (curl,
+iperf3) through the mesh, and prints the flow table the kernel accounted.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 
 import click
-import yaml
 
 from .errors import DabbaError
 from .lab import lab as labmod
@@ -50,40 +48,27 @@ def run_demo(name: str, keep: bool) -> None:
     step("building a lab: 2 nodes, 2 pods each (network namespaces, veths, cgroups)")
     L = labmod.up(name, spec.default_spec(2, 2))
     agents = []
-    tmp = tempfile.mkdtemp(prefix="dabba-demo-")
     try:
         for p in L.pods:
-            click.echo(f"  {p.name:<8} {p.ip:<12} on {p.node}   cgroup {p.cgroup}")
-        step("starting one agent per node: it loads the eBPF programs and enrols the pods")
+            click.echo(
+                f"  {p.name:<8} {p.ip:<12} on {p.node}   spiffe://cluster.local/ns/{p.namespace}/sa/"
+                f"{p.service_account}"
+            )
+        step("control plane, then one agent per node: eBPF datapath, join, certificates, tunnel")
+        from .lab import mesh
+
+        t0 = time.monotonic()
+        procs = mesh.up(L, capture=True)
+        agents = [
+            (n, os.path.join(labmod.STATE_DIR, L.name, n.name), procs[n.name]) for n in L.nodes
+        ]
         click.echo(
-            "  (the tunnel arrives with the tunnel issue; until then the pods are accounted, not captured)"
+            f"  ready in {time.monotonic() - t0:.1f}s: control plane on {labmod.CONTROL_IP}:15012, "
+            "agents joined with one-time tokens, a certificate per pod, tunnels listening"
         )
-        for n in L.nodes:
-            cfg = labmod.agent_config(L, n.name)
-            for w in cfg["workloads"]:
-                w["capture"] = False
-            path = os.path.join(tmp, f"{n.name}.yaml")
-            with open(path, "w") as f:
-                yaml.safe_dump(cfg, f)
-            log = open(os.path.join(tmp, f"{n.name}.log"), "w")  # noqa: SIM115 (the agent's, for its life)
-            agents.append(
-                (
-                    n,
-                    cfg["state_dir"],
-                    L.popen(
-                        n.name,
-                        [sys.executable, "-m", "agent.cli", "agent", "run", "--config", path],
-                        stdout=log,
-                        stderr=log,
-                    ),
-                )
-            )
-        for n, state, proc in agents:
-            st = _wait(lambda s=state, p=proc: _status(s, p), 120, f"the agent of {n.name}")
-            loads = ", ".join(
-                f"{r['program']} {r['action']} in {r['seconds']:.1f}s" for r in st["load"]
-            )
-            click.echo(f"  {n.name}: {loads}")
+        for n, state, _ in agents:
+            st = _status(state, None)
+            click.echo(f"  {n.name}: {', '.join(st['control']['certs'])}")
         click.echo(f"  see them: dabba bpf status --node {L.nodes[0].bpf_node}")
 
         step("traffic with real clients")
@@ -141,7 +126,7 @@ def run_demo(name: str, keep: bool) -> None:
         )
         for node, r in rows:
             src = f"{names.get(r['src'][0], r['src'][0])}:{r['src'][1]}"
-            dst = f"{names.get(r['dst'][0], r['dst'][0])}:{r['dst'][1]}"
+            dst = f"{names.get(r['orig_dst'][0], r['orig_dst'][0])}:{r['orig_dst'][1]}"
             click.echo(
                 f"  {node:<5}{r['direction']:<9}{src:<22}{dst:<22}{r['bytes_sent']:>11,}"
                 f"{r['bytes_received']:>11,}{r['srtt_us']:>6}us{r['close']:>7}"
@@ -157,12 +142,6 @@ def run_demo(name: str, keep: bool) -> None:
         click.echo("  dabba bpf status --node NODE      programs, attachments, map fill")
         click.echo("  agent/bpf/*.c                     the eBPF programs, one per hook")
     finally:
-        for _, _, proc in agents:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         if keep:
             click.echo(f"\nlab {name} left up: `dabba lab down {name}` removes it")
         else:
@@ -171,11 +150,11 @@ def run_demo(name: str, keep: bool) -> None:
 
 
 def _status(state_dir, proc):
-    if proc.poll() is not None:
+    if proc is not None and proc.poll() is not None:
         raise DabbaError(f"the agent exited with {proc.returncode}; its log is next to its config")
     try:
         with open(os.path.join(state_dir, "status.json")) as f:
             st = json.load(f)
     except (OSError, ValueError):
         return None
-    return st if st.get("pid") == proc.pid else None
+    return st if proc is None or st.get("pid") == proc.pid else None

@@ -6,7 +6,8 @@ State (``<state>/ca/``, written atomically, keys 0600)::
     signing-cert.pem    its certificate (the root itself when self-signed)
     chain.pem           signing cert up to (excluding) the root, for plug-in CAs
     bundle.pem          every trusted root (more than one during a rotation)
-    meta.json           trust domain, mode (self-signed | plugin), retired roots
+    meta.json           trust domain, mode (self-signed | plugin), pending rotation
+    next-key.pem, next-cert.pem   during a rotation: the new root, trusted but not yet signing
     serials.log         one JSON line per issued certificate (serial, identity, node, not_after)
 
 Plug-in mode reads Istio's ``cacerts`` layout from a folder: ``ca-cert.pem``,
@@ -18,10 +19,12 @@ which must carry exactly the one SPIFFE URI the node is allowed to ask for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -37,6 +40,7 @@ from .store import atomic_write, read_text
 _log = log.get("ca")
 
 DEFAULT_WORKLOAD_TTL = datetime.timedelta(hours=24)
+DEFAULT_ROTATION_OVERLAP_S = 15.0  # new root trusted everywhere before it signs
 DEFAULT_ROOT_TTL = datetime.timedelta(days=3650)
 CLOCK_SKEW = datetime.timedelta(seconds=60)
 
@@ -162,6 +166,9 @@ class CA:
         self.mode = mode
         self.workload_ttl = workload_ttl
         self._lock = threading.Lock()
+        self.next_key = None  # a rotation in progress: the new root, in the bundle, not yet signing
+        self.next_cert: x509.Certificate | None = None
+        self.activate_at: float | None = None
 
     # ---- construction ---------------------------------------------------------------------
 
@@ -212,9 +219,18 @@ class CA:
             else []
         )
         roots = x509.load_pem_x509_certificates(read_text(os.path.join(d, "bundle.pem")).encode())
-        return cls(
+        ca = cls(
             state_dir, meta["trust_domain"], key, cert, chain, roots, meta["mode"], workload_ttl
         )
+        if meta.get("activate_at") is not None:
+            ca.next_key = serialization.load_pem_private_key(
+                read_text(os.path.join(d, "next-key.pem")).encode(), None
+            )
+            ca.next_cert = x509.load_pem_x509_certificate(
+                read_text(os.path.join(d, "next-cert.pem")).encode()
+            )
+            ca.activate_at = float(meta["activate_at"])
+        return ca
 
     @classmethod
     def _from_plugin(cls, state_dir, trust_domain, plugin_dir, workload_ttl) -> CA:
@@ -252,40 +268,78 @@ class CA:
         atomic_write(os.path.join(self.dir, "signing-cert.pem"), cert_pem(self.cert))
         atomic_write(os.path.join(self.dir, "chain.pem"), b"".join(cert_pem(c) for c in self.chain))
         atomic_write(os.path.join(self.dir, "bundle.pem"), self.bundle_pem())
-        atomic_write(
-            os.path.join(self.dir, "meta.json"),
-            json.dumps({"trust_domain": self.trust_domain, "mode": self.mode}).encode(),
-        )
+        if self.next_cert is not None:
+            atomic_write(os.path.join(self.dir, "next-key.pem"), key_pem(self.next_key), mode=0o600)
+            atomic_write(os.path.join(self.dir, "next-cert.pem"), cert_pem(self.next_cert))
+        else:
+            for f in ("next-key.pem", "next-cert.pem"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, f))
+        meta = {
+            "trust_domain": self.trust_domain,
+            "mode": self.mode,
+            "activate_at": self.activate_at,
+        }
+        atomic_write(os.path.join(self.dir, "meta.json"), json.dumps(meta).encode())
 
     # ---- the trust bundle --------------------------------------------------------------------
 
     def bundle_pem(self) -> bytes:
         return b"".join(cert_pem(r) for r in self.roots)
 
-    def rotate(self) -> x509.Certificate:
-        """Start a root rotation: a new root joins the bundle and signs from now on.
+    def rotate(self, overlap_s: float = DEFAULT_ROTATION_OVERLAP_S) -> x509.Certificate:
+        """Start a root rotation, in two phases, so that no connection fails:
 
-        The old root stays trusted until retire(): certificates it signed keep
-        working while everyone re-issues.
+        1. now: a new root joins the trust bundle (every node learns to trust it), while the
+           old root goes on signing;
+        2. after overlap_s (maybe_activate(), run by the control plane): the new root signs,
+           and nodes re-issue their certificates.
+        The old root stays trusted until retire().
         """
         if self.mode != "self-signed":
             raise DabbaError(
                 "a plug-in CA is rotated by replacing its cacerts files, not by `ca rotate`"
             )
         with self._lock:
+            if self.next_cert is not None:
+                raise DabbaError(
+                    f"a rotation is already in progress (new root {fingerprint(self.next_cert)} "
+                    "signs once it is active)"
+                )
             key = new_key()
             root = _self_signed_root(key, self.trust_domain)
-            self.key, self.cert, self.chain = key, root, []
+            self.next_key, self.next_cert = key, root
+            self.activate_at = time.time() + overlap_s
             self.roots = [*self.roots, root]
             self.save()
         _log.info(
-            "root rotation started", fields={"new": fingerprint(root), "roots": len(self.roots)}
+            "root rotation started: new root trusted now, signing later",
+            fields={"new": fingerprint(root), "roots": len(self.roots), "overlap_s": overlap_s},
         )
         return root
+
+    def maybe_activate(self, now: float | None = None) -> bool:
+        """Phase 2 of a rotation, once its overlap has passed; True when the signing root changed."""
+        with self._lock:
+            if self.next_cert is None or (now or time.time()) < self.activate_at:
+                return False
+            self.key, self.cert, self.chain = self.next_key, self.next_cert, []
+            self.next_key = self.next_cert = self.activate_at = None
+            self.save()
+        _log.info("new root signs from now on", fields={"signing": fingerprint(self.cert)})
+        return True
+
+    def signing_root(self) -> x509.Certificate:
+        return self.chain[-1] if self.chain else self.cert
 
     def retire(self) -> list[str]:
         """End a rotation: drop every root but the signing one; returns the retired fingerprints."""
         with self._lock:
+            if self.next_cert is not None:
+                raise DabbaError(
+                    "the rotation is not active yet: the new root does not sign so far",
+                    hint="wait for the overlap to pass (see `dabba control ca show`)",
+                )
             signing_root = self.chain[-1] if self.chain else self.cert
             gone = [r for r in self.roots if r != signing_root and self.mode == "self-signed"]
             if not gone:

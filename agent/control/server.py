@@ -119,7 +119,10 @@ class ControlPlane:
         td = self.cfg.trust_domain
         local = {w.key for w in st.workloads_on(node)}
         snap = pb.Snapshot(
-            version=self.version, trust_domain=td, trust_bundle_pem=self.ca.bundle_pem()
+            version=self.version,
+            trust_domain=td,
+            trust_bundle_pem=self.ca.bundle_pem(),
+            signing_root=camod.fingerprint(self.ca.signing_root()),
         )
         for w in sorted(st.workloads.values(), key=lambda w: w.key):
             pw = pb.Workload(
@@ -490,6 +493,10 @@ class ControlServer:
         stamp = self._ca_stamp()
         while True:
             await asyncio.sleep(self.cfg.registry_poll_s)
+            if self.cp.ca.maybe_activate():  # phase 2 of a root rotation
+                await self.cp._bump()
+                stamp = self._ca_stamp()
+                continue
             now = self._ca_stamp()
             if now == stamp:
                 continue

@@ -5,7 +5,7 @@ disk (keys 0600) so a restarted agent, or one cut off from the control
 plane, serves from what it has::
 
     <state>/identity/node-key.pem, node-chain.pem, bundle.pem
-    <state>/certs/<namespace>/<name>/key.pem, chain.pem
+    <state>/certs/<namespace>/<name>/key.pem, chain.pem, svid.pem (both, for the tunnel)
 """
 
 from __future__ import annotations
@@ -48,13 +48,24 @@ class CertInfo:
         }
 
 
-def info_of(chain_pem: bytes, jitter: float = 0.1, rng: random.Random | None = None) -> CertInfo:
-    """Parse a chain; renew_at is at half the lifetime plus up to jitter x lifetime (spreads renewals)."""
+def info_of(
+    chain_pem: bytes,
+    issued_at: datetime.datetime | None = None,
+    jitter: float = 0.1,
+    rng: random.Random | None = None,
+) -> CertInfo:
+    """Parse a chain; renew_at is half the lifetime plus up to jitter x lifetime (spreads renewals).
+
+    The lifetime counts from issued_at (when the node got it), not from not_before: CAs
+    backdate not_before for clock skew (ours by 60 s), which for short lifetimes would make a
+    fresh certificate look half-spent already.
+    """
     leaf = x509.load_pem_x509_certificate(chain_pem)
     nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    life = na - nb
+    start = max(nb, min(issued_at, na)) if issued_at else nb
+    life = na - start
     r = (rng or random).random()
-    renew = nb + life / 2 + life * jitter * r
+    renew = start + life / 2 + life * jitter * r
     ids = camod.spiffe_ids_of(leaf)
     return CertInfo(
         ids[0] if ids else "",
@@ -107,6 +118,17 @@ class CertStore:
         os.makedirs(d, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(d, "key.pem"), key_pem, mode=0o600)
         atomic_write(os.path.join(d, "chain.pem"), chain_pem)
+        # key and chain in one file, replaced in one step: what the tunnel loads, so it
+        # never sees a new key with an old certificate
+        atomic_write(os.path.join(d, "svid.pem"), key_pem + chain_pem, mode=0o600)
+
+    def issued_at(self, namespace: str, name: str) -> datetime.datetime | None:
+        """When the workload's certificate was written (its receipt time, across restarts)."""
+        try:
+            st = os.stat(os.path.join(self.workload_dir(namespace, name), "chain.pem"))
+        except FileNotFoundError:
+            return None
+        return datetime.datetime.fromtimestamp(st.st_mtime, datetime.UTC)
 
     def load_workload(self, namespace: str, name: str) -> tuple[bytes, bytes] | None:
         d = self.workload_dir(namespace, name)

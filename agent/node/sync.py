@@ -65,6 +65,7 @@ class ControlSync:
         self.last_error: str | None = None
         self._stop = asyncio.Event()
         self._bundle: bytes = b""
+        self._signing_root = ""
 
     # ---- status ----------------------------------------------------------------------------
     def status(self) -> dict:
@@ -95,9 +96,14 @@ class ControlSync:
         for w in self._local(self.snapshot):
             got = self.store.load_workload(w.namespace, w.name)
             if got:
-                self.certs[f"{w.namespace}/{w.name}"] = info_of(got[1])
+                self.certs[f"{w.namespace}/{w.name}"] = info_of(
+                    got[1], self.store.issued_at(w.namespace, w.name)
+                )
         if self.store.has_node_identity():
             self._bundle = self.store.load_node()[2]
+        self._signing_root = (
+            self.snapshot.signing_root
+        )  # a rotation while we were away still re-issues
         _log.info(
             "serving from the cached snapshot until the control plane answers",
             fields={"version": self.snapshot.version, "certs": len(self.certs)},
@@ -186,7 +192,10 @@ class ControlSync:
                 await self._on_snapshot(stub, snap)
 
     async def _on_snapshot(self, stub, snap: pb.Snapshot) -> None:
-        bundle_changed = bool(self._bundle) and snap.trust_bundle_pem != self._bundle
+        # re-issue when the root that signs changes (phase 2 of a rotation); a bundle that
+        # only gained a root (phase 1) needs nothing but trust
+        signer_changed = bool(self._signing_root) and snap.signing_root != self._signing_root
+        self._signing_root = snap.signing_root
         if snap.trust_bundle_pem:
             self.store.save_bundle(snap.trust_bundle_pem)
             self._bundle = snap.trust_bundle_pem
@@ -199,9 +208,9 @@ class ControlSync:
             del self.certs[key]
         for key, w in local.items():
             info = self.certs.get(key)
-            if info is None or bundle_changed or info.spiffe_id != w.spiffe_id:
+            if info is None or signer_changed or info.spiffe_id != w.spiffe_id:
                 await self._sign(
-                    stub, w, "root rotation" if bundle_changed and info else "new workload"
+                    stub, w, "root rotation" if signer_changed and info else "new workload"
                 )
         _log.info(
             "applied snapshot",
@@ -223,7 +232,7 @@ class ControlSync:
             pb.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr), timeout=10
         )
         self.store.save_workload(w.namespace, w.name, camod.key_pem(key), resp.cert_chain_pem)
-        info = info_of(resp.cert_chain_pem)
+        info = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
         old = self.certs.get(f"{w.namespace}/{w.name}")
         self.certs[f"{w.namespace}/{w.name}"] = info
         if old:

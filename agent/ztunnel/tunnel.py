@@ -91,10 +91,20 @@ class Tunnel:
         w = next((w for w in self.state.by_cgroup.values() if w.spiffe_id == spiffe_id), None)
         if w is None:
             raise hbone.HboneError(f"no local workload holds {spiffe_id}")
-        d = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name)
-        return os.path.join(d, "chain.pem"), os.path.join(d, "key.pem")
+        svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
+        return svid, svid
 
     def reload(self) -> bool:
+        """Load a changed snapshot or certificate; on any error keep the last good state."""
+        try:
+            return self._reload()
+        except Exception as e:
+            self.stats["reload_errors"] += 1
+            self._stamp = None  # try again next time
+            _log.error(f"state reload failed, keeping version {self.state.version}: {e}")
+            return False
+
+    def _reload(self) -> bool:
         path = os.path.join(self.cfg.state_dir, "snapshot.pb")
         certs = os.path.join(self.cfg.state_dir, "certs")
         try:
@@ -129,14 +139,20 @@ class Tunnel:
         st.policies = [policy_from_pb(p) for p in snap.policies]
         ids = hbone.ServerIdentities(st.trust_domain, st.bundle)
         for w in st.by_cgroup.values():
-            d = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name)
-            if os.path.exists(os.path.join(d, "chain.pem")):
-                ids.set(w.spiffe_id, os.path.join(d, "chain.pem"), os.path.join(d, "key.pem"))
+            svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
+            if os.path.exists(svid):
+                ids.set(w.spiffe_id, svid, svid)
         self.state, self._stamp = st, stamp
         if self.identities is None:
             self.identities = ids
         else:  # the listener keeps its default context; swap the per-identity ones in place
             self.identities.contexts = ids.contexts
+            if st.bundle != self.identities.bundle_pem:
+                # OpenSSL verifies client certificates against the listener's own context even
+                # after SNI selects another: it must learn new roots (a rotation). A store only
+                # grows, so a retired root stays trusted here until the tunnel restarts.
+                self.identities.default.load_verify_locations(cadata=st.bundle.decode())
+                self.identities.bundle_pem = st.bundle
         self.pool = (
             hbone.Pool(st.trust_domain, st.bundle, self._cert_files)
             if self.pool is None or self.pool.bundle_pem != st.bundle

@@ -177,18 +177,45 @@ def test_plugin_with_mismatched_key_is_refused(tmp_path):
         CA.load_or_create(str(tmp_path / "state"), TD, plugin_dir=str(d))
 
 
-def test_root_rotation_overlaps_then_retires(tmp_path):
+def test_root_rotation_trusts_first_signs_later_then_retires(tmp_path):
     c = CA.load_or_create(str(tmp_path), TD)
     old_root = c.roots[0]
     before = c.issue(make_csr(new_key(), WEB), WEB).cert
-    new_root = c.rotate()
-    after = c.issue(make_csr(new_key(), WEB), WEB).cert
+    new_root = c.rotate(overlap_s=60)
     assert c.roots == [old_root, new_root]
+    # phase 1: trusted, not signing yet
+    c.issue(make_csr(new_key(), WEB), WEB).cert.verify_directly_issued_by(old_root)
+    with pytest.raises(DabbaError, match="not active yet"):
+        c.retire()
+    with pytest.raises(DabbaError, match="already in progress"):
+        c.rotate()
+    reloaded = CA.load_or_create(str(tmp_path), TD)  # the pending rotation is persisted
+    assert reloaded.next_cert == new_root and reloaded.roots == [old_root, new_root]
+    assert c.maybe_activate() is False
+    # phase 2: after the overlap the new root signs
+    import time
+
+    assert c.maybe_activate(now=time.time() + 61) is True
+    after = c.issue(make_csr(new_key(), WEB), WEB).cert
+    after.verify_directly_issued_by(new_root)
     camod.verify_svid([before], c.roots)  # old certificates still verify during the overlap
     camod.verify_svid([after], c.roots)
-    after.verify_directly_issued_by(new_root)
-    assert CA.load_or_create(str(tmp_path), TD).roots == [old_root, new_root]  # persisted
+    assert CA.load_or_create(str(tmp_path), TD).signing_root() == new_root
     assert c.retire() == [camod.fingerprint(old_root)]
     camod.verify_svid([after], c.roots)
     with pytest.raises(DabbaError, match="not signed by any root"):
         camod.verify_svid([before], c.roots)
+
+
+def test_renewal_counts_half_life_from_receipt_not_from_backdated_not_before(ca):
+    from agent.node.identity import info_of
+
+    c = CA.load_or_create(
+        str(ca.dir.rsplit("/ca", 1)[0] + "/short"), TD, workload_ttl=datetime.timedelta(seconds=60)
+    )
+    issued = c.issue(make_csr(new_key(), WEB), WEB)
+    now = datetime.datetime.now(datetime.UTC)
+    info = info_of(issued.chain_pem, now, jitter=0.0)
+    assert (
+        abs((info.renew_at - now).total_seconds() - 30) < 2
+    )  # not 0: not_before is backdated 60 s
