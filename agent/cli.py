@@ -393,6 +393,7 @@ def control():
 @click.option(
     "--workload-ttl", default="24h", show_default=True, help="lifetime of workload certificates"
 )
+@click.option("--node-ttl", default="7d", show_default=True, help="lifetime of node certificates")
 @click.option(
     "--plugin-ca",
     type=click.Path(file_okay=False),
@@ -409,6 +410,7 @@ def control_serve(
     plugin_ca,
     source,
     kubeconfig,
+    node_ttl,
 ):
     """Serve the control plane.
 
@@ -429,6 +431,7 @@ def control_serve(
         join_listen=join_listen,
         server_names=list(server_names),
         workload_ttl=_duration(workload_ttl, "--workload-ttl"),
+        node_ttl=_duration(node_ttl, "--node-ttl"),
         plugin_ca_dir=plugin_ca,
         source=source,
         kubeconfig=kubeconfig,

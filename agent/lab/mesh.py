@@ -77,7 +77,7 @@ def _spawn(lab: Lab, target: str, argv: list[str], log_path: str) -> subprocess.
     return proc
 
 
-def start_control(lab: Lab, workload_ttl: str = "24h") -> subprocess.Popen:
+def start_control(lab: Lab, workload_ttl: str = "24h", node_ttl: str = "7d") -> subprocess.Popen:
     p = paths(lab)
     for d in (p["registry"], p["control"], p["logs"]):
         os.makedirs(d, exist_ok=True)
@@ -104,6 +104,8 @@ def start_control(lab: Lab, workload_ttl: str = "24h") -> subprocess.Popen:
             CONTROL_IP,
             "--workload-ttl",
             workload_ttl,
+            "--node-ttl",
+            node_ttl,
         ],
         os.path.join(p["logs"], "control.log"),
     )
@@ -183,9 +185,11 @@ def ready(lab: Lab, node: str) -> bool:
     )
 
 
-def up(lab: Lab, workload_ttl: str = "24h", capture: bool = False) -> dict[str, subprocess.Popen]:
+def up(
+    lab: Lab, workload_ttl: str = "24h", capture: bool = False, node_ttl: str = "7d"
+) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel."""
-    procs = {"control": start_control(lab, workload_ttl)}
+    procs = {"control": start_control(lab, workload_ttl, node_ttl)}
     for n in lab.nodes:
         procs[n.name] = start_agent(lab, n.name, node_config(lab, n.name, capture))
     for n in lab.nodes:

@@ -56,6 +56,7 @@ class Agent:
         self.sync = None
         self.tunnel_proc = None
         self.tunnel_restarts = 0
+        self._tunnel_was_ready = False
         self._last = None
 
     def check(self) -> list[str]:
@@ -149,8 +150,11 @@ class Agent:
             if key not in certs:
                 _log.info(f"workload {key} waits for its certificate before it is captured")
                 continue
-            # capture only once a tunnel listens for the captured connections
-            capture = (local.capture if local else True) and self.tunnel_ready()
+            # capture only once a tunnel has listened; after that it stays on through tunnel
+            # restarts (connections fail closed meanwhile), never falling back to plaintext
+            capture = (local.capture if local else True) and (
+                self._tunnel_was_ready or self.tunnel_ready()
+            )
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
         self._last = (snap, certs)
         self._enrol(entries)
@@ -207,14 +211,14 @@ class Agent:
                     break
             if self.tunnel_ready():
                 _log.info("tunnel ready; capturing", fields={"pid": self.tunnel_proc.pid})
-                if self._last:
+                first = not self._tunnel_was_ready
+                self._tunnel_was_ready = True
+                if first and self._last:
                     self.apply_snapshot(*self._last)
             rc = await self.tunnel_proc.wait()
             if self.stop.is_set():
                 break
             self.tunnel_restarts += 1
-            if self._last:
-                self.apply_snapshot(*self._last)  # not ready: stop capturing until it is back
             delay = 1.0 if time.monotonic() - started > 30 else min(delay * 2, 30.0)
             _log.warning(f"tunnel exited with {rc}; restarting in {delay:.0f}s (log {log_path})")
             await asyncio.sleep(delay)

@@ -66,6 +66,8 @@ class ControlSync:
         self._stop = asyncio.Event()
         self._bundle: bytes = b""
         self._signing_root = ""
+        self.node_cert: CertInfo | None = None
+        self.node_renewals = 0
 
     # ---- status ----------------------------------------------------------------------------
     def status(self) -> dict:
@@ -77,6 +79,8 @@ class ControlSync:
             "last_contact": self.last_contact,
             "staleness_s": round(now - self.last_contact, 1) if self.last_contact else None,
             "renewals": self.renewals,
+            "node_cert": self.node_cert.as_dict() if self.node_cert else None,
+            "node_renewals": self.node_renewals,
             "failures": self.failures,
             "last_error": self.last_error,
             "certs": {k: v.as_dict() for k, v in self.certs.items()},
@@ -110,8 +114,19 @@ class ControlSync:
         )
         self.apply(self.snapshot, dict(self.certs))
 
+    def _load_node_cert(self) -> None:
+        chain = self.store.load_node()[1]
+        try:
+            issued = datetime.datetime.fromtimestamp(
+                os.stat(self.store.node_paths()[1]).st_mtime, datetime.UTC
+            )
+        except FileNotFoundError:
+            issued = None
+        self.node_cert = info_of(chain, issued)
+
     async def ensure_joined(self) -> None:
         if self.store.has_node_identity():
+            self._load_node_cert()
             return
         try:
             with open(self.ca_file, "rb") as f:
@@ -143,6 +158,7 @@ class ControlSync:
                 delay = min(delay * 2, BACKOFF_MAX)
         self.store.save_node(key, cert.cert_chain_pem, cert.trust_bundle_pem)
         self._bundle = cert.trust_bundle_pem
+        self._load_node_cert()
         _log.info("joined the mesh", fields={"node": self.node, "trust_domain": cert.trust_domain})
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -247,6 +263,24 @@ class ControlSync:
             },
         )
 
+    async def _renew_node(self, stub) -> None:
+        """A new node certificate (new key) before the current one expires."""
+        key = camod.new_key()
+        uri = self.node_cert.spiffe_id
+        resp = await stub.RenewNode(
+            pb.RenewNodeRequest(csr_pem=camod.make_csr(key, uri)), timeout=10
+        )
+        self.store.save_node(camod.key_pem(key), resp.cert_chain_pem, resp.trust_bundle_pem)
+        self.node_cert = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
+        self.node_renewals += 1
+        _log.info(
+            "node certificate renewed",
+            fields={
+                "serial": self.node_cert.serial,
+                "not_after": self.node_cert.not_after.isoformat(),
+            },
+        )
+
     async def _renew_loop(self) -> None:
         """Renew certificates due (half-life + jitter); on failure keep the old one and retry."""
         while True:
@@ -260,14 +294,18 @@ class ControlSync:
                 if (i := self.certs.get(f"{w.namespace}/{w.name}")) is not None
                 and now >= i.renew_at
             ]
-            if not due:
+            node_due = self.node_cert is not None and now >= self.node_cert.renew_at
+            if not due and not node_due:
                 continue
             try:
                 async with self._channel() as ch:
                     stub = pbg.ControlStub(ch)
                     for w in due:
                         await self._sign(stub, w, "renewal")
-                self.apply(self.snapshot, dict(self.certs))
+                    if node_due:
+                        await self._renew_node(stub)
+                if due:
+                    self.apply(self.snapshot, dict(self.certs))
             except (grpc.RpcError, OSError) as e:
                 self.failures += 1
                 _log.warning(f"renewal failed, keeping the current certificates: {e}")

@@ -263,7 +263,7 @@ def shortlab():
     name = unique("r")
     L = labmod.up(name, spec.default_spec(2, 1))
     try:
-        procs = mesh.up(L, workload_ttl="60s", capture=True)
+        procs = mesh.up(L, workload_ttl="60s", capture=True, node_ttl="60s")
         yield L, procs
     finally:
         labmod.down(name, quiet=True)
@@ -325,6 +325,7 @@ def test_certificates_renew_at_half_life_while_connections_flow(shortlab, procs)
     for n in ("n1", "n2"):
         st = _status(L, n)["control"]
         assert st["renewals"] >= 3 and st["failures"] == 0, st
+        assert st["node_renewals"] >= 1  # 60 s node certificates are renewed too
     assert failures == 0 and requests >= 30
     assert all(_status(L, "n1")["control"]["certs"][k]["serial"] != v for k, v in first.items())
 
