@@ -32,6 +32,14 @@ L7_SOURCE = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "not
 L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
 
 
+def in_scope(namespace: str, selector: dict[str, str] | None, w: Workload) -> bool:
+    """Istio's policy scope: the root namespace is mesh-wide, any other its own namespace;
+    a selector narrows it to the workloads carrying all its labels."""
+    if namespace != ROOT_NAMESPACE and namespace != w.namespace:
+        return False
+    return selector is None or all(w.labels.get(k) == v for k, v in selector.items())
+
+
 @dataclass(frozen=True)
 class Workload:
     """A workload (pod) and where it runs."""
@@ -138,11 +146,7 @@ class AuthorizationPolicy:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, w: Workload) -> bool:
-        if self.namespace != ROOT_NAMESPACE and self.namespace != w.namespace:
-            return False
-        if self.selector is None:
-            return True
-        return all(w.labels.get(k) == v for k, v in self.selector.items())
+        return in_scope(self.namespace, self.selector, w)
 
 
 @dataclass(frozen=True)
@@ -161,11 +165,7 @@ class PeerAuthentication:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, w: Workload) -> bool:
-        if self.namespace != ROOT_NAMESPACE and self.namespace != w.namespace:
-            return False
-        if self.selector is None:
-            return True
-        return all(w.labels.get(k) == v for k, v in self.selector.items())
+        return in_scope(self.namespace, self.selector, w)
 
 
 @dataclass
