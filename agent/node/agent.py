@@ -78,6 +78,29 @@ class Agent:
             f"kernel TLS {'yes' if f.ktls else 'no'}, cgroup v2 at {f.cgroup2}"
         )
         notes.append(f"{len(self.cfg.workloads)} workload(s) to enrol; pins at {self.dp.pins.root}")
+        c = self.cfg.control
+        if c is not None:
+            from .identity import CertStore
+
+            if not os.access(c.ca_file, os.R_OK):
+                raise DabbaError(
+                    f"control.ca_file {c.ca_file} is not readable",
+                    hint="copy the control plane's <state>/ca/bundle.pem there",
+                )
+            if CertStore(self.cfg.state_dir).has_node_identity():
+                notes.append(f"already joined (identity in {self.cfg.state_dir}/identity)")
+            elif not os.access(c.token_file, os.R_OK):
+                raise DabbaError(
+                    f"this node has not joined and control.token_file {c.token_file} is not readable",
+                    hint=f"create one with `dabba control token create --node {self.cfg.node}`",
+                )
+            else:
+                notes.append(f"will join {c.join_address} with the token in {c.token_file}")
+        if self.cfg.tunnel.run and c is None:
+            raise DabbaError(
+                "tunnel.run needs a control section (the tunnel serves the control plane's "
+                "workloads and certificates)"
+            )
         return notes
 
     def start(self) -> None:

@@ -129,3 +129,32 @@ def test_stale_pins_of_a_crashed_lab_are_refused_then_removed_by_down():
         assert not os.path.exists(stale)
     finally:
         labmod.down(name, quiet=True)  # also if up() wrongly succeeded
+
+
+def test_agent_check_names_a_missing_ca_file_and_join_token(lab, tmp_path):
+    import yaml
+
+    cfg = labmod.agent_config(lab, "n1")
+    cfg["state_dir"] = str(tmp_path / "state")
+    cfg["control"] = {
+        "address": "10.10.0.1:15012",
+        "join_address": "10.10.0.1:15013",
+        "ca_file": str(tmp_path / "missing-ca.pem"),
+        "token_file": str(tmp_path / "missing-token"),
+        "node_address": "10.10.0.11",
+    }
+    p = tmp_path / "a.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    run = [sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(p), "--check"]
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert (
+        r.returncode == 1
+        and f"control.ca_file {tmp_path / 'missing-ca.pem'} is not readable" in r.stderr
+    )
+    (tmp_path / "missing-ca.pem").write_text("x")
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 1 and "has not joined and control.token_file" in r.stderr
+    assert "dabba control token create --node n1" in r.stderr
+    (tmp_path / "missing-token").write_text("t")
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 0 and "will join 10.10.0.1:15013" in r.stdout
