@@ -35,7 +35,7 @@ from ..bpf.splice import Splicer, SpliceUnavailable
 from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
-from . import hbone
+from . import admin, hbone
 from .policy import Request, evaluate
 
 _log = log.get("tunnel")
@@ -53,6 +53,8 @@ class TunnelConfig:
     inbound: tuple[str, int]  # HBONE listener
     registry_only: bool = False
     connect_timeout: float = 5.0
+    readiness_port: int = 15021  # on the inbound address: /healthz/ready
+    admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Tunnel:
         self.rr = Counter()
         self.stats = Counter()
         self._stamp = None
+        self._listening = False
 
     # ---- state ------------------------------------------------------------------------------------
     def _cert_files(self, spiffe_id: str) -> tuple[str, str]:
@@ -299,6 +302,95 @@ class Tunnel:
         self.stats["inbound"] += 1
         return side
 
+    # ---- operations -------------------------------------------------------------------------------------
+    def ready(self) -> tuple[int, str]:
+        ok = (
+            self._listening
+            and self.state.version > 0
+            and bool(self.identities and self.identities.contexts)
+        )
+        return (200, "ready\n") if ok else (503, "not ready\n")
+
+    def config_dump(self) -> tuple[int, dict]:
+        """What the tunnel holds, without secrets (no key material, no key paths)."""
+        from cryptography import x509
+
+        from ..control import ca as camod
+
+        certs = []
+        for w in self.state.by_cgroup.values():
+            chain = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "chain.pem")
+            try:
+                with open(chain, "rb") as f:
+                    leaf = x509.load_pem_x509_certificate(f.read())
+                certs.append(
+                    {
+                        "identity": w.spiffe_id,
+                        "serial": format(leaf.serial_number, "x"),
+                        "not_after": leaf.not_valid_after_utc.isoformat(),
+                        "issuer": leaf.issuer.rfc4514_string(),
+                    }
+                )
+            except (OSError, ValueError):
+                certs.append({"identity": w.spiffe_id, "error": "no certificate"})
+        return 200, {
+            "node": self.cfg.node,
+            "version": self.state.version,
+            "trust_domain": self.state.trust_domain,
+            "roots": [
+                camod.fingerprint(r) for r in x509.load_pem_x509_certificates(self.state.bundle)
+            ]
+            if self.state.bundle
+            else [],
+            "listeners": {
+                "outbound": self.cfg.outbound,
+                "inbound": self.cfg.inbound,
+                "readiness": [self.cfg.inbound[0], self.cfg.readiness_port],
+                "admin": self.cfg.admin,
+            },
+            "local_workloads": [
+                {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "identity": w.spiffe_id,
+                    "ip": w.ip,
+                    "mtls_mode": w.mtls_mode,
+                }
+                for w in self.state.by_cgroup.values()
+            ],
+            "workloads": len(self.state.by_ip),
+            "services": [
+                {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vip": s.vip,
+                    "endpoints": list(s.endpoints),
+                    "lb_policy": s.lb_policy,
+                }
+                for s in self.state.services.values()
+            ],
+            "nodes": self.state.nodes,
+            "policies": [
+                {"name": p.key, "action": p.action, "rules": len(p.rules), "origin": p.origin}
+                for p in self.state.policies
+            ],
+            "certificates": certs,
+        }
+
+    def connections(self) -> tuple[int, dict]:
+        pools = []
+        if self.pool:
+            for (src, dst, node), c in self.pool.conns.items():
+                if c.transport and not c.transport.is_closing():
+                    pools.append(
+                        {"source": src, "destination": dst, "node": node, "streams": len(c.streams)}
+                    )
+        return 200, {
+            "hbone_connections": pools,
+            "hbone_handshakes": self.pool.handshakes if self.pool else 0,
+            "splice_pairs": self.splicer.active,
+        }
+
     # ---- run --------------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -315,6 +407,20 @@ class Tunnel:
             self.cfg.inbound[0], self.cfg.inbound[1], self.identities, self._inbound
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
+        readiness = await admin.serve(
+            self.cfg.inbound[0], self.cfg.readiness_port, {"/healthz/ready": self.ready}
+        )
+        adm = await admin.serve(
+            self.cfg.admin[0],
+            self.cfg.admin[1],
+            {
+                "/config_dump": self.config_dump,
+                "/connections": self.connections,
+                "/stats": lambda: (200, dict(self.stats)),
+                "/healthz/ready": self.ready,
+            },
+        )
+        self._listening = True
         accept = asyncio.ensure_future(self._accept_loop(ls))
         _log.info(
             "tunnel ready",
@@ -335,8 +441,11 @@ class Tunnel:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready)
+            self._listening = False
             accept.cancel()
             inbound.close()
+            readiness.close()
+            adm.close()
             ls.close()
 
 

@@ -185,3 +185,29 @@ def test_agent_restarts_a_crashed_tunnel_and_capture_never_falls_back_to_plainte
         15,
         what="traffic through the new tunnel",
     )
+
+
+def test_readiness_and_admin_endpoints(tlab):
+    import json
+
+    L, _ = tlab
+    n1 = L.node("n1")
+    r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", f"http://{n1.ip}:15021/healthz/ready"])
+    assert r.stdout == "ready\n 200"
+    dump = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout)
+    assert dump["node"] == "n1" and dump["trust_domain"] == "cluster.local"
+    assert {w["name"] for w in dump["local_workloads"]} == {"n1-p1", "n1-p2"}
+    assert len(dump["roots"]) == 1 and all("serial" in c for c in dump["certificates"])
+    text = json.dumps(dump)
+    assert (
+        "PRIVATE KEY" not in text and "key.pem" not in text and "svid.pem" not in text
+    )  # no secrets
+    conns = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/connections"]).stdout)
+    assert conns["hbone_handshakes"] >= 1  # earlier tests in this module crossed nodes
+    # the admin port is on the node's loopback only: not reachable from a pod
+    r = L.run(
+        "n1-p1", ["curl", "-s", "--max-time", "2", f"http://{n1.gateway}:15000/stats"], check=False
+    )
+    assert r.returncode != 0
+    r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:15000/nope"])
+    assert r.stdout.endswith(" 404")
