@@ -21,16 +21,6 @@ from .lab import lab as labmod
 from .lab import spec
 
 
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise DabbaError(f"demo: timed out waiting for {what}")
-
-
 def _closed(state_dir):
     try:
         with open(os.path.join(state_dir, "closed.jsonl")) as f:

@@ -81,6 +81,19 @@ def http_server(lab, procs, pod, port: int):
     return p
 
 
+def mesh_lab(prefix: str, nodes: int, pods_per_node: int, **mesh_kw):
+    """A lab with a control plane and agents (mesh.up); yields (lab, processes); removed afterwards."""
+    from agent.lab import lab as labmod
+    from agent.lab import mesh, spec
+
+    name = unique(prefix)
+    L = labmod.up(name, spec.default_spec(nodes, pods_per_node))
+    try:
+        yield L, mesh.up(L, **mesh_kw)
+    finally:
+        labmod.down(name, quiet=True)
+
+
 @pytest.fixture(scope="module")
 def lab():
     """A 2-node lab with 2 pods per node, removed afterwards even on failure."""

@@ -580,27 +580,20 @@ class DatapathControl:
         for p in ports:
             if not 0 < int(p) < 65536:
                 raise DabbaError(f"capture exclusion port {p!r} is out of range")
-        with self.dp.open_map(names.MAP_EXCL_NET) as m:
-            want = {bytes(n) for n in nets}
-            for k in list(m.keys()):
-                if k not in want:
-                    m.delete(k)
-            for n in nets:
-                m.update(n, b"\x01")
-        with self.dp.open_map(names.MAP_EXCL_PORT) as m:
-            want = {int(p).to_bytes(2, "little") for p in ports}
-            for k in list(m.keys()):
-                if k not in want:
-                    m.delete(k)
-            for k in want:
-                m.update(k, b"\x01")
+        self._replace_keys(names.MAP_EXCL_NET, {bytes(n) for n in nets})
+        self._replace_keys(names.MAP_EXCL_PORT, {int(p).to_bytes(2, "little") for p in ports})
 
     def set_tunnel_addrs(self, addrs: list[str]) -> None:
         """Replace the addresses STRICT workloads accept connections from."""
         from . import abi
 
-        want = {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
-        with self.dp.open_map(names.MAP_TUNNEL_ADDRS) as m:
+        self._replace_keys(
+            names.MAP_TUNNEL_ADDRS, {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
+        )
+
+    def _replace_keys(self, map_name: str, want: set[bytes]) -> None:
+        """Make a set-like map (value 1 per key) hold exactly the keys in want."""
+        with self.dp.open_map(map_name) as m:
             for k in list(m.keys()):
                 if k not in want:
                     m.delete(k)

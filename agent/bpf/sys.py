@@ -32,13 +32,9 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
-BPF_PROG_GET_FD_BY_ID = 13
-BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
-BPF_LINK_GET_FD_BY_ID = 30
-BPF_LINK_DETACH = 34
 
 # map update flags
 BPF_ANY = 0
@@ -206,10 +202,6 @@ def link_info(fd: int) -> LinkInfo:
     return LinkInfo(t, i, prog_id, cgroup_id, attach_type)
 
 
-def prog_fd_by_id(prog_id: int) -> int:
-    return _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=III", prog_id, 0, 0), f"program id {prog_id}")
-
-
 # ---- attachments -------------------------------------------------------------------
 
 
@@ -226,10 +218,6 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> in
     """Attach prog to a cgroup through a bpf_link (detached when its last ref goes)."""
     attr = struct.pack("=IIII", prog_fd, target_fd, attach_type, 0)
     return _bpf(BPF_LINK_CREATE, attr, f"attach {what}")
-
-
-def link_detach(link_fd: int, what: str) -> None:
-    _bpf(BPF_LINK_DETACH, struct.pack("=I", link_fd), f"detach {what}")
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, what: str) -> None:

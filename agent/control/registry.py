@@ -27,7 +27,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
-import time
 from collections.abc import Callable
 
 import yaml
@@ -479,12 +478,3 @@ class FileRegistry:
         self._stop.set()
         if self._thread:
             self._thread.join(2)
-
-
-def wait_version(reg: FileRegistry, version: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if reg.state.version >= version:
-            return True
-        time.sleep(0.02)
-    return False

@@ -445,9 +445,7 @@ def down(name: str, quiet: bool = False) -> bool:
     if os.path.exists(state_path(name)):
         found = True
         os.unlink(state_path(name))
-    for extra in (os.path.join(STATE_DIR, name),):
-        if os.path.isdir(extra):
-            shutil.rmtree(extra, ignore_errors=True)
+    shutil.rmtree(os.path.join(STATE_DIR, name), ignore_errors=True)  # mesh state, logs
     if not quiet:
         _log.info("lab down" if found else "lab not found, nothing to remove", fields={"lab": name})
     return found

@@ -194,8 +194,11 @@ class Stream:
         self.outbuf = bytearray()
 
     def send(self, data: bytes) -> None:
-        self.outbuf += data
-        self.conn.flush(self)
+        if self.outbuf:  # keep order behind what already waits for window
+            self.outbuf += data
+            self.conn.flush(self)
+        else:  # the usual case: straight into frames, no copy into outbuf and back
+            self.conn.flush(self, data)
 
     def end(self) -> None:
         self.end_pending = True
@@ -311,10 +314,21 @@ class H2Connection(asyncio.Protocol):
             s.unacked = 0
             self._write()
 
-    def flush(self, s: Stream) -> None:
+    def flush(self, s: Stream, data: bytes = b"") -> None:
+        """Send what the windows allow: first data (when nothing was queued), then the queue."""
         if s.closed:
             return
         try:
+            while data:
+                window = min(
+                    self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
+                )
+                if window <= 0:
+                    s.outbuf += data
+                    break
+                chunk, data = (data, b"") if len(data) <= window else (data[:window], data[window:])
+                self.h2.send_data(s.stream_id, chunk)
+                s.bytes_out += len(chunk)
             while s.outbuf:
                 window = min(
                     self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size

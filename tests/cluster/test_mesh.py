@@ -15,8 +15,8 @@ import time
 import pytest
 
 from agent.lab import lab as labmod
-from agent.lab import mesh, spec
-from tests.conftest import helper, http_server, read_json, unique, wait_for
+from agent.lab import mesh
+from tests.conftest import helper, http_server, mesh_lab, read_json, wait_for
 
 JOIN = """
 import asyncio, sys
@@ -51,13 +51,7 @@ except grpc.RpcError as e:
 
 @pytest.fixture(scope="module")
 def meshlab():
-    name = unique("m")
-    L = labmod.up(name, spec.default_spec(2, 2))
-    try:
-        procs = mesh.up(L, capture=True)
-        yield L, procs
-    finally:
-        labmod.down(name, quiet=True)
+    yield from mesh_lab("m", 2, 2, capture=True)
 
 
 def _status(L, node):
@@ -260,13 +254,7 @@ def test_control_plane_outage_then_resync_without_agent_restart(meshlab):
 
 @pytest.fixture(scope="module")
 def shortlab():
-    name = unique("r")
-    L = labmod.up(name, spec.default_spec(2, 1))
-    try:
-        procs = mesh.up(L, workload_ttl="60s", capture=True, node_ttl="60s")
-        yield L, procs
-    finally:
-        labmod.down(name, quiet=True)
+    yield from mesh_lab("r", 2, 1, workload_ttl="60s", capture=True, node_ttl="60s")
 
 
 def test_certificates_renew_at_half_life_while_connections_flow(shortlab, procs):

@@ -11,21 +11,15 @@ import pytest
 
 from agent.bpf.loader import Datapath, DatapathControl
 from agent.lab import lab as labmod
-from agent.lab import mesh, spec
-from tests.conftest import http_server, unique, wait_for
+from agent.lab import mesh
+from tests.conftest import http_server, mesh_lab, wait_for
 
 MARKER = "dabbawala-plaintext-marker-7f3a"
 
 
 @pytest.fixture(scope="module")
 def tlab():
-    name = unique("u")
-    L = labmod.up(name, spec.default_spec(2, 2))
-    try:
-        procs = mesh.up(L, capture=True)
-        yield L, procs
-    finally:
-        labmod.down(name, quiet=True)
+    yield from mesh_lab("u", 2, 2, capture=True)
 
 
 def _ctl(L, node):
