@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -575,7 +576,14 @@ def tunnel():
 @click.option("--outbound", required=True, help="IP:PORT where captured connections arrive (15001)")
 @click.option("--inbound", required=True, help="IP:PORT for HBONE (15008)")
 @click.option("--registry-only", is_flag=True, help="refuse destinations outside the mesh")
-def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only):
+@click.option(
+    "--drain",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="on SIGTERM, seconds open flows may go on (spliced ones go to a successor at once)",
+)
+def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only, drain):
     """Run the tunnel in the foreground."""
     import asyncio
     import signal
@@ -589,6 +597,7 @@ def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only):
         outbound=parse_hostport(outbound),
         inbound=parse_hostport(inbound),
         registry_only=registry_only,
+        drain=drain,
     )
 
     async def run():
@@ -599,6 +608,51 @@ def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only):
         await Tunnel(cfg).run(stop)
 
     asyncio.run(run())
+
+
+@tunnel.command("upgrade")
+@click.option("--state-dir", required=True, help="the agent's state folder (status.json)")
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="seconds to wait for the successor"
+)
+def tunnel_upgrade(state_dir, timeout):
+    """Replace the running tunnel without dropping spliced connections.
+
+    The agent starts a successor on the same ports (SO_REUSEPORT); once it is
+    ready the old tunnel hands it every spliced connection (SCM_RIGHTS) and
+    drains the rest.
+
+    Example: dabba tunnel upgrade --state-dir /run/dabba/labs/demo/n1
+    """
+    import signal
+    import time
+
+    _need_root("dabba tunnel upgrade")
+    path = os.path.join(state_dir, "status.json")
+    try:
+        with open(path) as f:
+            st = json.load(f)
+        pid, old = st["pid"], st["tunnel"]["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.ClickException(f"no running agent found through {path}: {e}") from None
+    if b"agent" not in cmd or b"run" not in cmd or not st["tunnel"].get("supervised"):
+        raise click.ClickException(f"pid {pid} from {path} is not an agent supervising a tunnel")
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"asked agent {pid} to upgrade tunnel {old}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                t = json.load(f)["tunnel"]
+            if t["pid"] != old and t["ready"]:
+                click.echo(f"tunnel {t['pid']} is ready; {old} hands over and drains")
+                return
+    raise click.ClickException(
+        f"the successor was not ready within {timeout:.0f}s (see tunnel.log)"
+    )
 
 
 # ---- demo -----------------------------------------------------------------------------------

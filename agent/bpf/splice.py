@@ -128,11 +128,74 @@ class Splicer:
         # which runs the verdict over them now instead of at the next segment.
         for s in (a, b):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self._watch(p)
+        return p
+
+    def _watch(self, p: SplicePair) -> None:
         for side in (p.a, p.b):
             self.by_fd[side.sock.fileno()] = (p, side)
-            self.ep.register(side.sock.fileno(), _WATCH)
+            self.ep.register(side.sock.fileno(), _EV_HUP if side.eof else _WATCH)
         self.active += 1
+
+    # ---- hand-off to a successor (SCM_RIGHTS; see agent/ztunnel/handoff.py) ----------------------
+    def export(self) -> list[tuple[dict, list[int]]]:
+        """Every live pair as (state, [fd a, fd b]) for a successor; the kernel keeps splicing."""
+        out = []
+        for p in {id(p): p for p, _ in self.by_fd.values()}.values():
+            if p.closed:
+                continue
+            state = {
+                "started_age": time.monotonic() - p.started,
+                "sides": [
+                    {
+                        "cookie": s.cookie,
+                        "base_written": s.base_written,
+                        "eof": s.eof,
+                        "shut": s.shut,
+                    }
+                    for s in (p.a, p.b)
+                ],
+            }
+            out.append((state, [p.a.sock.fileno(), p.b.sock.fileno()]))
+        return out
+
+    def adopt(self, state: dict, a: socket.socket, b: socket.socket) -> SplicePair:
+        """Take over a pair a predecessor spliced: same sockets, same map entries, same state."""
+        sides = []
+        for s, meta in zip((a, b), state["sides"], strict=True):
+            s.setblocking(False)
+            if socket_cookie(s) != meta["cookie"]:
+                raise DabbaError(f"handed-off socket is not cookie {meta['cookie']}")
+            sides.append(_Side(s, meta["cookie"], meta["base_written"], meta["eof"], meta["shut"]))
+        p = SplicePair(sides[0], sides[1], started=time.monotonic() - state["started_age"])
+        self._watch(p)
+        for side in (p.a, p.b):
+            if side.eof and not p.other(side).shut:
+                self.draining.append((p, side, time.monotonic() + DRAIN_TIMEOUT))
         return p
+
+    def release_all(self) -> int:
+        """Stop watching every pair and close our descriptors, leaving the map entries alone.
+
+        After a successful hand-off the successor holds the same sockets, so
+        closing ours neither closes a connection nor takes it out of the map.
+        """
+        pairs = {id(p): p for p, _ in self.by_fd.values()}.values()
+        n = 0
+        for p in pairs:
+            for side in (p.a, p.b):
+                fd = side.sock.fileno()
+                self.by_fd.pop(fd, None)
+                try:
+                    self.ep.unregister(fd)
+                except OSError:
+                    pass
+                side.sock.close()
+            p.closed, p.reason = True, "handed off"
+            n += 1
+        self.draining = []
+        self.active = 0
+        return n
 
     def redirected(self, side: _Side) -> int:
         """Bytes the kernel moved from side's socket to the other one."""

@@ -56,6 +56,9 @@ class Agent:
         self.sync = None
         self.tunnel_proc = None
         self.tunnel_restarts = 0
+        self.tunnel_upgrades = 0
+        self.upgrade_tunnel = asyncio.Event()  # set by SIGHUP: start a successor, hand over
+        self._draining: list = []  # old tunnels still draining after an upgrade
         self._tunnel_was_ready = False
         self._last = None
 
@@ -218,6 +221,8 @@ class Agent:
             f"{c.tunnel.address}:{c.tunnel.port}",
             "--inbound",
             inbound,
+            "--drain",
+            str(c.tunnel.drain),
         ]
         delay = 1.0
         os.makedirs(c.state_dir, exist_ok=True)
@@ -238,7 +243,7 @@ class Agent:
                 self._tunnel_was_ready = True
                 if first and self._last:
                     self.apply_snapshot(*self._last)
-            rc = await self.tunnel_proc.wait()
+            rc = await self._wait_tunnel(argv, log_path)
             if self.stop.is_set():
                 break
             self.tunnel_restarts += 1
@@ -246,14 +251,59 @@ class Agent:
             _log.warning(f"tunnel exited with {rc}; restarting in {delay:.0f}s (log {log_path})")
             await asyncio.sleep(delay)
 
+    async def _wait_tunnel(self, argv: list[str], log_path: str) -> int:
+        """Wait for the tunnel to exit, upgrading it in place whenever upgrade_tunnel is set.
+
+        An upgrade starts a successor, which binds the same ports (SO_REUSEPORT)
+        and, once ready, receives the spliced connections from the old tunnel
+        (SCM_RIGHTS) when that one gets SIGTERM; the old one then drains.
+        """
+        while True:
+            exited = asyncio.ensure_future(self.tunnel_proc.wait())
+            upgrade = asyncio.ensure_future(self.upgrade_tunnel.wait())
+            await asyncio.wait([exited, upgrade], return_when=asyncio.FIRST_COMPLETED)
+            upgrade.cancel()
+            if exited.done():
+                return exited.result()
+            exited.cancel()
+            self.upgrade_tunnel.clear()
+            old = self.tunnel_proc
+            with open(log_path, "ab") as logf:
+                new = await asyncio.create_subprocess_exec(*argv, stdout=logf, stderr=logf)
+            _log.info("tunnel upgrade: successor started", fields={"old": old.pid, "new": new.pid})
+            self.tunnel_proc = new  # tunnel_ready() now waits for the successor's file
+            deadline = time.monotonic() + 60
+            while (
+                new.returncode is None and not self.tunnel_ready() and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.1)
+            if not self.tunnel_ready():
+                _log.error(
+                    "tunnel upgrade failed: the successor never became ready; keeping the old one"
+                )
+                if new.returncode is None:
+                    new.kill()
+                await new.wait()
+                self.tunnel_proc = old
+                with open(os.path.join(self.cfg.state_dir, "tunnel.ready"), "w") as f:
+                    f.write(str(old.pid))
+                continue
+            old.terminate()  # it hands its spliced connections over, then drains
+            self._draining.append(old)
+            asyncio.ensure_future(old.wait()).add_done_callback(
+                lambda _f, o=old: self._draining.remove(o)
+            )
+            self.tunnel_upgrades += 1
+            _log.info("tunnel upgraded", fields={"old": old.pid, "new": new.pid})
+
     async def stop_tunnel(self) -> None:
-        p = self.tunnel_proc
-        if p is not None and p.returncode is None:
-            p.terminate()
-            try:
-                await asyncio.wait_for(p.wait(), 10)
-            except TimeoutError:
-                p.kill()
+        for p in [self.tunnel_proc, *self._draining]:
+            if p is not None and p.returncode is None:
+                p.terminate()
+                try:
+                    await asyncio.wait_for(p.wait(), self.cfg.tunnel.drain + 5)
+                except TimeoutError:
+                    p.kill()
 
     def write_status(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
@@ -272,6 +322,8 @@ class Agent:
                 "ready": self.tunnel_ready(),
                 "pid": self.tunnel_proc.pid if self.tunnel_proc else None,
                 "restarts": self.tunnel_restarts,
+                "upgrades": self.tunnel_upgrades,
+                "draining": [p.pid for p in self._draining],
             },
         }
         tmp = os.path.join(self.cfg.state_dir, "status.json.tmp")
@@ -310,6 +362,7 @@ class Agent:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda: (self.stop.set(), self.sync.stop()))
+            loop.add_signal_handler(signal.SIGHUP, self.upgrade_tunnel.set)
             tasks = [asyncio.ensure_future(self.sync.run())]
             if self.cfg.tunnel.run:
                 sup = asyncio.ensure_future(self.supervise_tunnel())

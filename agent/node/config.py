@@ -14,6 +14,7 @@ A YAML file (``dabba agent run --config FILE``)::
       mark: 0                     # SO_MARK of the tunnel's own sockets (never captured)
       run: false                  # start and supervise the tunnel (with control)
       inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
+      drain: 30                   # seconds open flows may go on when the tunnel stops
     tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
@@ -73,6 +74,7 @@ class TunnelConfig:
     mark: int = 0
     run: bool = False  # start and supervise `dabba tunnel run` (needs control)
     inbound: str = ""  # HBONE listener IP:PORT (default: control.node_address:15008)
+    drain: float = 30.0  # seconds open flows may go on when the tunnel stops or is upgraded
 
 
 @dataclass
@@ -234,9 +236,15 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         ("tunnel", "port"),
         f"tunnel.port {port!r} out of range",
     )
+    drain = t.get("drain", 30)
+    need(
+        isinstance(drain, int | float) and 0 <= drain <= 3600,
+        ("tunnel", "drain"),
+        f"tunnel.drain {drain!r} must be seconds between 0 and 3600",
+    )
     for k in t:
         need(
-            k in {"address", "port", "mark", "run", "inbound"},
+            k in {"address", "port", "mark", "run", "inbound", "drain"},
             ("tunnel", k),
             f"tunnel: unknown field {k!r}",
         )
@@ -246,6 +254,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         int(t.get("mark", 0)),
         bool(t.get("run", False)),
         str(t.get("inbound", "")),
+        float(drain),
     )
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]

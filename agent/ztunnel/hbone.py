@@ -126,6 +126,8 @@ class ServerIdentities:
 class TcpSide(asyncio.Protocol):
     """A plain TCP connection coupled to one HBONE stream."""
 
+    open = 0  # live TCP sides in this process: what a draining tunnel waits for
+
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self.stream: Stream | None = None
@@ -135,6 +137,7 @@ class TcpSide(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        TcpSide.open += 1
 
     def attach(self, stream: Stream) -> None:
         self.stream = stream
@@ -158,6 +161,7 @@ class TcpSide(asyncio.Protocol):
         return True  # keep our sending half open: half-close
 
     def connection_lost(self, exc):
+        TcpSide.open -= 1
         if self.stream is not None and not self.stream.closed:
             self.stream.reset() if exc else self.stream.end()
 

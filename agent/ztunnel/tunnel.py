@@ -26,6 +26,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from ..bpf.splice import Splicer, SpliceUnavailable
 from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
-from . import admin, hbone
+from . import admin, handoff, hbone
 from .policy import Request, evaluate
 
 _log = log.get("tunnel")
@@ -55,6 +56,7 @@ class TunnelConfig:
     connect_timeout: float = 5.0
     readiness_port: int = 15021  # on the inbound address: /healthz/ready
     admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
+    drain: float = 30.0  # on SIGTERM: how long open flows may go on before we close them
 
 
 @dataclass
@@ -422,6 +424,8 @@ class Tunnel:
         )
         self._listening = True
         accept = asyncio.ensure_future(self._accept_loop(ls))
+        receiver = handoff.Receiver(handoff.path_in(self.cfg.state_dir), self.splicer, self.stats)
+        receiver.start()
         _log.info(
             "tunnel ready",
             fields={
@@ -431,22 +435,66 @@ class Tunnel:
             },
         )
         ready = os.path.join(self.cfg.state_dir, "tunnel.ready")
-        with open(ready, "w") as f:
-            f.write(str(os.getpid()))
+        _write_atomic(ready, str(os.getpid()))
         try:
             while not (stop and stop.is_set()):
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
                 self.splicer.process(0)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ready)
+            # Stop accepting; a successor bound the same ports (SO_REUSEPORT) takes new ones.
             self._listening = False
             accept.cancel()
+            ls.close()
             inbound.close()
             readiness.close()
+            receiver.close()
+            with contextlib.suppress(OSError):
+                with open(ready) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:  # a successor's file is not ours to remove
+                    os.unlink(ready)
+            handed = handoff.give(handoff.path_in(self.cfg.state_dir), self.splicer)
+            if handed is not None:
+                self.stats["handed_off"] += handed
+                _log.info("spliced connections handed to the successor", fields={"pairs": handed})
+            await self._drain()
             adm.close()
-            ls.close()
+            loop.remove_reader(self.splicer.fileno())
+
+    async def _drain(self) -> None:
+        """Let open flows finish for up to cfg.drain seconds, then close what is left."""
+        deadline = time.monotonic() + self.cfg.drain
+        left = lambda: self.splicer.active + hbone.TcpSide.open  # noqa: E731
+        if left():
+            _log.info(
+                "draining open flows",
+                fields={
+                    "splice": self.splicer.active,
+                    "relayed": hbone.TcpSide.open,
+                    "seconds": self.cfg.drain,
+                },
+            )
+        while left() and time.monotonic() < deadline:
+            self.splicer.process(0)
+            await asyncio.sleep(0.05)
+        if left():
+            _log.warning(
+                "drain time over; closing open flows",
+                fields={"splice": self.splicer.active, "relayed": hbone.TcpSide.open},
+            )
+        if self.pool:
+            for c in list(self.pool.conns.values()):
+                if c.transport:
+                    c.transport.close()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:

@@ -5,6 +5,7 @@ A first slice of the tunnel issue's tests (see that issue for the whole list).
 
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -205,3 +206,86 @@ def test_readiness_and_admin_endpoints(tlab):
     assert r.returncode != 0
     r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:15000/nope"])
     assert r.stdout.endswith(" 404")
+
+
+def _io(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
+def _agent_status(L, node):
+    import json
+
+    with open(os.path.join(labmod.STATE_DIR, L.name, node, "status.json")) as f:
+        return json.load(f)
+
+
+def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
+    """The tunnel reads no payload of a spliced flow, and an upgrade hands the flow over."""
+    import json
+
+    L, _ = tlab
+    dst = L.pod("n1-p2")
+    srv = L.popen("n1-p2", ["iperf3", "-s", "-1", "-J", "-p", "5301"], stdout=subprocess.DEVNULL)
+    procs.append(srv)
+    wait_for(lambda: L.run("n1-p2", ["ss", "-Hltn", "sport = :5301"]).stdout.strip(), 5)
+    ctl = _ctl(L, "n1")
+    before_bytes = ctl.stats()["splice_bytes"]
+    old = _agent_status(L, "n1")["tunnel"]
+    cli = L.popen(
+        "n1-p1",
+        ["iperf3", "-c", dst.ip, "-p", "5301", "-t", "8", "-i", "1", "-J", "--get-server-output"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    procs.append(cli)
+    time.sleep(2)
+    io0, b0 = _io(old["pid"]), ctl.stats()["splice_bytes"]
+    time.sleep(2)
+    io1, b1 = _io(old["pid"]), ctl.stats()["splice_bytes"]
+    moved = b1 - b0
+    assert moved > 50_000_000, moved  # the flow runs at full speed in the kernel...
+    # ...while the tunnel makes (almost) no read/write calls and reads no payload
+    syscalls = (io1["syscr"] - io0["syscr"]) + (io1["syscw"] - io0["syscw"])
+    chars = (io1["rchar"] - io0["rchar"]) + (io1["wchar"] - io0["wchar"])
+    print(f"spliced {moved} B in 2 s; tunnel syscalls {syscalls}, chars {chars}")
+    assert syscalls < 100 and chars < 64 * 1024
+    # upgrade in the middle of the flow
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tunnel",
+            "upgrade",
+            "--state-dir",
+            os.path.join(labmod.STATE_DIR, L.name, "n1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr
+    new = _agent_status(L, "n1")["tunnel"]
+    assert new["pid"] != old["pid"] and new["upgrades"] == old.get("upgrades", 0) + 1
+    # the old tunnel handed both iperf3 connections (control and data) over and exits at once
+    wait_for(lambda: not os.path.exists(f"/proc/{old['pid']}"), 20, what="old tunnel to exit")
+    assert cli.poll() is None  # ...while iperf3 was still sending
+    out, err = cli.communicate(timeout=30)
+    assert cli.returncode == 0, err
+    res = json.loads(out)
+    assert "error" not in res
+    # the server kept receiving after the upgrade: every one of its intervals carried data
+    server = res["server_output_json"]
+    iv = [x["sum"]["bytes"] for x in server["intervals"]]
+    assert len(iv) >= 7 and min(iv[:7]) > 50_000_000, iv
+    received = server["end"]["sum_received"]["bytes"]
+    # Bytes the sender wrote beyond what the receiver counted by the end of the test wait in
+    # the kernel's redirect queue (sk_psock ingress_skb), which is unbounded: see the note
+    # in agent/bpf/splice.c. They are counted as redirected already.
+    stats = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+    assert stats["adopted"] >= 2  # iperf3's control and data connections
+    assert ctl.stats()["splice_bytes"] - before_bytes >= received
+    # the successor carries new connections too
+    http_server(L, procs, dst, 8086)
+    assert _curl(L, "n1-p1", f"http://{dst.ip}:8086/", "-o", "/dev/null").returncode == 0

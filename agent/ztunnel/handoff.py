@@ -1,0 +1,139 @@
+"""Tunnel upgrade: hand spliced connections to a successor with SCM_RIGHTS.
+
+A spliced pair lives in the kernel (the SOCKHASH and the verdict program);
+the tunnel only holds its two descriptors and a little half-close state. So
+an upgrade need not drop it: the successor listens on a Unix socket in the
+node's state folder (``tunnel.handoff``) once it is ready, and the old
+tunnel, on SIGTERM, sends every pair over it -- one SOCK_SEQPACKET message
+per pair, its state as JSON and both descriptors as SCM_RIGHTS -- then
+closes its own copies. The sockets, their map entries and the bytes in
+flight never notice. (ztunnel drops these connections on an upgrade.)
+
+The message protocol, one datagram each:
+  old -> new: {"pair": {...state...}} with 2 fds, repeated; then {"end": n}
+  new -> old: {"adopted": n} (or {"error": "..."})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+
+from .. import log
+from ..bpf.splice import Splicer
+
+_log = log.get("handoff")
+
+FILE = "tunnel.handoff"
+_MAX = 64 * 1024
+
+
+def path_in(state_dir: str) -> str:
+    return os.path.join(state_dir, FILE)
+
+
+def _peer_pid(s: socket.socket) -> int:
+    cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", cred)[0]
+
+
+class Receiver:
+    """The successor's side: adopt pairs sent by a predecessor."""
+
+    def __init__(self, path: str, splicer: Splicer, stats=None):
+        self.path = path
+        self.splicer = splicer
+        self.stats = stats if stats is not None else {}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a predecessor's: from now on predecessors find us here
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(4)
+        self.sock.setblocking(False)
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        # a hand-off is a handful of small messages: take it synchronously
+        conn.settimeout(10)
+        n = 0
+        try:
+            pid = _peer_pid(conn)
+            while True:
+                msg, fds, _, _ = socket.recv_fds(conn, _MAX, 2)
+                if not msg:
+                    break
+                m = json.loads(msg)
+                if "end" in m:
+                    conn.send(json.dumps({"adopted": n}).encode())
+                    break
+                socks = [socket.socket(fileno=fd) for fd in fds]
+                if len(socks) != 2:
+                    for s in socks:
+                        s.close()
+                    raise ValueError(f"pair message with {len(socks)} descriptors")
+                self.splicer.adopt(m["pair"], socks[0], socks[1])
+                n += 1
+            self.stats["adopted"] = self.stats.get("adopted", 0) + n
+            _log.info(
+                "spliced connections adopted from predecessor", fields={"pid": pid, "pairs": n}
+            )
+        except Exception as e:
+            _log.error(f"hand-off failed after {n} pairs: {e}")
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps({"error": str(e)}).encode())
+        finally:
+            conn.close()
+
+    def close(self, unlink: bool = True) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        if unlink:
+            # only our own socket: a successor may already have replaced the path
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(self.sock.fileno()).st_ino:
+                    os.unlink(self.path)
+        self.sock.close()
+
+
+def give(path: str, splicer: Splicer, timeout: float = 10.0) -> int | None:
+    """Send every spliced pair to the successor listening at path; None when there is none.
+
+    On success our descriptors are closed (the successor holds the sockets);
+    on failure they stay ours and the caller drains them as usual.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    try:
+        if _peer_pid(s) == os.getpid():
+            return None  # the path is still our own: no successor
+        pairs = splicer.export()
+        for state, fds in pairs:
+            socket.send_fds(s, [json.dumps({"pair": state}).encode()], fds)
+        s.send(json.dumps({"end": len(pairs)}).encode())
+        reply = json.loads(s.recv(_MAX) or b"{}")
+        if reply.get("adopted") != len(pairs):
+            _log.error(f"successor did not adopt every pair: {reply}")
+            return None
+        splicer.release_all()
+        return len(pairs)
+    except (OSError, ValueError) as e:
+        _log.error(f"hand-off to successor failed: {e}")
+        return None
+    finally:
+        s.close()
