@@ -583,11 +583,36 @@ def tunnel():
     type=click.FloatRange(0, 3600),
     help="on SIGTERM, seconds open flows may go on (spliced ones go to a successor at once)",
 )
-def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only, drain):
+@click.option("--connect-timeout", default=5.0, show_default=True, help="seconds per endpoint")
+@click.option(
+    "--eject-after", default=3, show_default=True, help="consecutive connect failures to eject"
+)
+@click.option("--eject-time", default=30.0, show_default=True, help="base ejection, seconds")
+@click.option(
+    "--max-ejected", default=0.5, show_default=True, help="most of a service's endpoints ejected"
+)
+@click.option(
+    "--retries", default=2, show_default=True, help="other endpoints tried after a failed connect"
+)
+def tunnel_run(
+    node,
+    state_dir,
+    maps_dir,
+    outbound,
+    inbound,
+    registry_only,
+    drain,
+    connect_timeout,
+    eject_after,
+    eject_time,
+    max_ejected,
+    retries,
+):
     """Run the tunnel in the foreground."""
     import asyncio
     import signal
 
+    from .ztunnel.lb import LbConfig
     from .ztunnel.tunnel import Tunnel, TunnelConfig, parse_hostport
 
     cfg = TunnelConfig(
@@ -598,6 +623,8 @@ def tunnel_run(node, state_dir, maps_dir, outbound, inbound, registry_only, drai
         inbound=parse_hostport(inbound),
         registry_only=registry_only,
         drain=drain,
+        connect_timeout=connect_timeout,
+        lb=LbConfig(eject_after, eject_time, max_ejected, retries),
     )
 
     async def run():

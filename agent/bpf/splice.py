@@ -83,6 +83,7 @@ class SplicePair:
     started: float = field(default_factory=time.monotonic)
     closed: bool = False
     reason: str = ""
+    on_close: object = None  # called with the pair once it is closed (not when handed off)
 
     def other(self, side: _Side) -> _Side:
         return self.b if side is self.a else self.a
@@ -102,13 +103,14 @@ class Splicer:
     def fileno(self) -> int:
         return self.ep.fileno()
 
-    def pair(self, a: socket.socket, b: socket.socket) -> SplicePair:
+    def pair(self, a: socket.socket, b: socket.socket, on_close=None) -> SplicePair:
         """Hand a and b to the kernel; from now on their bytes never come up here."""
         for s in (a, b):
             s.setblocking(False)
         p = SplicePair(
             _Side(a, socket_cookie(a), _written(a)),
             _Side(b, socket_cookie(b), _written(b)),
+            on_close=on_close,
         )
         ck = [abi.ctypes.c_uint64(p.a.cookie), abi.ctypes.c_uint64(p.b.cookie)]
         self.pairs.update(ck[0], abi.Pair(p.b.cookie, 0))
@@ -286,6 +288,8 @@ class Splicer:
         for side in (p.a, p.b):
             side.sock.close()
         self.active -= 1
+        if p.on_close is not None:
+            p.on_close(p)
         _log.debug("splice closed", fields={"reason": reason, "a": p.a.cookie, "b": p.b.cookie})
 
     def run(self, until=lambda: False, tick: float = 0.1) -> None:

@@ -133,6 +133,7 @@ class TcpSide(asyncio.Protocol):
         self.stream: Stream | None = None
         self.pending: list[bytes] = []  # data before the stream is attached
         self.eof = False
+        self.on_close = None  # called once the connection is gone
 
     def connection_made(self, transport):
         self.transport = transport
@@ -162,6 +163,8 @@ class TcpSide(asyncio.Protocol):
 
     def connection_lost(self, exc):
         TcpSide.open -= 1
+        if self.on_close is not None:
+            self.on_close()
         if self.stream is not None and not self.stream.closed:
             self.stream.reset() if exc else self.stream.end()
 

@@ -36,7 +36,7 @@ from ..bpf.splice import Splicer, SpliceUnavailable
 from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
-from . import admin, handoff, hbone
+from . import admin, handoff, hbone, lb
 from .policy import Request, evaluate
 
 _log = log.get("tunnel")
@@ -56,6 +56,7 @@ class TunnelConfig:
     connect_timeout: float = 5.0
     readiness_port: int = 15021  # on the inbound address: /healthz/ready
     admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
+    lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
     drain: float = 30.0  # on SIGTERM: how long open flows may go on before we close them
 
 
@@ -86,7 +87,7 @@ class Tunnel:
         self.splicer = Splicer(cfg.maps_dir)
         self.pool: hbone.Pool | None = None
         self.identities: hbone.ServerIdentities | None = None
-        self.rr = Counter()
+        self.lb = lb.Balancer(cfg.lb)
         self.stats = Counter()
         self._stamp = None
         self._listening = False
@@ -175,18 +176,20 @@ class Tunnel:
         return True
 
     # ---- decisions ------------------------------------------------------------------------------------
-    def resolve(self, ip: str, port: int) -> tuple[pb.Workload | None, int, str | None]:
-        """(destination workload or None, its port, service key) for an original destination."""
+    def resolve(self, ip: str, port: int):
+        """(service or None, endpoints, destination port) for an original destination.
+
+        A VIP gives its service, its endpoints (workload keys) and the target
+        port (no endpoints: nothing can serve that port); a workload address
+        gives that workload alone.
+        """
         svc = self.state.services.get(ip)
         if svc is not None:
             sp = next((p for p in svc.ports if p.port == port), None)
-            eps = [self.state.workloads[k] for k in svc.endpoints if k in self.state.workloads]
-            if sp is None or not eps:
-                return None, port, f"{svc.namespace}/{svc.name}"
-            i = self.rr[svc.vip]
-            self.rr[svc.vip] += 1
-            return eps[i % len(eps)], sp.target_port, f"{svc.namespace}/{svc.name}"
-        return self.state.by_ip.get(ip), port, None
+            eps = [k for k in svc.endpoints if k in self.state.workloads]
+            return svc, (eps if sp else []), (sp.target_port if sp else port)
+        w = self.state.by_ip.get(ip)
+        return None, ([f"{w.namespace}/{w.name}"] if w else []), port
 
     def decide(self, dst: pb.Workload, src_identity: str | None, src_ip: str, port: int):
         return evaluate(
@@ -227,54 +230,121 @@ class Tunnel:
                 fields={"cgroup_id": cap.cgroup_id},
             )
             return _reset(sock)
-        dst, port, svc = self.resolve(cap.orig_ip, cap.orig_port)
-        if dst is None:
+        svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
+        if not eps:
             if svc is not None:
                 self.stats["no_endpoint"] += 1
+                _log.info(
+                    "service has no endpoint for this port, reset",
+                    fields={"service": f"{svc.namespace}/{svc.name}", "port": cap.orig_port},
+                )
                 return _reset(sock)
             if self.cfg.registry_only:
                 self.stats["denied_registry_only"] += 1
+                _log.info(
+                    "destination outside the mesh refused (registry-only)",
+                    fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}"},
+                )
                 return _reset(sock)
             self.stats["passthrough"] += 1
-            return await self._splice(sock, cap.orig_ip, cap.orig_port)
-        if dst.node == self.cfg.node:
+            up = await self._dial(cap.orig_ip, cap.orig_port)
+            if up is None:
+                return _reset(sock)
+            return await self._splice(sock, up)
+        skey = f"{svc.namespace}/{svc.name}" if svc else eps[0]
+        policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
+        tried: list[str] = []
+        for _ in range(1 + (self.lb.cfg.retries if svc else 0)):
+            ep = self.lb.pick(skey, policy, eps, tried) if svc else eps[0]
+            if ep is None:
+                break
+            tried.append(ep)
+            dst = self.state.workloads[ep]
             d = self.decide(dst, src.spiffe_id, sock.getpeername()[0], port)
-            if not d.allowed:
+            if dst.node == self.cfg.node and not d.allowed:
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied",
                     fields={"src": src.spiffe_id, "dst": f"{dst.ip}:{port}", "reason": d.reason},
                 )
                 return _reset(sock)
+            try:
+                done = await self._open(sock, src, dst, port, ep)
+            except _Denied as e:
+                self.stats["denied"] += 1
+                _log.info(
+                    "connection denied by the destination",
+                    fields={"src": src.spiffe_id, "dst": f"{dst.ip}:{port}", "reason": str(e)},
+                )
+                return _reset(sock)
+            if done:
+                if len(tried) > 1:
+                    self.stats["retried"] += 1
+                return
+            if svc:
+                self.lb.failed(skey, ep, eps)
+        self.stats["connect_failed"] += 1
+        _log.info(
+            "no endpoint could be connected, reset",
+            fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}", "tried": tried},
+        )
+        _reset(sock)
+
+    async def _open(self, sock, src: pb.Workload, dst: pb.Workload, port: int, ep: str) -> bool:
+        """Connect the flow to dst; False when the connect failed (nothing was forwarded)."""
+        if dst.node == self.cfg.node:
+            up = await self._dial(dst.ip, port)
+            if up is None:
+                return False
+            self.lb.opened(ep)
             self.stats["splice"] += 1
-            return await self._splice(sock, dst.ip, port)
+            await self._splice(sock, up, lambda *_: self.lb.closed(ep))
+            return True
         node_addr = self.state.nodes.get(dst.node)
         if not node_addr:
             self.stats["no_node"] += 1
-            return _reset(sock)
-        conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
-        stream = await conn.connect(f"{dst.ip}:{port}", timeout=self.cfg.connect_timeout)
+            return False
+        try:
+            conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
+            stream = await conn.connect(f"{dst.ip}:{port}", timeout=self.cfg.connect_timeout)
+        except hbone.HboneError as e:
+            if " 403" in str(e):
+                raise _Denied(str(e)) from None
+            _log.info(f"HBONE to {dst.ip}:{port} failed: {e}")
+            return False
+        except TimeoutError:
+            _log.info(f"HBONE CONNECT to {dst.ip}:{port} timed out")
+            return False
         _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
+        self.lb.opened(ep)
+        side.on_close = lambda: self.lb.closed(ep)
         side.attach(stream)
         self.stats["hbone"] += 1
+        return True
 
-    async def _splice(self, down: socket.socket, ip: str, port: int) -> None:
+    async def _dial(self, ip: str, port: int) -> socket.socket | None:
         up = _tunnel_socket()
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.sock_connect(up, (ip, port)), self.cfg.connect_timeout)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(up, (ip, port)), self.cfg.connect_timeout
+            )
+            return up
         except (OSError, TimeoutError) as e:
             up.close()
-            self.stats["connect_failed"] += 1
-            _log.info(f"connect to {ip}:{port} failed: {e}")
-            return _reset(down)
+            _log.info(f"connect to {ip}:{port} failed: {e or 'timeout'}")
+            return None
+
+    async def _splice(self, down: socket.socket, up: socket.socket, on_close=None) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.splicer.pair(down, up)
+            self.splicer.pair(down, up, on_close)
         except SpliceUnavailable:
             # the client already half-closed: relay this one in user space
             self.stats["relayed"] += 1
             _, a = await loop.connect_accepted_socket(hbone.TcpSide, down)
             _, b = await loop.connect_accepted_socket(hbone.TcpSide, up)
+            if on_close is not None:
+                a.on_close = on_close
             _couple(a, b)
 
     # ---- inbound --------------------------------------------------------------------------------------------
@@ -418,7 +488,7 @@ class Tunnel:
             {
                 "/config_dump": self.config_dump,
                 "/connections": self.connections,
-                "/stats": lambda: (200, dict(self.stats)),
+                "/stats": lambda: (200, {**self.stats, "lb": self.lb.snapshot()}),
                 "/healthz/ready": self.ready,
             },
         )
@@ -495,6 +565,10 @@ def _write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+class _Denied(Exception):
+    """The destination's tunnel refused the flow by policy (HBONE 403)."""
 
 
 def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:

@@ -13,7 +13,7 @@ import pytest
 from agent.bpf.loader import Datapath, DatapathControl
 from agent.lab import lab as labmod
 from agent.lab import mesh
-from tests.conftest import http_server, mesh_lab, wait_for
+from tests.conftest import http_server, mesh_lab, wait_for, wait_port
 
 MARKER = "dabbawala-plaintext-marker-7f3a"
 
@@ -289,3 +289,102 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     # the successor carries new connections too
     http_server(L, procs, dst, 8086)
     assert _curl(L, "n1-p1", f"http://{dst.ip}:8086/", "-o", "/dev/null").returncode == 0
+
+
+_COUNT = r"""
+import collections, socket, sys, time
+vip, port, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "hold"
+got, socks = collections.Counter(), []
+for _ in range(n):
+    s = socket.create_connection((vip, port), timeout=5)
+    name = s.recv(100).decode().strip()
+    got[name or "EMPTY"] += 1
+    socks.append(s) if hold else s.close()
+print(" ".join(f"{k}={v}" for k, v in sorted(got.items())))
+"""
+
+
+def _spread(L, vip, n, hold=False) -> dict[str, int]:
+    r = L.run("n1-p1", ["python3", "-c", _COUNT, vip, "80", str(n), "hold" if hold else "-"])
+    return {k: int(v) for k, v in (x.split("=") for x in r.stdout.split())}
+
+
+def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
+    import json
+
+    import yaml
+
+    L, _ = tlab
+    reg = mesh.paths(L)["registry"]
+    web = ["n1-p2", "n2-p1", "n2-p2"]  # one on the client's node (splice), two across (HBONE)
+    servers = {}
+    for name in web:
+        pod = L.pod(name)
+        # each endpoint says who it is, then holds the connection a moment
+        servers[name] = L.popen(
+            name,
+            [
+                "socat",
+                f"TCP-LISTEN:9000,bind={pod.ip},fork,reuseaddr",
+                f"SYSTEM:echo {name}; sleep 3",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(servers[name])
+    lab_yaml = os.path.join(reg, "lab.yaml")
+    with open(lab_yaml) as f:
+        original = f.read()
+    docs = list(yaml.safe_load_all(original))
+    for d in docs:
+        if d["kind"] == "Workload" and d["metadata"]["name"] in web:
+            d["metadata"]["labels"]["tier"] = "web"
+
+    def service(policy):
+        with open(os.path.join(reg, "web.yaml"), "w") as f:
+            f.write(
+                "apiVersion: dabbawala.io/v1\nkind: Service\n"
+                "metadata: {name: web, namespace: default}\n"
+                "spec: {vip: 10.96.0.50, selector: {tier: web}, "
+                f"lbPolicy: {policy}, ports: [{{port: 80, targetPort: 9000}}]}}\n"
+            )
+
+    def lb_policy():
+        dump = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout)
+        return next((s["lb_policy"] for s in dump["services"] if s["name"] == "web"), None)
+
+    try:
+        with open(lab_yaml, "w") as f:
+            yaml.safe_dump_all(docs, f, sort_keys=False)
+        service("round_robin")
+        for name in web:
+            wait_port(L, name, L.pod(name).ip, 9000)
+        wait_for(lambda: lb_policy() == "round_robin", 15, what="the service to reach the tunnel")
+        # round robin: exactly in turn
+        assert _spread(L, "10.96.0.50", 30) == dict.fromkeys(web, 10)
+        # least connections: with every connection held open, each endpoint gets the same share
+        service("least_connections")
+        wait_for(lambda: lb_policy() == "least_connections", 15, what="least_connections")
+        assert _spread(L, "10.96.0.50", 9, hold=True) == dict.fromkeys(web, 3)
+        # random: every endpoint gets some of 60 (all three have p > 1 - 1e-4)
+        service("random")
+        wait_for(lambda: lb_policy() == "random", 15, what="random")
+        got = _spread(L, "10.96.0.50", 60)
+        assert set(got) == set(web) and sum(got.values()) == 60 and min(got.values()) >= 5, got
+        # kill one endpoint: no client connection fails; it is ejected after 3 failures
+        service("round_robin")
+        wait_for(lambda: lb_policy() == "round_robin", 15, what="round_robin again")
+        servers["n2-p2"].kill()
+        servers["n2-p2"].wait(5)
+        before = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+        got = _spread(L, "10.96.0.50", 30)
+        assert sum(got.values()) == 30 and "n2-p2" not in got, got  # every client succeeded
+        after = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+        lb = after["lb"]
+        assert list(lb["ejected"]) == ["default/n2-p2"], lb
+        assert lb.get("connect_failures", 0) - before["lb"].get("connect_failures", 0) == 3
+        assert after.get("retried", 0) - before.get("retried", 0) == 3
+    finally:
+        with open(lab_yaml, "w") as f:
+            f.write(original)
+        os.unlink(os.path.join(reg, "web.yaml"))
