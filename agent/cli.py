@@ -594,7 +594,14 @@ def tunnel():
 @click.option(
     "--retries", default=2, show_default=True, help="other endpoints tried after a failed connect"
 )
+@click.option(
+    "--policy-recheck/--no-policy-recheck",
+    default=True,
+    show_default=True,
+    help="on a policy change, also close established flows the new policy denies",
+)
 def tunnel_run(
+    policy_recheck,
     node,
     state_dir,
     maps_dir,
@@ -624,6 +631,7 @@ def tunnel_run(
         registry_only=registry_only,
         drain=drain,
         connect_timeout=connect_timeout,
+        policy_recheck=policy_recheck,
         lb=LbConfig(eject_after, eject_time, max_ejected, retries),
     )
 

@@ -267,6 +267,17 @@ class Splicer:
             pass
         self._close(p, f"reset ({why})")
 
+    def kill(self, p: SplicePair, why: str) -> None:
+        """Reset both connections of a pair (e.g. a policy now denies it)."""
+        if p.closed:
+            return
+        for side in (p.a, p.b):
+            try:
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("=ii", 1, 0))
+            except OSError:
+                pass
+        self._close(p, f"reset ({why})")
+
     def _forget(self, p: SplicePair) -> None:
         for side in (p.a, p.b):
             self.pairs.delete(abi.ctypes.c_uint64(side.cookie))

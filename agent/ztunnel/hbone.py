@@ -22,7 +22,12 @@ END_STREAM; a reset on either side resets the other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +44,7 @@ from ..control import ca as camod
 
 _log = log.get("hbone")
 
+MAX_STREAMS = 100_000  # per connection; descriptors are the real bound
 WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
 MAX_FRAME = 256 * 1024
 TCP_HIGH_WATER = 4 * 1024 * 1024
@@ -120,6 +126,17 @@ class ServerIdentities:
         return None
 
 
+def rst(transport: asyncio.BaseTransport) -> None:
+    """Close a TCP transport with a reset (SO_LINGER 0), so its peer sees a reset, not an EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
 # ---- the TCP side of a flow ---------------------------------------------------------------------
 
 
@@ -148,6 +165,16 @@ class TcpSide(asyncio.Protocol):
         self.pending.clear()
         if self.eof:
             stream.end()
+        # what the peer sent before we were attached (a server that speaks first)
+        if stream.early:
+            for chunk in stream.early:
+                self.transport.write(chunk)
+            stream.early.clear()
+            stream.conn.ack_pending(stream)
+        if stream.early_end:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            stream.conn._maybe_done(stream)
 
     def data_received(self, data: bytes):
         if self.stream is None:
@@ -196,9 +223,13 @@ class Stream:
     unacked: int = 0  # received bytes written to TCP but not yet acknowledged
     bytes_in: int = 0
     bytes_out: int = 0
+    source: str | None = None  # the client workload's address, from Forwarded: for=
+    early: list = None  # data received before a TCP side was attached
+    early_end: bool = False  # the peer ended the stream before that
 
     def __post_init__(self):
         self.outbuf = bytearray()
+        self.early = []
 
     def send(self, data: bytes) -> None:
         if self.outbuf:  # keep order behind what already waits for window
@@ -247,7 +278,7 @@ class H2Connection(asyncio.Protocol):
             {
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10000,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
             }
         )
         self.h2.increment_flow_control_window(WINDOW - 65535)
@@ -270,7 +301,7 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc):
         for s in list(self.streams.values()):
             if s.tcp and s.tcp.transport:
-                s.tcp.transport.abort()
+                rst(s.tcp.transport)
             s.closed = True
         self.streams.clear()
         if not self.closed.done():
@@ -285,8 +316,15 @@ class H2Connection(asyncio.Protocol):
     def handle(self, ev):
         if isinstance(ev, h2.events.DataReceived):
             s = self.streams.get(ev.stream_id)
-            if s is None or s.tcp is None:
+            if s is None:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                return
+            if (
+                s.tcp is None
+            ):  # not attached yet: keep it (unacknowledged, so bounded by the window)
+                s.bytes_in += len(ev.data)
+                s.early.append(ev.data)
+                s.unacked += ev.flow_controlled_length
                 return
             s.bytes_in += len(ev.data)
             s.tcp.transport.write(ev.data)
@@ -294,6 +332,9 @@ class H2Connection(asyncio.Protocol):
             self.ack_pending(s)
         elif isinstance(ev, h2.events.StreamEnded):
             s = self.streams.get(ev.stream_id)
+            if s is not None and s.tcp is None:
+                s.early_end = True
+                return
             if s and s.tcp and s.tcp.transport and s.tcp.transport.can_write_eof():
                 s.tcp.transport.write_eof()
             self._maybe_done(s)
@@ -302,7 +343,7 @@ class H2Connection(asyncio.Protocol):
             if s:
                 s.closed = True
                 if s.tcp and s.tcp.transport:
-                    s.tcp.transport.abort()
+                    rst(s.tcp.transport)
         elif isinstance(ev, h2.events.WindowUpdated):
             targets = (
                 self.streams.values() if ev.stream_id == 0 else [self.streams.get(ev.stream_id)]
@@ -378,6 +419,20 @@ class H2Connection(asyncio.Protocol):
                 s.tcp.transport.close()
 
 
+def _forwarded_for(value) -> str | None:
+    """The for= address of a Forwarded header (RFC 7239), when it is a plain IPv4 address."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    for part in str(value).split(";"):
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "for":
+            try:
+                return str(ipaddress.IPv4Address(v.strip('"')))
+            except ValueError:
+                return None
+    return None
+
+
 def _authority_ok(authority: str) -> bool:
     """host:port with an IPv4 host and a port in range (HBONE names an address, never a name)."""
     import ipaddress
@@ -406,6 +461,27 @@ class ServerConnection(H2Connection):
             on_connect  # (authority, client SPIFFE ID, client address) -> TcpSide | refusal reason
         )
 
+    on_refused = None  # set by the Listener: called with a refusal kind
+
+    def connection_made(self, transport):
+        peer = peer_identity(transport.get_extra_info("ssl_object"))
+        if not (peer or "").startswith(f"spiffe://{self.trust_domain}/"):
+            # a valid certificate, but not a workload identity of this trust domain
+            _log.warning(
+                "HBONE client refused: not a workload of this trust domain",
+                fields={
+                    "peer": str(transport.get_extra_info("peername")),
+                    "identity": peer or "none",
+                    "trust_domain": self.trust_domain,
+                },
+            )
+            if self.on_refused:
+                self.on_refused("wrong_identity")
+            self.transport = transport
+            transport.abort()
+            return
+        super().connection_made(transport)
+
     def handle(self, ev):
         if isinstance(ev, h2.events.RequestReceived):
             headers = dict(ev.headers)
@@ -423,6 +499,7 @@ class ServerConnection(H2Connection):
                 self.h2.send_headers(ev.stream_id, [(":status", "400")], end_stream=True)
                 return
             s = Stream(self, ev.stream_id, headers[":authority"])
+            s.source = _forwarded_for(headers.get("forwarded", ""))
             self.streams[ev.stream_id] = s
             asyncio.ensure_future(self._open(s))
             return
@@ -434,7 +511,10 @@ class ServerConnection(H2Connection):
             if not (self.peer_id or "").startswith(f"spiffe://{self.trust_domain}/"):
                 result = f"denied: client identity {self.peer_id or 'none'} is not of trust domain {self.trust_domain}"
             else:
-                result = await self.on_connect(s.authority, self.peer_id, peer[0] if peer else "")
+                # the workload's own address, as its node's tunnel vouches (like ztunnel's
+                # Forwarded header); the peer node's address when none was sent
+                src_ip = s.source or (peer[0] if peer else "")
+                result = await self.on_connect(s.authority, self.peer_id, src_ip)
         except Exception as e:  # a failing callback must not take the connection down
             result = f"internal error: {e}"
         if s.closed or self.transport.is_closing():
@@ -483,11 +563,17 @@ class ClientConnection(H2Connection):
         self.waiting.clear()
         super().connection_lost(exc)
 
-    async def connect(self, authority: str, timeout: float = 10.0) -> Stream:
+    async def connect(
+        self, authority: str, timeout: float = 10.0, source: str | None = None
+    ) -> Stream:
+        """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
         sid = self.h2.get_next_available_stream_id()
         fut = asyncio.get_running_loop().create_future()
         self.waiting[sid] = fut
-        self.h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+        headers = [(":method", "CONNECT"), (":authority", authority)]
+        if source:
+            headers.append(("forwarded", f"for={source}"))
+        self.h2.send_headers(sid, headers)
         s = Stream(self, sid, authority)
         self.streams[sid] = s
         self._write()
@@ -562,20 +648,124 @@ class Pool:
         return conn
 
 
+class Listener:
+    """The HBONE listener: accepts, then runs each TLS handshake itself so refusals are counted.
+
+    ``refused`` counts failed handshakes by kind (no_client_cert, unknown_ca,
+    expired, bad_certificate, timeout, protocol); each is logged with the peer
+    and OpenSSL's reason. A handshake that stalls is cut after
+    handshake_timeout. Running out of descriptors pauses accepting briefly
+    instead of failing.
+    """
+
+    def __init__(self, sock: socket.socket, factory, ctx: ssl.SSLContext, handshake_timeout: float):
+        self.sock = sock
+        self.sockets = [sock]
+        self.factory = factory
+        self.ctx = ctx
+        self.handshake_timeout = handshake_timeout
+        self.refused: dict[str, int] = {}
+        self.accepted = 0
+        self.handshaking = 0
+        self._task = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    _log.error(f"HBONE accept paused for 0.5 s: {e.strerror}")
+                    await asyncio.sleep(0.5)
+                    continue
+                raise
+            self.accepted += 1
+            asyncio.ensure_future(self._handshake(conn, addr))
+
+    def _refuse(self, kind: str) -> None:
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+
+    def _make(self):
+        c = self.factory()
+        c.on_refused = self._refuse
+        return c
+
+    async def _handshake(self, conn: socket.socket, addr) -> None:
+        loop = asyncio.get_running_loop()
+        self.handshaking += 1
+        try:
+            await loop.connect_accepted_socket(
+                self._make, conn, ssl=self.ctx, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
+            kind = refusal_kind(e)
+            self._refuse(kind)
+            _log.warning(
+                "HBONE handshake refused",
+                fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
+            )
+            with contextlib.suppress(OSError):
+                conn.close()
+        finally:
+            self.handshaking -= 1
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.sock.close()
+
+
+def _reason(e: BaseException) -> str:
+    return (
+        getattr(e, "verify_message", None)
+        or getattr(e, "reason", None)
+        or str(e)
+        or type(e).__name__
+    )
+
+
+def refusal_kind(e: BaseException) -> str:
+    """A short, bounded name for why a TLS handshake failed (a metric label)."""
+    text = f"{getattr(e, 'reason', '')} {getattr(e, 'verify_message', '')} {e}".lower()
+    if "did_not_return_a_certificate" in text or "certificate required" in text:
+        return "no_client_cert"
+    if "expired" in text:
+        return "expired"
+    if (
+        "unknown ca" in text
+        or "local issuer" in text
+        or "self-signed" in text
+        or "self signed" in text
+    ):
+        return "unknown_ca"
+    if "certificate" in text:
+        return "bad_certificate"
+    if isinstance(e, TimeoutError) or "taking longer" in text or "timed out" in text:
+        return "timeout"
+    if isinstance(e, ConnectionError | EOFError):
+        return "closed_by_peer"
+    return "protocol"
+
+
 async def serve(
     host: str,
     port: int,
     identities: ServerIdentities,
     on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
-) -> asyncio.base_events.Server:
+    handshake_timeout: float = 10.0,
+) -> Listener:
     """Listen for HBONE; on_connect(authority, client id, client ip) returns a connected TcpSide or a refusal."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a successor binds it too
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return Listener(
+        sock,
         lambda: ServerConnection(identities.trust_domain, on_connect),
-        host,
-        port,
-        ssl=identities.default,
-        reuse_port=True,
+        identities.default,
+        handshake_timeout,
     )
 
 

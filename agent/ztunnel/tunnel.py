@@ -54,9 +54,11 @@ class TunnelConfig:
     inbound: tuple[str, int]  # HBONE listener
     registry_only: bool = False
     connect_timeout: float = 5.0
+    handshake_timeout: float = 10.0  # inbound TLS handshakes that stall are cut after this
     readiness_port: int = 15021  # on the inbound address: /healthz/ready
     admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
     lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
+    policy_recheck: bool = True  # a policy change also closes established flows it denies
     drain: float = 30.0  # on SIGTERM: how long open flows may go on before we close them
 
 
@@ -91,6 +93,8 @@ class Tunnel:
         self.stats = Counter()
         self._stamp = None
         self._listening = False
+        self.listener: hbone.Listener | None = None
+        self.enforced: dict[int, _Enforced] = {}  # flows this tunnel decided, for policy recheck
 
     # ---- state ------------------------------------------------------------------------------------
     def _cert_files(self, spiffe_id: str) -> tuple[str, str]:
@@ -148,7 +152,10 @@ class Tunnel:
             svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
             if os.path.exists(svid):
                 ids.set(w.spiffe_id, svid, svid)
+        old_policies = self.state.policies
         self.state, self._stamp = st, stamp
+        if self.cfg.policy_recheck and st.policies != old_policies:
+            self.recheck()
         if self.identities is None:
             self.identities = ids
         else:  # the listener keeps its default context; swap the per-identity ones in place
@@ -174,6 +181,36 @@ class Tunnel:
             },
         )
         return True
+
+    def recheck(self) -> int:
+        """Close established flows that the current policy denies; returns how many."""
+        closed = 0
+        for key, f in list(self.enforced.items()):
+            dst = self.state.workloads.get(f.dst)
+            d = self.decide(dst, f.src_identity, f.src_ip, f.port) if dst is not None else None
+            if d is not None and d.allowed:
+                continue
+            reason = d.reason if d else f"workload {f.dst} is gone"
+            _log.info(
+                "established flow closed: policy now denies it",
+                fields={
+                    "src": f.src_identity or f.src_ip,
+                    "dst": f"{f.dst}:{f.port}",
+                    "reason": reason,
+                },
+            )
+            self.enforced.pop(key, None)
+            f.close()
+            closed += 1
+        self.stats["recheck_closed"] += closed
+        return closed
+
+    def _track(self, src_identity, src_ip, dst: pb.Workload, port: int, close) -> int:
+        key = id(close)
+        self.enforced[key] = _Enforced(
+            src_identity, src_ip, f"{dst.namespace}/{dst.name}", port, close
+        )
+        return key
 
     # ---- decisions ------------------------------------------------------------------------------------
     def resolve(self, ip: str, port: int):
@@ -298,7 +335,15 @@ class Tunnel:
                 return False
             self.lb.opened(ep)
             self.stats["splice"] += 1
-            await self._splice(sock, up, lambda *_: self.lb.closed(ep))
+            src_ip = sock.getpeername()[0]
+            flow = _Closer()
+
+            def done(*_):
+                self.lb.closed(ep)
+                self.enforced.pop(key, None)
+
+            key = self._track(src.spiffe_id, src_ip, dst, port, flow)
+            flow.target = await self._splice(sock, up, done)
             return True
         node_addr = self.state.nodes.get(dst.node)
         if not node_addr:
@@ -306,7 +351,11 @@ class Tunnel:
             return False
         try:
             conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
-            stream = await conn.connect(f"{dst.ip}:{port}", timeout=self.cfg.connect_timeout)
+            stream = await conn.connect(
+                f"{dst.ip}:{port}",
+                timeout=self.cfg.connect_timeout,
+                source=sock.getpeername()[0],
+            )
         except hbone.HboneError as e:
             if " 403" in str(e):
                 raise _Denied(str(e)) from None
@@ -334,10 +383,11 @@ class Tunnel:
             _log.info(f"connect to {ip}:{port} failed: {e or 'timeout'}")
             return None
 
-    async def _splice(self, down: socket.socket, up: socket.socket, on_close=None) -> None:
+    async def _splice(self, down: socket.socket, up: socket.socket, on_close=None):
         loop = asyncio.get_running_loop()
         try:
-            self.splicer.pair(down, up, on_close)
+            p = self.splicer.pair(down, up, on_close)
+            return lambda: self.splicer.kill(p, "policy")
         except SpliceUnavailable:
             # the client already half-closed: relay this one in user space
             self.stats["relayed"] += 1
@@ -346,6 +396,7 @@ class Tunnel:
             if on_close is not None:
                 a.on_close = on_close
             _couple(a, b)
+            return lambda: (hbone.rst(a.transport), hbone.rst(b.transport))
 
     # ---- inbound --------------------------------------------------------------------------------------------
     async def _inbound(self, authority: str, client_id: str | None, client_ip: str):
@@ -372,6 +423,14 @@ class Tunnel:
             return f"connect to {authority} failed: {e}"
         _, side = await loop.connect_accepted_socket(hbone.TcpSide, up)
         self.stats["inbound"] += 1
+
+        def close():
+            if side.stream is not None and not side.stream.closed:
+                side.stream.reset()
+            hbone.rst(side.transport)
+
+        key = self._track(client_id, client_ip, dst, port, close)
+        side.on_close = lambda: self.enforced.pop(key, None)
         return side
 
     # ---- operations -------------------------------------------------------------------------------------
@@ -463,6 +522,16 @@ class Tunnel:
             "splice_pairs": self.splicer.active,
         }
 
+    def stats_doc(self) -> tuple[int, dict]:
+        doc = {**self.stats, "lb": self.lb.snapshot(), "enforced_flows": len(self.enforced)}
+        if self.listener is not None:
+            doc["hbone_refused"] = dict(self.listener.refused)
+            doc["hbone_accepted"] = self.listener.accepted
+            doc["hbone_handshaking"] = self.listener.handshaking
+        doc["splice_pairs"] = self.splicer.active
+        doc["relayed_sides"] = hbone.TcpSide.open
+        return 200, doc
+
     # ---- run --------------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -475,8 +544,13 @@ class Tunnel:
         ls.bind(self.cfg.outbound)
         ls.listen(4096)
         ls.setblocking(False)
-        inbound = await hbone.serve(
-            self.cfg.inbound[0], self.cfg.inbound[1], self.identities, self._inbound
+        _raise_nofile()
+        inbound = self.listener = await hbone.serve(
+            self.cfg.inbound[0],
+            self.cfg.inbound[1],
+            self.identities,
+            self._inbound,
+            handshake_timeout=self.cfg.handshake_timeout,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
         readiness = await admin.serve(
@@ -488,7 +562,7 @@ class Tunnel:
             {
                 "/config_dump": self.config_dump,
                 "/connections": self.connections,
-                "/stats": lambda: (200, {**self.stats, "lb": self.lb.snapshot()}),
+                "/stats": self.stats_doc,
                 "/healthz/ready": self.ready,
             },
         )
@@ -560,11 +634,43 @@ class Tunnel:
                     c.transport.close()
 
 
+def _raise_nofile() -> None:
+    """Every flow holds descriptors: lift the soft limit to the hard one (10,000s of flows)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        _log.info("open-file limit raised", fields={"from": soft, "to": want})
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@dataclass
+class _Enforced:
+    """An established flow this tunnel let through as its destination's enforcement point."""
+
+    src_identity: str | None
+    src_ip: str
+    dst: str  # namespace/name
+    port: int
+    close: object  # callable: reset both ends
+
+
+class _Closer:
+    """Closes a flow whose closing function is known only after it was set up."""
+
+    target = None
+
+    def __call__(self):
+        if self.target is not None:
+            self.target()
 
 
 class _Denied(Exception):
@@ -589,7 +695,7 @@ def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:
                 self.out.transport.write_eof()
 
         def reset(self):
-            self.out.transport.abort()
+            hbone.rst(self.out.transport)
 
         def ack_pending(self, _):
             pass

@@ -133,17 +133,61 @@ def test_policy_from_the_registry_denies_then_allows(tlab, procs):
     )
 
 
-def test_hbone_port_refuses_a_client_without_certificate(tlab):
-    """openssl s_client without a client certificate: TLS 1.3 checks it after the server's
-    Finished, so the refusal comes as the alert or a reset on the first read, never as data."""
-    L, _ = tlab
-    n2 = L.node("n2")
+def _s_client(L, node_ip: str, cert=None, key=None) -> str:
+    tls = f"-cert {cert} -key {key}" if cert else ""
     script = (
         "(printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'; sleep 2) | "
-        f"openssl s_client -connect {n2.ip}:15008 -tls1_3 -alpn h2 -servername sa-n2-p1.default.hbone.dabba 2>&1"
+        f"openssl s_client -connect {node_ip}:15008 -tls1_3 -alpn h2 "
+        f"-servername sa-n2-p1.default.hbone.dabba {tls} 2>&1 | cat -v"
     )
-    out = L.run("n1", ["sh", "-c", script], check=False, timeout=30).stdout
-    assert "alert certificate required" in out or "read:errno=104" in out, out[-800:]
+    return L.run("n1", ["sh", "-c", script], check=False, timeout=30).stdout
+
+
+def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp_path):
+    """No certificate, another CA, expired, and a valid one of the wrong identity: each refused,
+    each counted under its own kind; a valid workload certificate is not."""
+    import datetime
+    import json
+
+    from agent.control.ca import CA
+
+    L, _ = tlab
+    n2 = L.node("n2")
+    ours = CA.load_or_create(mesh.paths(L)["control"], "cluster.local")
+    other = CA.load_or_create(str(tmp_path / "other"), "cluster.local")
+    me = "spiffe://cluster.local/ns/default/sa/sa-n1-p1"
+    hour = datetime.timedelta(hours=1)
+    certs = {
+        "unknown_ca": other.issue_server(me, [], hour),
+        "expired": ours.issue_server(me, [], datetime.timedelta(seconds=-30)),
+        "wrong_identity": ours.issue_server("spiffe://evil.example/ns/default/sa/x", [], hour),
+        "valid": ours.issue_server(me, [], hour),
+    }
+    files = {}
+    for kind, (issued, key) in certs.items():
+        (tmp_path / f"{kind}.pem").write_bytes(issued.chain_pem)
+        (tmp_path / f"{kind}.key").write_bytes(key)
+        files[kind] = (tmp_path / f"{kind}.pem", tmp_path / f"{kind}.key")
+
+    def refused():
+        r = L.run("n2", ["curl", "-s", "http://127.0.0.1:15000/stats"])
+        return json.loads(r.stdout).get("hbone_refused", {})
+
+    for kind in ("no_client_cert", "unknown_ca", "expired", "wrong_identity", "valid"):
+        before = refused()
+        out = _s_client(L, n2.ip, *(files.get(kind) or ()))
+        after = (
+            wait_for(lambda b=before: (a := refused()) != b and a, 5, what=f"{kind} counted")
+            if kind != "valid"
+            else refused()
+        )
+        changed = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+        changed = {k: v for k, v in changed.items() if v}
+        if kind == "valid":
+            assert changed == {}, changed  # the handshake went through
+            assert "Verify return code" in out
+        else:
+            assert changed == {kind: 1}, (kind, changed, out[-600:])
 
 
 def test_agent_restarts_a_crashed_tunnel_and_capture_never_falls_back_to_plaintext(tlab, procs):

@@ -215,3 +215,33 @@ def test_garbage_after_handshake_closes_that_connection_only(pki):
 
     closed, (h, g, n) = asyncio.run(go())
     assert n == 100_000 and h == g
+
+
+def test_a_server_that_speaks_first_and_closes_loses_nothing(pki):
+    """Bytes and the end of stream that arrive before the flow's TCP side is attached are kept."""
+    ca, files, _ = pki
+
+    async def go():
+        echo, _, _, srv, port, pool, _ = await _setup(ca, files)
+
+        async def greet(r, w):
+            w.write(b"220 hello from a server-first protocol\r\n")
+            await w.drain()
+            w.close()
+
+        greeter = await asyncio.start_server(greet, "127.0.0.1", 0)
+        gport = greeter.sockets[0].getsockname()[1]
+        conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+        stream = await conn.connect(f"127.0.0.1:{gport}")
+        await asyncio.sleep(0.3)  # the greeting and the end arrive before we attach
+        assert stream.early and stream.early_end
+        a, b = socket.socketpair()
+        _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, a)
+        side.attach(stream)
+        r, _ = await asyncio.open_connection(sock=b)
+        got = await asyncio.wait_for(r.read(), 5)
+        for s in (srv, echo, greeter):
+            s.close()
+        return got
+
+    assert asyncio.run(go()) == b"220 hello from a server-first protocol\r\n"
