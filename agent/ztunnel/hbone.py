@@ -28,6 +28,7 @@ import ipaddress
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -162,6 +163,8 @@ class TcpSide(asyncio.Protocol):
         stream.tcp = self
         for chunk in self.pending:
             stream.send(chunk)
+        if self.pending and self.transport and not self.eof:
+            self.transport.resume_reading()
         self.pending.clear()
         if self.eof:
             stream.end()
@@ -179,6 +182,8 @@ class TcpSide(asyncio.Protocol):
     def data_received(self, data: bytes):
         if self.stream is None:
             self.pending.append(data)
+            if sum(map(len, self.pending)) > TCP_HIGH_WATER:
+                self.transport.pause_reading()  # until the flow is attached
         else:
             self.stream.send(data)
 
@@ -266,6 +271,7 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.closed = asyncio.get_event_loop().create_future()
         self.peer_id: str | None = None
+        self.last_active = time.monotonic()
 
     # -- transport callbacks --
     def connection_made(self, transport):
@@ -294,8 +300,17 @@ class H2Connection(asyncio.Protocol):
             self._write()
             self.transport.close()
             return
-        for ev in events:
-            self.handle(ev)
+        self.last_active = time.monotonic()
+        try:
+            for ev in events:
+                self.handle(ev)
+        except Exception as e:  # whatever a peer sends, it takes down this connection only
+            _log.warning(
+                f"HBONE connection closed after an unexpected frame sequence: {e!r}",
+                fields={"peer": self.peer_id},
+            )
+            self.transport.abort()
+            return
         self._write()
 
     def connection_lost(self, exc):
@@ -462,6 +477,22 @@ class ServerConnection(H2Connection):
         )
 
     on_refused = None  # set by the Listener: called with a refusal kind
+    idle_timeout = 300.0  # a connection without streams and without bytes this long is closed
+
+    def _check_idle(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        idle = time.monotonic() - self.last_active
+        if not self.streams and idle >= self.idle_timeout:
+            _log.info(
+                "idle HBONE connection closed",
+                fields={"peer": self.peer_id, "idle_s": round(idle)},
+            )
+            self.h2.close_connection()
+            self._write()
+            self.transport.close()
+            return
+        asyncio.get_running_loop().call_later(max(1.0, self.idle_timeout - idle), self._check_idle)
 
     def connection_made(self, transport):
         peer = peer_identity(transport.get_extra_info("ssl_object"))
@@ -481,6 +512,7 @@ class ServerConnection(H2Connection):
             transport.abort()
             return
         super().connection_made(transport)
+        asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle)
 
     def handle(self, ev):
         if isinstance(ev, h2.events.RequestReceived):
@@ -665,6 +697,7 @@ class Listener:
         self.ctx = ctx
         self.handshake_timeout = handshake_timeout
         self.refused: dict[str, int] = {}
+        self._log_window, self._logged, self._suppressed = 0.0, 0, 0
         self.accepted = 0
         self.handshaking = 0
         self._task = asyncio.ensure_future(self._accept())
@@ -701,10 +734,22 @@ class Listener:
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
             kind = refusal_kind(e)
             self._refuse(kind)
-            _log.warning(
-                "HBONE handshake refused",
-                fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
-            )
+            now = time.monotonic()
+            if now - self._log_window >= 1.0:
+                if self._suppressed:
+                    _log.warning(
+                        f"{self._suppressed} more HBONE handshakes refused in the last second",
+                        fields={"refused": dict(self.refused)},
+                    )
+                self._log_window, self._logged, self._suppressed = now, 0, 0
+            if self._logged < 5:  # a flood of bad clients must not flood the log
+                self._logged += 1
+                _log.warning(
+                    "HBONE handshake refused",
+                    fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
+                )
+            else:
+                self._suppressed += 1
             with contextlib.suppress(OSError):
                 conn.close()
         finally:
