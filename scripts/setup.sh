@@ -37,6 +37,7 @@ apt_pkgs=(
 	python3-venv python3-dev       # the virtual environment
 	iproute2 iputils-ping procps psmisc         # ip netns/link, ps, fuser
 	curl openssl wrk iperf3 nghttp2-client tcpdump socat
+	nginx-light                    # the benchmarks' and load tests' HTTP server (run in pods only)
 	clang-format make git ca-certificates
 )
 missing=()
@@ -47,7 +48,20 @@ if [ ${#missing[@]} -gt 0 ]; then
 	log "installing Debian packages: ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
 	apt_update_once
+	# Packages with services (nginx) must not start one on the host: we run them in pods only.
+	own_policy=0
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+		chmod 755 /usr/sbin/policy-rc.d
+		own_policy=1
+	fi
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	[ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+	if printf '%s\n' "${missing[@]}" | grep -qx nginx-light && command -v systemctl >/dev/null &&
+		[ -d /run/systemd/system ]; then
+		systemctl disable --now nginx >/dev/null 2>&1 || true
+		log "nginx installed for the lab's pods; its host service is disabled"
+	fi
 else
 	log "Debian packages: all present"
 fi

@@ -45,6 +45,7 @@ from ..control import ca as camod
 
 _log = log.get("hbone")
 
+MAX_HANDSHAKES = 256  # TLS handshakes in progress at once on the HBONE listener
 MAX_STREAMS = 100_000  # per connection; descriptors are the real bound
 WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
 MAX_FRAME = 256 * 1024
@@ -267,6 +268,13 @@ class H2Connection(asyncio.Protocol):
             validate_inbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=cfg)
+        # Our own limit on the peer's concurrent streams applies from the first frame: h2's
+        # default (100) would otherwise hold until the peer acknowledges our SETTINGS, and a
+        # burst of new flows on a fresh connection would be a protocol error.
+        self.h2.local_settings = h2.settings.Settings(
+            client=self.client_side,
+            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS},
+        )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.closed = asyncio.get_event_loop().create_future()
@@ -553,17 +561,26 @@ class ServerConnection(H2Connection):
             if isinstance(result, TcpSide) and result.transport:
                 result.transport.abort()
             return
-        if isinstance(result, str):
-            status = "403" if result.startswith("denied") else "503"
-            self.h2.send_headers(
-                s.stream_id, [(":status", status), ("dabba-reason", result[:200])], end_stream=True
-            )
-            self.streams.pop(s.stream_id, None)
+        try:
+            if isinstance(result, str):
+                status = "403" if result.startswith("denied") else "503"
+                self.streams.pop(s.stream_id, None)
+                self.h2.send_headers(
+                    s.stream_id,
+                    [(":status", status), ("dabba-reason", result[:200])],
+                    end_stream=True,
+                )
+                self._write()
+                return
+            self.h2.send_headers(s.stream_id, [(":status", "200")])
+            result.attach(s)
             self._write()
-            return
-        self.h2.send_headers(s.stream_id, [(":status", "200")])
-        result.attach(s)
-        self._write()
+        except Exception as e:  # the peer closed or broke the stream meanwhile
+            _log.info(f"HBONE stream {s.stream_id} gone before it was answered: {e!r}")
+            self.streams.pop(s.stream_id, None)
+            s.closed = True
+            if isinstance(result, TcpSide) and result.transport:
+                rst(result.transport)
 
 
 class ClientConnection(H2Connection):
@@ -696,6 +713,7 @@ class Listener:
         self.factory = factory
         self.ctx = ctx
         self.handshake_timeout = handshake_timeout
+        self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self.refused: dict[str, int] = {}
         self._log_window, self._logged, self._suppressed = 0.0, 0, 0
         self.accepted = 0
@@ -726,10 +744,20 @@ class Listener:
 
     async def _handshake(self, conn: socket.socket, addr) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handshake_timeout
         self.handshaking += 1
+        acquired = False
         try:
+            # asyncio gives every TLS connection a 256 KiB buffer: bound how many handshakes
+            # run at once, so 10,000 stalled clients cost sockets, not gigabytes. The
+            # timeout counts from accept, queueing included.
+            await asyncio.wait_for(self._slots.acquire(), deadline - loop.time())
+            acquired = True
             await loop.connect_accepted_socket(
-                self._make, conn, ssl=self.ctx, ssl_handshake_timeout=self.handshake_timeout
+                self._make,
+                conn,
+                ssl=self.ctx,
+                ssl_handshake_timeout=max(0.1, deadline - loop.time()),
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
             kind = refusal_kind(e)
@@ -754,6 +782,8 @@ class Listener:
                 conn.close()
         finally:
             self.handshaking -= 1
+            if acquired:
+                self._slots.release()
 
     def close(self) -> None:
         self._task.cancel()

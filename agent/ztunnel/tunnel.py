@@ -639,10 +639,15 @@ def _raise_nofile() -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    for want, new_hard in ((1 << 20, 1 << 20), (hard, hard)):  # root may raise the hard limit
+        if want == resource.RLIM_INFINITY or soft >= want:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(new_hard, hard)))
+        except (ValueError, OSError):
+            continue
         _log.info("open-file limit raised", fields={"from": soft, "to": want})
+        return
 
 
 def _write_atomic(path: str, text: str) -> None:
