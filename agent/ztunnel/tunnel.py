@@ -37,6 +37,7 @@ from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
 from . import admin, handoff, hbone, lb
+from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
 
 _log = log.get("tunnel")
@@ -56,6 +57,7 @@ class TunnelConfig:
     connect_timeout: float = 5.0
     handshake_timeout: float = 10.0  # inbound TLS handshakes that stall are cut after this
     readiness_port: int = 15021  # on the inbound address: /healthz/ready
+    metrics_port: int = 15020  # on the inbound address: Prometheus /metrics
     admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
     lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
     policy_recheck: bool = True  # a policy change also closes established flows it denies
@@ -90,6 +92,7 @@ class Tunnel:
         self.pool: hbone.Pool | None = None
         self.identities: hbone.ServerIdentities | None = None
         self.lb = lb.Balancer(cfg.lb)
+        self.metrics = TunnelMetrics(self)
         self.stats = Counter()
         self._stamp = None
         self._listening = False
@@ -287,7 +290,8 @@ class Tunnel:
             up = await self._dial(cap.orig_ip, cap.orig_port)
             if up is None:
                 return _reset(sock)
-            return await self._splice(sock, up)
+            count_close = self._count_open([istio_labels("source", src, None, None, "none")])
+            return await self._splice(sock, up, lambda *_: count_close())
         skey = f"{svc.namespace}/{svc.name}" if svc else eps[0]
         policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
         tried: list[str] = []
@@ -306,7 +310,7 @@ class Tunnel:
                 )
                 return _reset(sock)
             try:
-                done = await self._open(sock, src, dst, port, ep)
+                done = await self._open(sock, src, dst, port, ep, svc)
             except _Denied as e:
                 self.stats["denied"] += 1
                 _log.info(
@@ -327,7 +331,20 @@ class Tunnel:
         )
         _reset(sock)
 
-    async def _open(self, sock, src: pb.Workload, dst: pb.Workload, port: int, ep: str) -> bool:
+    def _count_open(self, keys: list[tuple]):
+        """Count a flow opened under each Istio label set; returns what counts its close."""
+        for k in keys:
+            self.metrics.opened[k] += 1
+
+        def closed():
+            for k in keys:
+                self.metrics.closed[k] += 1
+
+        return closed
+
+    async def _open(
+        self, sock, src: pb.Workload, dst: pb.Workload, port: int, ep: str, svc=None
+    ) -> bool:
         """Connect the flow to dst; False when the connect failed (nothing was forwarded)."""
         if dst.node == self.cfg.node:
             up = await self._dial(dst.ip, port)
@@ -338,9 +355,14 @@ class Tunnel:
             src_ip = sock.getpeername()[0]
             flow = _Closer()
 
+            count_close = self._count_open(
+                [istio_labels(r, src, dst, svc, "node_local") for r in ("source", "destination")]
+            )
+
             def done(*_):
                 self.lb.closed(ep)
                 self.enforced.pop(key, None)
+                count_close()
 
             key = self._track(src.spiffe_id, src_ip, dst, port, flow)
             flow.target = await self._splice(sock, up, done)
@@ -366,7 +388,8 @@ class Tunnel:
             return False
         _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
         self.lb.opened(ep)
-        side.on_close = lambda: self.lb.closed(ep)
+        count_close = self._count_open([istio_labels("source", src, dst, svc, "mutual_tls")])
+        side.on_close = lambda: (self.lb.closed(ep), count_close())
         side.attach(stream)
         self.stats["hbone"] += 1
         return True
@@ -430,7 +453,9 @@ class Tunnel:
             hbone.rst(side.transport)
 
         key = self._track(client_id, client_ip, dst, port, close)
-        side.on_close = lambda: self.enforced.pop(key, None)
+        src = self.state.by_ip.get(client_ip)
+        count_close = self._count_open([istio_labels("destination", src, dst, None, "mutual_tls")])
+        side.on_close = lambda: (self.enforced.pop(key, None), count_close())
         return side
 
     # ---- operations -------------------------------------------------------------------------------------
@@ -556,6 +581,9 @@ class Tunnel:
         readiness = await admin.serve(
             self.cfg.inbound[0], self.cfg.readiness_port, {"/healthz/ready": self.ready}
         )
+        prom = await admin.serve(
+            self.cfg.inbound[0], self.cfg.metrics_port, {"/metrics": self.metrics.render}
+        )
         adm = await admin.serve(
             self.cfg.admin[0],
             self.cfg.admin[1],
@@ -593,6 +621,7 @@ class Tunnel:
             ls.close()
             inbound.close()
             readiness.close()
+            prom.close()
             receiver.close()
             with contextlib.suppress(OSError):
                 with open(ready) as f:

@@ -250,6 +250,24 @@ def test_readiness_and_admin_endpoints(tlab):
     assert r.returncode != 0
     r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:15000/nope"])
     assert r.stdout.endswith(" 404")
+    # Prometheus on 15020: Istio's connection counters with Istio's labels, and the tunnel's own
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = L.run("n1", ["curl", "-sf", f"http://{n1.ip}:15020/metrics"]).stdout
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    opened = [s for s in fams["istio_tcp_connections_opened"].samples if s.name.endswith("_total")]
+    cross = [
+        s
+        for s in opened
+        if s.labels["reporter"] == "source"
+        and s.labels["source_workload"] == "n1-p1"
+        and s.labels["destination_workload"] == "n2-p1"
+    ]
+    assert cross and cross[0].value >= 1
+    assert cross[0].labels["connection_security_policy"] == "mutual_tls"
+    assert cross[0].labels["source_principal"] == "cluster.local/ns/default/sa/sa-n1-p1"
+    assert cross[0].labels["request_protocol"] == "tcp"
+    assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
 
 
 def _io(pid: int) -> dict[str, int]:

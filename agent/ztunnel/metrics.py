@@ -1,0 +1,152 @@
+"""The tunnel's Prometheus metrics (15020 /metrics).
+
+Istio's L4 connection counters with Istio's names and labels, counted by the
+tunnel as it opens and closes flows (byte counters come from the kernel's
+flow records, joined by the agent: the flows issue), plus ``dabba_tunnel_*``
+for what only the tunnel knows. Labels are bounded: workloads, namespaces,
+identities and services, never ports or addresses.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+ISTIO_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_app",
+    "destination_version",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+
+def istio_labels(reporter, src, dst, svc, security: str, flags: str = "-") -> tuple:
+    """Label values for a flow; src/dst are control-plane Workload messages (or None)."""
+
+    def w(x, attr, default="unknown"):
+        return (getattr(x, attr, "") or default) if x is not None else default
+
+    def lbl(x, key):
+        return dict(x.labels).get(key, "unknown") if x is not None else "unknown"
+
+    return (
+        reporter,
+        w(src, "name"),
+        w(src, "namespace"),
+        w(src, "spiffe_id").removeprefix("spiffe://"),
+        lbl(src, "app"),
+        lbl(src, "version"),
+        w(dst, "name"),
+        w(dst, "namespace"),
+        w(dst, "spiffe_id").removeprefix("spiffe://"),
+        f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc is not None else w(dst, "name"),
+        svc.name if svc is not None else "unknown",
+        svc.namespace if svc is not None else "unknown",
+        lbl(dst, "app"),
+        lbl(dst, "version"),
+        "tcp",
+        flags,
+        security,
+    )
+
+
+class TunnelMetrics:
+    def __init__(self, tunnel):
+        self.t = tunnel
+        self.opened: Counter = Counter()
+        self.closed: Counter = Counter()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        o = CounterMetricFamily(
+            "istio_tcp_connections_opened", "TCP connections opened", labels=ISTIO_LABELS
+        )
+        for k, v in self.opened.items():
+            o.add_metric(k, v)
+        yield o
+        c = CounterMetricFamily(
+            "istio_tcp_connections_closed", "TCP connections closed", labels=ISTIO_LABELS
+        )
+        for k, v in self.closed.items():
+            c.add_metric(k, v)
+        yield c
+        st = self.t.stats
+        flows = CounterMetricFamily("dabba_tunnel_flows", "Flows handled, by path", labels=["path"])
+        for path in ("hbone", "splice", "passthrough", "inbound", "relayed"):
+            flows.add_metric([path], st.get(path, 0))
+        yield flows
+        denied = CounterMetricFamily(
+            "dabba_tunnel_denied", "Connections refused, by reason", labels=["reason"]
+        )
+        for reason, key in (
+            ("policy", "denied"),
+            ("policy_inbound", "inbound_denied"),
+            ("registry_only", "denied_registry_only"),
+            ("unknown_source", "denied_unknown_source"),
+            ("no_endpoint", "no_endpoint"),
+            ("connect_failed", "connect_failed"),
+            ("policy_recheck", "recheck_closed"),
+        ):
+            denied.add_metric([reason], st.get(key, 0))
+        yield denied
+        refused = CounterMetricFamily(
+            "dabba_hbone_handshakes_refused",
+            "Inbound HBONE connections refused at TLS, by kind",
+            labels=["kind"],
+        )
+        if self.t.listener is not None:
+            for kind, v in self.t.listener.refused.items():
+                refused.add_metric([kind], v)
+        yield refused
+        yield GaugeMetricFamily(
+            "dabba_splice_pairs_active",
+            "Connection pairs spliced by the kernel",
+            self.t.splicer.active,
+        )
+        pool = self.t.pool.conns if self.t.pool else {}
+        yield GaugeMetricFamily(
+            "dabba_hbone_pool_connections",
+            "Outbound HBONE connections in the pool",
+            sum(1 for c in pool.values() if c.transport and not c.transport.is_closing()),
+        )
+        yield GaugeMetricFamily(
+            "dabba_hbone_pool_streams",
+            "Flows multiplexed on pooled HBONE connections",
+            sum(len(c.streams) for c in pool.values()),
+        )
+        lb = self.t.lb
+        yield CounterMetricFamily(
+            "dabba_lb_ejections",
+            "Endpoints ejected after connect failures",
+            lb.stats.get("ejections", 0),
+        )
+        yield GaugeMetricFamily(
+            "dabba_lb_endpoints_ejected", "Endpoints ejected now", len(lb.snapshot()["ejected"])
+        )
+        yield GaugeMetricFamily(
+            "dabba_tunnel_config_version",
+            "Snapshot version the tunnel enforces",
+            self.t.state.version,
+        )
+
+    def render(self) -> tuple[int, str]:
+        return 200, generate_latest(self.registry).decode()
