@@ -600,7 +600,16 @@ def tunnel():
     show_default=True,
     help="on a policy change, also close established flows the new policy denies",
 )
+@click.option(
+    "--loop",
+    "loop_kind",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+    help="event loop: uvloop (libuv) or the standard library's",
+)
 def tunnel_run(
+    loop_kind,
     policy_recheck,
     node,
     state_dir,
@@ -642,7 +651,12 @@ def tunnel_run(
             loop.add_signal_handler(sig, stop.set)
         await Tunnel(cfg).run(stop)
 
-    asyncio.run(run())
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(run())
+    else:
+        asyncio.run(run())
 
 
 @tunnel.command("upgrade")
