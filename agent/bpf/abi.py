@@ -50,9 +50,11 @@ class Stat(enum.IntEnum):
     GUARD_DROP = 8
     SPLICE_BYTES = 9
     SPLICE_PASS = 10
+    PLAIN_STEERED = 11
+    PLAIN_NO_TUNNEL = 12
 
 
-STAT_COUNT = 11  # DABBA_ST_MAX
+STAT_COUNT = 13  # DABBA_ST_MAX
 
 
 class Workload(ctypes.Structure):

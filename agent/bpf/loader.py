@@ -35,6 +35,7 @@ PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_SK_SKB = 14
 PROG_CGROUP_SOCK_ADDR = 18
+PROG_SK_LOOKUP = 30
 
 
 def compile_programs(programs: list[Program], cflags: list[str]) -> dict[str, float]:
@@ -236,8 +237,33 @@ class SpliceProgram(Program):
         super().detach(target_fd)
 
 
+class PlainProgram(Program):
+    """sk_lookup: plaintext to a PERMISSIVE workload goes to the tunnel's 15006 (plain.c).
+
+    Loaded and pinned with the others, but attached per workload network
+    namespace by DatapathControl.steer_plaintext (a pinned netns link each).
+    """
+
+    source = "plain.c"
+    function = names.PROG_PLAIN
+    hook = "sk_lookup"
+    prog_type = PROG_SK_LOOKUP
+    expected_attach = bpfsys.BPF_SK_LOOKUP
+    attach_type = bpfsys.BPF_SK_LOOKUP
+
+    def netns_link_pin(self, netns_ino: int) -> str:
+        return os.path.join(self.pins.links, f"{self.function}_{netns_ino}")
+
+    def detach(self, target_fd: int | None) -> None:
+        for f in os.listdir(self.pins.links) if os.path.isdir(self.pins.links) else []:
+            if f.startswith(f"{self.function}_"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pins.links, f))
+        super().detach(target_fd)
+
+
 CGROUP_PROGRAMS = (OwnerProgram, CaptureProgram, FlowProgram, GuardProgram)
-ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram,)
+ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram)
 
 
 @dataclass(frozen=True)
@@ -420,6 +446,8 @@ class Datapath:
                 with self.open_map(names.MAP_SPLICE) as sockhash:
                     if prog.attached(sockhash.fd, info.id) != 1:
                         prog.attach(fd, sockhash.fd)
+            elif isinstance(prog, PlainProgram):
+                pass  # attached per workload network namespace (steer_plaintext)
             else:
                 self._ensure_link(prog, fd, info.id, cgroup_fd)
         finally:
@@ -552,6 +580,44 @@ class DatapathControl:
         )
         with self.dp.open_map(names.MAP_WORKLOADS) as m:
             return m.delete(abi.ctypes.c_uint64(cg_id))
+
+    def steer_plaintext(self, netns_path: str) -> bool:
+        """Attach plain.c to a workload's network namespace (once); True if attached now."""
+        prog = next(p for p in self.dp.programs if isinstance(p, PlainProgram))
+        try:
+            ns = os.open(netns_path, os.O_RDONLY)
+        except OSError as e:
+            raise DabbaError(f"workload network namespace {netns_path}: {e.strerror}") from None
+        try:
+            pin = prog.netns_link_pin(os.fstat(ns).st_ino)
+            if os.path.exists(pin):
+                return False
+            pfd = bpfsys.obj_get(prog.prog_pin)
+            try:
+                link = bpfsys.link_create(pfd, ns, prog.attach_type, f"sk_lookup on {netns_path}")
+                try:
+                    bpfsys.obj_pin(link, pin)
+                finally:
+                    os.close(link)
+            finally:
+                os.close(pfd)
+            return True
+        finally:
+            os.close(ns)
+
+    def unsteer_plaintext(self, keep_netns_inos: set[int]) -> int:
+        """Remove the sk_lookup links of every namespace not in keep; returns how many."""
+        prog = next(p for p in self.dp.programs if isinstance(p, PlainProgram))
+        gone = 0
+        for f in os.listdir(self.dp.pins.links):
+            if (
+                f.startswith(f"{prog.function}_")
+                and int(f.rsplit("_", 1)[1]) not in keep_netns_inos
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dp.pins.links, f))
+                    gone += 1
+        return gone
 
     def workloads(self) -> dict[int, tuple[int, int]]:
         """cgroup id -> (workload id, flags)."""

@@ -22,6 +22,7 @@ MAP_TUNNEL_ADDRS = "dabba_tun_addr"
 MAP_GUARD_COUNT = "dabba_guard_ct"
 MAP_PAIRS = "dabba_pairs"
 MAP_SPLICE = "dabba_splice"
+MAP_PLAIN = "dabba_plain"
 MAP_SK_OWNER = "dabba_sk_owner"
 
 ALL_MAPS = (
@@ -38,6 +39,7 @@ ALL_MAPS = (
     MAP_GUARD_COUNT,
     MAP_PAIRS,
     MAP_SPLICE,
+    MAP_PLAIN,
     MAP_SK_OWNER,
 )
 
@@ -47,6 +49,14 @@ PROG_CONNECT4 = "dabba_connect4"
 PROG_SOCKOPS = "dabba_sockops"
 PROG_SPLICE = "dabba_verdict"
 PROG_GUARD = "dabba_guard"
+PROG_PLAIN = "dabba_plain_in"
 
-for _n in ALL_MAPS + (PROG_SOCK_CREATE, PROG_CONNECT4, PROG_SOCKOPS, PROG_SPLICE, PROG_GUARD):
+for _n in ALL_MAPS + (
+    PROG_SOCK_CREATE,
+    PROG_CONNECT4,
+    PROG_SOCKOPS,
+    PROG_SPLICE,
+    PROG_GUARD,
+    PROG_PLAIN,
+):
     assert len(_n) <= 15 and _n.startswith(PREFIX), _n

@@ -47,6 +47,7 @@ BPF_CGROUP_INET_SOCK_CREATE = 2
 BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_SKB_STREAM_VERDICT = 5
 BPF_CGROUP_INET4_CONNECT = 10
+BPF_SK_LOOKUP = 36
 
 # enum bpf_map_type (the ones we name in status output)
 MAP_TYPE_NAMES = {

@@ -134,7 +134,7 @@ def _spec(doc: _Doc) -> dict:
 def parse_workload(doc: _Doc) -> m.Workload:
     name, ns, labels = _meta(doc)
     s = _spec(doc)
-    _only(doc, s, {"serviceAccount", "node", "ip", "cgroup"}, ("spec",), "Workload spec")
+    _only(doc, s, {"serviceAccount", "node", "ip", "cgroup", "netns"}, ("spec",), "Workload spec")
     for k in ("node", "ip"):
         if not s.get(k):
             doc.fail(("spec",), f"Workload {ns}/{name}: spec.{k} is required")
@@ -147,8 +147,11 @@ def parse_workload(doc: _Doc) -> m.Workload:
     cg = str(s.get("cgroup", ""))
     if cg and not cg.startswith("/"):
         doc.fail(("spec", "cgroup"), f"Workload {ns}/{name}: spec.cgroup must be an absolute path")
+    netns = str(s.get("netns", ""))
+    if netns and not netns.startswith("/"):
+        doc.fail(("spec", "netns"), f"Workload {ns}/{name}: spec.netns must be an absolute path")
     sa = str(s.get("serviceAccount", "default"))
-    return m.Workload(name, ns, sa, str(s["node"]), str(s["ip"]), labels, cg)
+    return m.Workload(name, ns, sa, str(s["node"]), str(s["ip"]), labels, cg, netns)
 
 
 def parse_service(doc: _Doc) -> m.Service:

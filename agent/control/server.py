@@ -141,6 +141,7 @@ class ControlPlane:
                         pw.port_mtls[port] = st.peer_mode(w, port)
             if w.key in local:
                 pw.cgroup = w.cgroup
+                pw.netns = w.netns
             snap.workloads.append(pw)
         for s in sorted(st.services.values(), key=lambda s: s.key):
             snap.services.append(

@@ -46,6 +46,7 @@ def registry_docs(lab: Lab) -> list[dict]:
                     "node": p.node,
                     "ip": p.ip,
                     "cgroup": p.cgroup,
+                    "netns": f"/run/netns/{p.netns}",
                 },
             }
         )

@@ -160,10 +160,28 @@ class Agent:
         self.workload_ids = want
         _log.info("workloads enrolled", fields={"count": len(want)})
 
+    def _steer(self, steer: list[tuple[str, str]]) -> None:
+        """Attach the sk_lookup steering to these workloads' namespaces; detach it elsewhere."""
+        keep = set()
+        for key, netns in steer:
+            try:
+                if self.ctl.steer_plaintext(netns):
+                    _log.info(
+                        "plaintext to the workload now goes through the tunnel (15006)",
+                        fields={"workload": key, "netns": netns},
+                    )
+                keep.add(os.stat(netns).st_ino)
+            except (DabbaError, OSError) as e:
+                _log.error(f"workload {key}: plaintext steering not attached: {e}")
+        gone = self.ctl.unsteer_plaintext(keep)
+        if gone:
+            _log.info("plaintext steering removed", fields={"namespaces": gone})
+
     def apply_snapshot(self, snap, certs) -> None:
         """Enrol the node's workloads from a control-plane snapshot, each once its certificate is here."""
         by_name = {f"{w.namespace}/{w.name}": w for w in self.cfg.workloads}
         entries = []
+        steer = []  # (key, netns): PERMISSIVE/DISABLE workloads whose plaintext goes to 15006
         for w in snap.workloads:
             if w.node != self.cfg.node:
                 continue
@@ -182,8 +200,11 @@ class Agent:
                 self._tunnel_was_ready or self.tunnel_ready()
             )
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
+            if capture and w.mtls_mode != "STRICT" and w.netns:
+                steer.append((key, w.netns))
         self._last = (snap, certs)
         self._enrol(entries)
+        self._steer(steer)
 
     def tunnel_ready(self) -> bool:
         if not self.cfg.tunnel.run:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import os
 import socket
@@ -31,8 +32,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .. import log
+from ..bpf import abi, names
 from ..bpf.capture import CaptureReader
 from ..bpf.splice import Splicer, SpliceUnavailable
+from ..bpf.sys import Map
 from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
@@ -57,6 +60,7 @@ class TunnelConfig:
     connect_timeout: float = 5.0
     handshake_timeout: float = 10.0  # inbound TLS handshakes that stall are cut after this
     readiness_port: int = 15021  # on the inbound address: /healthz/ready
+    plain_port: int = 15006  # plaintext inbound, inside each PERMISSIVE workload's namespace
     metrics_port: int = 15020  # on the inbound address: Prometheus /metrics
     admin: tuple[str, int] = ("127.0.0.1", 15000)  # /config_dump, /stats, /connections
     lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
@@ -97,7 +101,11 @@ class Tunnel:
         self._stamp = None
         self._listening = False
         self.listener: hbone.Listener | None = None
-        self.enforced: dict[int, _Enforced] = {}  # flows this tunnel decided, for policy recheck
+        self.enforced: dict[int, _Enforced] = {}
+        self.plain: dict[str, tuple] = {}  # workload key -> (15006 listener, its ip, accept task)
+        self.plain_map = Map.pinned(
+            os.path.join(cfg.maps_dir, names.MAP_PLAIN)
+        )  # flows this tunnel decided, for policy recheck
 
     # ---- state ------------------------------------------------------------------------------------
     def _cert_files(self, spiffe_id: str) -> tuple[str, str]:
@@ -157,6 +165,8 @@ class Tunnel:
                 ids.set(w.spiffe_id, svid, svid)
         old_policies = self.state.policies
         self.state, self._stamp = st, stamp
+        if self._listening:
+            self._sync_plain()
         if self.cfg.policy_recheck and st.policies != old_policies:
             self.recheck()
         if self.identities is None:
@@ -184,6 +194,82 @@ class Tunnel:
             },
         )
         return True
+
+    # ---- plaintext inbound (15006) ----------------------------------------------------------
+    def _sync_plain(self) -> None:
+        """One 15006 listener in each PERMISSIVE/DISABLE local workload's network namespace.
+
+        plain.c (attached by the agent) steers plaintext connections for the
+        workload's address to it; its accepted sockets keep the original
+        destination. Listeners of workloads gone or now STRICT are closed.
+        """
+        want = {
+            f"{w.namespace}/{w.name}": w
+            for w in self.state.by_cgroup.values()
+            if w.netns and w.mtls_mode in ("PERMISSIVE", "DISABLE")
+        }
+        for key in list(self.plain):
+            if key not in want or self.plain[key][1] != want[key].ip:
+                ls, ip, task = self.plain.pop(key)
+                task.cancel()
+                with contextlib.suppress(OSError):
+                    self.plain_map.delete(ctypes.c_uint32(abi.ip_be(ip)))
+                ls.close()
+        for key, w in want.items():
+            if key in self.plain:
+                continue
+            try:
+                ls = _listener_in_netns(w.netns, ("127.0.0.1", self.cfg.plain_port))
+                self.plain_map.update(
+                    ctypes.c_uint32(abi.ip_be(w.ip)), ctypes.c_uint32(ls.fileno())
+                )
+            except OSError as e:
+                _log.error(f"no plaintext listener for {key} in {w.netns}: {e}")
+                continue
+            task = asyncio.ensure_future(self._plain_accept(ls, key))
+            self.plain[key] = (ls, w.ip, task)
+            _log.info("plaintext listener ready", fields={"workload": key, "netns": w.netns})
+
+    async def _plain_accept(self, ls: socket.socket, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(ls)
+            asyncio.ensure_future(self._plain_inbound(sock, key))
+
+    async def _plain_inbound(self, sock: socket.socket, key: str) -> None:
+        """A plaintext peer outside the mesh: policy without identity, then the kernel splice."""
+        try:
+            dst_ip, port = sock.getsockname()[:2]
+            src_ip = sock.getpeername()[0]
+        except OSError:
+            return _reset(sock)
+        dst = self.state.workloads.get(key)
+        if dst is None or dst.mtls_mode == "STRICT" or dst.ip != dst_ip:
+            self.stats["plain_denied"] += 1
+            return _reset(sock)
+        d = self.decide(dst, None, src_ip, port)
+        if not d.allowed:
+            self.stats["plain_denied"] += 1
+            _log.info(
+                "plaintext connection denied",
+                fields={"src": src_ip, "dst": f"{key}:{port}", "reason": d.reason},
+            )
+            return _reset(sock)
+        up = await self._dial(dst_ip, port)
+        if up is None:
+            self.stats["connect_failed"] += 1
+            return _reset(sock)
+        self.stats["plain_inbound"] += 1
+        src = self.state.by_ip.get(src_ip)
+        count_close = self._count_open([istio_labels("destination", src, dst, None, "none")])
+        flow = _Closer()
+
+        def done(*_):
+            self.enforced.pop(tkey, None)
+            count_close()
+
+        tkey = self._track(None, src_ip, dst, port, flow)
+        flow.target = await self._splice(sock, up, done)
 
     def recheck(self) -> int:
         """Close established flows that the current policy denies; returns how many."""
@@ -595,6 +681,7 @@ class Tunnel:
             },
         )
         self._listening = True
+        self._sync_plain()
         accept = asyncio.ensure_future(self._accept_loop(ls))
         receiver = handoff.Receiver(handoff.path_in(self.cfg.state_dir), self.splicer, self.stats)
         receiver.start()
@@ -618,6 +705,10 @@ class Tunnel:
             # Stop accepting; a successor bound the same ports (SO_REUSEPORT) takes new ones.
             self._listening = False
             accept.cancel()
+            for lsock, _, task in self.plain.values():
+                task.cancel()
+                lsock.close()  # its map entry goes with it (a successor's replaced it already)
+            self.plain.clear()
             ls.close()
             inbound.close()
             readiness.close()
@@ -661,6 +752,34 @@ class Tunnel:
             for c in list(self.pool.conns.values()):
                 if c.transport:
                     c.transport.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _listener_in_netns(netns: str, addr: tuple[str, int]) -> socket.socket:
+    """A listening socket created inside another network namespace (it stays there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(netns, os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+        try:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a successor binds it too
+            s.bind(addr)
+            s.listen(4096)
+            s.setblocking(False)
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:  # never stay in the workload's namespace
+                os.abort()
+        return s
+    finally:
+        os.close(own)
+        os.close(target)
 
 
 def _raise_nofile() -> None:

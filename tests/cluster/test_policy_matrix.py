@@ -233,10 +233,37 @@ def test_peer_authentication_plaintext(plab, mode, plaintext_allowed):
     wait_for(lambda: _modes(L, "n2").get("db") == mode, 15, what=f"db in {mode}")
     time.sleep(1.5)  # the agent re-enrols db with the new guard flag on its next snapshot
     drops = _guard_drops(L)
+    before = _tunnel_stats(L, "n2").get("plain_inbound", 0)
     assert _connects(L, "plain", "db", 8080) is plaintext_allowed
     assert _connects(L, "web", "db", 8080)  # mutual TLS through the tunnels: always fine
     assert (_guard_drops(L) > drops) is (not plaintext_allowed)  # STRICT: dropped and counted
+    # PERMISSIVE and DISABLE: the plaintext went through the tunnel's 15006 (steered by sk_lookup)
+    assert _tunnel_stats(L, "n2").get("plain_inbound", 0) - before == int(plaintext_allowed)
     _apply(L, "", {})
+
+
+def test_plaintext_to_a_permissive_workload_is_held_to_its_policy(plab):
+    """Plaintext has no identity: a principal or namespace rule never admits it, an ipBlock can."""
+    L, _ = plab
+    _apply(L, _peer_auth("PERMISSIVE"), {})
+    plain_ip = L.pod("plain").ip
+    front_only = _ap("db-front", "back", "ALLOW", [_from(namespaces=["front"])], "db")
+    _apply(L, _peer_auth("PERMISSIVE") + "---\n" + front_only, {"n2": {"back/db-front"}})
+    time.sleep(1)
+    assert not _connects(L, "plain", "db", 8080)  # no identity, no namespace: denied at 15006
+    assert _connects(L, "web", "db", 8080)
+    by_ip = _ap("db-plain-ip", "back", "ALLOW", [_from(ipBlocks=[f"{plain_ip}/32"])], "db")
+    _apply(L, _peer_auth("PERMISSIVE") + "---\n" + by_ip, {"n2": {"back/db-plain-ip"}})
+    assert _connects(L, "plain", "db", 8080)
+    assert not _connects(L, "web", "db", 8080)  # web's address is not in the block
+    stats = _tunnel_stats(L, "n2")
+    assert stats.get("plain_denied", 0) >= 1 and stats.get("plain_inbound", 0) >= 1
+    _apply(L, "", {})
+
+
+def _tunnel_stats(L, node) -> dict:
+    r = L.run(node, ["curl", "-s", "--max-time", "2", "http://127.0.0.1:15000/stats"])
+    return json.loads(r.stdout)
 
 
 def _guard_drops(L) -> int:

@@ -75,6 +75,23 @@ __attribute__((section("maps/sockhash:" DABBA_PIN(
 BPF_ANNOTATE_KV_PAIR(dabba_splice, u64, int);
 
 /*
+ * The tunnel's plaintext listener (15006) inside each PERMISSIVE or DISABLE
+ * workload's network namespace, keyed by the workload's IPv4 address
+ * (network order): where plain.c steers plaintext connections.
+ */
+struct dabba_plain_table_t {
+	u32 key;
+	int leaf;
+	int *(*lookup)(u32 *);
+	int (*update)(u32 *, int *);
+	int (*delete)(u32 *);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" DABBA_PIN(
+    dabba_plain)))) struct dabba_plain_table_t dabba_plain = {.max_entries = DABBA_WL_MAX};
+BPF_ANNOTATE_KV_PAIR(dabba_plain, u32, int);
+
+/*
  * Map method calls (map.lookup() and friends) must be written in the .c
  * file bcc compiles: bcc rewrites them only there, and refuses them inside
  * macros. So each program defines its own small count() over dabba_stats.

@@ -122,17 +122,20 @@ struct dabba_pair {
 
 /* dabba_stats: per-CPU counters, indexed by this enum. */
 enum dabba_stat {
-	DABBA_ST_CAPTURED = 0, /* connect() redirected to the tunnel */
-	DABBA_ST_EXCLUDED,     /* enrolled, but destination excluded */
-	DABBA_ST_CAP_FULL,     /* dabba_cap_ck full: connect() refused */
-	DABBA_ST_TUPLE_FULL,   /* dabba_cap_tp full: tunnel cannot resolve */
-	DABBA_ST_FLOW_OPENED,  /* flow records created */
-	DABBA_ST_FLOW_CLOSED,  /* flow records closed */
-	DABBA_ST_FLOW_FULL,    /* dabba_flows full: flow not accounted */
-	DABBA_ST_RING_DROP,    /* closed-flow ring full: record lost */
-	DABBA_ST_GUARD_DROP,   /* ingress guard drops, all workloads */
-	DABBA_ST_SPLICE_BYTES, /* bytes moved by the splice */
-	DABBA_ST_SPLICE_PASS,  /* splice segments without a peer (passed up) */
+	DABBA_ST_CAPTURED = 0,	  /* connect() redirected to the tunnel */
+	DABBA_ST_EXCLUDED,	  /* enrolled, but destination excluded */
+	DABBA_ST_CAP_FULL,	  /* dabba_cap_ck full: connect() refused */
+	DABBA_ST_TUPLE_FULL,	  /* dabba_cap_tp full: tunnel cannot resolve */
+	DABBA_ST_FLOW_OPENED,	  /* flow records created */
+	DABBA_ST_FLOW_CLOSED,	  /* flow records closed */
+	DABBA_ST_FLOW_FULL,	  /* dabba_flows full: flow not accounted */
+	DABBA_ST_RING_DROP,	  /* closed-flow ring full: record lost */
+	DABBA_ST_GUARD_DROP,	  /* ingress guard drops, all workloads */
+	DABBA_ST_SPLICE_BYTES,	  /* bytes moved by the splice */
+	DABBA_ST_SPLICE_PASS,	  /* splice segments without a peer (passed up) */
+	DABBA_ST_PLAIN_STEERED,	  /* plaintext connections steered to the tunnel's 15006 */
+	DABBA_ST_PLAIN_NO_TUNNEL, /* ...refused: no 15006 listener for that workload (fail closed)
+				   */
 	DABBA_ST_MAX,
 };
 

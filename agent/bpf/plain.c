@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Plaintext inbound for PERMISSIVE (and DISABLE) workloads: sk_lookup.
+ *
+ * Attached to a workload's network namespace. A TCP connection to the
+ * workload that does not come from the node tunnel (dabba_tun_addr) is a
+ * plaintext peer outside the mesh; instead of the workload's own listener it
+ * goes to the tunnel's 15006 listener in that namespace (dabba_plain, keyed
+ * by the workload's address), which decides policy -- no identity, so only
+ * namespace-free rules can allow it -- and connects to the workload itself.
+ * The accepted socket keeps the original destination address and port.
+ *
+ * Fail closed: if the tunnel has no listener for the workload (it is
+ * restarting), the connection is refused, never let through unchecked.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "maps.h"
+
+static __always_inline void count(u32 stat)
+{
+	u64 *v = dabba_stats.lookup(&stat);
+	if (v)
+		*v += 1;
+}
+
+int dabba_plain_in(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family != 2 /* AF_INET */ || ctx->protocol != 6 /* TCP */)
+		return SK_PASS;
+	u32 src = ctx->remote_ip4;
+	u32 dst = ctx->local_ip4;
+	if (src == dst || (bpf_ntohl(src) >> 24) == 127)
+		return SK_PASS; /* the workload talking to itself */
+	if (dabba_tun_addr.lookup(&src))
+		return SK_PASS; /* the tunnel delivering an allowed connection */
+	struct bpf_sock *sk = (struct bpf_sock *)dabba_plain.lookup(&dst);
+	if (!sk) {
+		count(DABBA_ST_PLAIN_NO_TUNNEL);
+		return SK_DROP;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count(DABBA_ST_PLAIN_NO_TUNNEL);
+		return SK_DROP;
+	}
+	count(DABBA_ST_PLAIN_STEERED);
+	return SK_PASS;
+}
