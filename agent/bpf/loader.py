@@ -254,6 +254,11 @@ class PlainProgram(Program):
     def netns_link_pin(self, netns_ino: int) -> str:
         return os.path.join(self.pins.links, f"{self.function}_{netns_ino}")
 
+    def netns_links(self) -> int:
+        if not os.path.isdir(self.pins.links):
+            return 0
+        return sum(1 for f in os.listdir(self.pins.links) if f.startswith(f"{self.function}_"))
+
     def detach(self, target_fd: int | None) -> None:
         for f in os.listdir(self.pins.links) if os.path.isdir(self.pins.links) else []:
             if f.startswith(f"{self.function}_"):
@@ -334,7 +339,10 @@ class DatapathStatus:
     )  # dabba_stats: captures, map full, ring drops
 
     def healthy(self) -> bool:
-        return all(p.pinned and p.attached in (1, -1) for p in self.programs)
+        # sk_lookup attaches per steered workload namespace: any number is right
+        return all(
+            p.pinned and (p.attached in (1, -1) or p.hook == "sk_lookup") for p in self.programs
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -522,7 +530,9 @@ class Datapath:
                         os.close(fd)
                     ps.id, ps.tag, ps.loaded_at = info.id, info.tag, info.load_time_ns / 1e9
                     target = sockhash if isinstance(prog, SpliceProgram) else cg
-                    if target is not None:
+                    if isinstance(prog, PlainProgram):
+                        ps.attached = prog.netns_links()  # one per steered workload namespace
+                    elif target is not None:
                         ps.attached = prog.attached(target, info.id)
                 st.programs.append(ps)
             for name in names.ALL_MAPS:

@@ -371,6 +371,15 @@ def _spread(L, vip, n, hold=False) -> dict[str, int]:
     return {k: int(v) for k, v in (x.split("=") for x in r.stdout.split())}
 
 
+def _lb_active(L) -> dict:
+    import json
+
+    r = L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"])
+    return {
+        k: v for k, v in json.loads(r.stdout)["lb"]["active"].items() if "n1-p2" in k or "n2-p" in k
+    }
+
+
 def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
     import json
 
@@ -425,6 +434,8 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
         # round robin: exactly in turn
         assert _spread(L, "10.96.0.50", 30) == dict.fromkeys(web, 10)
         # least connections: with every connection held open, each endpoint gets the same share
+        # (once the round-robin flows, which the servers hold for 3 s, are gone)
+        wait_for(lambda: not _lb_active(L), 15, what="earlier flows to end")
         service("least_connections")
         wait_for(lambda: lb_policy() == "least_connections", 15, what="least_connections")
         assert _spread(L, "10.96.0.50", 9, hold=True) == dict.fromkeys(web, 3)
