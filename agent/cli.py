@@ -610,7 +610,16 @@ def tunnel():
     show_default=True,
     help="event loop: uvloop (libuv) or the standard library's",
 )
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    help="processes sharing the ports (SO_REUSEPORT): a number, or 'auto' to add one per busy core",
+)
+@click.option("--worker", default=0, hidden=True, type=int)
 def tunnel_run(
+    workers,
+    worker,
     loop_kind,
     policy_recheck,
     node,
@@ -643,6 +652,9 @@ def tunnel_run(
         drain=drain,
         connect_timeout=connect_timeout,
         policy_recheck=policy_recheck,
+        workers=_workers(workers),
+        worker=worker,
+        argv=[a for a in sys.argv[1:] if a != "--worker"] if worker == 0 else [],
         lb=LbConfig(eject_after, eject_time, max_ejected, retries),
     )
 
@@ -659,6 +671,20 @@ def tunnel_run(
         uvloop.run(run())
     else:
         asyncio.run(run())
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 64:
+        raise click.BadParameter(
+            f"{text!r}: a number from 1 to 64, or 'auto'", param_hint="--workers"
+        )
+    return n
 
 
 @tunnel.command("upgrade")

@@ -125,7 +125,7 @@ def _listening(lab: Lab, port: int) -> bool:
     return r.returncode == 0 and r.stdout.strip() != ""
 
 
-def node_config(lab: Lab, node: str, capture: bool = False) -> str:
+def node_config(lab: Lab, node: str, capture: bool = False, tunnel_workers="1") -> str:
     """Write node's join token and agent config; returns the config path."""
     from ..control.tokens import TokenStore
 
@@ -138,6 +138,9 @@ def node_config(lab: Lab, node: str, capture: bool = False) -> str:
     if capture:  # capture needs a tunnel: the agent runs one
         cfg["tunnel"]["run"] = True
         cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"
+        cfg["tunnel"]["workers"] = (
+            tunnel_workers if tunnel_workers == "auto" else int(tunnel_workers)
+        )
     token = os.path.join(p["root"], f"{node}.token")
     with open(token, "w") as f:
         f.write(TokenStore(p["control"]).create(node, 3600) + "\n")
@@ -187,12 +190,18 @@ def ready(lab: Lab, node: str) -> bool:
 
 
 def up(
-    lab: Lab, workload_ttl: str = "24h", capture: bool = False, node_ttl: str = "7d"
+    lab: Lab,
+    workload_ttl: str = "24h",
+    capture: bool = False,
+    node_ttl: str = "7d",
+    tunnel_workers="1",
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel."""
     procs = {"control": start_control(lab, workload_ttl, node_ttl)}
     for n in lab.nodes:
-        procs[n.name] = start_agent(lab, n.name, node_config(lab, n.name, capture))
+        procs[n.name] = start_agent(
+            lab, n.name, node_config(lab, n.name, capture, str(tunnel_workers))
+        )
     for n in lab.nodes:
         _wait(
             lambda n=n: ready(lab, n.name),

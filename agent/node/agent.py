@@ -244,6 +244,8 @@ class Agent:
             inbound,
             "--drain",
             str(c.tunnel.drain),
+            "--workers",
+            c.tunnel.workers,
         ]
         delay = 1.0
         os.makedirs(c.state_dir, exist_ok=True)

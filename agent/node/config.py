@@ -15,6 +15,7 @@ A YAML file (``dabba agent run --config FILE``)::
       run: false                  # start and supervise the tunnel (with control)
       inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
       drain: 30                   # seconds open flows may go on when the tunnel stops
+      workers: 1                  # tunnel processes on the same ports, or auto (as the load asks)
     tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
@@ -75,6 +76,7 @@ class TunnelConfig:
     run: bool = False  # start and supervise `dabba tunnel run` (needs control)
     inbound: str = ""  # HBONE listener IP:PORT (default: control.node_address:15008)
     drain: float = 30.0  # seconds open flows may go on when the tunnel stops or is upgraded
+    workers: str = "1"  # tunnel processes sharing the ports, or "auto"
 
 
 @dataclass
@@ -242,9 +244,15 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         ("tunnel", "drain"),
         f"tunnel.drain {drain!r} must be seconds between 0 and 3600",
     )
+    workers = t.get("workers", 1)
+    need(
+        workers == "auto" or (isinstance(workers, int) and 1 <= workers <= 64),
+        ("tunnel", "workers"),
+        f"tunnel.workers {workers!r} must be a number from 1 to 64, or auto",
+    )
     for k in t:
         need(
-            k in {"address", "port", "mark", "run", "inbound", "drain"},
+            k in {"address", "port", "mark", "run", "inbound", "drain", "workers"},
             ("tunnel", k),
             f"tunnel: unknown field {k!r}",
         )
@@ -255,6 +263,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         bool(t.get("run", False)),
         str(t.get("inbound", "")),
         float(drain),
+        str(workers),
     )
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]

@@ -32,8 +32,8 @@ FILE = "tunnel.handoff"
 _MAX = 64 * 1024
 
 
-def path_in(state_dir: str) -> str:
-    return os.path.join(state_dir, FILE)
+def path_in(state_dir: str, worker: int = 0) -> str:
+    return os.path.join(state_dir, FILE + (f".{worker}" if worker else ""))
 
 
 def _peer_pid(s: socket.socket) -> int:

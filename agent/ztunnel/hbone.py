@@ -29,6 +29,7 @@ import socket
 import ssl
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -153,6 +154,7 @@ class TcpSide(asyncio.Protocol):
         self.pending: list[bytes] = []  # data before the stream is attached
         self.eof = False
         self.on_close = None  # called once the connection is gone
+        self.lost = False  # the TCP connection is gone
 
     def connection_made(self, transport):
         self.transport = transport
@@ -162,6 +164,10 @@ class TcpSide(asyncio.Protocol):
     def attach(self, stream: Stream) -> None:
         self.stream = stream
         stream.tcp = self
+        if stream.closed:  # reset by the peer before we got here
+            if self.transport and not self.lost:
+                rst(self.transport)
+            return
         for chunk in self.pending:
             stream.send(chunk)
         if self.pending and self.transport and not self.eof:
@@ -179,6 +185,10 @@ class TcpSide(asyncio.Protocol):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             stream.conn._maybe_done(stream)
+        if self.lost and not stream.closed:
+            # the TCP side died before the flow was set up: tell the peer, or both ends wait
+            _log.info("TCP side gone before its flow was attached; stream reset")
+            stream.reset()
 
     def data_received(self, data: bytes):
         if self.stream is None:
@@ -196,6 +206,7 @@ class TcpSide(asyncio.Protocol):
 
     def connection_lost(self, exc):
         TcpSide.open -= 1
+        self.lost = True
         if self.on_close is not None:
             self.on_close()
         if self.stream is not None and not self.stream.closed:
@@ -418,7 +429,11 @@ class H2Connection(asyncio.Protocol):
                 s.end_pending = False
                 self._maybe_done(s)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            # the peer closed or reset the stream under us: release its TCP side too
             s.closed = True
+            self.streams.pop(s.stream_id, None)
+            if s.tcp and s.tcp.transport and not s.tcp.lost:
+                s.tcp.transport.close() if s.tcp.eof else rst(s.tcp.transport)
         self._write()
 
     def reset_stream(self, s: Stream) -> None:
@@ -715,6 +730,7 @@ class Listener:
         self.handshake_timeout = handshake_timeout
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self.refused: dict[str, int] = {}
+        self.conns = weakref.WeakSet()  # server connections, for the admin view
         self._log_window, self._logged, self._suppressed = 0.0, 0, 0
         self.accepted = 0
         self.handshaking = 0
@@ -740,6 +756,7 @@ class Listener:
     def _make(self):
         c = self.factory()
         c.on_refused = self._refuse
+        self.conns.add(c)
         return c
 
     async def _handshake(self, conn: socket.socket, addr) -> None:

@@ -77,19 +77,27 @@ class TunnelMetrics:
         return []
 
     def collect(self):
+        opened, closed, st = Counter(self.opened), Counter(self.closed), Counter(self.t.stats)
+        refused_all = Counter(self.t.listener.refused if self.t.listener else {})
+        pairs = self.t.splicer.active
+        for r in self.t.workers.reports():  # the other workers' counters
+            opened.update({tuple(k): v for k, v in r["opened"]})
+            closed.update({tuple(k): v for k, v in r["closed"]})
+            st.update(r["stats"])
+            refused_all.update(r["refused"])
+            pairs += r["splice_pairs"]
         o = CounterMetricFamily(
             "istio_tcp_connections_opened", "TCP connections opened", labels=ISTIO_LABELS
         )
-        for k, v in self.opened.items():
+        for k, v in opened.items():
             o.add_metric(k, v)
         yield o
         c = CounterMetricFamily(
             "istio_tcp_connections_closed", "TCP connections closed", labels=ISTIO_LABELS
         )
-        for k, v in self.closed.items():
+        for k, v in closed.items():
             c.add_metric(k, v)
         yield c
-        st = self.t.stats
         flows = CounterMetricFamily("dabba_tunnel_flows", "Flows handled, by path", labels=["path"])
         for path in ("hbone", "splice", "passthrough", "inbound", "relayed"):
             flows.add_metric([path], st.get(path, 0))
@@ -113,14 +121,16 @@ class TunnelMetrics:
             "Inbound HBONE connections refused at TLS, by kind",
             labels=["kind"],
         )
-        if self.t.listener is not None:
-            for kind, v in self.t.listener.refused.items():
-                refused.add_metric([kind], v)
+        for kind, v in refused_all.items():
+            refused.add_metric([kind], v)
         yield refused
         yield GaugeMetricFamily(
-            "dabba_splice_pairs_active",
-            "Connection pairs spliced by the kernel",
-            self.t.splicer.active,
+            "dabba_splice_pairs_active", "Connection pairs spliced by the kernel", pairs
+        )
+        yield GaugeMetricFamily(
+            "dabba_tunnel_workers",
+            "Tunnel processes sharing the ports",
+            1 + len(self.t.workers.procs),
         )
         pool = self.t.pool.conns if self.t.pool else {}
         yield GaugeMetricFamily(

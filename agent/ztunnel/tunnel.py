@@ -42,6 +42,7 @@ from ..control.server import policy_from_pb
 from . import admin, handoff, hbone, lb
 from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
+from .workers import Workers
 
 _log = log.get("tunnel")
 
@@ -66,6 +67,9 @@ class TunnelConfig:
     lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
     policy_recheck: bool = True  # a policy change also closes established flows it denies
     drain: float = 30.0  # on SIGTERM: how long open flows may go on before we close them
+    workers: int = 1  # processes sharing the ports (SO_REUSEPORT); 0: as the load asks, up to cores
+    worker: int = 0  # this process's index; 0 runs admin, metrics, 15006 and the other workers
+    argv: list = field(default_factory=list)  # `dabba tunnel run` arguments, to start workers
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Tunnel:
         self.identities: hbone.ServerIdentities | None = None
         self.lb = lb.Balancer(cfg.lb)
         self.metrics = TunnelMetrics(self)
+        self.workers = Workers(self)
         self.stats = Counter()
         self._stamp = None
         self._listening = False
@@ -627,20 +632,61 @@ class Tunnel:
                     pools.append(
                         {"source": src, "destination": dst, "node": node, "streams": len(c.streams)}
                     )
+
+        def describe(c):
+            out = []
+            for sid, st in list(c.streams.items())[:50]:
+                hs = c.h2.streams.get(sid)
+                out.append(
+                    {
+                        "id": sid,
+                        "authority": st.authority,
+                        "h2_state": str(hs.state_machine.state) if hs else "gone",
+                        "tcp_eof": st.tcp.eof if st.tcp else None,
+                        "tcp_lost": st.tcp.lost if st.tcp else None,
+                        "end_pending": st.end_pending,
+                        "outbuf": len(st.outbuf),
+                        "in": st.bytes_in,
+                        "out": st.bytes_out,
+                    }
+                )
+            return out
+
+        open_streams = []
+        if self.pool:
+            for c in self.pool.conns.values():
+                open_streams += describe(c)
+        if self.listener is not None:
+            for c in list(self.listener.conns):
+                open_streams += describe(c)
         return 200, {
+            "open_streams": open_streams[:100],
             "hbone_connections": pools,
             "hbone_handshakes": self.pool.handshakes if self.pool else 0,
             "splice_pairs": self.splicer.active,
         }
 
     def stats_doc(self) -> tuple[int, dict]:
-        doc = {**self.stats, "lb": self.lb.snapshot(), "enforced_flows": len(self.enforced)}
+        """Counters of every worker summed (each worker's own under "workers")."""
+        totals = Counter(self.stats)
+        per = [{"worker": 0, "pid": os.getpid(), **self.stats}]
+        refused = Counter(self.listener.refused if self.listener else {})
+        pairs = self.splicer.active
+        for r in self.workers.reports():
+            totals.update(r["stats"])
+            refused.update(r["refused"])
+            pairs += r["splice_pairs"]
+            per.append({"worker": r["worker"], "pid": r["pid"], **r["stats"]})
+        doc = {**totals, "lb": self.lb.snapshot(), "enforced_flows": len(self.enforced)}
+        doc["workers"] = per
         if self.listener is not None:
-            doc["hbone_refused"] = dict(self.listener.refused)
+            doc["hbone_refused"] = dict(refused)
             doc["hbone_accepted"] = self.listener.accepted
             doc["hbone_handshaking"] = self.listener.handshaking
-        doc["splice_pairs"] = self.splicer.active
-        doc["relayed_sides"] = hbone.TcpSide.open
+        doc["splice_pairs"] = pairs
+        doc["relayed_sides"] = hbone.TcpSide.open + sum(
+            r.get("relayed_sides", 0) for r in self.workers.reports()
+        )
         return 200, doc
 
     # ---- run --------------------------------------------------------------------------------------------------
@@ -664,27 +710,43 @@ class Tunnel:
             handshake_timeout=self.cfg.handshake_timeout,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
-        readiness = await admin.serve(
-            self.cfg.inbound[0], self.cfg.readiness_port, {"/healthz/ready": self.ready}
-        )
-        prom = await admin.serve(
-            self.cfg.inbound[0], self.cfg.metrics_port, {"/metrics": self.metrics.render}
-        )
-        adm = await admin.serve(
-            self.cfg.admin[0],
-            self.cfg.admin[1],
-            {
-                "/config_dump": self.config_dump,
-                "/connections": self.connections,
-                "/stats": self.stats_doc,
-                "/healthz/ready": self.ready,
-            },
+        main = self.cfg.worker == 0
+        servers = []
+        if main:
+            servers.append(
+                await admin.serve(
+                    self.cfg.inbound[0], self.cfg.readiness_port, {"/healthz/ready": self.ready}
+                )
+            )
+            servers.append(
+                await admin.serve(
+                    self.cfg.inbound[0], self.cfg.metrics_port, {"/metrics": self.metrics.render}
+                )
+            )
+        adm = (
+            await admin.serve(
+                self.cfg.admin[0],
+                self.cfg.admin[1],
+                {
+                    "/config_dump": self.config_dump,
+                    "/connections": self.connections,
+                    "/stats": self.stats_doc,
+                    "/healthz/ready": self.ready,
+                },
+            )
+            if main
+            else None
         )
         self._listening = True
-        self._sync_plain()
+        if main:
+            self._sync_plain()
         accept = asyncio.ensure_future(self._accept_loop(ls))
-        receiver = handoff.Receiver(handoff.path_in(self.cfg.state_dir), self.splicer, self.stats)
+        receiver = handoff.Receiver(
+            handoff.path_in(self.cfg.state_dir, self.cfg.worker), self.splicer, self.stats
+        )
         receiver.start()
+        if main:
+            await self.workers.start()
         _log.info(
             "tunnel ready",
             fields={
@@ -693,7 +755,9 @@ class Tunnel:
                 "node": self.cfg.node,
             },
         )
-        ready = os.path.join(self.cfg.state_dir, "tunnel.ready")
+        ready = os.path.join(
+            self.cfg.state_dir, "tunnel.ready" + (f".{self.cfg.worker}" if not main else "")
+        )
         _write_atomic(ready, str(os.getpid()))
         try:
             while not (stop and stop.is_set()):
@@ -701,6 +765,10 @@ class Tunnel:
                     await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
                 self.splicer.process(0)
+                if main:
+                    await self.workers.tick()
+                else:
+                    self.workers.report()
         finally:
             # Stop accepting; a successor bound the same ports (SO_REUSEPORT) takes new ones.
             self._listening = False
@@ -711,20 +779,29 @@ class Tunnel:
             self.plain.clear()
             ls.close()
             inbound.close()
-            readiness.close()
-            prom.close()
+            for srv in servers:
+                srv.close()
             receiver.close()
+            if main:
+                self.workers.stop()  # each hands its spliced flows to a successor itself
             with contextlib.suppress(OSError):
                 with open(ready) as f:
                     mine = f.read().strip() == str(os.getpid())
                 if mine:  # a successor's file is not ours to remove
                     os.unlink(ready)
-            handed = handoff.give(handoff.path_in(self.cfg.state_dir), self.splicer)
+            handed = handoff.give(
+                handoff.path_in(self.cfg.state_dir, self.cfg.worker), self.splicer
+            )
+            if handed is None and self.cfg.worker:  # no successor of our index: give to its main
+                handed = handoff.give(handoff.path_in(self.cfg.state_dir, 0), self.splicer)
             if handed is not None:
                 self.stats["handed_off"] += handed
                 _log.info("spliced connections handed to the successor", fields={"pairs": handed})
             await self._drain()
-            adm.close()
+            if adm is not None:
+                adm.close()
+            if main:
+                await self.workers.wait(self.cfg.drain + 5)
             loop.remove_reader(self.splicer.fileno())
 
     async def _drain(self) -> None:

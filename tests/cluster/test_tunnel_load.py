@@ -51,6 +51,11 @@ def test_wrk_with_1000_connections(llab, procs, tmp_path, dst):
     assert done > 1000
     assert "Socket errors" not in r.stdout, r.stdout  # no connect, read, write or timeout error
     assert "Non-2xx" not in r.stdout, r.stdout
+    # every flow is released once wrk is done, on both nodes
+    for node in ("n1", "n2"):
+        wait_for(
+            lambda n=node: _stats(L, n)["relayed_sides"] == 0, 15, what=f"{node} flows released"
+        )
 
 
 def test_iperf3_across_nodes_and_a_files_sha256_both_paths(llab, procs, tmp_path):
