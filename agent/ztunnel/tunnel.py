@@ -911,27 +911,40 @@ def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:
     """Relay two TCP sides in user space, half-close included (the rare non-splice case)."""
 
     class _Half:
-        def __init__(self, out: hbone.TcpSide):
+        """What a TcpSide sees as its stream: the other side's transport."""
+
+        early: list = []  # (nothing arrives before attach here)
+        early_end = False
+
+        def __init__(self, src: hbone.TcpSide, out: hbone.TcpSide):
+            self.src = src
             self.out = out
             self.closed = False
             self.conn = self
             self.tcp_paused = False
 
         def send(self, data):
-            self.out.transport.write(data)
+            if not self.out.lost:
+                self.out.transport.write(data)
 
         def end(self):
-            if self.out.transport.can_write_eof():
+            if not self.out.lost and self.out.transport.can_write_eof():
                 self.out.transport.write_eof()
+            if self.out.eof or self.out.lost:  # both directions are done: close both
+                self.closed = True
+                self.src.transport.close()
+                self.out.transport.close()
 
         def reset(self):
-            hbone.rst(self.out.transport)
+            self.closed = True
+            if not self.out.lost:
+                hbone.rst(self.out.transport)
 
         def ack_pending(self, _):
             pass
 
-    a.attach(_Half(b))
-    b.attach(_Half(a))
+    a.attach(_Half(a, b))
+    b.attach(_Half(b, a))
 
 
 def _tunnel_socket() -> socket.socket:
