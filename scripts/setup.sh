@@ -49,14 +49,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt_update_once
 	# Packages with services (nginx) must not start one on the host: we run them in pods only.
-	own_policy=0
 	if [ ! -e /usr/sbin/policy-rc.d ]; then
 		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
 		chmod 755 /usr/sbin/policy-rc.d
-		own_policy=1
+		trap 'rm -f /usr/sbin/policy-rc.d' EXIT # ours: gone however the install ends
 	fi
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-	[ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 	if printf '%s\n' "${missing[@]}" | grep -qx nginx-light && command -v systemctl >/dev/null &&
 		[ -d /run/systemd/system ]; then
 		systemctl disable --now nginx >/dev/null 2>&1 || true
