@@ -84,6 +84,7 @@ class SplicePair:
     closed: bool = False
     reason: str = ""
     on_close: object = None  # called with the pair once it is closed (not when handed off)
+    meta: dict = field(default_factory=dict)  # the owner's notes, handed to a successor too
 
     def other(self, side: _Side) -> _Side:
         return self.b if side is self.a else self.a
@@ -103,7 +104,7 @@ class Splicer:
     def fileno(self) -> int:
         return self.ep.fileno()
 
-    def pair(self, a: socket.socket, b: socket.socket, on_close=None) -> SplicePair:
+    def pair(self, a: socket.socket, b: socket.socket, on_close=None, meta=None) -> SplicePair:
         """Hand a and b to the kernel; from now on their bytes never come up here."""
         for s in (a, b):
             s.setblocking(False)
@@ -111,6 +112,7 @@ class Splicer:
             _Side(a, socket_cookie(a), _written(a)),
             _Side(b, socket_cookie(b), _written(b)),
             on_close=on_close,
+            meta=meta or {},
         )
         ck = [abi.ctypes.c_uint64(p.a.cookie), abi.ctypes.c_uint64(p.b.cookie)]
         self.pairs.update(ck[0], abi.Pair(p.b.cookie, 0))
@@ -147,6 +149,7 @@ class Splicer:
             if p.closed:
                 continue
             state = {
+                "meta": p.meta,
                 "started_age": time.monotonic() - p.started,
                 "sides": [
                     {
@@ -169,7 +172,12 @@ class Splicer:
             if socket_cookie(s) != meta["cookie"]:
                 raise DabbaError(f"handed-off socket is not cookie {meta['cookie']}")
             sides.append(_Side(s, meta["cookie"], meta["base_written"], meta["eof"], meta["shut"]))
-        p = SplicePair(sides[0], sides[1], started=time.monotonic() - state["started_age"])
+        p = SplicePair(
+            sides[0],
+            sides[1],
+            started=time.monotonic() - state["started_age"],
+            meta=state.get("meta") or {},
+        )
         self._watch(p)
         for side in (p.a, p.b):
             if side.eof and not p.other(side).shut:

@@ -44,7 +44,8 @@ def _peer_pid(s: socket.socket) -> int:
 class Receiver:
     """The successor's side: adopt pairs sent by a predecessor."""
 
-    def __init__(self, path: str, splicer: Splicer, stats=None):
+    def __init__(self, path: str, splicer: Splicer, stats=None, on_adopt=None):
+        self.on_adopt = on_adopt  # called with each adopted pair
         self.path = path
         self.splicer = splicer
         self.stats = stats if stats is not None else {}
@@ -82,7 +83,9 @@ class Receiver:
                     for s in socks:
                         s.close()
                     raise ValueError(f"pair message with {len(socks)} descriptors")
-                self.splicer.adopt(m["pair"], socks[0], socks[1])
+                p = self.splicer.adopt(m["pair"], socks[0], socks[1])
+                if self.on_adopt is not None:
+                    self.on_adopt(p)
                 n += 1
             self.stats["adopted"] = self.stats.get("adopted", 0) + n
             _log.info(

@@ -274,7 +274,8 @@ class Tunnel:
             count_close()
 
         tkey = self._track(None, src_ip, dst, port, flow)
-        flow.target = await self._splice(sock, up, done)
+        meta = {"src_identity": None, "src_ip": src_ip, "dst": key, "port": port}
+        flow.target = await self._splice(sock, up, done, meta)
 
     def recheck(self) -> int:
         """Close established flows that the current policy denies; returns how many."""
@@ -456,7 +457,13 @@ class Tunnel:
                 count_close()
 
             key = self._track(src.spiffe_id, src_ip, dst, port, flow)
-            flow.target = await self._splice(sock, up, done)
+            meta = {
+                "src_identity": src.spiffe_id,
+                "src_ip": src_ip,
+                "dst": f"{dst.namespace}/{dst.name}",
+                "port": port,
+            }
+            flow.target = await self._splice(sock, up, done, meta)
             return True
         node_addr = self.state.nodes.get(dst.node)
         if not node_addr:
@@ -497,10 +504,22 @@ class Tunnel:
             _log.info(f"connect to {ip}:{port} failed: {e or 'timeout'}")
             return None
 
-    async def _splice(self, down: socket.socket, up: socket.socket, on_close=None):
+    def _adopted(self, p) -> None:
+        """A spliced flow from a predecessor: enforce policy on it like on our own."""
+        m = p.meta
+        if not m.get("dst"):
+            return
+        closer = lambda: self.splicer.kill(p, "policy")  # noqa: E731
+        key = id(closer)
+        self.enforced[key] = _Enforced(
+            m.get("src_identity"), m["src_ip"], m["dst"], m["port"], closer
+        )
+        p.on_close = lambda *_: self.enforced.pop(key, None)
+
+    async def _splice(self, down: socket.socket, up: socket.socket, on_close=None, meta=None):
         loop = asyncio.get_running_loop()
         try:
-            p = self.splicer.pair(down, up, on_close)
+            p = self.splicer.pair(down, up, on_close, meta)
             return lambda: self.splicer.kill(p, "policy")
         except SpliceUnavailable:
             # the client already half-closed: relay this one in user space
@@ -742,7 +761,10 @@ class Tunnel:
             self._sync_plain()
         accept = asyncio.ensure_future(self._accept_loop(ls))
         receiver = handoff.Receiver(
-            handoff.path_in(self.cfg.state_dir, self.cfg.worker), self.splicer, self.stats
+            handoff.path_in(self.cfg.state_dir, self.cfg.worker),
+            self.splicer,
+            self.stats,
+            self._adopted,
         )
         receiver.start()
         if main:

@@ -333,6 +333,9 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     # the old tunnel handed both iperf3 connections (control and data) over and exits at once
     wait_for(lambda: not os.path.exists(f"/proc/{old['pid']}"), 20, what="old tunnel to exit")
     assert cli.poll() is None  # ...while iperf3 was still sending
+    # the successor enforces policy on the flows it adopted (control and data connection)
+    stats_now = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+    assert stats_now["enforced_flows"] >= 2, stats_now
     out, err = cli.communicate(timeout=30)
     assert cli.returncode == 0, err
     res = json.loads(out)
