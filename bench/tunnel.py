@@ -37,6 +37,8 @@ import yaml
 from agent.lab import apps, mesh
 from agent.lab import lab as labmod
 from agent.lab.spec import ClusterSpec, PodSpec
+from agent.ztunnel.workers import cpu_seconds
+from bench.datapath import rss_kib
 
 PAIRS = {  # scenario pair -> (mesh client, mesh server, plain client, plain server)
     "cross-node": ("n1-p1", "n2-p2", "n1-p3", "n2-p4"),
@@ -44,18 +46,8 @@ PAIRS = {  # scenario pair -> (mesh client, mesh server, plain client, plain ser
 }
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _tunnel_pids(L) -> list[int]:
-    pids = []
-    for node in ("n1", "n2"):
-        with open(os.path.join(labmod.STATE_DIR, L.name, node, "status.json")) as f:
-            pids.append(json.load(f)["tunnel"]["pid"])
-    return pids
+    return [mesh.agent_status(L, node)["tunnel"]["pid"] for node in ("n1", "n2")]
 
 
 def _ms(text: str) -> float:
@@ -142,13 +134,13 @@ def main() -> None:
                     for mode in ("none", "dabba"):
                         c, s = (pc, ps) if mode == "none" else (mc, ms)
                         ip = L.pod(s).ip
-                        cpu0 = sum(_cpu_s(p) for p in tunnels)
+                        cpu0 = sum(cpu_seconds(p) for p in tunnels)
                         if scen == "bulk":
                             r = iperf(L, c, ip, args.duration)
                         else:
                             conns = {"latency": 16, "rps": 256, "connrate": 64}[scen]
                             r = wrk(L, c, ip, conns, args.duration, close=scen == "connrate")
-                        cpu = sum(_cpu_s(p) for p in tunnels) - cpu0
+                        cpu = sum(cpu_seconds(p) for p in tunnels) - cpu0
                         if mode == "dabba":
                             r["tunnel_cpu_s"] = cpu
                             r["tunnel_cores"] = cpu / args.duration
@@ -158,7 +150,10 @@ def main() -> None:
                                 )
                         results.setdefault(f"{pair}/{scen}/{mode}", []).append(r)
                         print(f"round {rnd + 1} {pair:10} {scen:8} {mode:5} {r}", flush=True)
-        rss = {f"tunnel_{n}_rss_mib": _rss(p) for n, p in zip(("n1", "n2"), tunnels, strict=True)}
+        rss = {
+            f"tunnel_{n}_rss_mib": rss_kib(p) / 1024
+            for n, p in zip(("n1", "n2"), tunnels, strict=True)
+        }
         summary = {k: _summ(v) for k, v in results.items()}
         doc = {
             "machine": {
@@ -183,11 +178,6 @@ def main() -> None:
         for p in procs:
             p.kill()
         labmod.down(name, quiet=True)
-
-
-def _rss(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
 
 
 def _git(*args) -> str:

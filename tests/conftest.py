@@ -6,6 +6,7 @@ a root test that would skip fails instead, as ztunnel's do.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -79,6 +80,12 @@ def http_server(lab, procs, pod, port: int):
     procs.append(p)
     wait_port(lab, pod.name, pod.ip, port)
     return p
+
+
+def tunnel_stats(lab, node: str) -> dict:
+    """The node tunnel's /stats (admin port, the node's loopback), every worker summed."""
+    r = lab.run(node, ["curl", "-s", "--max-time", "5", "http://127.0.0.1:15000/stats"])
+    return json.loads(r.stdout)
 
 
 def mesh_lab(prefix: str, nodes: int, pods_per_node: int, **mesh_kw):

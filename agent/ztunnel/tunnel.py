@@ -273,8 +273,8 @@ class Tunnel:
             self.enforced.pop(tkey, None)
             count_close()
 
-        tkey = self._track(None, src_ip, dst, port, flow)
-        meta = {"src_identity": None, "src_ip": src_ip, "dst": key, "port": port}
+        meta = _facts(None, src_ip, dst, port)
+        tkey = self._track(meta, flow)
         flow.target = await self._splice(sock, up, done, meta)
 
     def recheck(self) -> int:
@@ -300,11 +300,10 @@ class Tunnel:
         self.stats["recheck_closed"] += closed
         return closed
 
-    def _track(self, src_identity, src_ip, dst: pb.Workload, port: int, close) -> int:
+    def _track(self, facts: dict, close) -> int:
+        """Remember a flow this tunnel decided (see _facts), for policy recheck."""
         key = id(close)
-        self.enforced[key] = _Enforced(
-            src_identity, src_ip, f"{dst.namespace}/{dst.name}", port, close
-        )
+        self.enforced[key] = _Enforced(**facts, close=close)
         return key
 
     # ---- decisions ------------------------------------------------------------------------------------
@@ -362,6 +361,7 @@ class Tunnel:
                 fields={"cgroup_id": cap.cgroup_id},
             )
             return _reset(sock)
+        src_ip = sock.getpeername()[0]
         svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
         if not eps:
             if svc is not None:
@@ -393,8 +393,9 @@ class Tunnel:
                 break
             tried.append(ep)
             dst = self.state.workloads[ep]
-            d = self.decide(dst, src.spiffe_id, sock.getpeername()[0], port)
-            if dst.node == self.cfg.node and not d.allowed:
+            # on this node we are the destination's enforcement point; across nodes its tunnel is
+            d = self.decide(dst, src.spiffe_id, src_ip, port) if dst.node == self.cfg.node else None
+            if d is not None and not d.allowed:
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied",
@@ -402,7 +403,7 @@ class Tunnel:
                 )
                 return _reset(sock)
             try:
-                done = await self._open(sock, src, dst, port, ep, svc)
+                done = await self._open(sock, src_ip, src, dst, port, ep, svc)
             except _Denied as e:
                 self.stats["denied"] += 1
                 _log.info(
@@ -435,7 +436,7 @@ class Tunnel:
         return closed
 
     async def _open(
-        self, sock, src: pb.Workload, dst: pb.Workload, port: int, ep: str, svc=None
+        self, sock, src_ip: str, src: pb.Workload, dst: pb.Workload, port: int, ep: str, svc=None
     ) -> bool:
         """Connect the flow to dst; False when the connect failed (nothing was forwarded)."""
         if dst.node == self.cfg.node:
@@ -444,7 +445,6 @@ class Tunnel:
                 return False
             self.lb.opened(ep)
             self.stats["splice"] += 1
-            src_ip = sock.getpeername()[0]
             flow = _Closer()
 
             count_close = self._count_open(
@@ -456,13 +456,8 @@ class Tunnel:
                 self.enforced.pop(key, None)
                 count_close()
 
-            key = self._track(src.spiffe_id, src_ip, dst, port, flow)
-            meta = {
-                "src_identity": src.spiffe_id,
-                "src_ip": src_ip,
-                "dst": f"{dst.namespace}/{dst.name}",
-                "port": port,
-            }
+            meta = _facts(src.spiffe_id, src_ip, dst, port)
+            key = self._track(meta, flow)
             flow.target = await self._splice(sock, up, done, meta)
             return True
         node_addr = self.state.nodes.get(dst.node)
@@ -474,7 +469,7 @@ class Tunnel:
             stream = await conn.connect(
                 f"{dst.ip}:{port}",
                 timeout=self.cfg.connect_timeout,
-                source=sock.getpeername()[0],
+                source=src_ip,
             )
         except hbone.HboneError as e:
             if " 403" in str(e):
@@ -509,11 +504,7 @@ class Tunnel:
         m = p.meta
         if not m.get("dst"):
             return
-        closer = lambda: self.splicer.kill(p, "policy")  # noqa: E731
-        key = id(closer)
-        self.enforced[key] = _Enforced(
-            m.get("src_identity"), m["src_ip"], m["dst"], m["port"], closer
-        )
+        key = self._track(m, lambda: self.splicer.kill(p, "policy"))
         p.on_close = lambda *_: self.enforced.pop(key, None)
 
     async def _splice(self, down: socket.socket, up: socket.socket, on_close=None, meta=None):
@@ -562,7 +553,7 @@ class Tunnel:
                 side.stream.reset()
             hbone.rst(side.transport)
 
-        key = self._track(client_id, client_ip, dst, port, close)
+        key = self._track(_facts(client_id, client_ip, dst, port), close)
         src = self.state.by_ip.get(client_ip)
         count_close = self._count_open([istio_labels("destination", src, dst, None, "mutual_tls")])
         side.on_close = lambda: (self.enforced.pop(key, None), count_close())
@@ -902,6 +893,16 @@ def _write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _facts(src_identity: str | None, src_ip: str, dst: pb.Workload, port: int) -> dict:
+    """What policy recheck needs of a flow; handed to a successor with spliced flows too."""
+    return {
+        "src_identity": src_identity,
+        "src_ip": src_ip,
+        "dst": f"{dst.namespace}/{dst.name}",
+        "port": port,
+    }
 
 
 @dataclass

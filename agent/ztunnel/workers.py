@@ -35,7 +35,8 @@ AUTO_WINDOW = 5.0
 AUTO_BUSY = float(os.environ.get("DABBA_TUNNEL_WORKER_BUSY", "0.7"))  # of a core
 
 
-def _cpu_s(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process so far, None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             parts = f.read().rsplit(")", 1)[1].split()
@@ -100,7 +101,7 @@ class Workers:
         if now - start < AUTO_WINDOW:
             return
         pids = [os.getpid(), *(p.pid for p in self.procs.values())]
-        cur = {pid: _cpu_s(pid) for pid in pids}
+        cur = {pid: cpu_seconds(pid) for pid in pids}
         busiest = max(
             (
                 (cur[pid] - before[pid]) / (now - start)

@@ -20,7 +20,7 @@ import yaml
 from agent.lab import lab as labmod
 from agent.lab import mesh
 from agent.lab.spec import ClusterSpec, PodSpec
-from tests.conftest import http_server, unique, wait_for, wait_port
+from tests.conftest import http_server, tunnel_stats, unique, wait_for, wait_port
 
 PODS = [
     PodSpec(name="web", node="n1", namespace="front", service_account="web", labels={"app": "web"}),
@@ -233,12 +233,12 @@ def test_peer_authentication_plaintext(plab, mode, plaintext_allowed):
     wait_for(lambda: _modes(L, "n2").get("db") == mode, 15, what=f"db in {mode}")
     time.sleep(1.5)  # the agent re-enrols db with the new guard flag on its next snapshot
     drops = _guard_drops(L)
-    before = _tunnel_stats(L, "n2").get("plain_inbound", 0)
+    before = tunnel_stats(L, "n2").get("plain_inbound", 0)
     assert _connects(L, "plain", "db", 8080) is plaintext_allowed
     assert _connects(L, "web", "db", 8080)  # mutual TLS through the tunnels: always fine
     assert (_guard_drops(L) > drops) is (not plaintext_allowed)  # STRICT: dropped and counted
     # PERMISSIVE and DISABLE: the plaintext went through the tunnel's 15006 (steered by sk_lookup)
-    assert _tunnel_stats(L, "n2").get("plain_inbound", 0) - before == int(plaintext_allowed)
+    assert tunnel_stats(L, "n2").get("plain_inbound", 0) - before == int(plaintext_allowed)
     _apply(L, "", {})
 
 
@@ -256,14 +256,9 @@ def test_plaintext_to_a_permissive_workload_is_held_to_its_policy(plab):
     _apply(L, _peer_auth("PERMISSIVE") + "---\n" + by_ip, {"n2": {"back/db-plain-ip"}})
     assert _connects(L, "plain", "db", 8080)
     assert not _connects(L, "web", "db", 8080)  # web's address is not in the block
-    stats = _tunnel_stats(L, "n2")
+    stats = tunnel_stats(L, "n2")
     assert stats.get("plain_denied", 0) >= 1 and stats.get("plain_inbound", 0) >= 1
     _apply(L, "", {})
-
-
-def _tunnel_stats(L, node) -> dict:
-    r = L.run(node, ["curl", "-s", "--max-time", "2", "http://127.0.0.1:15000/stats"])
-    return json.loads(r.stdout)
 
 
 def _guard_drops(L) -> int:

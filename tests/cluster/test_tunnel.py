@@ -13,7 +13,7 @@ import pytest
 from agent.bpf.loader import Datapath, DatapathControl
 from agent.lab import lab as labmod
 from agent.lab import mesh
-from tests.conftest import http_server, mesh_lab, wait_for, wait_port
+from tests.conftest import http_server, mesh_lab, tunnel_stats, wait_for, wait_port
 
 MARKER = "dabbawala-plaintext-marker-7f3a"
 
@@ -147,7 +147,6 @@ def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp
     """No certificate, another CA, expired, and a valid one of the wrong identity: each refused,
     each counted under its own kind; a valid workload certificate is not."""
     import datetime
-    import json
 
     from agent.control.ca import CA
 
@@ -170,8 +169,7 @@ def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp
         files[kind] = (tmp_path / f"{kind}.pem", tmp_path / f"{kind}.key")
 
     def refused():
-        r = L.run("n2", ["curl", "-s", "http://127.0.0.1:15000/stats"])
-        return json.loads(r.stdout).get("hbone_refused", {})
+        return tunnel_stats(L, "n2").get("hbone_refused", {})
 
     for kind in ("no_client_cert", "unknown_ca", "expired", "wrong_identity", "valid"):
         before = refused()
@@ -275,13 +273,6 @@ def _io(pid: int) -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
-def _agent_status(L, node):
-    import json
-
-    with open(os.path.join(labmod.STATE_DIR, L.name, node, "status.json")) as f:
-        return json.load(f)
-
-
 def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     """The tunnel reads no payload of a spliced flow, and an upgrade hands the flow over."""
     import json
@@ -293,7 +284,7 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     wait_for(lambda: L.run("n1-p2", ["ss", "-Hltn", "sport = :5301"]).stdout.strip(), 5)
     ctl = _ctl(L, "n1")
     before_bytes = ctl.stats()["splice_bytes"]
-    old = _agent_status(L, "n1")["tunnel"]
+    old = mesh.agent_status(L, "n1")["tunnel"]
     cli = L.popen(
         "n1-p1",
         ["iperf3", "-c", dst.ip, "-p", "5301", "-t", "8", "-i", "1", "-J", "--get-server-output"],
@@ -328,13 +319,13 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
         timeout=90,
     )
     assert r.returncode == 0, r.stderr
-    new = _agent_status(L, "n1")["tunnel"]
+    new = mesh.agent_status(L, "n1")["tunnel"]
     assert new["pid"] != old["pid"] and new["upgrades"] == old.get("upgrades", 0) + 1
     # the old tunnel handed both iperf3 connections (control and data) over and exits at once
     wait_for(lambda: not os.path.exists(f"/proc/{old['pid']}"), 20, what="old tunnel to exit")
     assert cli.poll() is None  # ...while iperf3 was still sending
     # the successor enforces policy on the flows it adopted (control and data connection)
-    stats_now = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+    stats_now = tunnel_stats(L, "n1")
     assert stats_now["enforced_flows"] >= 2, stats_now
     out, err = cli.communicate(timeout=30)
     assert cli.returncode == 0, err
@@ -348,7 +339,7 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     # Bytes the sender wrote beyond what the receiver counted by the end of the test wait in
     # the kernel's redirect queue (sk_psock ingress_skb), which is unbounded: see the note
     # in agent/bpf/splice.c. They are counted as redirected already.
-    stats = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+    stats = tunnel_stats(L, "n1")
     assert stats["adopted"] >= 2  # iperf3's control and data connections
     assert ctl.stats()["splice_bytes"] - before_bytes >= received
     # the successor carries new connections too
@@ -375,12 +366,8 @@ def _spread(L, vip, n, hold=False) -> dict[str, int]:
 
 
 def _lb_active(L) -> dict:
-    import json
-
-    r = L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"])
-    return {
-        k: v for k, v in json.loads(r.stdout)["lb"]["active"].items() if "n1-p2" in k or "n2-p" in k
-    }
+    active = tunnel_stats(L, "n1")["lb"]["active"]
+    return {k: v for k, v in active.items() if "n1-p2" in k or "n2-p" in k}
 
 
 def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
@@ -452,10 +439,10 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
         wait_for(lambda: lb_policy() == "round_robin", 15, what="round_robin again")
         servers["n2-p2"].kill()
         servers["n2-p2"].wait(5)
-        before = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+        before = tunnel_stats(L, "n1")
         got = _spread(L, "10.96.0.50", 30)
         assert sum(got.values()) == 30 and "n2-p2" not in got, got  # every client succeeded
-        after = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+        after = tunnel_stats(L, "n1")
         lb = after["lb"]
         assert list(lb["ejected"]) == ["default/n2-p2"], lb
         assert lb.get("connect_failures", 0) - before["lb"].get("connect_failures", 0) == 3

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from agent.lab import apps
+from agent.lab import apps, mesh
 from agent.lab import lab as labmod
-from tests.conftest import mesh_lab, wait_for, wait_port
+from bench.datapath import rss_kib
+from tests.conftest import mesh_lab, tunnel_stats, wait_for, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +22,11 @@ def llab():
 
 
 def _tunnel_pid(L, node) -> int:
-    with open(os.path.join(labmod.STATE_DIR, L.name, node, "status.json")) as f:
-        return json.load(f)["tunnel"]["pid"]
+    return mesh.agent_status(L, node)["tunnel"]["pid"]
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
-
-
-def _stats(L, node) -> dict:
-    return json.loads(L.run(node, ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
+    return rss_kib(pid) / 1024
 
 
 @pytest.mark.parametrize("dst", ["n2-p1", "n1-p2"], ids=["cross-node", "same-node"])
@@ -54,7 +48,9 @@ def test_wrk_with_1000_connections(llab, procs, tmp_path, dst):
     # every flow is released once wrk is done, on both nodes
     for node in ("n1", "n2"):
         wait_for(
-            lambda n=node: _stats(L, n)["relayed_sides"] == 0, 15, what=f"{node} flows released"
+            lambda n=node: tunnel_stats(L, n)["relayed_sides"] == 0,
+            15,
+            what=f"{node} flows released",
         )
 
 
@@ -141,7 +137,7 @@ def test_ten_thousand_open_flows_and_the_tunnels_memory(llab, procs):
     assert srv.stdout.readline().strip() == "listening"
     pids = {node: _tunnel_pid(L, node) for node in ("n1", "n2")}
     before = {node: _rss_mib(pid) for node, pid in pids.items()}
-    flows0 = _stats(L, "n1").get("hbone", 0)
+    flows0 = tunnel_stats(L, "n1").get("hbone", 0)
     t0 = time.monotonic()
     cli = L.popen(
         "n1-p1",
@@ -163,7 +159,7 @@ def test_ten_thousand_open_flows_and_the_tunnels_memory(llab, procs):
     # every flow carried a byte each way
     took = time.monotonic() - t0
     held = {node: _rss_mib(pid) for node, pid in pids.items()}
-    s1, s2 = _stats(L, "n1"), _stats(L, "n2")
+    s1, s2 = tunnel_stats(L, "n1"), tunnel_stats(L, "n2")
     print(
         f"\n{n} open flows across nodes set up in {took:.1f}s ({n / took:.0f}/s); tunnel RSS "
         f"n1 {before['n1']:.1f} -> {held['n1']:.1f} MiB, n2 {before['n2']:.1f} -> {held['n2']:.1f} MiB"
@@ -174,8 +170,8 @@ def test_ten_thousand_open_flows_and_the_tunnels_memory(llab, procs):
     cli.stdin.write("\n")
     cli.stdin.flush()
     assert cli.stdout.readline().strip() == "closed"
-    wait_for(lambda: _stats(L, "n1")["relayed_sides"] < 10, 30, what="n1 flows released")
-    wait_for(lambda: _stats(L, "n2")["relayed_sides"] < 10, 30, what="n2 flows released")
+    wait_for(lambda: tunnel_stats(L, "n1")["relayed_sides"] < 10, 30, what="n1 flows released")
+    wait_for(lambda: tunnel_stats(L, "n2")["relayed_sides"] < 10, 30, what="n2 flows released")
 
 
 _IDLE = r"""
@@ -203,7 +199,7 @@ def test_ten_thousand_idle_connections_to_the_hbone_port(llab, procs):
     n2 = L.node("n2")
     pid = _tunnel_pid(L, "n2")
     before_rss = _rss_mib(pid)
-    before = _stats(L, "n2").get("hbone_refused", {}).get("timeout", 0)
+    before = tunnel_stats(L, "n2").get("hbone_refused", {}).get("timeout", 0)
     idle = L.popen(
         "n1",
         ["python3", "-c", _IDLE, n2.ip, str(n)],
@@ -219,7 +215,7 @@ def test_ten_thousand_idle_connections_to_the_hbone_port(llab, procs):
     def all_cut():
         nonlocal peak
         peak = max(peak, _rss_mib(pid))
-        return _stats(L, "n2").get("hbone_refused", {}).get("timeout", 0) - before >= n
+        return tunnel_stats(L, "n2").get("hbone_refused", {}).get("timeout", 0) - before >= n
 
     wait_for(all_cut, 60, what="every idle connection cut", interval=0.5)
     idle.kill()

@@ -11,7 +11,7 @@ import pytest
 
 from agent.lab import apps
 from agent.lab import lab as labmod
-from tests.conftest import mesh_lab, wait_for, wait_port
+from tests.conftest import mesh_lab, tunnel_stats, wait_for, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +19,20 @@ def wlab():
     yield from mesh_lab("wk", 2, 2, capture=True, tunnel_workers="2")
 
 
-def _stats(L, node) -> dict:
-    return json.loads(L.run(node, ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout)
-
-
 def test_two_workers_share_the_load_and_report_as_one(wlab, procs, tmp_path):
     L, _ = wlab
     for node in ("n1", "n2"):
-        wait_for(lambda n=node: len(_stats(L, n)["workers"]) == 2, 30, what=f"{node} workers")
+        wait_for(lambda n=node: len(tunnel_stats(L, n)["workers"]) == 2, 30, what=f"{node} workers")
     procs.append(apps.start_nginx(L, "n2-p1", 8080, str(tmp_path / "ng")))
     ip = L.pod("n2-p1").ip
     wait_port(L, "n2-p1", ip, 8080)
-    before = _stats(L, "n1")
+    before = tunnel_stats(L, "n1")
     r = L.run(
         "n1-p1", ["wrk", "-t", "2", "-c", "256", "-d", "4s", f"http://{ip}:8080/"], timeout=60
     )
     assert "Socket errors" not in r.stdout and "Non-2xx" not in r.stdout, r.stdout
     time.sleep(1.5)  # workers report once a second
-    after = _stats(L, "n1")
+    after = tunnel_stats(L, "n1")
     per = {w["worker"]: w.get("hbone", 0) for w in after["workers"]}
     per0 = {w["worker"]: w.get("hbone", 0) for w in before["workers"]}
     new = {k: per[k] - per0.get(k, 0) for k in per}
@@ -45,8 +41,8 @@ def test_two_workers_share_the_load_and_report_as_one(wlab, procs, tmp_path):
     assert sum(new.values()) == after["hbone"] - before.get("hbone", 0) in (256, 257)
     assert all(v > 0 for v in new.values()), new  # the kernel spread them over both
     # and every flow is released in every worker once wrk is done
-    wait_for(lambda: _stats(L, "n1")["relayed_sides"] == 0, 15, what="n1 flows released")
-    wait_for(lambda: _stats(L, "n2")["relayed_sides"] == 0, 15, what="n2 flows released")
+    wait_for(lambda: tunnel_stats(L, "n1")["relayed_sides"] == 0, 15, what="n1 flows released")
+    wait_for(lambda: tunnel_stats(L, "n2")["relayed_sides"] == 0, 15, what="n2 flows released")
     pids = {w["pid"] for w in after["workers"]}
     assert len(pids) == 2
     text = L.run("n1", ["curl", "-s", f"http://{L.node('n1').ip}:15020/metrics"]).stdout
@@ -70,7 +66,7 @@ def test_an_upgrade_with_workers_keeps_spliced_flows(wlab, procs):
     procs.append(cli)
     clients.append(cli)
     time.sleep(2)
-    old = {w["pid"] for w in _stats(L, "n1")["workers"]}
+    old = {w["pid"] for w in tunnel_stats(L, "n1")["workers"]}
     r = subprocess.run(
         [sys.executable, "-m", "agent.cli", "tunnel", "upgrade", "--state-dir",
          os.path.join(labmod.STATE_DIR, L.name, "n1")],
@@ -83,7 +79,7 @@ def test_an_upgrade_with_workers_keeps_spliced_flows(wlab, procs):
     out, err = cli.communicate(timeout=30)
     assert cli.returncode == 0, err
     assert "error" not in json.loads(out)
-    st = _stats(L, "n1")
+    st = tunnel_stats(L, "n1")
     assert {w["pid"] for w in st["workers"]}.isdisjoint(old)
     assert st.get("adopted", 0) >= 5  # iperf3's control connection and its 4 streams
 
@@ -94,7 +90,7 @@ def test_auto_adds_a_worker_when_the_load_asks(procs, tmp_path, monkeypatch):
     gen = mesh_lab("wa", 2, 1, capture=True, tunnel_workers="auto")
     L, _ = next(gen)
     try:
-        assert len(_stats(L, "n1")["workers"]) == 1
+        assert len(tunnel_stats(L, "n1")["workers"]) == 1
         procs.append(apps.start_nginx(L, "n2-p1", 8080, str(tmp_path / "ng")))
         ip = L.pod("n2-p1").ip
         wait_port(L, "n2-p1", ip, 8080)
@@ -104,7 +100,7 @@ def test_auto_adds_a_worker_when_the_load_asks(procs, tmp_path, monkeypatch):
             stdout=subprocess.DEVNULL,
         )
         procs.append(load)
-        wait_for(lambda: len(_stats(L, "n1")["workers"]) == 2, 25, what="a second worker")
+        wait_for(lambda: len(tunnel_stats(L, "n1")["workers"]) == 2, 25, what="a second worker")
         load.kill()
     finally:
         gen.close()
