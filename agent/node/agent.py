@@ -25,11 +25,13 @@ import threading
 import time
 
 from .. import log
-from ..bpf import abi, features
+from ..bpf import abi, features, names
 from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath, DatapathControl, cgroup_id
+from ..bpf.sys import Map
 from ..errors import DabbaError
 from .config import AgentConfig
+from .flowtable import FlowTable
 
 _log = log.get("agent")
 
@@ -61,6 +63,16 @@ class Agent:
         self._draining: list = []  # old tunnels still draining after an upgrade
         self._tunnel_was_ready = False
         self._last = None
+        self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
+        self._by_ip: dict[str, object] = {}
+        self.table = FlowTable(
+            cfg.keep_closed,
+            lambda cg: self._by_key.get(self.workload_ids.get(cg, "")),
+            self._by_ip.get,
+            lambda: {cfg.tunnel.address, *cfg.tunnel_addresses},
+        )
+        self._flow_map: Map | None = None
+        self.api = None
 
     def check(self) -> list[str]:
         """What --check verifies without changing anything; returns notes for the operator."""
@@ -126,6 +138,14 @@ class Agent:
         """Make the maps say what the config says (workloads from the config: no control plane)."""
         self._configure_datapath()
         if self.cfg.control is None:
+            from types import SimpleNamespace
+
+            self._by_key = {
+                f"{w.namespace}/{w.name}": SimpleNamespace(
+                    name=w.name, namespace=w.namespace, spiffe_id="", labels={}
+                )
+                for w in self.cfg.workloads
+            }
             self._enrol(
                 [
                     (f"{w.namespace}/{w.name}", w.cgroup, w.capture, w.strict)
@@ -203,6 +223,9 @@ class Agent:
             if capture and w.mtls_mode != "STRICT" and w.netns:
                 steer.append((key, w.netns))
         self._last = (snap, certs)
+        self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
+        self._by_ip.clear()
+        self._by_ip.update({w.ip: w for w in snap.workloads})
         self._enrol(entries)
         self._steer(steer)
 
@@ -362,31 +385,40 @@ class Agent:
     def run(self) -> None:
         """Start, then drain flow records (and follow the control plane) until stopped."""
         self.start()
-        if self.cfg.control is None:
-            self._drain_flows()
-            return
+        from .api import AgentApi
         from .sync import ControlSync
 
         c = self.cfg.control
-        self.sync = ControlSync(
-            self.cfg.node,
-            c.node_address,
-            c.address,
-            c.join_address,
-            c.ca_file,
-            c.token_file,
-            self.cfg.state_dir,
-            self.apply_snapshot,
-        )
+        if c is not None:
+            self.sync = ControlSync(
+                self.cfg.node,
+                c.node_address,
+                c.address,
+                c.join_address,
+                c.ca_file,
+                c.token_file,
+                self.cfg.state_dir,
+                self.apply_snapshot,
+            )
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
         drain.start()
 
         async def main():
             loop = asyncio.get_running_loop()
+            stopped = asyncio.Event()
+
+            def on_stop():
+                self.stop.set()
+                stopped.set()
+                if self.sync is not None:
+                    self.sync.stop()
+
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, lambda: (self.stop.set(), self.sync.stop()))
+                loop.add_signal_handler(sig, on_stop)
             loop.add_signal_handler(signal.SIGHUP, self.upgrade_tunnel.set)
-            tasks = [asyncio.ensure_future(self.sync.run())]
+            self.api = AgentApi(self)
+            await self.api.start()
+            tasks = [asyncio.ensure_future(self.sync.run() if self.sync else stopped.wait())]
             if self.cfg.tunnel.run:
                 sup = asyncio.ensure_future(self.supervise_tunnel())
                 sup.add_done_callback(_log_task_failure)
@@ -397,6 +429,7 @@ class Agent:
                 for t in tasks[1:]:
                     t.cancel()
                 await self.stop_tunnel()
+                self.api.close()
 
         try:
             asyncio.run(main())
@@ -411,6 +444,8 @@ class Agent:
             while not self.stop.is_set():
                 for rec in src.closed(timeout_ms=200):
                     self.closed.append(rec)
+                    self.table.on_closed(rec)
+                self.table.tick()
                 if time.monotonic() - last_status > 1.0:
                     self.write_status()
                     last_status = time.monotonic()
@@ -420,6 +455,18 @@ class Agent:
             _log.info(
                 "agent stopped; programs stay attached and pinned", fields={"node": self.cfg.node}
             )
+
+    def live_records(self) -> list[FlowRecord]:
+        """The kernel's live flow records (read from the pinned map, without the ring)."""
+        if self._flow_map is None:
+            self._flow_map = Map.pinned(os.path.join(self.dp.pins.maps, names.MAP_FLOWS))
+        out = []
+        for _, v in self._flow_map.items():
+            try:
+                out.append(FlowRecord.from_raw(v))
+            except ValueError:
+                continue  # a record being written
+        return out
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

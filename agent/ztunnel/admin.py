@@ -7,14 +7,26 @@ only): enough for probes, curl and scripts, with no web framework.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
+import os
+import urllib.parse
 from collections.abc import Callable
 
 from .. import log
 
 _log = log.get("admin")
 
-Route = Callable[[], tuple[int, object]]  # -> (status, body: dict/list/str)
+Route = Callable[..., object]  # () or (query) -> (status, body: dict/list/str), maybe awaitable
+
+
+def with_query(fn):
+    """Mark a route that takes the request's query parameters (a dict of str -> str)."""
+    fn.wants_query = True
+    return fn
+
+
 _REASONS = {
     200: "OK",
     404: "Not Found",
@@ -24,7 +36,15 @@ _REASONS = {
 }
 
 
-async def serve(host: str, port: int, routes: dict[str, Route]) -> asyncio.base_events.Server:
+def _parse_query(text: str) -> dict[str, str]:
+    return {k: v for k, v in urllib.parse.parse_qsl(text, keep_blank_values=True)}
+
+
+async def serve(
+    host: str, port: int, routes: dict[str, Route], unix: str | None = None
+) -> asyncio.base_events.Server:
+    """Serve routes on host:port, or on the Unix socket path unix (mode 0600: root only)."""
+
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         status, body = 400, "bad request\n"
         try:
@@ -33,11 +53,13 @@ async def serve(host: str, port: int, routes: dict[str, Route]) -> asyncio.base_
             while await asyncio.wait_for(r.readline(), 5) not in (b"\r\n", b"\n", b""):
                 pass
             if len(parts) >= 2:
-                method, path = parts[0], parts[1].split("?", 1)[0]
+                method, (path, _, qs) = parts[0], parts[1].partition("?")
                 if method != "GET":
                     status, body = 405, "only GET\n"
                 elif path in routes:
-                    status, body = routes[path]()
+                    fn = routes[path]
+                    res = fn(_parse_query(qs)) if getattr(fn, "wants_query", False) else fn()
+                    status, body = (await res) if inspect.isawaitable(res) else res
                 else:
                     status, body = 404, {"error": f"no {path}", "paths": sorted(routes)}
         except (TimeoutError, ConnectionError, UnicodeDecodeError):
@@ -62,4 +84,24 @@ async def serve(host: str, port: int, routes: dict[str, Route]) -> asyncio.base_
             pass
         w.close()
 
-    return await asyncio.start_server(handle, host, port, reuse_port=True)
+    if unix is None:
+        return await asyncio.start_server(handle, host, port, reuse_port=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(unix)
+    old = os.umask(0o077)
+    try:
+        return await asyncio.start_unix_server(handle, unix)
+    finally:
+        os.umask(old)
+
+
+async def get_unix(path: str, target: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET target from a server on a Unix socket; (status, body)."""
+    r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    try:
+        w.write(f"GET {target} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(r.read(), timeout)
+    finally:
+        w.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(None, 2)[1]), body

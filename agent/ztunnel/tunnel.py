@@ -24,10 +24,12 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import json
 import os
 import socket
 import struct
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ from ..control import model as m
 from ..control.proto import control_pb2 as pb
 from ..control.server import policy_from_pb
 from . import admin, handoff, hbone, lb
+from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
 from .workers import Workers
@@ -103,6 +106,7 @@ class Tunnel:
         self.metrics = TunnelMetrics(self)
         self.workers = Workers(self)
         self.stats = Counter()
+        self.facts = FactsSender(cfg.state_dir, self.stats)
         self._stamp = None
         self._listening = False
         self.listener: hbone.Listener | None = None
@@ -266,7 +270,21 @@ class Tunnel:
             return _reset(sock)
         self.stats["plain_inbound"] += 1
         src = self.state.by_ip.get(src_ip)
-        count_close = self._count_open([istio_labels("destination", src, dst, None, "none")])
+        labels = istio_labels("destination", src, dst, None, "none")
+        count_close = self._count_open([labels])
+        with contextlib.suppress(OSError):
+            self.facts.send(
+                key_of(up.getpeername(), up.getsockname()),
+                "destination",
+                party(src, ip=src_ip, identity=""),
+                party(dst, port=port),
+                path="passthrough",
+                security="plaintext",
+                verdict="allow",
+                reason=d.reason,
+                policy=d.policy or "",
+                labels=labels,
+            )
         flow = _Closer()
 
         def done(*_):
@@ -361,10 +379,30 @@ class Tunnel:
                 fields={"cgroup_id": cap.cgroup_id},
             )
             return _reset(sock)
-        src_ip = sock.getpeername()[0]
+        peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
+        src_ip = peer[0]
         svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
+        me = party(src, ip=src_ip, port=peer[1])
+        orig = party(None, ip=cap.orig_ip, port=cap.orig_port, identity="")
+
+        def fact(dst_party, path, verdict, reason, security="plaintext", labels=None, policy=""):
+            self.facts.send(
+                key_of(peer, local),
+                "source",
+                me,
+                dst_party,
+                path=path,
+                security=security,
+                verdict=verdict,
+                reason=reason,
+                policy=policy or "",
+                service=f"{svc.namespace}/{svc.name}" if svc else "",
+                labels=labels,
+            )
+
         if not eps:
             if svc is not None:
+                fact(orig, "denied", "deny", f"service has no endpoint for port {cap.orig_port}")
                 self.stats["no_endpoint"] += 1
                 _log.info(
                     "service has no endpoint for this port, reset",
@@ -372,6 +410,7 @@ class Tunnel:
                 )
                 return _reset(sock)
             if self.cfg.registry_only:
+                fact(orig, "denied", "deny", "destination outside the mesh (registry-only)")
                 self.stats["denied_registry_only"] += 1
                 _log.info(
                     "destination outside the mesh refused (registry-only)",
@@ -381,8 +420,11 @@ class Tunnel:
             self.stats["passthrough"] += 1
             up = await self._dial(cap.orig_ip, cap.orig_port)
             if up is None:
+                fact(orig, "failed", "allow", "connect to the destination failed")
                 return _reset(sock)
-            count_close = self._count_open([istio_labels("source", src, None, None, "none")])
+            labels = istio_labels("source", src, None, None, "none")
+            fact(orig, "passthrough", "allow", "destination outside the mesh", labels=labels)
+            count_close = self._count_open([labels])
             return await self._splice(sock, up, lambda *_: count_close())
         skey = f"{svc.namespace}/{svc.name}" if svc else eps[0]
         policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
@@ -396,6 +438,7 @@ class Tunnel:
             # on this node we are the destination's enforcement point; across nodes its tunnel is
             d = self.decide(dst, src.spiffe_id, src_ip, port) if dst.node == self.cfg.node else None
             if d is not None and not d.allowed:
+                fact(party(dst, port=port), "denied", "deny", d.reason, policy=d.policy)
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied",
@@ -403,8 +446,9 @@ class Tunnel:
                 )
                 return _reset(sock)
             try:
-                done = await self._open(sock, src_ip, src, dst, port, ep, svc)
+                done = await self._open(sock, src_ip, src, dst, port, ep, svc, d, fact)
             except _Denied as e:
+                fact(party(dst, port=port), "denied", "deny", f"denied by the destination: {e}")
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied by the destination",
@@ -418,6 +462,7 @@ class Tunnel:
             if svc:
                 self.lb.failed(skey, ep, eps)
         self.stats["connect_failed"] += 1
+        fact(orig, "failed", "allow", f"no endpoint could be connected (tried {', '.join(tried)})")
         _log.info(
             "no endpoint could be connected, reset",
             fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}", "tried": tried},
@@ -436,9 +481,22 @@ class Tunnel:
         return closed
 
     async def _open(
-        self, sock, src_ip: str, src: pb.Workload, dst: pb.Workload, port: int, ep: str, svc=None
+        self,
+        sock,
+        src_ip: str,
+        src: pb.Workload,
+        dst: pb.Workload,
+        port: int,
+        ep: str,
+        svc=None,
+        decision=None,
+        fact=None,
     ) -> bool:
-        """Connect the flow to dst; False when the connect failed (nothing was forwarded)."""
+        """Connect the flow to dst; False when the connect failed (nothing was forwarded).
+
+        decision: ours when dst is on this node; fact(dst, path, verdict, reason, ...)
+        reports the source side to the agent.
+        """
         if dst.node == self.cfg.node:
             up = await self._dial(dst.ip, port)
             if up is None:
@@ -446,10 +504,34 @@ class Tunnel:
             self.lb.opened(ep)
             self.stats["splice"] += 1
             flow = _Closer()
-
-            count_close = self._count_open(
-                [istio_labels(r, src, dst, svc, "node_local") for r in ("source", "destination")]
+            labels = [
+                istio_labels(r, src, dst, svc, "node_local") for r in ("source", "destination")
+            ]
+            count_close = self._count_open(labels)
+            d = decision
+            fact(
+                party(dst, port=port),
+                "splice",
+                "allow",
+                d.reason,
+                "node_local",
+                labels[0],
+                d.policy,
             )
+            with contextlib.suppress(OSError):
+                self.facts.send(
+                    key_of(up.getpeername(), up.getsockname()),
+                    "destination",
+                    party(src, ip=src_ip, port=sock.getpeername()[1]),
+                    party(dst, port=port),
+                    path="splice",
+                    security="node_local",
+                    verdict="allow",
+                    reason=d.reason,
+                    policy=d.policy or "",
+                    service=f"{svc.namespace}/{svc.name}" if svc else "",
+                    labels=labels[1],
+                )
 
             def done(*_):
                 self.lb.closed(ep)
@@ -481,7 +563,16 @@ class Tunnel:
             return False
         _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
         self.lb.opened(ep)
-        count_close = self._count_open([istio_labels("source", src, dst, svc, "mutual_tls")])
+        labels = istio_labels("source", src, dst, svc, "mutual_tls")
+        fact(
+            party(dst, port=port),
+            "hbone",
+            "allow",
+            "allowed by the destination's tunnel",
+            "mutual_tls",
+            labels,
+        )
+        count_close = self._count_open([labels])
         side.on_close = lambda: (self.lb.closed(ep), count_close())
         side.attach(stream)
         self.stats["hbone"] += 1
@@ -555,11 +646,55 @@ class Tunnel:
 
         key = self._track(_facts(client_id, client_ip, dst, port), close)
         src = self.state.by_ip.get(client_ip)
-        count_close = self._count_open([istio_labels("destination", src, dst, None, "mutual_tls")])
+        labels = istio_labels("destination", src, dst, None, "mutual_tls")
+        count_close = self._count_open([labels])
+        with contextlib.suppress(OSError):
+            self.facts.send(
+                key_of(up.getpeername(), up.getsockname()),
+                "destination",
+                party(src, ip=client_ip, identity=client_id or ""),
+                party(dst, port=port),
+                path="hbone",
+                security="mutual_tls",
+                verdict="allow",
+                reason=d.reason,
+                policy=d.policy or "",
+                labels=labels,
+            )
         side.on_close = lambda: (self.enforced.pop(key, None), count_close())
         return side
 
     # ---- operations -------------------------------------------------------------------------------------
+    async def merged_metrics(self) -> tuple[int, str]:
+        """The tunnel's metrics and the agent's (kernel byte counts, certificates, maps), like
+        Istio's merged 15020: one scrape target per node."""
+        _, mine = self.metrics.render()
+        try:
+            status, body = await admin.get_unix(self._agent_sock(), "/metrics", timeout=3)
+            if status == 200:
+                return 200, mine + body.decode()
+            why = f"status {status}"
+        except (OSError, TimeoutError, ValueError, IndexError) as e:
+            why = str(e) or type(e).__name__
+        return 200, mine + (
+            f"# the agent's metrics are unavailable: {why}\n"
+            "# HELP dabba_agent_up Whether the tunnel could read the agent's metrics\n"
+            "# TYPE dabba_agent_up gauge\ndabba_agent_up 0.0\n"
+        )
+
+    def _agent_sock(self) -> str:
+        return os.path.join(self.cfg.state_dir, "agent.sock")
+
+    @admin.with_query
+    async def flows(self, query: dict) -> tuple[int, object]:
+        """The agent's flow table (the kernel's records joined with this tunnel's facts)."""
+        target = "/flows" + ("?" + urllib.parse.urlencode(query) if query else "")
+        try:
+            status, body = await admin.get_unix(self._agent_sock(), target)
+        except (OSError, TimeoutError) as e:
+            return 503, {"error": f"the agent is not answering on {self._agent_sock()}: {e}"}
+        return status, json.loads(body)
+
     def ready(self) -> tuple[int, str]:
         ok = (
             self._listening
@@ -720,6 +855,7 @@ class Tunnel:
             handshake_timeout=self.cfg.handshake_timeout,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
+        await self.facts.start()
         main = self.cfg.worker == 0
         servers = []
         if main:
@@ -730,7 +866,7 @@ class Tunnel:
             )
             servers.append(
                 await admin.serve(
-                    self.cfg.inbound[0], self.cfg.metrics_port, {"/metrics": self.metrics.render}
+                    self.cfg.inbound[0], self.cfg.metrics_port, {"/metrics": self.merged_metrics}
                 )
             )
         adm = (
@@ -740,6 +876,7 @@ class Tunnel:
                 {
                     "/config_dump": self.config_dump,
                     "/connections": self.connections,
+                    "/flows": self.flows,
                     "/stats": self.stats_doc,
                     "/healthz/ready": self.ready,
                 },

@@ -1,0 +1,403 @@
+"""The agent's flow table: the kernel's per-flow records joined with the tunnel's facts.
+
+The kernel accounts each flow on the enrolled workload's own socket, so
+spliced, proxied (HBONE) and passthrough flows are counted the same way.
+The tunnel sends what it knows of each workload socket it handled (peer
+identity, service, path, security, verdict; see agent/ztunnel/facts.py),
+keyed by the socket's addresses. A record without facts is either not
+captured (``passthrough``, plaintext) or still waiting for them
+(``pending``).
+
+Byte counters follow Istio's meaning whichever side reports:
+``istio_tcp_received_bytes_total`` counts bytes from the source to the
+destination (the request), ``istio_tcp_sent_bytes_total`` bytes back (the
+response).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+from ..bpf.flows import FlowRecord
+from ..errors import DabbaError
+from ..ztunnel.facts import key_of
+from ..ztunnel.metrics import ISTIO_LABELS, istio_labels
+
+PATHS = ("hbone", "splice", "passthrough", "denied", "failed", "pending")
+VERDICTS = ("allow", "deny")
+SORTS = ("bytes", "duration", "rtt", "start")
+STATES = ("all", "live", "closed")
+RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+MAX_FACTS = 1 << 18
+FACTS_WAIT = 1.0  # how long a closed record waits for the tunnel's facts before it is final
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'30s', '5m', '2h', '1d' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip()
+    try:
+        v = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise DabbaError(
+            f"{what}: {text!r} is not a duration", hint="use a number with s, m, h or d: 30s, 5m"
+        ) from None
+    if v < 0:
+        raise DabbaError(f"{what}: {text!r} is negative")
+    return v
+
+
+def parse_filters(q: dict[str, str]) -> dict:
+    """Validate /flows query parameters (the CLI's flags); raises DabbaError naming the bad one."""
+    out: dict = {}
+    for k in q:
+        if k not in (
+            "workload",
+            "namespace",
+            "service",
+            "verdict",
+            "path",
+            "since",
+            "port",
+            "sort",
+            "state",
+            "limit",
+        ):
+            raise DabbaError(f"unknown flow filter {k!r}")
+    for k in ("workload", "namespace", "service"):
+        if q.get(k):
+            out[k] = q[k]
+    for k, allowed in (("verdict", VERDICTS), ("path", PATHS), ("sort", SORTS), ("state", STATES)):
+        v = q.get(k)
+        if v:
+            if v not in allowed:
+                raise DabbaError(f"--{k} {v!r} is not one of: {', '.join(allowed)}")
+            out[k] = v
+    if q.get("since"):
+        out["since"] = parse_duration(q["since"], "--since")
+    for k, lo, hi in (("port", 1, 65535), ("limit", 1, 10**7)):
+        if q.get(k):
+            try:
+                v = int(q[k])
+            except ValueError:
+                raise DabbaError(f"--{k} {q[k]!r} is not a number") from None
+            if not lo <= v <= hi:
+                raise DabbaError(f"--{k} {v} is out of range ({lo}..{hi})")
+            out[k] = v
+    return out
+
+
+def _matches_workload(pattern: str, *parties: dict) -> bool:
+    for p in parties:
+        w = p.get("workload") or ""
+        if w and (w == pattern or w.split("/", 1)[-1] == pattern):
+            return True
+    return False
+
+
+def select(views: list[dict], f: dict, now: float | None = None) -> list[dict]:
+    """Filter and sort flow views by parsed filters (parse_filters)."""
+    now = now or time.time()
+    out = []
+    for v in views:
+        if "workload" in f and not _matches_workload(f["workload"], v["src"], v["dst"]):
+            continue
+        if "namespace" in f and f["namespace"] not in (
+            v["src"]["namespace"],
+            v["dst"]["namespace"],
+        ):
+            continue
+        if "service" in f and f["service"] not in (v["service"], v["service"].split("/")[-1]):
+            continue
+        if "verdict" in f and v["verdict"] != f["verdict"]:
+            continue
+        if "path" in f and v["path"] != f["path"]:
+            continue
+        if "port" in f and v["dst"]["port"] != f["port"]:
+            continue
+        if "since" in f and v["end"] is not None and v["end"] < now - f["since"]:
+            continue
+        st = f.get("state", "all")
+        if st != "all" and (st == "live") != (v["end"] is None):
+            continue
+        out.append(v)
+    key = {
+        "bytes": lambda v: v["bytes_sent"] + v["bytes_received"],
+        "duration": lambda v: v["duration"],
+        "rtt": lambda v: v["srtt_us"],
+        "start": lambda v: v["start"],
+    }[f.get("sort", "start")]
+    out.sort(key=key, reverse=f.get("sort", "start") != "start")
+    if "limit" in f:
+        out = out[-f["limit"] :] if f.get("sort", "start") == "start" else out[: f["limit"]]
+    return out
+
+
+def summarize(views: list[dict]) -> list[dict]:
+    """One row per (source workload, destination workload, path)."""
+    rows: dict[tuple, dict] = {}
+    for v in views:
+        k = (
+            v["src"]["workload"] or v["src"]["ip"],
+            v["dst"]["workload"] or v["dst"]["ip"],
+            v["path"],
+        )
+        r = rows.setdefault(
+            k,
+            {
+                "src": k[0],
+                "dst": k[1],
+                "path": k[2],
+                "flows": 0,
+                "open": 0,
+                "denied": 0,
+                "bytes_to_dst": 0,
+                "bytes_to_src": 0,
+                "retrans": 0,
+                "_rtt": [],
+            },
+        )
+        r["flows"] += 1
+        r["open"] += v["end"] is None
+        r["denied"] += v["verdict"] == "deny"
+        up, down = v["bytes_to_dst"], v["bytes_to_src"]
+        r["bytes_to_dst"] += up
+        r["bytes_to_src"] += down
+        r["retrans"] += v["retrans"]
+        if v["srtt_us"]:
+            r["_rtt"].append(v["srtt_us"])
+    out = []
+    for r in rows.values():
+        rtts = sorted(r.pop("_rtt"))
+        r["median_srtt_us"] = rtts[len(rtts) // 2] if rtts else None
+        out.append(r)
+    out.sort(key=lambda r: r["bytes_to_dst"] + r["bytes_to_src"], reverse=True)
+    return out
+
+
+class FlowTable:
+    """Live and recently closed flows of one node, and the byte counters derived from them.
+
+    describe(cgroup_id) -> (workload pb or None), by_ip(ip) -> workload pb or None and
+    tunnel_addrs() -> set of the tunnel's IPs come from the agent's current snapshot.
+    """
+
+    def __init__(
+        self,
+        keep_closed: int,
+        describe: Callable[[int], object],
+        by_ip: Callable[[str], object],
+        tunnel_addrs: Callable[[], set],
+    ):
+        self.lock = threading.Lock()
+        self.describe, self.by_ip, self.tunnel_addrs = describe, by_ip, tunnel_addrs
+        self.facts: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.closed: collections.deque[dict] = collections.deque(maxlen=max(keep_closed, 1))
+        self.pending: collections.deque[tuple[float, FlowRecord]] = collections.deque()
+        self.seen: dict[int, tuple] = {}  # cookie -> (bytes to dst, bytes to src, retrans) counted
+        self.sent: collections.Counter = collections.Counter()  # istio labels -> response bytes
+        self.received: collections.Counter = collections.Counter()  # -> request bytes
+        self.retrans: collections.Counter = collections.Counter()  # (dst wl, dst ns) -> segments
+        self.rtt: dict[tuple, list] = {}  # (dst wl, dst ns) -> [bucket counts..., sum, count]
+        self.denied = 0
+        self.facts_received = 0
+        self.closed_total = 0
+
+    # ---- input -----------------------------------------------------------------------------
+    def add_fact(self, doc: dict) -> None:
+        with self.lock:
+            self.facts[doc["key"]] = doc
+            self.facts.move_to_end(doc["key"])
+            self.facts_received += 1
+            while len(self.facts) > MAX_FACTS:
+                self.facts.popitem(last=False)
+
+    def on_closed(self, rec: FlowRecord) -> None:
+        with self.lock:
+            self.pending.append((time.monotonic(), rec))
+
+    def tick(self) -> None:
+        """Finalize closed records whose facts arrived (or that waited long enough)."""
+        now = time.monotonic()
+        with self.lock:
+            keep = collections.deque()
+            while self.pending:
+                t, rec = self.pending.popleft()
+                fact = self.facts.get(key_of(rec.src, rec.dst))
+                if fact is None and rec.captured and now - t < FACTS_WAIT:
+                    keep.append((t, rec))
+                    continue
+                v = self._view(rec, fact)
+                self._account(rec, v, final=True)
+                self.facts.pop(key_of(rec.src, rec.dst), None)
+                self.closed.append(v)
+                self.closed_total += 1
+                self.denied += v["verdict"] == "deny"
+            self.pending = keep
+
+    # ---- views -----------------------------------------------------------------------------
+    def live(self, records: list[FlowRecord]) -> list[dict]:
+        """Views of the kernel's live records; counts their bytes so far."""
+        out = []
+        with self.lock:
+            for rec in records:
+                v = self._view(rec, self.facts.get(key_of(rec.src, rec.dst)))
+                self._account(rec, v, final=False)
+                out.append(v)
+        return out
+
+    def recent(self) -> list[dict]:
+        with self.lock:
+            return list(self.closed)
+
+    def _party_of(self, w, ip: str, port: int | None, identity: str | None = None) -> dict:
+        return {
+            "ip": ip,
+            "port": port,
+            "workload": f"{w.namespace}/{w.name}" if w is not None else "",
+            "identity": identity if identity is not None else (w.spiffe_id if w else ""),
+        }
+
+    def _view(self, rec: FlowRecord, fact: dict | None) -> dict:
+        out = rec.direction == "outbound"
+        me_w = self.describe(rec.cgroup_id)
+        me = self._party_of(me_w, rec.src[0], rec.src[1])
+        if fact is not None:
+            src, dst = dict(fact["src"]), dict(fact["dst"])
+            if out:
+                src.update(ip=rec.src[0], port=rec.src[1])
+            else:
+                dst.update(ip=rec.src[0], port=rec.src[1])
+            path, security = fact["path"], fact["security"]
+            verdict, reason, policy = fact["verdict"], fact["reason"], fact.get("policy", "")
+            service = fact.get("service", "")
+        else:
+            peer_ip, peer_port = rec.orig_dst if out else rec.dst
+            peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
+            src, dst = (me, peer) if out else (peer, me)
+            via_tunnel = rec.captured or (not out and peer_ip in self.tunnel_addrs())
+            path = "pending" if via_tunnel else "passthrough"
+            security = "unknown" if via_tunnel else "plaintext"
+            verdict = "allow"
+            reason = (
+                "the tunnel's facts did not arrive"
+                if via_tunnel
+                else ("not captured: excluded or capture off" if out else "not through the tunnel")
+            )
+            policy, service = "", ""
+        for p in (src, dst):
+            p["namespace"] = p["workload"].split("/", 1)[0] if p["workload"] else ""
+        to_dst, to_src = (
+            (rec.bytes_sent, rec.bytes_received) if out else (rec.bytes_received, rec.bytes_sent)
+        )
+        return {
+            "id": rec.cookie,
+            "direction": rec.direction,
+            "reporter": "source" if out else "destination",
+            "src": src,
+            "dst": dst,
+            "service": service,
+            "path": path,
+            "security": security,
+            "verdict": verdict,
+            "reason": reason,
+            "policy": policy,
+            "bytes_sent": rec.bytes_sent,
+            "bytes_received": rec.bytes_received,
+            "bytes_to_dst": to_dst,
+            "bytes_to_src": to_src,
+            "segs_out": rec.segs_out,
+            "segs_in": rec.segs_in,
+            "retrans": rec.retrans,
+            "srtt_us": rec.srtt_us,
+            "start": rec.start,
+            "end": rec.end,
+            "duration": rec.duration,
+            "close": rec.close,
+            "state": rec.state,
+            "_labels": fact.get("labels") if fact else None,
+        }
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def _labels(self, rec: FlowRecord, v: dict) -> tuple | None:
+        if v["_labels"]:
+            return tuple(v["_labels"])
+        if v["verdict"] == "deny" or v["path"] == "pending":
+            return None
+        src, dst = self.by_ip(v["src"]["ip"]), self.by_ip(v["dst"]["ip"])
+        if rec.direction == "outbound":
+            src = self.describe(rec.cgroup_id)
+        else:
+            dst = self.describe(rec.cgroup_id)
+        return istio_labels(v["reporter"], src, dst, None, "none")
+
+    def _account(self, rec: FlowRecord, v: dict, final: bool) -> None:
+        before = self.seen.get(rec.cookie, (0, 0, 0))
+        now = (v["bytes_to_dst"], v["bytes_to_src"], rec.retrans)
+        if final:
+            self.seen.pop(rec.cookie, None)
+        else:
+            self.seen[rec.cookie] = now
+        labels = self._labels(rec, v)
+        d_up, d_down, d_re = (max(a - b, 0) for a, b in zip(now, before, strict=True))
+        if labels is not None:
+            if d_up:
+                self.received[labels] += d_up
+            if d_down:
+                self.sent[labels] += d_down
+        dkey = (
+            v["dst"]["workload"].split("/")[-1] or "unknown",
+            v["dst"]["namespace"] or "unknown",
+        )
+        if d_re:
+            self.retrans[dkey] += d_re
+        if final and rec.srtt_us:
+            # one slot per bucket, the overflow slot, then the sum and the count
+            h = self.rtt.setdefault(dkey, [0] * (len(RTT_BUCKETS) + 1) + [0.0, 0])
+            s = rec.srtt_us / 1e6
+            h[bisect.bisect_left(RTT_BUCKETS, s)] += 1
+            h[-2] += s
+            h[-1] += 1
+
+    def collect(self):
+        """Metric families (prometheus_client) for the agent's registry."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        with self.lock:
+            sent, received = dict(self.sent), dict(self.received)
+            retrans, rtt = dict(self.retrans), {k: list(h) for k, h in self.rtt.items()}
+        for name, data, doc in (
+            ("istio_tcp_sent_bytes", sent, "Bytes sent during response (destination to source)"),
+            (
+                "istio_tcp_received_bytes",
+                received,
+                "Bytes received during request (source to destination)",
+            ),
+        ):
+            m = CounterMetricFamily(
+                name, doc + ", from the kernel's flow records", labels=ISTIO_LABELS
+            )
+            for k, v in data.items():
+                m.add_metric(k, v)
+            yield m
+        dl = ["destination_workload", "destination_workload_namespace"]
+        m = CounterMetricFamily("dabba_flow_retransmits", "TCP segments retransmitted", labels=dl)
+        for k, v in retrans.items():
+            m.add_metric(k, v)
+        yield m
+        h = HistogramMetricFamily(
+            "dabba_flow_rtt_seconds", "Smoothed RTT of closed flows (kernel srtt)", labels=dl
+        )
+        for k, counts in rtt.items():
+            acc, buckets = 0, []
+            for i, b in enumerate(RTT_BUCKETS):
+                acc += counts[i]
+                buckets.append((str(b), acc))
+            acc += counts[len(RTT_BUCKETS)]
+            buckets.append(("+Inf", acc))
+            h.add_metric(list(k), buckets, counts[-2])
+        yield h
