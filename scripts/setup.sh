@@ -38,6 +38,7 @@ apt_pkgs=(
 	iproute2 iputils-ping procps psmisc         # ip netns/link, ps, fuser
 	curl openssl wrk iperf3 nghttp2-client tcpdump socat
 	nginx-light                    # the benchmarks' and load tests' HTTP server (run in pods only)
+	prometheus                     # promtool for deploy/'s rules; a real server scrapes the lab
 	clang-format make git ca-certificates
 )
 missing=()
@@ -55,11 +56,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 		trap 'rm -f /usr/sbin/policy-rc.d' EXIT # ours: gone however the install ends
 	fi
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-	if printf '%s\n' "${missing[@]}" | grep -qx nginx-light && command -v systemctl >/dev/null &&
-		[ -d /run/systemd/system ]; then
-		systemctl disable --now nginx >/dev/null 2>&1 || true
-		log "nginx installed for the lab's pods; its host service is disabled"
-	fi
+	for svc in nginx-light:nginx prometheus:prometheus; do
+		if printf '%s\n' "${missing[@]}" | grep -qx "${svc%%:*}" && command -v systemctl >/dev/null &&
+			[ -d /run/systemd/system ]; then
+			systemctl disable --now "${svc#*:}" >/dev/null 2>&1 || true
+			log "${svc#*:} installed for the lab and tests; its host service is disabled"
+		fi
+	done
 else
 	log "Debian packages: all present"
 fi

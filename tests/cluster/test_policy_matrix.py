@@ -12,6 +12,7 @@ ingress guard (STRICT).
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -210,6 +211,27 @@ def test_authorization_policy_case(plab, case):
     _apply(L, text, want)
     got = [(s, d, p, _connects(L, s, d, p)) for s, d, p, _ in checks]
     assert got == checks
+    # `dabba policy check` on the destination's node agrees with every real connection
+    explained = [(s, d, p, _policy_check(L, s, d, p)) for s, d, p, _ in checks]
+    assert explained == checks
+
+
+def _policy_check(L, src: str, dst: str, port: int) -> bool:
+    node = L.pod(dst).node
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "agent.cli", "policy", "check", "--node", f"{L.name}/{node}",
+            "--from", src, "--to", dst, "--port", str(port), "-o", "json",
+        ],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode in (0, 3), r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["verdict"] == "allow") == (r.returncode == 0)
+    assert doc["reason"], doc
+    if doc["verdict"] == "deny" or doc["policy"]:
+        assert doc["reason"].startswith(("denied", "allowed by ALLOW policy")), doc
+    return doc["verdict"] == "allow"
 
 
 def _peer_auth(mode: str) -> str:

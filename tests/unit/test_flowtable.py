@@ -1,0 +1,206 @@
+"""The agent's flow table: joining kernel records with the tunnel's facts, filters, counters.
+
+Kernel records are built here (FlowRecord is plain data); the lab tests feed
+the same code from the real kernel and tunnel.
+"""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from agent.bpf.flows import FlowRecord
+from agent.errors import DabbaError
+from agent.node import flowtable
+from agent.node.flowtable import FlowTable
+from agent.ztunnel.facts import key_of, party
+from agent.ztunnel.metrics import istio_labels
+
+WEB = SimpleNamespace(
+    name="web", namespace="front", ip="10.0.0.1", spiffe_id="spiffe://td/ns/front/sa/web", labels={}
+)
+API = SimpleNamespace(
+    name="api", namespace="back", ip="10.0.0.2", spiffe_id="spiffe://td/ns/back/sa/api", labels={}
+)
+BY_CG = {7: WEB, 8: API}
+BY_IP = {"10.0.0.1": WEB, "10.0.0.2": API}
+
+
+def rec(cookie, direction, src, dst, orig=None, sent=0, recv=0, end=None, captured=True, **kw):
+    now = time.time()
+    return FlowRecord(
+        cookie=cookie,
+        cgroup_id=7 if direction == "outbound" else 8,
+        direction=direction,
+        src=src,
+        dst=dst,
+        orig_dst=orig or dst,
+        captured=captured,
+        bytes_sent=sent,
+        bytes_received=recv,
+        segs_out=3,
+        segs_in=3,
+        retrans=kw.get("retrans", 0),
+        srtt_us=kw.get("srtt_us", 150),
+        start=now - 1,
+        end=end,
+        close="fin" if end else "open",
+        state="CLOSE" if end else "ESTABLISHED",
+    )
+
+
+def table():
+    return FlowTable(100, BY_CG.get, BY_IP.get, lambda: {"10.0.0.254"})
+
+
+def fact(key, side, path="hbone", security="mutual_tls", verdict="allow", labels=None, **kw):
+    return {
+        "key": key,
+        "t": time.time(),
+        "side": side,
+        "src": party(WEB, port=40000),
+        "dst": party(API, port=8080),
+        "path": path,
+        "security": security,
+        "verdict": verdict,
+        "reason": kw.get("reason", "allowed"),
+        "policy": kw.get("policy", ""),
+        "service": kw.get("service", ""),
+        "labels": labels,
+    }
+
+
+def test_a_record_joins_the_facts_of_its_socket_and_counts_request_and_response_bytes():
+    t = table()
+    labels = istio_labels("source", WEB, API, None, "mutual_tls")
+    src, tun = ("10.0.0.1", 40000), ("10.0.0.254", 15001)
+    t.add_fact(fact(key_of(src, tun), "source", labels=list(labels)))
+    live = rec(1, "outbound", src, tun, orig=("10.0.0.2", 8080), sent=100, recv=7)
+    (v,) = t.live([live])
+    assert (v["path"], v["security"], v["reporter"]) == ("hbone", "mutual_tls", "source")
+    assert (v["src"]["workload"], v["dst"]["workload"]) == ("front/web", "back/api")
+    assert (v["src"]["port"], v["dst"]["port"]) == (40000, 8080)
+    assert (v["bytes_to_dst"], v["bytes_to_src"]) == (100, 7)
+    assert t.received[labels] == 100 and t.sent[labels] == 7
+    # more bytes later, then the close: each byte is counted once
+    t.live([rec(1, "outbound", src, tun, sent=150, recv=9)])
+    t.on_closed(rec(1, "outbound", src, tun, sent=400, recv=20, end=time.time()))
+    t.tick()
+    assert t.received[labels] == 400 and t.sent[labels] == 20
+    assert [c["id"] for c in t.recent()] == [1] and t.seen == {}
+
+
+def test_destination_side_bytes_keep_istio_meaning():
+    """received = source to destination, whichever side reports."""
+    t = table()
+    labels = istio_labels("destination", WEB, API, None, "mutual_tls")
+    wl, tun = ("10.0.0.2", 8080), ("10.0.0.254", 50000)
+    t.add_fact(fact(key_of(wl, tun), "destination", labels=list(labels)))
+    t.on_closed(rec(2, "inbound", wl, tun, sent=5, recv=1000, end=time.time()))
+    t.tick()
+    (v,) = t.recent()
+    assert v["reporter"] == "destination" and (v["bytes_to_dst"], v["bytes_to_src"]) == (1000, 5)
+    assert t.received[labels] == 1000 and t.sent[labels] == 5
+
+
+def test_a_closed_record_waits_for_late_facts_then_goes_without_them():
+    t = table()
+    src, tun = ("10.0.0.1", 40001), ("10.0.0.254", 15001)
+    t.on_closed(rec(3, "outbound", src, tun, sent=1, end=time.time()))
+    t.tick()
+    assert t.recent() == []  # waiting for the tunnel's facts
+    t.add_fact(fact(key_of(src, tun), "source", path="denied", verdict="deny", reason="no"))
+    t.tick()
+    (v,) = t.recent()
+    assert (v["path"], v["verdict"], v["reason"]) == ("denied", "deny", "no")
+    assert t.denied == 1 and not t.received  # a denied flow is not traffic
+    t.on_closed(rec(4, "outbound", ("10.0.0.1", 40002), tun, end=time.time()))
+    t.pending[0] = (time.monotonic() - flowtable.FACTS_WAIT - 0.1, t.pending[0][1])
+    t.tick()
+    assert t.recent()[-1]["path"] == "pending"
+
+
+def test_uncaptured_flows_are_plaintext_passthrough_labelled_from_the_kernel():
+    t = table()
+    r = rec(5, "outbound", ("10.0.0.1", 40003), ("10.0.0.2", 22), sent=10, recv=20, captured=False)
+    (v,) = t.live([r])
+    assert (v["path"], v["security"]) == ("passthrough", "plaintext")
+    assert v["dst"]["workload"] == "back/api"  # by address: plaintext between mesh workloads
+    labels = istio_labels("source", WEB, API, None, "none")
+    assert t.received[labels] == 10 and t.sent[labels] == 20
+
+
+def test_rtt_histogram_and_retransmits_per_destination():
+    t = table()
+    for i, srtt in enumerate((80, 400, 3000)):
+        r = rec(10 + i, "outbound", ("10.0.0.1", 41000 + i), ("10.0.0.2", 80), captured=False)
+        t.on_closed(FlowRecord(**{**r.__dict__, "end": time.time(), "srtt_us": srtt, "retrans": i}))
+    t.tick()
+    fams = {f.name: f for f in t.collect()}
+    samples = {
+        (s.name, s.labels.get("le")): s.value for s in fams["dabba_flow_rtt_seconds"].samples
+    }
+    assert samples[("dabba_flow_rtt_seconds_bucket", "0.0001")] == 1
+    assert samples[("dabba_flow_rtt_seconds_bucket", "0.0005")] == 2
+    assert samples[("dabba_flow_rtt_seconds_bucket", "0.005")] == 3
+    assert samples[("dabba_flow_rtt_seconds_bucket", "+Inf")] == 3
+    assert samples[("dabba_flow_rtt_seconds_count", None)] == 3
+    assert samples[("dabba_flow_rtt_seconds_sum", None)] == pytest.approx(0.00348)
+    (re,) = fams["dabba_flow_retransmits"].samples
+    assert re.value == 3 and re.labels == {
+        "destination_workload": "api",
+        "destination_workload_namespace": "back",
+    }
+
+
+def test_filters_are_validated_with_the_flag_named():
+    assert flowtable.parse_filters({"since": "5m", "port": "80", "verdict": "deny"}) == {
+        "since": 300.0,
+        "port": 80,
+        "verdict": "deny",
+    }
+    for q, msg in (
+        ({"since": "soon"}, "--since: 'soon' is not a duration"),
+        ({"since": "-5s"}, "is negative"),
+        ({"port": "0"}, "--port 0 is out of range"),
+        ({"port": "http"}, "--port 'http' is not a number"),
+        ({"path": "tcp"}, "--path 'tcp' is not one of"),
+        ({"colour": "red"}, "unknown flow filter 'colour'"),
+    ):
+        with pytest.raises(DabbaError, match=msg):
+            flowtable.parse_filters(q)
+
+
+def _view(id_, src, dst, path="hbone", verdict="allow", up=0, down=0, end=None, service=""):
+    def p(w):
+        return {"workload": w, "namespace": w.split("/")[0], "ip": "", "port": 80}
+
+    return {
+        "id": id_, "src": p(src), "dst": p(dst), "path": path, "verdict": verdict,
+        "service": service, "bytes_sent": up, "bytes_received": down, "bytes_to_dst": up,
+        "bytes_to_src": down, "srtt_us": 100 + id_, "retrans": 0, "start": id_, "end": end,
+        "duration": id_,
+    }  # fmt: skip
+
+
+def test_select_and_summary():
+    now = time.time()
+    vs = [
+        _view(1, "front/web", "back/api", up=10, down=1, end=now - 600),
+        _view(2, "front/web", "back/api", up=20, down=2),
+        _view(3, "front/web", "back/db", path="denied", verdict="deny", end=now),
+        _view(4, "other/x", "back/api", up=1000, service="back/api-svc"),
+    ]
+    assert [v["id"] for v in flowtable.select(vs, {"workload": "web"})] == [1, 2, 3]
+    assert [v["id"] for v in flowtable.select(vs, {"workload": "back/db"})] == [3]
+    assert [v["id"] for v in flowtable.select(vs, {"namespace": "other"})] == [4]
+    assert [v["id"] for v in flowtable.select(vs, {"since": 60})] == [2, 3, 4]
+    assert [v["id"] for v in flowtable.select(vs, {"state": "live"})] == [2, 4]
+    assert [v["id"] for v in flowtable.select(vs, {"verdict": "deny"})] == [3]
+    assert [v["id"] for v in flowtable.select(vs, {"service": "api-svc"})] == [4]
+    assert [v["id"] for v in flowtable.select(vs, {"sort": "bytes", "limit": 2})] == [4, 2]
+    assert [v["id"] for v in flowtable.select(vs, {"limit": 1})] == [4]  # the newest
+    rows = {(r["src"], r["dst"], r["path"]): r for r in flowtable.summarize(vs)}
+    r = rows[("front/web", "back/api", "hbone")]
+    assert (r["flows"], r["open"], r["bytes_to_dst"], r["bytes_to_src"]) == (2, 1, 30, 3)
+    assert rows[("front/web", "back/db", "denied")]["denied"] == 1
