@@ -199,6 +199,10 @@ class TcpSide(asyncio.Protocol):
             self.stream.send(data)
 
     def eof_received(self):
+        # A transport may report EOF again when reading resumes after it (flush pauses and
+        # resumes reading while data waits for window): end the stream once only.
+        if self.eof:
+            return True
         self.eof = True
         if self.stream is not None:
             self.stream.end()
@@ -235,6 +239,7 @@ class Stream:
     tcp: TcpSide | None = None
     outbuf: bytearray = None  # waiting for send window
     end_pending: bool = False
+    ended: bool = False  # our end of stream was asked for (sent once the queue is out)
     closed: bool = False
     tcp_paused: bool = False
     unacked: int = 0  # received bytes written to TCP but not yet acknowledged
@@ -256,6 +261,9 @@ class Stream:
             self.conn.flush(self, data)
 
     def end(self) -> None:
+        if self.ended:  # a second END_STREAM is a protocol error that would close the flow
+            return
+        self.ended = True
         self.end_pending = True
         self.conn.flush(self)
 
@@ -421,8 +429,9 @@ class H2Connection(asyncio.Protocol):
                 del s.outbuf[:window]
                 self.h2.send_data(s.stream_id, chunk)
                 s.bytes_out += len(chunk)
-            if s.tcp and s.tcp.transport:
-                # pause the TCP side while data waits for window
+            if s.tcp and s.tcp.transport and not s.tcp.eof:
+                # pause the TCP side while data waits for window (after its EOF there is
+                # nothing left to read)
                 (s.tcp.transport.pause_reading if s.outbuf else s.tcp.transport.resume_reading)()
             if s.end_pending and not s.outbuf:
                 self.h2.end_stream(s.stream_id)

@@ -245,3 +245,64 @@ def test_a_server_that_speaks_first_and_closes_loses_nothing(pki):
         return got
 
     assert asyncio.run(go()) == b"220 hello from a server-first protocol\r\n"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_response_after_a_large_half_closed_upload_is_delivered_whole(pki, loop):
+    """The client uploads 10 MB and half-closes; the server answers only after reading it all.
+
+    The upload waits for HBONE window after the client's FIN, so reading was paused and
+    resumed after EOF, and the transport reported EOF a second time (seen with uvloop in
+    the lab). That second EOF sent a second END_STREAM, a protocol error that closed the
+    client's connection before the answer came: 0 bytes back. Here the second EOF is
+    reported explicitly, after the first END_STREAM went out and before the answer.
+    """
+    ca, files, _ = pki
+    answer = 123_456
+
+    async def go():
+        echo, _, _, srv, port, pool, _ = await _setup(ca, files)
+        got_request = []
+
+        async def sink(r, w):
+            n = 0
+            while chunk := await r.read(1 << 20):
+                n += len(chunk)
+            got_request.append(n)
+            await asyncio.sleep(0.2)  # the second EOF comes in this gap
+            w.write(b"x" * answer)
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        sport = server.sockets[0].getsockname()[1]
+        results = []
+        for _ in range(3):
+            conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+            stream = await conn.connect(f"127.0.0.1:{sport}")
+            a, b = socket.socketpair()
+            _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, a)
+            side.attach(stream)
+            r, w = await asyncio.open_connection(sock=b)
+            w.write(b"y" * 10_000_000)
+            w.write_eof()
+            for _ in range(2000):
+                if side.eof and stream.ended and not stream.end_pending:
+                    break
+                await asyncio.sleep(0.005)
+            assert side.eof and not stream.end_pending, "the upload did not finish"
+            side.eof_received()  # what a transport resumed after its EOF reports
+            results.append(len(await asyncio.wait_for(r.read(), 20)))
+            w.close()
+        for s in (srv, echo, server):
+            s.close()
+        return results, got_request
+
+    if loop == "uvloop":
+        import uvloop
+
+        results, got_request = uvloop.run(go())
+    else:
+        results, got_request = asyncio.run(go())
+    assert got_request == [10_000_000] * 3
+    assert results == [answer] * 3
