@@ -69,6 +69,13 @@ def run_demo(name: str, keep: bool) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        local = L.pod("n1-p2")
+        srv_local = L.popen(
+            local.name,
+            ["python3", "-m", "http.server", "8080", "--bind", local.ip],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         sink = L.pod("n2-p2")
         receiver = L.popen(
             sink.name,
@@ -93,50 +100,71 @@ def run_demo(name: str, keep: bool) -> None:
                     ],
                 )
                 click.echo(f"  n1-p1 -> {web.name}:8080  curl GET /  {r.stdout} bytes of body")
+            r = L.run(
+                "n1-p1",
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{size_download}",
+                    f"http://{local.ip}:8080/",
+                ],
+            )
+            click.echo(
+                f"  n1-p1 -> {local.name}:8080  curl GET /  {r.stdout} bytes of body (same node)"
+            )
             r = L.run("n1-p2", ["python3", "-c", _SOURCE, sink.ip, "9000", "10000000"])
             click.echo(
                 f"  n1-p2 -> {sink.name}:9000  sent 10,000,000 bytes, got back {r.stdout.strip()}; "
                 f"{sink.name} received {receiver.communicate(timeout=30)[0].strip()}"
             )
         finally:
-            srv.send_signal(signal.SIGTERM)
+            for p in (srv, srv_local):
+                p.send_signal(signal.SIGTERM)
             receiver.kill()
-            srv.wait(5)
+            for p in (srv, srv_local):
+                p.wait(5)
 
-        step("the flow table the kernel accounted (sockops; closed flows from the ring buffer)")
+        step(
+            "the flow table: the kernel's records joined with the tunnel's identities and verdicts"
+        )
         time.sleep(1.5)
-        names = {p.ip: p.name for p in L.pods}
-        rows = []
+        from . import ops
+        from .node.client import AgentClient
+
         for n, state, _ in agents:
-            for r in _closed(state):
-                rows.append((n.name, r))
-        rows.sort(key=lambda x: x[1]["start"])
+            click.secho(f"\n  dabba flows --node {name}/{n.name}", bold=True)
+            ops.flows(AgentClient(state), {}, "table", False, False)
         click.echo(
-            f"  {'NODE':<5}{'DIR':<9}{'SOURCE':<22}{'DESTINATION':<22}{'SENT':>11}{'RECEIVED':>11}"
-            f"{'RTT':>8}{'CLOSE':>7}"
-        )
-        for node, r in rows:
-            src = f"{names.get(r['src'][0], r['src'][0])}:{r['src'][1]}"
-            dst = f"{names.get(r['orig_dst'][0], r['orig_dst'][0])}:{r['orig_dst'][1]}"
-            click.echo(
-                f"  {node:<5}{r['direction']:<9}{src:<22}{dst:<22}{r['bytes_sent']:>11,}"
-                f"{r['bytes_received']:>11,}{r['srtt_us']:>6}us{r['close']:>7}"
-            )
-        click.echo(
-            "\n  Every flow was captured at the client (DESTINATION is where it was going) and"
-        )
-        click.echo(
-            "  carried to the other node over HBONE (mutual TLS 1.3); the server sees its node's"
-        )
-        click.echo(
-            "  tunnel (10.20.2.1) as the peer. Both ends count the same bytes, in the kernel."
+            "\n  Cross-node flows went over HBONE (mutual TLS 1.3, each pod's own SPIFFE identity);"
+            "\n  the same-node flow was spliced by the kernel (path splice), never leaving the node."
+            "\n  Both ends count the same bytes, in the kernel, whichever path a flow took."
         )
         step("where to look next")
-        click.echo(
-            f"  dabba lab up --name {name}-2      a lab of your own (dabba lab exec ... -- CMD)"
-        )
-        click.echo("  dabba bpf status --node NODE      programs, attachments, map fill")
-        click.echo("  agent/bpf/*.c                     the eBPF programs, one per hook")
+        for cmd, what in (
+            ("dabba demo --keep", "keep the lab up to try the commands below"),
+            (
+                f"dabba flows --node {name}/n1 --summary",
+                "bytes per workload pair; --follow streams",
+            ),
+            (
+                f"dabba status --node {name}/n1",
+                "agent, tunnel, programs, control plane, certificates",
+            ),
+            (f"dabba certs --node {name}/n1", "each pod's identity and expiry, the trust roots"),
+            (
+                f"dabba policy check --node {name}/n2 --from n1-p1 --to n2-p1 --port 8080",
+                "the verdict and the rule",
+            ),
+            (
+                f"dabba lab exec {name} n1 -- curl -s {L.node('n1').ip}:15020/metrics",
+                "Istio's metrics",
+            ),
+            ("deploy/grafana, deploy/prometheus", "dashboard and alert rules"),
+        ):
+            click.echo(f"  {cmd}\n      {what}")
     finally:
         if keep:
             click.echo(f"\nlab {name} left up: `dabba lab down {name}` removes it")
