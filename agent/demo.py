@@ -116,10 +116,17 @@ def run_demo(name: str, keep: bool) -> None:
                 f"  n1-p1 -> {local.name}:8080  curl GET /  {r.stdout} bytes of body (same node)"
             )
             r = L.run("n1-p2", ["python3", "-c", _SOURCE, sink.ip, "9000", "10000000"])
+            back, received = r.stdout.strip(), receiver.communicate(timeout=30)[0].strip()
             click.echo(
-                f"  n1-p2 -> {sink.name}:9000  sent 10,000,000 bytes, got back {r.stdout.strip()}; "
-                f"{sink.name} received {receiver.communicate(timeout=30)[0].strip()}"
+                f"  n1-p2 -> {sink.name}:9000  sent 10,000,000 bytes, got back {back}; "
+                f"{sink.name} received {received}"
             )
+            if (back, received) != ("123,456", "10,000,000"):
+                raise DabbaError(
+                    f"the mesh lost bytes: expected 123,456 back and 10,000,000 received, "
+                    f"got {back} and {received}",
+                    hint=f"run `dabba demo --keep` and read {labmod.STATE_DIR}/{name}/*/tunnel.log",
+                )
         finally:
             for p in (srv, srv_local):
                 p.send_signal(signal.SIGTERM)
