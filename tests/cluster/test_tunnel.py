@@ -423,6 +423,19 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
         wait_for(lambda: lb_policy() == "round_robin", 15, what="the service to reach the tunnel")
         # round robin: exactly in turn
         assert _spread(L, "10.96.0.50", 30) == dict.fromkeys(web, 10)
+        # dabba flows names the service of every one of those flows, and where each went
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "flows", "--node", f"{L.name}/n1",
+             "--service", "web", "-o", "json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        fs = [f for f in json.loads(r.stdout)["flows"] if f["reporter"] == "source"]
+        assert {f["service"] for f in fs} == {"default/web"} and len(fs) == 30
+        by_dst = {name: 0 for name in web}
+        for f in fs:
+            by_dst[f["dst"]["workload"].split("/")[1]] += 1
+            assert f["path"] == ("splice" if f["dst"]["workload"] == "default/n1-p2" else "hbone")
+        assert by_dst == dict.fromkeys(web, 10)
         # least connections: with every connection held open, each endpoint gets the same share
         # (once the round-robin flows, which the servers hold for 3 s, are gone)
         wait_for(lambda: not _lb_active(L), 15, what="earlier flows to end")
