@@ -272,19 +272,9 @@ class Tunnel:
         src = self.state.by_ip.get(src_ip)
         labels = istio_labels("destination", src, dst, None, "none")
         count_close = self._count_open([labels])
-        with contextlib.suppress(OSError):
-            self.facts.send(
-                key_of(up.getpeername(), up.getsockname()),
-                "destination",
-                party(src, ip=src_ip, identity=""),
-                party(dst, port=port),
-                path="passthrough",
-                security="plaintext",
-                verdict="allow",
-                reason=d.reason,
-                policy=d.policy or "",
-                labels=labels,
-            )
+        self._report_inbound(
+            up, party(src, ip=src_ip, identity=""), dst, port, "passthrough", "plaintext", d, labels
+        )
         flow = _Closer()
 
         def done(*_):
@@ -294,6 +284,26 @@ class Tunnel:
         meta = _facts(None, src_ip, dst, port)
         tkey = self._track(meta, flow)
         flow.target = await self._splice(sock, up, done, meta)
+
+    def _report_inbound(self, up, src: dict, dst, port, path, security, d, labels, svc=None):
+        """Tell the agent about the workload socket we connected to (the destination's end)."""
+        try:
+            key = key_of(up.getpeername(), up.getsockname())
+        except OSError:
+            return  # already gone: the kernel's record says how it ended
+        self.facts.send(
+            key,
+            "destination",
+            src,
+            party(dst, port=port),
+            path=path,
+            security=security,
+            verdict="allow",
+            reason=d.reason,
+            policy=d.policy or "",
+            service=f"{svc.namespace}/{svc.name}" if svc else "",
+            labels=labels,
+        )
 
     def recheck(self) -> int:
         """Close established flows that the current policy denies; returns how many."""
@@ -518,20 +528,11 @@ class Tunnel:
                 labels[0],
                 d.policy,
             )
-            with contextlib.suppress(OSError):
-                self.facts.send(
-                    key_of(up.getpeername(), up.getsockname()),
-                    "destination",
-                    party(src, ip=src_ip, port=sock.getpeername()[1]),
-                    party(dst, port=port),
-                    path="splice",
-                    security="node_local",
-                    verdict="allow",
-                    reason=d.reason,
-                    policy=d.policy or "",
-                    service=f"{svc.namespace}/{svc.name}" if svc else "",
-                    labels=labels[1],
-                )
+            try:
+                me = party(src, ip=src_ip, port=sock.getpeername()[1])
+            except OSError:  # the client is gone already; its record says how it ended
+                me = party(src, ip=src_ip)
+            self._report_inbound(up, me, dst, port, "splice", "node_local", d, labels[1], svc)
 
             def done(*_):
                 self.lb.closed(ep)
@@ -648,19 +649,8 @@ class Tunnel:
         src = self.state.by_ip.get(client_ip)
         labels = istio_labels("destination", src, dst, None, "mutual_tls")
         count_close = self._count_open([labels])
-        with contextlib.suppress(OSError):
-            self.facts.send(
-                key_of(up.getpeername(), up.getsockname()),
-                "destination",
-                party(src, ip=client_ip, identity=client_id or ""),
-                party(dst, port=port),
-                path="hbone",
-                security="mutual_tls",
-                verdict="allow",
-                reason=d.reason,
-                policy=d.policy or "",
-                labels=labels,
-            )
+        peer = party(src, ip=client_ip, identity=client_id or "")
+        self._report_inbound(up, peer, dst, port, "hbone", "mutual_tls", d, labels)
         side.on_close = lambda: (self.enforced.pop(key, None), count_close())
         return side
 
