@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 C_SOURCES := $(wildcard agent/bpf/*.c agent/bpf/include/*.h)
 
-.PHONY: setup demo test test-unit test-kernel test-cluster lint fmt clean gen gen-check
+.PHONY: setup demo test test-unit test-kernel test-cluster lint fmt clean gen gen-check bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest -ra tests/unit
 	$(PY) -m pytest -ra tests/kernel tests/cluster
+
+# dabbawala against Envoy sidecars and no mesh (bench/README.md); results in bench/results/
+bench: setup
+	$(PY) -m bench.overhead
+
+# every mode and scenario once, short: under 2 minutes (a test runs the same)
+BENCH_QUICK := --duration 2 --repeat 1 --conns 16
+bench-quick: setup
+	$(PY) -m bench.overhead $(BENCH_QUICK)
 
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit

@@ -37,6 +37,7 @@ apt_pkgs=(
 	python3-venv python3-dev       # the virtual environment
 	iproute2 iputils-ping procps psmisc         # ip netns/link, ps, fuser
 	curl openssl wrk iperf3 nghttp2-client tcpdump socat
+	iptables                       # the sidecar baseline's capture (REDIRECT), in bench pods only
 	nginx-light                    # the benchmarks' and load tests' HTTP server (run in pods only)
 	prometheus                     # promtool for deploy/'s rules; a real server scrapes the lab
 	clang-format make git ca-certificates

@@ -1,0 +1,68 @@
+"""`make bench-quick` (bench/overhead.py, short) produces every figure of results.json.
+
+No speed is asserted here: the figures and their ratios are bench/'s business.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from bench.overhead import FIGURES, MODES, PAIRS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _quick_args() -> list[str]:
+    with open("Makefile") as f:
+        return re.search(r"^BENCH_QUICK := (.*)$", f.read(), re.M).group(1).split()
+
+
+def test_bench_quick_produces_every_figure_report_and_plots(tmp_path):
+    out = tmp_path / "res"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.overhead", *_quick_args(), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"\[ *\d+/\d+\] rep 1 latency/cross-node/none/c16 ", r.stdout)  # progress
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["machine"]["cores"] == os.cpu_count() and doc["machine"]["envoy"]
+    assert doc["machine"]["kernel"] and doc["machine"]["dabbawala"]
+    figs = {
+        (f["scenario"], f.get("pair"), f["mode"], f.get("conns"), f["field"]): f
+        for f in doc["figures"]
+    }
+    for pair in PAIRS:
+        for mode in MODES:
+            for scen, fields in FIGURES.items():
+                conns = 16 if scen == "latency" else None
+                for field in fields:
+                    f = figs[(scen, pair, mode, conns, field)]
+                    assert set(f) >= {"min", "median", "max", "n"}, f
+                    if mode == "none" and field == "gbps_per_mesh_core":
+                        assert f["median"] is None and f["n"] == 0  # no mesh, no mesh CPU
+                    else:
+                        assert f["median"] is not None and f["n"] == 1, f
+            lat = figs[("latency", pair, mode, 16, "errors")]
+            assert lat["median"] == 0, f"{pair} {mode}: requests failed"
+            assert len(doc["raw"][f"latency/{pair}/{mode}/c16"][0]["quantiles_ms"]) == 1000
+    for pods in (2, 10):
+        got = {f["mode"]: f for f in doc["figures"] if f["scenario"] == "memory"
+               and f["pods_per_node"] == pods}  # fmt: skip
+        assert set(got) == {"sidecar", "sidecar-tcp", "dabba"}
+        assert all(f["median"] > 1 for f in got.values()), got
+    report = (out / "report.md").read_text()
+    for heading in ("## Targets", "## Latency at a fixed", "## Bulk throughput",
+                    "## New connections per second", "## Memory", "## Plots"):  # fmt: skip
+        assert heading in report, heading
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 7, pngs
+    assert all((out / p).read_bytes()[:8] == PNG for p in pngs)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.compare", str(out), str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and " 1.00x" in r.stdout
