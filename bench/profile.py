@@ -1,4 +1,4 @@
-"""Where the tunnel's time goes: py-spy profiles of both nodes' tunnels under load.
+"""Where the mesh's time goes: py-spy profiles of both nodes' tunnels and agents under load.
 
     python -m bench.profile [--duration 10] [--out DIR]
 
@@ -33,8 +33,16 @@ def pyspy() -> str:
     return os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
+# Leaf frames that are waiting, not working: py-spy --nonblocking cannot always tell
+IDLE = ("EpollSelector.select (selectors.py)", "RingBuffer.poll (ringbuf.py)")
+
+
 def summarize(path: str, top: int = 12) -> tuple[int, list, list]:
-    """(busy samples, [(self %, function)], [(inclusive %, function)]) of collapsed stacks."""
+    """(busy samples, [(self %, function)], [(inclusive %, function)]) of collapsed stacks.
+
+    Samples whose leaf is a wait (IDLE) are left out; the inclusive list leaves out the
+    frames on (nearly) every stack (the entry point down to the event loop).
+    """
     own: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     total = 0
@@ -45,10 +53,15 @@ def summarize(path: str, top: int = 12) -> tuple[int, list, list]:
                 continue
             n = int(n)
             frames = [_short(x) for x in stack.split(";")]
+            if frames[-1] in IDLE:
+                continue
             total += n
             own[frames[-1]] += n
             for fr in set(frames):
                 incl[fr] += n
+    trunk = {k for k, v in incl.items() if v >= 0.8 * total}
+    for k in trunk:
+        del incl[k]
     pct = lambda c: [(100 * v / max(total, 1), k) for k, v in c.most_common(top)]  # noqa: E731
     return total, pct(own), pct(incl)
 
@@ -79,7 +92,9 @@ def main(argv=None) -> int:
         procs.append(L.popen(srv.name, ["iperf3", "-s", "-B", srv.ip, "-p", "5501"],
                              stdout=subprocess.DEVNULL))  # fmt: skip
         time.sleep(1)
-        tunnels = {n: mesh.agent_status(L, n)["tunnel"]["pid"] for n in ("n1", "n2")}
+        st = {n: mesh.agent_status(L, n) for n in ("n1", "n2")}
+        tunnels = {f"{n}-tunnel": st[n]["tunnel"]["pid"] for n in st}
+        tunnels.update({f"{n}-agent": st[n]["pid"] for n in st})
         d = a.duration
         loads = {
             "connrate": ["wrk", "-t", "2", "-c", "64", "-d", f"{d + 2}s", "-H",
@@ -119,10 +134,10 @@ def main(argv=None) -> int:
                 s.wait(d + 60)
             client.wait(d + 60)
             for n in tunnels:
-                role = "source" if n == "n1" else "destination"
+                role = "source" if n.startswith("n1") else "destination"
                 total, own, incl = summarize(os.path.join(a.out, f"{load}-{n}.txt"))
                 report += [
-                    f"## {load}: {role} tunnel ({n}), {total} busy samples in {d} s "
+                    f"## {load}: {role} node's {n.split('-')[1]} ({n.split('-')[0]}), {total} busy samples in {d} s "
                     f"({total / d:.0f}% of a core)",
                     "",
                     "| self % | function | | inclusive % | function |",

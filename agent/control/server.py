@@ -22,6 +22,7 @@ from .. import log
 from ..errors import DabbaError
 from . import ca as camod
 from . import model as m
+from .convert import policy_to_pb
 from .proto import control_pb2 as pb
 from .proto import control_pb2_grpc as pbg
 from .registry import FileRegistry
@@ -221,72 +222,6 @@ def _safe_handlers(servicer, service) -> grpc.GenericRpcHandler:
                 response_serializer=resp_cls.SerializeToString,
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-def policy_to_pb(p: m.AuthorizationPolicy) -> pb.AuthorizationPolicy:
-    return pb.AuthorizationPolicy(
-        name=p.name,
-        namespace=p.namespace,
-        action=p.action,
-        has_selector=p.selector is not None,
-        selector=p.selector or {},
-        origin=p.origin,
-        rules=[
-            pb.Rule(
-                sources=[
-                    pb.Source(
-                        principals=s.principals,
-                        not_principals=s.not_principals,
-                        namespaces=s.namespaces,
-                        not_namespaces=s.not_namespaces,
-                        ip_blocks=s.ip_blocks,
-                        not_ip_blocks=s.not_ip_blocks,
-                    )
-                    for s in r.sources
-                ],
-                operations=[
-                    pb.Operation(ports=o.ports, not_ports=o.not_ports) for o in r.operations
-                ],
-                conditions=[
-                    pb.Condition(key=c.key, values=c.values, not_values=c.not_values)
-                    for c in r.conditions
-                ],
-                l7_fields=r.l7_fields,
-            )
-            for r in p.rules
-        ],
-    )
-
-
-def policy_from_pb(p: pb.AuthorizationPolicy) -> m.AuthorizationPolicy:
-    return m.AuthorizationPolicy(
-        p.name,
-        p.namespace,
-        p.action,
-        dict(p.selector) if p.has_selector else None,
-        tuple(
-            m.Rule(
-                tuple(
-                    m.Source(
-                        tuple(s.principals),
-                        tuple(s.not_principals),
-                        tuple(s.namespaces),
-                        tuple(s.not_namespaces),
-                        tuple(s.ip_blocks),
-                        tuple(s.not_ip_blocks),
-                    )
-                    for s in r.sources
-                ),
-                tuple(m.Operation(tuple(o.ports), tuple(o.not_ports)) for o in r.operations),
-                tuple(
-                    m.Condition(c.key, tuple(c.values), tuple(c.not_values)) for c in r.conditions
-                ),
-                tuple(r.l7_fields),
-            )
-            for r in p.rules
-        ),
-        p.origin,
-    )
 
 
 def _load_json(path: str) -> dict:

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log
-from ..control.server import policy_from_pb
+from ..control.convert import policy_from_pb
 from ..errors import DabbaError
 from ..ztunnel import admin
 from ..ztunnel.policy import Request, evaluate

@@ -39,8 +39,8 @@ from ..bpf.capture import CaptureReader
 from ..bpf.splice import Splicer, SpliceUnavailable
 from ..bpf.sys import Map
 from ..control import model as m
+from ..control.convert import policy_from_pb
 from ..control.proto import control_pb2 as pb
-from ..control.server import policy_from_pb
 from . import admin, handoff, hbone, lb
 from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
