@@ -44,8 +44,6 @@ import hyperframe.frame
 from cryptography import x509
 
 from .. import log
-
-
 from ..control import ca as camod
 
 _log = log.get("hbone")
