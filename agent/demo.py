@@ -21,14 +21,6 @@ from .lab import lab as labmod
 from .lab import spec
 
 
-def _closed(state_dir):
-    try:
-        with open(os.path.join(state_dir, "closed.jsonl")) as f:
-            return [json.loads(line) for line in f]
-    except OSError:
-        return []
-
-
 def run_demo(name: str, keep: bool) -> None:
     step = lambda s: click.secho(f"\n==> {s}", bold=True)  # noqa: E731
     if labmod.ls() and name in [x.name for x in labmod.ls()]:

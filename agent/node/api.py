@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log
+from ..bpf import names
 from ..control.convert import policy_from_pb
 from ..errors import DabbaError
 from ..ztunnel import admin
@@ -197,8 +198,8 @@ class AgentApi:
         for p in snap.policies if snap else []:
             d = MessageToDict(p, preserving_proto_field_name=True)
             d["key"] = f"{p.namespace}/{p.name}"
+            d["rules_detail"] = d.get("rules", [])
             d["rules"] = len(p.rules)
-            d["rules_detail"] = MessageToDict(p, preserving_proto_field_name=True).get("rules", [])
             out.append(d)
         return 200, {"node": self.a.cfg.node, "policies": out}
 
@@ -339,7 +340,8 @@ class AgentApi:
                 else None,
             },
             "flows": {
-                "live": len(a.table.seen),
+                # the kernel's own count (table.seen only knows flows someone has listed)
+                "live": next((m.entries for m in dp.maps if m.name == names.MAP_FLOWS), None),
                 "closed_kept": len(a.table.closed),
                 "closed_total": a.table.closed_total,
                 "facts_received": a.table.facts_received,
