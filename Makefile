@@ -40,13 +40,18 @@ PROTOS := $(wildcard agent/control/proto/*.proto)
 # regenerates into a temporary folder and fails on any difference.
 gen: setup
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(PROTOS)
+	$(PY) -m agent.install deploy/systemd
 
 gen-check: setup
 	@tmp=$$(mktemp -d); \
 	$(PY) -m grpc_tools.protoc -I. --python_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
 	for f in $$(cd $$tmp && find . -name '*.py'); do \
 		diff -u $$tmp/$$f $$f || { echo "gen-check: $$f is stale, run make gen"; rm -rf $$tmp; exit 1; }; \
-	done; rm -rf $$tmp; echo "gen-check: generated code is up to date"
+	done; \
+	$(PY) -m agent.install $$tmp/systemd && \
+	for f in $$(cd $$tmp/systemd && ls); do \
+		diff -u $$tmp/systemd/$$f deploy/systemd/$$f || { echo "gen-check: deploy/systemd/$$f is stale, run make gen"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "gen-check: generated code and units are up to date"
 
 lint: setup gen-check
 	$(VENV)/bin/ruff check agent tests bench

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 
 import click
@@ -402,7 +404,13 @@ def control():
     type=click.Path(file_okay=False),
     help="Istio-style cacerts folder (ca-cert.pem, ...)",
 )
+@click.option(
+    "--health-listen",
+    default="",
+    help="HOST:PORT for /healthz/ready and /healthz/live (Kubernetes probes; off by default)",
+)
 def control_serve(
+    health_listen,
     state_dir,
     registry_dir,
     trust_domain,
@@ -438,7 +446,10 @@ def control_serve(
         plugin_ca_dir=plugin_ca,
         source=source,
         kubeconfig=kubeconfig,
+        health_listen=health_listen,
     )
+    if health_listen and not re.fullmatch(r"[^:]*:\d{1,5}", health_listen):
+        raise DabbaError(f"--health-listen: {health_listen!r} is not HOST:PORT")
     if source == "files" and not registry_dir:
         raise DabbaError("--registry DIR is required with --source files")
 
@@ -572,18 +583,25 @@ def tunnel():
 
 
 @tunnel.command("run")
-@click.option("--node", required=True)
-@click.option("--state-dir", required=True, help="the agent's state folder (snapshot.pb, certs/)")
-@click.option("--maps", "maps_dir", required=True, help="the node's pinned maps folder")
-@click.option("--outbound", required=True, help="IP:PORT where captured connections arrive (15001)")
-@click.option("--inbound", required=True, help="IP:PORT for HBONE (15008)")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="take node, state folder, maps, addresses, drain and workers from the agent's config "
+    "(the tunnel as its own service); flags given as well win",
+)
+@click.option("--node")
+@click.option("--state-dir", help="the agent's state folder (snapshot.pb, certs/)")
+@click.option("--maps", "maps_dir", help="the node's pinned maps folder")
+@click.option("--outbound", help="IP:PORT where captured connections arrive (15001)")
+@click.option("--inbound", help="IP:PORT for HBONE (15008)")
 @click.option("--registry-only", is_flag=True, help="refuse destinations outside the mesh")
 @click.option(
     "--drain",
-    default=30.0,
-    show_default=True,
+    default=None,
     type=click.FloatRange(0, 3600),
-    help="on SIGTERM, seconds open flows may go on (spliced ones go to a successor at once)",
+    help="on SIGTERM, seconds open flows may go on (spliced ones go to a successor at once) "
+    "[default: 30, or the config's tunnel.drain]",
 )
 @click.option("--connect-timeout", default=5.0, show_default=True, help="seconds per endpoint")
 @click.option(
@@ -612,12 +630,13 @@ def tunnel():
 )
 @click.option(
     "--workers",
-    default="1",
-    show_default=True,
-    help="processes sharing the ports (SO_REUSEPORT): a number, or 'auto' to add one per busy core",
+    default=None,
+    help="processes sharing the ports (SO_REUSEPORT): a number, or 'auto' to add one per busy core "
+    "[default: 1, or the config's tunnel.workers]",
 )
 @click.option("--worker", default=0, hidden=True, type=int)
 def tunnel_run(
+    config_path,
     workers,
     worker,
     loop_kind,
@@ -635,12 +654,49 @@ def tunnel_run(
     max_ejected,
     retries,
 ):
-    """Run the tunnel in the foreground."""
+    """Run the tunnel in the foreground.
+
+    \b
+    Example (what dabba-tunnel.service runs):
+      dabba tunnel run --config /etc/dabba/agent.yaml
+    """
     import asyncio
     import signal
 
     from .ztunnel.lb import LbConfig
     from .ztunnel.tunnel import Tunnel, TunnelConfig, parse_hostport
+
+    if config_path:
+        from .node import config as cfgmod
+
+        ac = cfgmod.load(config_path)
+        if not ac.tunnel.inbound and ac.control is None:
+            raise DabbaError(
+                f"{config_path}: the tunnel needs tunnel.inbound or control.node_address "
+                "(where other nodes reach its HBONE listener)"
+            )
+        node = node or ac.node
+        state_dir = state_dir or ac.state_dir
+        maps_dir = maps_dir or os.path.join(ac.bpffs, "dabba", ac.pin_name, "maps")
+        outbound = outbound or f"{ac.tunnel.address}:{ac.tunnel.port}"
+        inbound = inbound or ac.tunnel.inbound or f"{ac.control.node_address}:15008"
+        drain = ac.tunnel.drain if drain is None else drain
+        workers = workers or ac.tunnel.workers
+    missing = [
+        f
+        for f, v in (
+            ("--node", node),
+            ("--state-dir", state_dir),
+            ("--maps", maps_dir),
+            ("--outbound", outbound),
+            ("--inbound", inbound),
+        )
+        if not v
+    ]
+    if missing:
+        raise DabbaError(f"dabba tunnel run needs {', '.join(missing)} (or --config FILE)")
+    drain = 30.0 if drain is None else drain
+    workers = workers or "1"
 
     cfg = TunnelConfig(
         node=node,
@@ -663,7 +719,8 @@ def tunnel_run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Tunnel(cfg).run(stop)
+        if await _wait_for_pins(maps_dir, stop):
+            await Tunnel(cfg).run(stop)
 
     if loop_kind == "uvloop":
         import uvloop
@@ -671,6 +728,27 @@ def tunnel_run(
         uvloop.run(run())
     else:
         asyncio.run(run())
+
+
+async def _wait_for_pins(maps_dir: str, stop) -> bool:
+    """As its own service the tunnel may start before the agent has pinned the datapath: wait
+    (saying so every 10 s) rather than fail; False when stopped meanwhile."""
+    import asyncio
+
+    from .bpf import names
+
+    probe = os.path.join(maps_dir, names.MAP_CAP_TUPLE)
+    waited = 0.0
+    while not os.path.exists(probe):
+        if waited % 10 == 0:
+            log.get("tunnel").info(
+                "waiting for the agent to pin the datapath", fields={"maps": maps_dir}
+            )
+        if stop.is_set():
+            return False
+        await asyncio.sleep(0.5)
+        waited += 0.5
+    return True
 
 
 def _workers(text: str) -> int:
@@ -927,6 +1005,148 @@ def demo(name, keep):
 
     _need_root("dabba demo")
     run_demo(name, keep)
+
+
+# ---- install ---------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def install():
+    """Install dabbawala on this host (systemd units and a starter config)."""
+
+
+@install.command("systemd")
+@click.option(
+    "--role",
+    type=click.Choice(["node", "control", "all"]),
+    default="node",
+    show_default=True,
+    help="node: agent + tunnel units; control: the control plane; all: both",
+)
+@click.option("--control", "control_host", help="address of the control plane (for --role node)")
+@click.option("--node-name", help="this node's name [default: the host name]")
+@click.option(
+    "--node-address", help="where other nodes reach this one [default: the route to --control]"
+)
+@click.option(
+    "--cgroup",
+    help="cgroup v2 folder holding the workloads [default: <cgroup2 mount>/kubepods.slice]",
+)
+@click.option("--token", help="one-time join token (`dabba control token create --node NAME`)")
+@click.option("--token-file", type=click.File(), help="read the join token from this file")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="the control plane's CA bundle",
+)
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="for --role control: an address or DNS name nodes use to reach the control plane",
+)
+@click.option(
+    "--bin",
+    "binary",
+    type=click.Path(dir_okay=False),
+    help="the dabba executable the units run [default: this one]",
+)
+@click.option("--root", default="/", show_default=True, help="install under this folder instead")
+@click.option("--force", is_flag=True, help="replace existing config files")
+@click.option("--no-start", is_flag=True, help="enable the units but do not start them")
+@click.option("--dry-run", is_flag=True, help="print what would be done, change nothing")
+def install_systemd(
+    role,
+    control_host,
+    node_name,
+    node_address,
+    cgroup,
+    token,
+    token_file,
+    ca_file,
+    server_names,
+    binary,
+    root,
+    force,
+    no_start,
+    dry_run,
+):
+    """Write the systemd units and a starter config, then enable and start them.
+
+    \b
+    Example (the control plane host, then each node):
+      dabba install systemd --role control --server-name 10.0.0.10
+      dabba control token create --node node1      # on the control host
+      dabba install systemd --control 10.0.0.10 --token TOKEN --ca-file ca.pem
+    """
+    import socket as socketmod
+
+    from . import install as inst_mod
+
+    if root == "/" and not dry_run:
+        _need_root("dabba install systemd")
+    binary = os.path.abspath(binary or shutil.which("dabba") or sys.argv[0])
+    node = None
+    ca_pem = None
+    if token_file is not None:
+        token = token_file.read().strip()
+    if role in ("node", "all"):
+        if role == "all":
+            control_host = control_host or (server_names[0] if server_names else "127.0.0.1")
+        if not control_host:
+            raise DabbaError("--control HOST is required for --role node")
+        address = node_address or inst_mod.route_source(control_host)
+        node = inst_mod.NodeSettings(
+            node=node_name or socketmod.gethostname().split(".")[0],
+            node_address=address,
+            control_host=control_host,
+            cgroup=cgroup or os.path.join(inst_mod.cgroup2_mount(), "kubepods.slice"),
+        )
+        if ca_file:
+            with open(ca_file) as f:
+                ca_pem = f.read()
+        elif role == "node":
+            click.echo(
+                f"note: no --ca-file; copy the control plane's {inst_mod.STATE_DIR}/control/ca/"
+                f"bundle.pem to {inst_mod.CONFIG_DIR}/ca.pem before the agent can join"
+            )
+        if not token and role == "node":
+            click.echo(
+                f"note: no --token; put one in {inst_mod.CONFIG_DIR}/credentials/join-token "
+                "(this node joins once with it)"
+            )
+    control_args = " ".join(f"--server-name {n}" for n in server_names)
+    units = inst_mod.install(
+        inst_mod.Installer(root, dry_run, click.echo),
+        role,
+        binary,
+        node=node,
+        token=token,
+        ca_pem=ca_pem,
+        control_args=control_args,
+        force=force,
+        start=not no_start,
+    )
+    click.echo(f"\n{', '.join(units)}: installed (running {binary})")
+    click.echo("next: systemctl status " + " ".join(units) + "; dabba status")
+
+
+@main.group(cls=_Group)
+def uninstall():
+    """Remove what `dabba install` put on this host."""
+
+
+@uninstall.command("systemd")
+@click.option("--root", default="/", show_default=True)
+@click.option("--purge", is_flag=True, help="also remove /etc/dabba and /var/lib/dabba (the CA!)")
+@click.option("--dry-run", is_flag=True, help="print what would be done, change nothing")
+def uninstall_systemd(root, purge, dry_run):
+    """Stop and remove the units; detach and unpin the node's programs (capture ends)."""
+    from . import install as inst_mod
+
+    if root == "/" and not dry_run:
+        _need_root("dabba uninstall systemd")
+    inst_mod.uninstall(inst_mod.Installer(root, dry_run, click.echo), purge)
 
 
 if __name__ == "__main__":

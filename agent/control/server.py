@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 from cryptography import x509
 
-from .. import log
+from .. import log, systemd
 from ..errors import DabbaError
 from . import ca as camod
 from . import model as m
@@ -53,6 +53,7 @@ class ControlConfig:
     registry_poll_s: float = 0.5
     source: str = "files"  # files | kubernetes
     kubeconfig: str | None = None  # kubernetes: None means in-cluster
+    health_listen: str = ""  # HOST:PORT of /healthz/ready and /healthz/live (probes); "" = none
 
 
 class ControlPlane:
@@ -465,10 +466,38 @@ class ControlServer:
 
 
 async def serve(cfg: ControlConfig, stop: asyncio.Event | None = None) -> None:
-    """Run both listeners until stop is set (or forever)."""
+    """Run both listeners until stop is set (or forever); tell systemd when serving."""
+    from ..ztunnel import admin
+
     srv = ControlServer(cfg)
     await srv.start()
+    extra = []
+    if cfg.health_listen:
+        host, _, port = cfg.health_listen.rpartition(":")
+
+        def ready():
+            return (200, "ready\n") if srv._servers else (503, "not serving\n")
+
+        try:
+            extra.append(
+                await admin.serve(
+                    host, int(port), {"/healthz/ready": ready, "/healthz/live": ready}
+                )
+            )
+        except OSError as e:
+            await srv.stop()
+            raise DabbaError(f"--health-listen {cfg.health_listen}: {e.strerror}") from None
+    dog = asyncio.ensure_future(systemd.watchdog(lambda: None))  # the loop turning is the proof
+    systemd.notify(
+        "READY=1",
+        f"STATUS=serving nodes on {cfg.listen}, joins on {cfg.join_listen}, "
+        f"registry version {srv.cp.version}",
+    )
     try:
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:
+        systemd.notify("STOPPING=1")
+        dog.cancel()
+        for x in extra:
+            x.close()
         await srv.stop()

@@ -69,10 +69,18 @@ def registry_docs(lab: Lab) -> list[dict]:
     return docs
 
 
-def _spawn(lab: Lab, target: str, argv: list[str], log_path: str) -> subprocess.Popen:
+def _spawn(
+    lab: Lab, target: str, argv: list[str], log_path: str, env: dict | None = None
+) -> subprocess.Popen:
     log = open(log_path, "ab")  # noqa: SIM115 (handed to the child for its life)
     proc = lab.popen(
-        target, argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        target,
+        argv,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
     proc.log_path = log_path
     return proc
@@ -125,7 +133,9 @@ def _listening(lab: Lab, port: int) -> bool:
     return r.returncode == 0 and r.stdout.strip() != ""
 
 
-def node_config(lab: Lab, node: str, capture: bool = False, tunnel_workers="1") -> str:
+def node_config(
+    lab: Lab, node: str, capture: bool = False, tunnel_workers="1", tunnel_service=False
+) -> str:
     """Write node's join token and agent config; returns the config path."""
     from ..control.tokens import TokenStore
 
@@ -135,8 +145,8 @@ def node_config(lab: Lab, node: str, capture: bool = False, tunnel_workers="1") 
         "workloads"
     ] = []  # the control plane says which workloads exist; cgroups come from the registry
     cfg["capture"] = {"enabled": capture}
-    if capture:  # capture needs a tunnel: the agent runs one
-        cfg["tunnel"]["run"] = True
+    if capture:  # capture needs a tunnel: the agent runs one, or it is a service of its own
+        cfg["tunnel"]["run"] = not tunnel_service
         cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"
         cfg["tunnel"]["workers"] = (
             tunnel_workers if tunnel_workers == "auto" else int(tunnel_workers)
@@ -158,12 +168,26 @@ def node_config(lab: Lab, node: str, capture: bool = False, tunnel_workers="1") 
     return path
 
 
-def start_agent(lab: Lab, node: str, config_path: str) -> subprocess.Popen:
+def start_agent(lab: Lab, node: str, config_path: str, env: dict | None = None) -> subprocess.Popen:
     return _spawn(
         lab,
         node,
         [sys.executable, "-m", "agent.cli", "agent", "run", "--config", config_path],
         os.path.join(paths(lab)["logs"], f"agent-{node}.log"),
+        env,
+    )
+
+
+def start_tunnel(
+    lab: Lab, node: str, config_path: str, env: dict | None = None
+) -> subprocess.Popen:
+    """The tunnel as its own process, as dabba-tunnel.service runs it (not the agent's child)."""
+    return _spawn(
+        lab,
+        node,
+        [sys.executable, "-m", "agent.cli", "tunnel", "run", "--config", config_path],
+        os.path.join(paths(lab)["logs"], f"tunnel-{node}.log"),
+        env,
     )
 
 
@@ -185,7 +209,8 @@ def ready(lab: Lab, node: str) -> bool:
     return (
         bool(ctl.get("connected"))
         and want <= set(ctl.get("certs", {}))
-        and (not tun.get("supervised") or bool(tun.get("ready")))
+        and bool(tun.get("ready"))
+        and bool(tun.get("capturing", True))
     )
 
 
@@ -195,13 +220,18 @@ def up(
     capture: bool = False,
     node_ttl: str = "7d",
     tunnel_workers="1",
+    tunnel_service: bool = False,
+    env: dict | None = None,
 ) -> dict[str, subprocess.Popen]:
-    """Control plane and agents; with capture, every agent also runs its node's tunnel."""
+    """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
+    tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
+    env: extra environment of agents and tunnels (NOTIFY_SOCKET, WATCHDOG_USEC)."""
     procs = {"control": start_control(lab, workload_ttl, node_ttl)}
     for n in lab.nodes:
-        procs[n.name] = start_agent(
-            lab, n.name, node_config(lab, n.name, capture, str(tunnel_workers))
-        )
+        path = node_config(lab, n.name, capture, str(tunnel_workers), tunnel_service)
+        procs[n.name] = start_agent(lab, n.name, path, env)
+        if capture and tunnel_service:
+            procs[f"{n.name}-tunnel"] = start_tunnel(lab, n.name, path, env)
     for n in lab.nodes:
         _wait(
             lambda n=n: ready(lab, n.name),

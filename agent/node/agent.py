@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 
-from .. import log
+from .. import log, systemd
 from ..bpf import abi, features, names
 from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath, DatapathControl, cgroup_id
@@ -75,6 +75,8 @@ class Agent:
         self._closed_new: list[FlowRecord] = []  # drained since closed.jsonl was last written
         self._closed_lines = -1  # lines in closed.jsonl; -1: rewrite it
         self.api = None
+        self._drain_beat = time.monotonic()  # the flow thread's last turn (for the watchdog)
+        self._drain_thread: threading.Thread | None = None
 
     def check(self) -> list[str]:
         """What --check verifies without changing anything; returns notes for the operator."""
@@ -232,18 +234,49 @@ class Agent:
         self._steer(steer)
 
     def tunnel_ready(self) -> bool:
-        if not self.cfg.tunnel.run:
-            return True  # someone else runs the tunnel
+        if not self.cfg.tunnel.run and (self.cfg.control is None or not self.cfg.capture.enabled):
+            return True  # someone else runs the tunnel, or nothing is captured
         try:
             with open(os.path.join(self.cfg.state_dir, "tunnel.ready")) as f:
                 pid = int(f.read())
         except (OSError, ValueError):
             return False
+        if not self.cfg.tunnel.run:  # its own service (dabba-tunnel.service): is it alive?
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
         return (
             self.tunnel_proc is not None
             and self.tunnel_proc.pid == pid
             and self.tunnel_proc.returncode is None
         )
+
+    async def watch_tunnel(self) -> None:
+        """The tunnel runs as its own service: start capturing once it has listened.
+
+        After that, capture stays on while the tunnel restarts (connections fail closed
+        meanwhile) and while this agent restarts: the tunnel is not the agent's child.
+        """
+        while not self.stop.is_set() and not self._tunnel_was_ready:
+            if self.tunnel_ready():
+                self._tunnel_was_ready = True
+                _log.info("tunnel ready (its own service); capturing")
+                if self._last:
+                    self.apply_snapshot(*self._last)
+                return
+            await asyncio.sleep(0.2)
+
+    def health(self) -> str | None:
+        """None when the agent works; else why not (the watchdog then stops pinging)."""
+        if self._drain_thread is not None and not self._drain_thread.is_alive():
+            return "the flow-record thread died"
+        if time.monotonic() - self._drain_beat > 10:
+            return f"the flow-record thread is stuck ({time.monotonic() - self._drain_beat:.0f}s)"
+        return None
 
     async def supervise_tunnel(self) -> None:
         """Run the tunnel; restart it when it exits (backoff 1 s to 30 s); re-enrol when it is ready."""
@@ -368,6 +401,7 @@ class Agent:
             "tunnel": {
                 "supervised": self.cfg.tunnel.run,
                 "ready": self.tunnel_ready(),
+                "capturing": self._tunnel_was_ready or not self.cfg.capture.enabled,
                 "pid": self.tunnel_proc.pid if self.tunnel_proc else None,
                 "restarts": self.tunnel_restarts,
                 "upgrades": self.tunnel_upgrades,
@@ -417,6 +451,7 @@ class Agent:
                 self.apply_snapshot,
             )
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
+        self._drain_thread = drain
         drain.start()
 
         async def main():
@@ -424,6 +459,7 @@ class Agent:
             stopped = asyncio.Event()
 
             def on_stop():
+                systemd.notify("STOPPING=1")
                 self.stop.set()
                 stopped.set()
                 if self.sync is not None:
@@ -439,6 +475,14 @@ class Agent:
                 sup = asyncio.ensure_future(self.supervise_tunnel())
                 sup.add_done_callback(_log_task_failure)
                 tasks.append(sup)
+            elif self.cfg.control is not None and self.cfg.capture.enabled:
+                tasks.append(asyncio.ensure_future(self.watch_tunnel()))
+            tasks.append(asyncio.ensure_future(systemd.watchdog(self.health)))
+            systemd.notify(
+                "READY=1",
+                f"STATUS=datapath pinned ({len(self.load_reports)} programs), "
+                f"{len(self.workload_ids)} workloads enrolled, API on {os.path.join(self.cfg.state_dir, 'agent.sock')}",
+            )
             try:
                 await tasks[0]
             finally:
@@ -458,6 +502,7 @@ class Agent:
         last_status = 0.0
         try:
             while not self.stop.is_set():
+                self._drain_beat = time.monotonic()
                 for rec in src.closed(timeout_ms=200):
                     self.closed.append(rec)
                     self._closed_new.append(rec)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import random
@@ -135,12 +136,17 @@ class ControlSync:
             raise DabbaError(
                 f"cannot read the control plane's CA file {self.ca_file}: {e.strerror}"
             ) from None
+        # a systemd credential (LoadCredential=join-token:...) comes first, then the file
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        token_path = self.token_file
+        if creds and os.path.exists(os.path.join(creds, "join-token")):
+            token_path = os.path.join(creds, "join-token")
         try:
-            with open(self.token_file) as f:
+            with open(token_path) as f:
                 token = f.read().strip()
         except OSError as e:
             raise DabbaError(
-                f"this node has not joined and its join token {self.token_file} is unreadable: "
+                f"this node has not joined and its join token {token_path} is unreadable: "
                 f"{e.strerror}",
                 hint=f"create one with `dabba control token create --node {self.node}`",
             ) from None
@@ -170,7 +176,8 @@ class ControlSync:
         try:
             while not self._stop.is_set():
                 try:
-                    await self._watch()
+                    if not await self._watch_until_stopped():
+                        return
                     delay = BACKOFF_MIN
                 except (grpc.RpcError, DabbaError, OSError) as e:
                     msg = (
@@ -194,6 +201,23 @@ class ControlSync:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _watch_until_stopped(self) -> bool:
+        """Follow the control plane's stream; False once stop() is called (the stream is
+        cancelled: it never ends by itself)."""
+        watch = asyncio.ensure_future(self._watch())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not watch.done():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            return False
+        watch.result()  # the stream ended or failed: raise to reconnect
+        return True
 
     def _channel(self):
         key, chain, bundle = self.store.load_node()

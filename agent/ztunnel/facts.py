@@ -8,14 +8,19 @@ socket it handles, the tunnel sends one JSON line to the agent's
 them (the workload's end first).
 
 Sending never blocks a flow: lines go through one Unix stream connection
-per tunnel process; while the agent is away, or when more than 4 MiB wait,
-facts are dropped and counted (``facts_dropped``), and the flows show up
-in ``dabba flows`` without them (path ``pending``).
+per tunnel process. The last ``KEEP`` facts are kept, and all of them are
+sent again whenever the line to the agent is made again: a restarted agent
+(``systemctl restart dabba-agent``) learns the identities of the flows that
+stayed open through its restart. Facts sent while the agent is away are
+counted as ``facts_deferred``; more than 4 MiB waiting on the line drops
+facts (``facts_dropped``), and those flows show up in ``dabba flows``
+without them (path ``pending``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -44,48 +49,74 @@ def party(w, ip: str | None = None, port: int | None = None, identity: str | Non
 
 
 class FactsSender:
-    """One tunnel process's line to the agent."""
+    """One tunnel process's line to the agent, made again whenever it breaks."""
+
+    KEEP = 16384  # facts kept for replay (the agent keeps MAX_FACTS; replays of gone flows age out)
 
     def __init__(self, state_dir: str, stats):
         self.path = os.path.join(state_dir, SOCKET)
         self.stats = stats
         self.writer: asyncio.StreamWriter | None = None
-        self._connecting = False
-        self._next_try = 0.0
+        self.kept: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._task: asyncio.Task | None = None
 
     def send(self, key: str, side: str, src: dict, dst: dict, **fields) -> None:
         """side: "source" when the workload socket is the flow's client, else "destination"."""
+        doc = {"key": key, "t": time.time(), "side": side, "src": src, "dst": dst, **fields}
+        line = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+        self.kept[key] = line
+        self.kept.move_to_end(key)
+        while len(self.kept) > self.KEEP:
+            self.kept.popitem(last=False)
         w = self.writer
         if w is None or w.is_closing():
-            self._reconnect()
-            self.stats["facts_dropped"] += 1
+            self.stats["facts_deferred"] += 1  # sent when the line is back
             return
         if w.transport.get_write_buffer_size() > MAX_BUFFERED:
             self.stats["facts_dropped"] += 1
             return
-        doc = {"key": key, "t": time.time(), "side": side, "src": src, "dst": dst, **fields}
-        w.write((json.dumps(doc, separators=(",", ":")) + "\n").encode())
+        w.write(line)
         self.stats["facts_sent"] += 1
 
-    def _reconnect(self) -> None:
-        now = time.monotonic()
-        if self._connecting or now < self._next_try:
-            return
-        self._connecting, self._next_try = True, now + 1.0
-        asyncio.ensure_future(self._connect())
-
-    async def _connect(self) -> None:
-        try:
-            _, self.writer = await asyncio.open_unix_connection(self.path)
-            _log.info("sending flow facts to the agent", fields={"socket": self.path})
-        except OSError as e:
-            _log.debug(f"agent's {self.path} unavailable: {e}")
-        finally:
-            self._connecting = False
+    async def _keep_connected(self) -> None:
+        announced = False
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.path)
+            except OSError as e:
+                if announced:
+                    _log.debug(f"agent's {self.path} unavailable: {e}")
+                await asyncio.sleep(1.0)
+                continue
+            if self.kept:
+                writer.write(b"".join(self.kept.values()))
+                self.stats["facts_replayed"] += len(self.kept)
+            self.writer = writer
+            _log.info(
+                "sending flow facts to the agent",
+                fields={"socket": self.path, "replayed": len(self.kept)},
+            )
+            announced = True
+            try:
+                while await reader.read(4096):  # the agent never writes: this waits for EOF
+                    pass
+            except OSError:
+                pass
+            self.writer = None
+            writer.close()
+            _log.info("the agent closed the flow-facts line; making it again")
+            await asyncio.sleep(0.2)
 
     async def start(self) -> None:
-        await self._connect()
+        """Connect now if the agent is there (so the first flows' facts are not deferred)."""
+        self._task = asyncio.ensure_future(self._keep_connected())
+        for _ in range(20):
+            if self.writer is not None:
+                return
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         if self.writer is not None:
             self.writer.close()

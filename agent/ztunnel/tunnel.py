@@ -33,7 +33,7 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .. import log
+from .. import log, systemd
 from ..bpf import abi, names
 from ..bpf.capture import CaptureReader
 from ..bpf.splice import Splicer, SpliceUnavailable
@@ -899,8 +899,19 @@ class Tunnel:
             self.cfg.state_dir, "tunnel.ready" + (f".{self.cfg.worker}" if not main else "")
         )
         _write_atomic(ready, str(os.getpid()))
+        dog = systemd.watchdog_interval() if main else None
+        last_dog = 0.0
+        if main:
+            systemd.notify(
+                "READY=1",
+                f"STATUS=outbound {self.cfg.outbound[0]}:{self.cfg.outbound[1]}, "
+                f"HBONE {self.cfg.inbound[0]}:{self.cfg.inbound[1]}",
+            )
         try:
             while not (stop and stop.is_set()):
+                if dog is not None and time.monotonic() - last_dog >= dog:
+                    systemd.notify("WATCHDOG=1")  # this loop turning is the liveness shown
+                    last_dog = time.monotonic()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
@@ -911,6 +922,8 @@ class Tunnel:
                     self.workers.report()
         finally:
             # Stop accepting; a successor bound the same ports (SO_REUSEPORT) takes new ones.
+            if main:
+                systemd.notify("STOPPING=1")
             self._listening = False
             accept.cancel()
             for lsock, _, task in self.plain.values():
