@@ -115,10 +115,10 @@ WatchdogSec=30s
 # the first start compiles the eBPF programs (bcc, clang): slow on small machines
 TimeoutStartSec=300s
 TimeoutStopSec=20s
+# state_dir (/var/lib/dabba/<node>): the node's identity, which must outlive a reboot, and the
+# sockets the tunnel and `dabba` talk to
 StateDirectory=dabba
 ConfigurationDirectory=dabba
-RuntimeDirectory=dabba
-RuntimeDirectoryPreserve=yes
 ReadWritePaths=/sys/fs/bpf
 LimitMEMLOCK=infinity
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN CAP_PERFMON
@@ -151,9 +151,8 @@ TimeoutStartSec=60s
 # SIGTERM: stop accepting, let open flows go on for tunnel.drain seconds (default 30)
 KillMode=mixed
 TimeoutStopSec=45s
+StateDirectory=dabba
 ConfigurationDirectory=dabba
-RuntimeDirectory=dabba
-RuntimeDirectoryPreserve=yes
 LimitNOFILE=1048576
 # SO_MARK (CAP_NET_ADMIN), listeners inside workload namespaces (CAP_SYS_ADMIN), pinned maps
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN
@@ -214,7 +213,7 @@ def agent_config(s: NodeSettings) -> str:
     doc = {
         "node": s.node,
         "cgroup": s.cgroup,
-        "state_dir": f"/run/dabba/{s.node}",
+        "state_dir": f"{STATE_DIR}/{s.node}",
         "tunnel": {
             "address": s.tunnel_address or s.node_address,
             "port": 15001,
@@ -380,7 +379,6 @@ def uninstall(inst: Installer, purge: bool = False) -> None:
         inst.echo(f"{'would detach' if inst.dry_run else 'detaching'} and unpin node {pin_name}")
         if not inst.dry_run:
             Datapath(pin_name, "/nonexistent").remove()
-    inst.remove("/run/dabba")
     if purge:
         inst.remove(CONFIG_DIR)
         inst.remove(STATE_DIR)

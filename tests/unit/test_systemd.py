@@ -217,7 +217,9 @@ def test_units_say_what_the_issue_asks(tmp_path):
     assert (
         f"ExecStart={DABBA} tunnel run --config /etc/dabba/agent.yaml" in u["dabba-tunnel.service"]
     )
-    assert "RuntimeDirectoryPreserve=yes" in agent  # /run/dabba outlives an agent restart
+    for name in ("dabba-agent.service", "dabba-tunnel.service"):  # state_dir: /var/lib/dabba/NODE
+        assert "StateDirectory=dabba" in u[name].splitlines()
+        assert "RuntimeDirectory" not in u[name]  # the identity must outlive a reboot
 
 
 def test_deploy_systemd_is_the_rendering_for_opt_dabba():
@@ -253,6 +255,7 @@ def test_install_writes_units_config_and_token_and_keeps_an_existing_config(tmp_
     assert (cfg.control.address, cfg.control.join_address) == ("127.0.0.1:15012", "127.0.0.1:15013")
     assert cfg.control.node_address == "127.0.0.1"  # the route to the control plane
     assert cfg.tunnel.inbound == "127.0.0.1:15008"
+    assert cfg.state_dir == "/var/lib/dabba/node7"
     assert "note: no --ca-file" in r.stdout
     # a second install keeps the operator's edited config, and says so
     (etc / "dabba/agent.yaml").write_text((etc / "dabba/agent.yaml").read_text() + "# mine\n")

@@ -1,0 +1,206 @@
+"""deploy/kubernetes: the manifests validate against the Kubernetes API schemas, and say what
+the issue asks (RBAC limited to what is read, host network, mounts, probes, scrape annotations).
+
+There is no API server on this machine: nothing here was applied to a cluster. The schemas
+are the API's own OpenAPI, packaged by kubernetes-validate; --strict rejects unknown fields.
+"""
+
+import copy
+import os
+import re
+import shlex
+
+import click
+import kubernetes_validate
+import pytest
+import yaml
+
+from agent import install
+from agent.cli import main
+from agent.node import config as cfgmod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+K8S = os.path.join(ROOT, "deploy", "kubernetes")
+VERSIONS = ("1.29.0", "1.37.0")  # an older supported release, and the newest schema packaged
+
+
+def docs() -> list[dict]:
+    out = []
+    for name in sorted(os.listdir(K8S)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(K8S, name)) as f:
+                out += [d for d in yaml.safe_load_all(f) if d]
+    return out
+
+
+def find(kind: str, name: str) -> dict:
+    hits = [d for d in docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"{kind}/{name}: {len(hits)}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_manifest_validates_strictly_against_the_api_schema(version):
+    kinds = []
+    for d in docs():
+        kubernetes_validate.validate(d, version, strict=True)
+        kinds.append(f"{d['kind']}/{d['metadata']['name']}")
+    assert sorted(kinds) == sorted(
+        [
+            "Namespace/dabbawala-system",
+            "ServiceAccount/dabba-control",
+            "ClusterRole/dabba-control",
+            "ClusterRoleBinding/dabba-control",
+            "PersistentVolumeClaim/dabba-control-state",
+            "Deployment/dabba-control",
+            "Service/dabba-control",
+            "PodDisruptionBudget/dabba-control",
+            "ServiceAccount/dabba-agent",
+            "ConfigMap/dabba-agent-config",
+            "DaemonSet/dabba-agent",
+        ]
+    )
+
+
+def test_the_validator_rejects_what_it_should():
+    ds = copy.deepcopy(find("DaemonSet", "dabba-agent"))
+    ds["spec"]["template"]["spec"]["hostNetwork"] = "yes"  # not a boolean
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, "1.37.0", strict=True)
+    ds = copy.deepcopy(find("DaemonSet", "dabba-agent"))
+    ds["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # misspelt
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, "1.37.0", strict=True)
+
+
+def test_rbac_lists_exactly_what_the_control_plane_reads():
+    role = find("ClusterRole", "dabba-control")
+    granted = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+        for v in rule["verbs"]
+    }  # fmt: skip
+    assert granted == {
+        ("", "pods", "list"),
+        ("", "services", "list"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("security.istio.io", "authorizationpolicies", "list"),
+        ("security.istio.io", "peerauthentications", "list"),
+    }
+    # and these are the calls the Kubernetes source makes (agent/control/kube.py)
+    with open(os.path.join(ROOT, "agent", "control", "kube.py")) as f:
+        src = f.read()
+    calls = set(re.findall(r"\.(list_\w+)\(", src))
+    assert calls == {
+        "list_pod_for_all_namespaces",
+        "list_service_for_all_namespaces",
+        "list_endpoint_slice_for_all_namespaces",
+        "list_cluster_custom_object",
+    }
+    assert set(re.findall(r'self\._istio\("(\w+)"\)', src)) == {
+        "authorizationpolicies",
+        "peerauthentications",
+    }
+    sa = find("ServiceAccount", "dabba-agent")
+    assert sa["automountServiceAccountToken"] is False  # the agent reads nothing from the API
+
+
+def _pod(kind, name) -> dict:
+    return find(kind, name)["spec"]["template"]
+
+
+def test_agent_daemonset_host_network_mounts_capabilities_probes_and_scrape():
+    tpl = _pod("DaemonSet", "dabba-agent")
+    spec = tpl["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    ann = tpl["metadata"]["annotations"]
+    assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"]) == ("true", "15020")
+    vols = {v["name"]: v for v in spec["volumes"]}
+    host = {v["hostPath"]["path"] for v in vols.values() if "hostPath" in v}
+    assert host == {
+        "/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src", "/var/lib/dabba",
+        "/var/run/netns",
+    }  # fmt: skip
+    c = {x["name"]: x for x in spec["containers"]}
+    assert set(c) == {"agent", "tunnel"}  # two containers: an agent restart keeps the flows
+    for name, caps in (
+        ("agent", ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]),
+        ("tunnel", ["BPF", "NET_ADMIN", "SYS_ADMIN"]),
+    ):
+        sc = c[name]["securityContext"]
+        assert sc["capabilities"] == {"drop": ["ALL"], "add": caps}
+        assert sc.get("privileged") is not True and sc["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"]: m for m in c[name]["volumeMounts"]}
+        assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+        assert {"/sys/fs/cgroup", "/lib/modules", "/var/lib/dabba"} <= set(mounts)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c["tunnel"][probe]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert c["agent"]["args"] == ["agent", "run", "--config", "/etc/dabba/run/agent.yaml"]
+    assert c["tunnel"]["args"] == ["tunnel", "run", "--config", "/etc/dabba/run/agent.yaml"]
+
+
+def test_control_deployment_ca_secret_probes_and_budget():
+    tpl = _pod("Deployment", "dabba-control")
+    (c,) = tpl["spec"]["containers"]
+    assert "--plugin-ca=/etc/dabba/cacerts" in c["args"] and "--source=kubernetes" in c["args"]
+    vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
+    assert vols["cacerts"]["secret"]["secretName"] == "dabba-cacerts"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["cacerts"] == {
+        "name": "cacerts", "mountPath": "/etc/dabba/cacerts", "readOnly": True
+    }  # fmt: skip
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz/live", "port": 15021}
+    assert "--health-listen=0.0.0.0:15021" in c["args"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    pdb = find("PodDisruptionBudget", "dabba-control")
+    assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "dabba-control"}
+    assert tpl["metadata"]["labels"]["app.kubernetes.io/name"] == "dabba-control"
+    # one replica (one writer of the registry): a budget that lets a drain move it, never two
+    assert pdb["spec"] == pdb["spec"] | {"maxUnavailable": 1}
+    assert find("Deployment", "dabba-control")["spec"]["replicas"] == 1
+
+
+def _parse_cli(args: list[str]) -> None:
+    """Resolve args through dabba's click commands the way `dabba ARGS` would, without running
+    anything: an unknown command or option raises click.UsageError."""
+    cmd, rest = main, list(args)
+    ctx = cmd.make_context("dabba", list(rest), resilient_parsing=False)
+    while isinstance(cmd, click.Group):
+        name, cmd, rest = cmd.resolve_command(ctx, ctx.protected_args + ctx.args)
+        ctx = cmd.make_context(name, rest, parent=ctx)
+
+
+def test_every_container_runs_a_real_dabba_command():
+    seen = 0
+    for kind, name in (("DaemonSet", "dabba-agent"), ("Deployment", "dabba-control")):
+        for c in _pod(kind, name)["spec"]["containers"]:
+            _parse_cli(c["args"])
+            seen += 1
+    assert seen == 3
+    with pytest.raises(click.UsageError):
+        _parse_cli(["control", "serve", "--no-such-flag"])
+
+
+def test_agent_config_template_renders_to_a_valid_config():
+    tmpl = find("ConfigMap", "dabba-agent-config")["data"]["agent.yaml.in"]
+    # what the init container's sed does
+    text = tmpl.replace("@NODE_NAME@", "worker-1").replace("@NODE_IP@", "10.0.0.21")
+    cfg = cfgmod.parse(text, "agent.yaml")
+    assert (cfg.node, cfg.tunnel.address, cfg.tunnel.inbound) == (
+        "worker-1",
+        "10.0.0.21",
+        "10.0.0.21:15008",
+    )
+    assert cfg.tunnel.run is False and cfg.state_dir == "/var/lib/dabba/worker-1"
+    assert cfg.control.address == "dabba-control.dabbawala-system.svc:15012"
+    init = _pod("DaemonSet", "dabba-agent")["spec"]["initContainers"][0]
+    script = init["command"][2]
+    assert "s/@NODE_NAME@/$NODE_NAME/g" in script and "s/@NODE_IP@/$NODE_IP/g" in script
+    assert shlex.split(script)  # a well-formed shell line
+
+
+def test_dockerfile_entry_point_is_where_the_units_look():
+    with open(os.path.join(K8S, "Dockerfile")) as f:
+        text = f.read()
+    assert f'ENTRYPOINT ["{install.DEFAULT_BIN}"]' in text
+    assert "--system-site-packages" in text and "python3-bpfcc" in text
