@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 C_SOURCES := $(wildcard agent/bpf/*.c agent/bpf/include/*.h)
 
-.PHONY: setup demo test test-unit test-kernel test-cluster lint fmt clean gen gen-check bench bench-quick
+.PHONY: vagrant-test vagrant-box wheel setup demo test test-unit test-kernel test-cluster lint fmt clean gen gen-check bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,19 @@ bench: setup
 BENCH_QUICK := --duration 2 --repeat 1 --conns 16
 bench-quick: setup
 	$(PY) -m bench.overhead $(BENCH_QUICK)
+
+# Three real VMs (control, node1, node2) installed through the systemd path from offline
+# media, an end-to-end check across them, destroyed (vagrant/README.md); about 15-25 minutes
+vagrant-test: setup
+	bash vagrant/run-test.sh
+
+vagrant-box: setup
+	bash vagrant/setup-host.sh
+	bash vagrant/build-box.sh
+
+# the project's wheel in dist/ (what `pip install` on a host takes)
+wheel: setup
+	rm -rf dist && $(VENV)/bin/pip wheel -q --no-deps -w dist .
 
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit
@@ -54,13 +67,13 @@ gen-check: setup
 	done; rm -rf $$tmp; echo "gen-check: generated code and units are up to date"
 
 lint: setup gen-check
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench vagrant
+	$(VENV)/bin/ruff format --check agent tests bench vagrant
 	clang-format --dry-run --Werror $(C_SOURCES)
 
 fmt: setup
-	$(VENV)/bin/ruff format agent tests bench
-	$(VENV)/bin/ruff check --fix agent tests bench
+	$(VENV)/bin/ruff format agent tests bench vagrant
+	$(VENV)/bin/ruff check --fix agent tests bench vagrant
 	clang-format -i $(C_SOURCES)
 
 clean:

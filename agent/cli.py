@@ -735,6 +735,7 @@ async def _wait_for_pins(maps_dir: str, stop) -> bool:
     (saying so every 10 s) rather than fail; False when stopped meanwhile."""
     import asyncio
 
+    from . import systemd
     from .bpf import names
 
     probe = os.path.join(maps_dir, names.MAP_CAP_TUPLE)
@@ -744,6 +745,10 @@ async def _wait_for_pins(maps_dir: str, stop) -> bool:
             log.get("tunnel").info(
                 "waiting for the agent to pin the datapath", fields={"maps": maps_dir}
             )
+            # alive, not ready: systemd may arm the watchdog before READY=1
+            systemd.notify(f"STATUS=waiting for the agent to pin the datapath in {maps_dir}")
+            if systemd.watchdog_interval() is not None:
+                systemd.notify("WATCHDOG=1")
         if stop.is_set():
             return False
         await asyncio.sleep(0.5)

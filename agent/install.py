@@ -45,7 +45,6 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectClock=yes
 ProtectHostname=yes
@@ -82,7 +81,8 @@ StateDirectoryMode=0700
 ConfigurationDirectory=dabba
 # root, but without any capability: it only listens on ports above 1024 and writes its state
 CapabilityBoundingSet=
-{_COMMON_HARDENING}PrivateDevices=yes
+{_COMMON_HARDENING}ProtectKernelModules=yes
+PrivateDevices=yes
 ProtectKernelTunables=yes
 ProtectControlGroups=yes
 RestrictNamespaces=yes
@@ -112,14 +112,15 @@ ExecStart={binary} agent run --config {CONFIG_DIR}/agent.yaml
 Restart=on-failure
 RestartSec=2s
 WatchdogSec=30s
-# the first start compiles the eBPF programs (bcc, clang): slow on small machines
-TimeoutStartSec=300s
+# the first start compiles the eBPF programs (bcc, clang): minutes on a small or emulated machine
+TimeoutStartSec=600s
 TimeoutStopSec=20s
 # state_dir (/var/lib/dabba/<node>): the node's identity, which must outlive a reboot, and the
 # sockets the tunnel and `dabba` talk to
 StateDirectory=dabba
 ConfigurationDirectory=dabba
 ReadWritePaths=/sys/fs/bpf
+# no ProtectKernelModules=: it hides /lib/modules, where bcc finds the kernel headers
 LimitMEMLOCK=infinity
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN CAP_PERFMON
 {_COMMON_HARDENING}RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
@@ -147,7 +148,8 @@ ExecStart={binary} tunnel run --config {CONFIG_DIR}/agent.yaml
 Restart=on-failure
 RestartSec=1s
 WatchdogSec=30s
-TimeoutStartSec=60s
+# it waits for the agent's pins, which the agent's first start compiles
+TimeoutStartSec=600s
 # SIGTERM: stop accepting, let open flows go on for tunnel.drain seconds (default 30)
 KillMode=mixed
 TimeoutStopSec=45s
@@ -156,7 +158,8 @@ ConfigurationDirectory=dabba
 LimitNOFILE=1048576
 # SO_MARK (CAP_NET_ADMIN), listeners inside workload namespaces (CAP_SYS_ADMIN), pinned maps
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN
-{_COMMON_HARDENING}RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+{_COMMON_HARDENING}ProtectKernelModules=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 
 [Install]
 WantedBy=multi-user.target

@@ -25,10 +25,16 @@ def notify(*lines: str) -> bool:
         return False
     if path.startswith("@"):  # abstract namespace
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+    # non-blocking: a notify socket that nobody reads must never stall the service
+    with socket.socket(
+        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    ) as s:
         try:
             s.connect(path)
-            s.sendall("\n".join(lines).encode())
+            s.send("\n".join(lines).encode())
+        except BlockingIOError:
+            _log.warning(f"sd_notify to {path!r}: its queue is full, {lines[0]} dropped")
+            return False
         except OSError as e:
             _log.warning(f"sd_notify to {path!r} failed: {e}")
             return False

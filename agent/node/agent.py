@@ -434,7 +434,20 @@ class Agent:
 
     def run(self) -> None:
         """Start, then drain flow records (and follow the control plane) until stopped."""
-        self.start()
+        starting = threading.Event()
+        every = systemd.watchdog_interval()
+        if every is not None:  # systemd's watchdog runs during start-up too (the first compile)
+
+            def ping():
+                while not starting.wait(min(every, 5.0)):
+                    systemd.notify("WATCHDOG=1")
+
+            threading.Thread(target=ping, name="startup-watchdog", daemon=True).start()
+        systemd.notify("STATUS=loading the datapath (the first start compiles the eBPF programs)")
+        try:
+            self.start()
+        finally:
+            starting.set()
         from .api import AgentApi
         from .sync import ControlSync
 

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,12 +42,17 @@ class Notify:
         self.sock.bind(path)
         self.sock.settimeout(0.2)
         self.got: list[tuple[float, int, str]] = []  # (time, pid, line)
+        self.closed = False
+        # read at once, as systemd does (the socket's queue holds only 10 datagrams)
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def poll(self) -> None:
-        while True:
+    def _read(self) -> None:
+        while not self.closed:
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
                 return
             pid = 0
             for level, kind, payload in anc:
@@ -56,8 +62,7 @@ class Notify:
                 self.got.append((time.monotonic(), pid, line))
 
     def lines(self, pid: int, since: float = 0.0) -> list[str]:
-        self.poll()
-        return [line for t, p, line in self.got if p == pid and t >= since]
+        return [line for t, p, line in list(self.got) if p == pid and t >= since]
 
     def wait(self, pid: int, line: str, since: float = 0.0, timeout: float = 30.0) -> None:
         wait_for(lambda: line in self.lines(pid, since), timeout, what=f"{line} from pid {pid}")
@@ -67,6 +72,7 @@ class Notify:
 def notify(tmp_path_factory):
     n = Notify(str(tmp_path_factory.mktemp("sd") / "notify"))
     yield n
+    n.closed = True
     n.sock.close()
 
 
@@ -151,9 +157,13 @@ def test_agent_and_tunnel_tell_systemd_they_are_ready_and_alive(slab, notify):
                 5,
                 what=f"two watchdog pings from {key}",
             )
-    agent_status = [x for x in notify.lines(procs["n1"].pid) if x.startswith("STATUS=")][0]
-    assert "datapath pinned" in agent_status and "workloads enrolled" in agent_status
-    tunnel_status = [x for x in notify.lines(procs["n1-tunnel"].pid) if x.startswith("STATUS=")][0]
+    lines = notify.lines(procs["n1"].pid)
+    assert lines[0] == "STATUS=loading the datapath (the first start compiles the eBPF programs)"
+    agent_status = lines[lines.index("READY=1") + 1]  # sent with READY=1
+    assert agent_status.startswith("STATUS=datapath pinned (6 programs), ")
+    assert "workloads enrolled" in agent_status
+    lines = notify.lines(procs["n1-tunnel"].pid)
+    tunnel_status = lines[lines.index("READY=1") + 1]
     assert f"HBONE {L.node('n1').ip}:15008" in tunnel_status
 
 
