@@ -180,7 +180,7 @@ def hbone_bytes_and_no_plaintext() -> None:
         "socat TCP-LISTEN:9000,bind=10.20.2.11,fork,reuseaddr "
         "SYSTEM:'cat >/dev/null; head -c 3333 /dev/zero'",
     )
-    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} >/dev/null 2>&1 &")
+    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} </dev/null >/dev/null 2>&1 &")
     wait(lambda: ssh("node2", "ip netns exec server ss -Hltn 'sport = :9000'").stdout.strip(), 30,
          "the server on node2")  # fmt: skip
     pcap = os.path.join(args.out, "private-network.pcap")
@@ -188,9 +188,17 @@ def hbone_bytes_and_no_plaintext() -> None:
     cap = subprocess.Popen(["tcpdump", "-i", dev, "-U", "-w", pcap, "tcp"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     time.sleep(2)
-    body = (MARKER * (100_000 // len(MARKER) + 1))[:100_000]
-    ssh("node1", f"printf '' > /tmp/req && python3 -c \"import sys; sys.stdout.buffer.write("
-                 f"{body!r})\" > /tmp/req && wc -c < /tmp/req")  # fmt: skip
+    ssh(
+        "node1",
+        "python3 -c 'import sys; m = sys.argv[1].encode(); "
+        "sys.stdout.buffer.write((m * (100000 // len(m) + 1))[:100000])' "
+        f"{MARKER.decode()} > /tmp/req",
+    )
+    check(
+        "request file of 100,000 bytes",
+        ssh("node1", "wc -c < /tmp/req").stdout.strip() == "100000",
+        "/tmp/req",
+    )
     r = ssh("node1", in_workload("node1", "socat -t 10 - TCP:10.20.2.11:9000 < /tmp/req | wc -c"))
     got = int(r.stdout.strip() or -1)
     time.sleep(2)
@@ -230,7 +238,7 @@ def hbone_bytes_and_no_plaintext() -> None:
 def policy_deny() -> None:
     server = in_workload("node2", "socat TCP-LISTEN:9001,bind=10.20.2.11,fork,reuseaddr "
                                   "SYSTEM:'head -c 10 /dev/zero'")  # fmt: skip
-    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} >/dev/null 2>&1 &")
+    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} </dev/null >/dev/null 2>&1 &")
     doc = {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -281,7 +289,7 @@ HOLD = (
 
 def restart_keeps_connections() -> None:
     server = in_workload("node2", "socat TCP-LISTEN:9002,bind=10.20.2.11,fork,reuseaddr EXEC:cat")
-    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} >/dev/null 2>&1 &")
+    ssh("node2", f"setsid nohup sh -c {shlex.quote(server)} </dev/null >/dev/null 2>&1 &")
     time.sleep(1)
     ssh("node1", f"cat > /tmp/hold.py <<'EOF'\n{HOLD}EOF")
     p = subprocess.Popen(

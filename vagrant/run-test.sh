@@ -133,10 +133,12 @@ lap "control VM up and provisioned"
 in_ns bash "$here/join.sh"
 lap "join tokens for node1, node2 and the control plane's CA fetched"
 
-in_ns vagrant up node1 node2 >"$out/up-nodes.log" 2>&1 || { tail -n 60 "$out/up-nodes.log"; exit 1; }
+# one at a time: two TCG VMs booting at once on 2 cores left one "inaccessible" to vagrant-libvirt
+in_ns vagrant up --no-parallel node1 node2 >"$out/up-nodes.log" 2>&1 || { tail -n 60 "$out/up-nodes.log"; exit 1; }
 lap "node1 and node2 up, provisioned, agents and tunnels started by systemd"
 
-in_ns vagrant ssh-config >"$cache/run/ssh-config" 2>/dev/null
+in_ns vagrant ssh-config control node1 node2 >"$cache/run/ssh-config" 2>"$out/ssh-config.err" ||
+	{ cat "$out/ssh-config.err" >&2; exit 1; }
 in_ns "$py" "$here/e2e.py" --ssh-config "$cache/run/ssh-config" --netns "$ns" \
 	--box-kernel "$(cat "$cache/box/kernel-release")" --out "$out"
 lap "end-to-end checks passed"

@@ -19,6 +19,7 @@ from ..lab.lab import STATE_DIR as LAB_STATE_DIR
 from .api import SOCKET
 
 RUN_DIR = "/run/dabba"
+INSTALL_DIR = "/var/lib/dabba"  # `dabba install systemd` and the DaemonSet: state_dir is here
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -38,6 +39,7 @@ def _candidates() -> list[str]:
         {
             os.path.dirname(p)
             for p in glob.glob(os.path.join(RUN_DIR, "*", SOCKET))
+            + glob.glob(os.path.join(INSTALL_DIR, "*", SOCKET))
             + glob.glob(os.path.join(LAB_STATE_DIR, "*", "*", SOCKET))
         }
     )
@@ -53,6 +55,9 @@ def resolve_state_dir(state_dir: str | None, node: str | None) -> str:
             lab, n = node.split("/", 1)
             return os.path.join(LAB_STATE_DIR, lab, n)
         direct = os.path.join(RUN_DIR, node)
+        for d in (direct, os.path.join(INSTALL_DIR, node)):
+            if os.path.exists(os.path.join(d, SOCKET)):
+                return d
         if os.path.isdir(direct):
             return direct
         labs = sorted(glob.glob(os.path.join(LAB_STATE_DIR, "*", node)))
@@ -73,7 +78,7 @@ def resolve_state_dir(state_dir: str | None, node: str | None) -> str:
             )
         raise DabbaError(
             "no agent is running on this machine (no agent.sock under "
-            f"{RUN_DIR}/*/ or {LAB_STATE_DIR}/*/*/)",
+            f"{RUN_DIR}/*/, {INSTALL_DIR}/*/ or {LAB_STATE_DIR}/*/*/)",
             hint="start one: `dabba agent run --config FILE`, `systemctl start dabba-agent`, "
             "or `dabba demo --keep`",
         )

@@ -309,3 +309,18 @@ def test_installer_refuses_a_missing_binary_before_writing(tmp_path):
         install.install(install.Installer(str(tmp_path)), "control", "/nonexistent/dabba")
     assert yaml.safe_load(install.agent_config(install.NodeSettings("n", "10.0.0.2", "10.0.0.1",
                                                                     "/sys/fs/cgroup/x")))  # fmt: skip
+
+
+def test_dabba_finds_an_installed_agent_in_var_lib_dabba(tmp_path, monkeypatch):
+    from agent.node import client
+
+    monkeypatch.setattr(client, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(client, "INSTALL_DIR", str(tmp_path / "lib"))
+    monkeypatch.setattr(client, "LAB_STATE_DIR", str(tmp_path / "labs"))
+    monkeypatch.delenv("DABBA_STATE_DIR", raising=False)
+    node = tmp_path / "lib" / "node7"
+    node.mkdir(parents=True)
+    (node / "agent.sock").touch()
+    (tmp_path / "lib" / "control").mkdir()  # the control plane's state: no agent there
+    assert client.resolve_state_dir(None, None) == str(node)  # the only agent on the machine
+    assert client.resolve_state_dir(None, "node7") == str(node)  # --node NAME
