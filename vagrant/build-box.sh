@@ -27,14 +27,17 @@ log() { printf 'build-box: %s\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "build-box: must run as root (debootstrap, chroot)" >&2; exit 1; }
 for tool in debootstrap mkfs.ext4 qemu-img; do
-	command -v "$tool" >/dev/null || { echo "build-box: $tool is missing (make vagrant-setup)" >&2; exit 1; }
+	command -v "$tool" >/dev/null || { echo "build-box: $tool is missing (bash vagrant/setup-host.sh)" >&2; exit 1; }
 done
 key="$(find /usr/share/rubygems-integration /usr/lib/ruby /usr/share/vagrant -name vagrant.pub -path '*keys*' 2>/dev/null | head -n 1 || true)"
 [ -n "$key" ] || { echo "build-box: Vagrant's insecure public key (keys/vagrant.pub) not found; is vagrant installed?" >&2; exit 1; }
 
-cleanup() {
+cleanup() { # every layer: a proc that debootstrap could not unmount may lie under ours
 	for m in proc sys dev/pts dev; do
-		mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m" || true
+		for _ in 1 2 3 4; do
+			mountpoint -q "$root/$m" 2>/dev/null || break
+			umount -l "$root/$m" || true
+		done
 	done
 }
 trap cleanup EXIT
@@ -65,6 +68,9 @@ Name=en* eth*
 
 [Network]
 DHCP=ipv4
+
+[DHCPv4]
+ClientIdentifier=mac
 EOF
 # network-online.target (which the dabba units order after) waits for any one link, not for a
 # private network that has no DHCP server
@@ -81,6 +87,27 @@ chmod 0440 "$root/etc/sudoers.d/vagrant"
 install -d -m 0700 -o 1000 -g 1000 "$root/home/vagrant/.ssh"
 install -m 0600 -o 1000 -g 1000 "$key" "$root/home/vagrant/.ssh/authorized_keys"
 echo 'UseDNS no' >"$root/etc/ssh/sshd_config.d/vagrant.conf"
+# Every VM of this box must be a machine of its own. With one machine-id they all sent dnsmasq
+# one DHCP client identifier (networkd derives it from the machine-id), so each new VM took the
+# previous one's address and vagrant-libvirt called the earlier ones "inaccessible". DHCP now
+# identifies by MAC (above); the Vagrantfile gives each VM its own machine-id on the kernel
+# command line (an empty one would make the first boot enable every unit by preset); the SSH
+# host keys are made at first boot, not shared by every VM of the box.
+rm -f "$root"/etc/ssh/ssh_host_*
+cat >"$root/etc/systemd/system/ssh-host-keys.service" <<'EOF'
+[Unit]
+Description=SSH host keys of this machine (made at first boot)
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+EOF
+chroot "$root" systemctl enable ssh-host-keys.service >/dev/null 2>&1
 
 log "downloading the install media for provisioning (.deb files) inside the rootfs"
 kver="$(basename "$(ls -d "$root"/lib/modules/* | sort -V | tail -n 1)")"
@@ -116,5 +143,6 @@ Vagrant.configure("2") do |config|
 end
 EOF
 tar -C "$work" -cf "$cache/box/dabba-bookworm.box" box.img metadata.json Vagrantfile
+sha256sum <"$here/build-box.sh" | cut -d" " -f1 >"$cache/box/recipe.sha256" # run-test.sh: rebuild when it changes
 rm -rf "$work"
 log "box ready: $cache/box/dabba-bookworm.box (kernel $kver) in $(($(date +%s) - t0))s"

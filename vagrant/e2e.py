@@ -9,7 +9,10 @@ On real VMs with a real systemd, installed by `dabba install systemd`:
 4. an Istio AuthorizationPolicy (DENY) on the control plane is enforced, and shown;
 5. a connection held open through `systemctl restart dabba-agent` and `systemctl stop
    dabba-agent` on both nodes keeps moving bytes, and new connections work while the agent
-   is stopped (the programs stay pinned; the tunnel is its own service).
+   is stopped (the programs stay pinned; the tunnel is its own service);
+6. `dabba uninstall systemd` on node1 removes the units, detaches and unpins every program:
+   nothing under /sys/fs/bpf/dabba, nothing attached to a cgroup, no dabba program in the
+   kernel; config and state stay (no --purge).
 
 Every command goes through `ssh -F <vagrant ssh-config>`; nothing here is faked.
 """
@@ -335,6 +338,36 @@ def restart_keeps_connections() -> None:
     )
 
 
+def dabba_programs(vm: str) -> list[str]:
+    progs = json.loads(ssh(vm, "bpftool -j prog show").stdout)
+    return sorted(p.get("name", "") for p in progs if p.get("name", "").startswith("dabba_"))
+
+
+def uninstall_cleanly() -> None:
+    """`dabba uninstall systemd` on node1: units gone, programs detached and unpinned."""
+    vm = "node1"
+    before = dabba_programs(vm)
+    check(f"{vm}: dabba's programs loaded before uninstall", len(before) >= 5, before)
+    out = ssh(vm, "dabba uninstall systemd", timeout=180).stdout
+    log(f"{vm}: dabba uninstall systemd said: {out.strip()}")
+    r = ssh(vm, "systemctl list-unit-files 'dabba-*' --no-legend; ls /etc/systemd/system")
+    check(f"{vm}: no dabba unit is left", "dabba-" not in r.stdout, r.stdout.split())
+    r = ssh(vm, "find /sys/fs/bpf -path '*dabba*'", check=False)
+    check(f"{vm}: nothing pinned under /sys/fs/bpf/dabba", r.stdout.strip() == "", r.stdout.split())
+    r = ssh(vm, "bpftool -j cgroup tree /sys/fs/cgroup")
+    attached = [
+        {"cgroup": c.get("cgroup"), "programs": [p.get("name") for p in c.get("programs", [])]}
+        for c in json.loads(r.stdout or "[]")
+        if any(p.get("name", "").startswith("dabba_") for p in c.get("programs", []))
+    ]  # fmt: skip
+    check(f"{vm}: no dabba program attached to any cgroup", attached == [], attached)
+    # the kernel frees a program once its last link, pin and descriptor are gone (after RCU)
+    left = wait(lambda: dabba_programs(vm) == [] or None, 30, "the kernel to free the programs")
+    check(f"{vm}: no dabba program left in the kernel", left, dabba_programs(vm))
+    r = ssh(vm, "test -f /etc/dabba/agent.yaml && test -d /var/lib/dabba && echo kept")
+    check(f"{vm}: config and state kept without --purge", r.stdout.strip() == "kept", r.stdout)
+
+
 def main() -> None:
     global args
     ap = argparse.ArgumentParser()
@@ -347,7 +380,7 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         for step in (units_and_probe, workloads, hbone_bytes_and_no_plaintext, policy_deny,
-                     restart_keeps_connections):  # fmt: skip
+                     restart_keeps_connections, uninstall_cleanly):  # fmt: skip
             log(f"--- {step.__name__}")
             step()
     finally:
