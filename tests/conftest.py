@@ -42,6 +42,48 @@ def helper(name: str) -> list[str]:
     return [sys.executable, os.path.join(HELPERS, f"{name}.py")]
 
 
+class Container:
+    """A cgroup below a lab pod's, as a container's cgroup is below its pod's in Kubernetes;
+    popen() runs argv in it and in the pod's network namespace. remove() kills what it started
+    and removes the cgroup."""
+
+    def __init__(self, pod, name: str = "ctr"):
+        self.pod, self.cgroup, self.procs = pod, os.path.join(pod.cgroup, name), []
+        os.mkdir(self.cgroup)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        def enter():
+            with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.pod.netns}", "--", *argv],
+                             preexec_fn=enter, **kw)  # fmt: skip
+        self.procs.append(p)
+        return p
+
+    def run(self, argv: list[str], timeout: float = 30) -> str:
+        p = self.popen(argv)
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{argv} in {self.cgroup} exited {p.returncode}: {err}"
+        return out
+
+    def remove(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(5)
+        wait_for(lambda: _empty(self.cgroup), 5, what=f"{self.cgroup} to empty")
+        os.rmdir(self.cgroup)
+
+
+def _empty(cgroup: str) -> bool:
+    with open(os.path.join(cgroup, "cgroup.procs")) as f:
+        return f.read().strip() == ""
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

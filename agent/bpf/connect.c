@@ -17,7 +17,13 @@
 #include <linux/net.h>
 #include <linux/socket.h>
 
-#include "maps.h"
+#include "workload.h"
+
+/* include/workload.h: bcc rewrites map calls in this file only */
+static __always_inline struct dabba_workload *dabba_wl_get(u64 *id)
+{
+	return dabba_wl.lookup(id);
+}
 
 /* Count n events of kind stat in dabba_stats (see include/maps.h). */
 static __always_inline void count(u32 stat, u64 n)
@@ -32,8 +38,8 @@ int dabba_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM || ctx->family != AF_INET)
 		return 1;
 
-	u64 cg = bpf_get_current_cgroup_id();
-	struct dabba_workload *wl = dabba_wl.lookup(&cg);
+	u64 cg = 0;
+	struct dabba_workload *wl = dabba_current_workload(&cg);
 	if (!wl || !(wl->flags & DABBA_WL_CAPTURE))
 		return 1;
 

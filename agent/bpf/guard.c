@@ -18,7 +18,13 @@
 #include <linux/net.h>
 #include <linux/socket.h>
 
-#include "maps.h"
+#include "workload.h"
+
+/* include/workload.h: bcc rewrites map calls in this file only */
+static __always_inline struct dabba_workload *dabba_wl_get(u64 *id)
+{
+	return dabba_wl.lookup(id);
+}
 
 /* Count n events of kind stat in dabba_stats (see include/maps.h). */
 static __always_inline void count(u32 stat, u64 n)
@@ -40,8 +46,8 @@ int dabba_guard(struct __sk_buff *skb)
 	if (!sk || sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN)
 		return 1;
 
-	u64 cg = bpf_sk_cgroup_id(sk);
-	struct dabba_workload *wl = dabba_wl.lookup(&cg);
+	u64 cg = 0;
+	struct dabba_workload *wl = dabba_sk_workload(sk, &cg);
 	if (!wl || !(wl->flags & DABBA_WL_STRICT))
 		return 1;
 

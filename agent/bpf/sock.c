@@ -12,15 +12,21 @@
 #include <linux/net.h>
 #include <linux/socket.h>
 
-#include "maps.h"
+#include "workload.h"
+
+/* include/workload.h: bcc rewrites map calls in this file only */
+static __always_inline struct dabba_workload *dabba_wl_get(u64 *id)
+{
+	return dabba_wl.lookup(id);
+}
 
 int dabba_sock_new(struct bpf_sock *sk)
 {
 	if (sk->family != AF_INET || sk->protocol != IPPROTO_TCP)
 		return 1;
 
-	u64 cg = bpf_get_current_cgroup_id();
-	struct dabba_workload *wl = dabba_wl.lookup(&cg);
+	u64 cg = 0;
+	struct dabba_workload *wl = dabba_current_workload(&cg);
 	if (!wl || !(wl->flags & DABBA_WL_ACCOUNT))
 		return 1;
 

@@ -55,6 +55,7 @@ def workload_of(pod) -> m.Workload | None:
         node=_get(pod, "spec", "node_name", default=""),
         ip=_get(pod, "status", "pod_ip"),
         labels=dict(_get(pod, "metadata", "labels", default={})),
+        pod_uid=_get(pod, "metadata", "uid", default=""),
     )
 
 

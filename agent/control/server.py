@@ -144,6 +144,7 @@ class ControlPlane:
             if w.key in local:
                 pw.cgroup = w.cgroup
                 pw.netns = w.netns
+                pw.pod_uid = w.pod_uid
             snap.workloads.append(pw)
         for s in sorted(st.services.values(), key=lambda s: s.key):
             snap.services.append(

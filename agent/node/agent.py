@@ -30,6 +30,7 @@ from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath, DatapathControl, cgroup_id
 from ..bpf.sys import Map
 from ..errors import DabbaError
+from . import pods
 from .config import AgentConfig
 from .flowtable import FlowTable
 
@@ -63,6 +64,8 @@ class Agent:
         self._draining: list = []  # old tunnels still draining after an upgrade
         self._tunnel_was_ready = False
         self._last = None
+        self._pods: dict[str, tuple[str, str]] = {}  # Kubernetes pods: key -> (cgroup, netns)
+        self._pods_waiting = False  # a pod of the last snapshot has no cgroup or netns here yet
         self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
         self._by_ip: dict[str, object] = {}
         self.table = FlowTable(
@@ -206,12 +209,18 @@ class Agent:
         by_name = {f"{w.namespace}/{w.name}": w for w in self.cfg.workloads}
         entries = []
         steer = []  # (key, netns): PERMISSIVE/DISABLE workloads whose plaintext goes to 15006
+        pod_keys, waiting = set(), False
         for w in snap.workloads:
             if w.node != self.cfg.node:
                 continue
             key = f"{w.namespace}/{w.name}"
             local = by_name.get(key)
             cgroup = (local.cgroup if local else "") or w.cgroup
+            netns = w.netns
+            if not cgroup and w.pod_uid:  # a Kubernetes pod: the kubelet named its cgroup
+                cgroup, netns = self._find_pod(key, w.pod_uid)
+                pod_keys.add(key)
+                waiting = waiting or not (cgroup and netns)
             if not cgroup:
                 _log.warning(f"workload {key} has no known cgroup on this node; not enrolled")
                 continue
@@ -224,14 +233,40 @@ class Agent:
                 self._tunnel_was_ready or self.tunnel_ready()
             )
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
-            if capture and w.mtls_mode != "STRICT" and w.netns:
-                steer.append((key, w.netns))
+            if capture and w.mtls_mode != "STRICT" and netns:
+                steer.append((key, netns))
         self._last = (snap, certs)
+        self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
+        self._pods_waiting = waiting
         self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
         self._by_ip.clear()
         self._by_ip.update({w.ip: w for w in snap.workloads})
         self._enrol(entries)
         self._steer(steer)
+
+    def _find_pod(self, key: str, uid: str) -> tuple[str, str]:
+        """A pod's cgroup (below the agent's cgroup) and netns, found by its UID; ("", "")
+        while the kubelet has not made its cgroup here yet."""
+        cgroup = pods.pod_cgroup(self.cfg.cgroup, uid) or ""
+        netns = (pods.pod_netns(cgroup) or "") if cgroup else ""
+        if self._pods.get(key) != (cgroup, netns):
+            self._pods[key] = (cgroup, netns)
+            if cgroup:
+                _log.info(
+                    f"pod {key} found on this node",
+                    fields={"uid": uid, "cgroup": cgroup, "netns": netns or "(no process yet)"},
+                )
+            else:
+                _log.warning(f"pod {key} (uid {uid}) has no cgroup below {self.cfg.cgroup} yet")
+        return cgroup, netns
+
+    async def retry_pods(self, every: float = 5.0) -> None:
+        """Apply the last snapshot again while one of its pods has no cgroup or process here
+        yet (the kubelet makes them as the pod starts)."""
+        while not self.stop.is_set():
+            await asyncio.sleep(every)
+            if self._pods_waiting and self._last:
+                self.apply_snapshot(*self._last)
 
     def tunnel_ready(self) -> bool:
         if not self.cfg.tunnel.run and (self.cfg.control is None or not self.cfg.capture.enabled):
@@ -491,6 +526,7 @@ class Agent:
             elif self.cfg.control is not None and self.cfg.capture.enabled:
                 tasks.append(asyncio.ensure_future(self.watch_tunnel()))
             tasks.append(asyncio.ensure_future(systemd.watchdog(self.health)))
+            tasks.append(asyncio.ensure_future(self.retry_pods()))
             systemd.notify(
                 "READY=1",
                 f"STATUS=datapath pinned ({len(self.load_reports)} programs), "

@@ -5,7 +5,7 @@ import subprocess
 
 from agent.bpf import abi
 from agent.bpf.loader import cgroup_id
-from tests.conftest import REPO, helper, http_server, maps_dir, read_json
+from tests.conftest import REPO, Container, helper, http_server, maps_dir, read_json
 
 
 def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_bcc(
@@ -94,3 +94,35 @@ def test_tunnel_mark_is_never_captured(lab, datapaths, procs):
     finally:
         ctl.unenrol(client.cgroup)
         ctl.configure(n1.gateway, 15001)
+
+
+def test_a_process_in_a_cgroup_below_the_workloads_is_captured_as_the_workload(
+    lab, datapaths, procs
+):
+    """A Kubernetes pod's containers are cgroups below the pod's, which is what is enrolled:
+    connect() from such a cgroup is captured, and the record names the pod's cgroup."""
+    n1 = lab.node("n1")
+    client, server = lab.pod("n1-p2"), lab.pod("n2-p1")
+    ctl = datapaths["n1"]
+    ctl.enrol(client.cgroup, 4, abi.WL_CAPTURE | abi.WL_ACCOUNT)
+    http_server(lab, procs, server, 8083)
+    stub = lab.popen(
+        "n1",
+        [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1),
+         "--listen", f"{n1.gateway}:15001"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    procs.append(stub)
+    read_json(stub, "listening")
+    ctr = Container(client)
+    before = ctl.stats()["captured"]
+    try:
+        out = ctr.run(["curl", "-sS", "--max-time", "5", f"http://{server.ip}:8083/"])
+        rec = read_json(stub, "found")
+        assert (rec["found"], rec["orig_ip"], rec["orig_port"]) == (True, server.ip, 8083)
+        assert rec["cgroup_id"] == cgroup_id(client.cgroup) != cgroup_id(ctr.cgroup)
+        assert f'"orig_ip": "{server.ip}"' in out
+        assert ctl.stats()["captured"] == before + 1
+    finally:
+        ctl.unenrol(client.cgroup)
+        ctr.remove()

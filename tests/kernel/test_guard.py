@@ -2,7 +2,7 @@
 
 from agent.bpf import abi
 from agent.bpf.loader import cgroup_id
-from tests.conftest import http_server
+from tests.conftest import Container, http_server, wait_for
 
 CONNECT = (
     "import socket,sys\n"
@@ -42,3 +42,33 @@ def test_plaintext_from_other_node_dropped_and_counted_tunnel_address_accepted(
         ctl.unenrol(strict.cgroup)
     # not STRICT any more: accepted again
     assert _try(lab, peer.name, strict.ip, 8081, 3) == "connected"
+
+
+LISTEN = (
+    "import socket,sys,time\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64); print('listening', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_listener_in_a_cgroup_below_a_strict_workload_is_guarded(lab, datapaths):
+    """A STRICT pod's server runs in its container's cgroup, below the enrolled pod cgroup:
+    plaintext from another node is dropped and counted under the pod's cgroup id."""
+    strict, peer = lab.pod("n2-p1"), lab.pod("n1-p2")
+    ctl = datapaths["n2"]
+    ctr = Container(strict)
+    cg = cgroup_id(strict.cgroup)
+    try:
+        srv = ctr.popen(["python3", "-c", LISTEN, strict.ip, "8084"])
+        wait_for(lambda: srv.stdout.readline().strip() == "listening", 10, what="listener")
+        ctl.enrol(strict.cgroup, 23, abi.WL_ACCOUNT)
+        assert _try(lab, peer.name, strict.ip, 8084, 3) == "connected"
+        ctl.enrol(strict.cgroup, 23, abi.WL_ACCOUNT | abi.WL_STRICT)
+        assert _try(lab, peer.name, strict.ip, 8084, 2.5).startswith("failed")
+        drops = ctl.guard_drops()
+        assert drops.get(cg, 0) >= 1 and cgroup_id(ctr.cgroup) not in drops
+        assert _try(lab, "n2", strict.ip, 8084, 3) == "connected"  # from the tunnel's address
+    finally:
+        ctl.unenrol(strict.cgroup)
+        ctr.remove()

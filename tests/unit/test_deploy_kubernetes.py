@@ -112,6 +112,7 @@ def test_agent_daemonset_host_network_mounts_capabilities_probes_and_scrape():
     tpl = _pod("DaemonSet", "dabba-agent")
     spec = tpl["spec"]
     assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["hostPID"] is True  # pods' processes, to find their network namespaces
     ann = tpl["metadata"]["annotations"]
     assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"]) == ("true", "15020")
     vols = {v["name"]: v for v in spec["volumes"]}
@@ -123,7 +124,7 @@ def test_agent_daemonset_host_network_mounts_capabilities_probes_and_scrape():
     c = {x["name"]: x for x in spec["containers"]}
     assert set(c) == {"agent", "tunnel"}  # two containers: an agent restart keeps the flows
     for name, caps in (
-        ("agent", ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]),
+        ("agent", ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_PTRACE"]),
         ("tunnel", ["BPF", "NET_ADMIN", "SYS_ADMIN"]),
     ):
         sc = c[name]["securityContext"]

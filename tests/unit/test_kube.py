@@ -51,6 +51,8 @@ def test_pods_services_and_istio_policies_translate(objs):
         "v1",
     )
     assert st.workloads["front/sleep-1"].service_account == "default"
+    # the node finds the pod's cgroup and netns by its UID (agent/node/pods.py)
+    assert w.pod_uid == "0f1e2d3c-1111-2222-3333-444455556666" and w.cgroup == ""
     svc = st.services["shop/web"]
     assert svc.vip == "10.96.12.34" and svc.lb_policy == "least_connections"
     assert [(p.port, p.target_port) for p in svc.ports] == [
