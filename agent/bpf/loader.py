@@ -55,13 +55,24 @@ def compile_programs(programs: list[Program], cflags: list[str]) -> dict[str, fl
     if r.returncode != 0:
         detail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         failed = next((p for p in programs if detail.startswith(p.function + ":")), programs[0])
+        why = verifier_reason(r.stderr)
         raise DabbaError(
             f"loading {failed.hook} program {failed.function} from {failed.compile_job()['source']} "
-            f"failed: {detail.removeprefix(failed.function + ': ')}",
+            f"failed: {detail.removeprefix(failed.function + ': ')}"
+            + (f"; the verifier said: {why}" if why else ""),
             hint="is the kernel new enough (5.15+, BTF, cgroup BPF, sockmap) and are kernel "
             "headers installed? `make setup` checks both",
         )
     return json.loads(r.stdout)
+
+
+def verifier_reason(log: str) -> str:
+    """The verifier's last word before its summary ("processed N insns ..."), or ""."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and " insns " in line and i > 0:
+            return lines[i - 1]
+    return ""
 
 
 def bpf_source_dir() -> str:

@@ -158,3 +158,29 @@ def test_agent_check_names_a_missing_ca_file_and_join_token(lab, tmp_path):
     (tmp_path / "missing-token").write_text("t")
     r = subprocess.run(run, capture_output=True, text=True)
     assert r.returncode == 0 and "will join 10.10.0.1:15013" in r.stdout
+
+
+def test_a_program_the_verifier_refuses_is_named_with_the_verifiers_reason(
+    lab, tmp_path, monkeypatch
+):
+    """The real verifier refuses a program that reads past its context; the error carries the
+    verifier's own reason, not only the syscall's "Invalid argument"."""
+    from agent.bpf import loader
+
+    src = tmp_path / "bad_guard.c"
+    src.write_text(
+        "#include <uapi/linux/bpf.h>\n"
+        "int dabba_guard(struct __sk_buff *skb)\n"
+        "{\n"
+        "\treturn *(volatile u32 *)((char *)skb + 4096);\n"
+        "}\n"
+    )
+    node = unique("nv")
+    dp = Datapath(node, lab.node("n1").cgroup)
+    monkeypatch.setattr(loader.GuardProgram, "source", str(src))  # absolute: joined as is
+    with pytest.raises(DabbaError) as e:
+        dp.ensure()
+    msg = str(e.value)
+    assert "loading cgroup_skb/ingress program dabba_guard" in msg and str(src) in msg
+    assert "the verifier said: invalid bpf_context access off=4096" in msg, msg
+    assert not os.path.exists(dp.pins.root)
