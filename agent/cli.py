@@ -582,6 +582,26 @@ def tunnel():
     """The node tunnel (started and supervised by the agent)."""
 
 
+def _check_source(source: str) -> None:
+    """The tunnel's source address must be an IPv4 address of this node (its namespace)."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.IPv4Address(source)
+    except ValueError:
+        raise DabbaError(f"tunnel source {source!r} is not an IPv4 address") from None
+    with socket.socket() as s:
+        try:
+            s.bind((source, 0))
+        except OSError as e:
+            raise DabbaError(
+                f"tunnel source {source}: {e.strerror}",
+                hint="it must be an address of this node: the first of the config's "
+                "tunnel_addresses, or --source",
+            ) from None
+
+
 @tunnel.command("run")
 @click.option(
     "--config",
@@ -634,9 +654,17 @@ def tunnel():
     help="processes sharing the ports (SO_REUSEPORT): a number, or 'auto' to add one per busy core "
     "[default: 1, or the config's tunnel.workers]",
 )
+@click.option(
+    "--source",
+    default=None,
+    help="source address of connections to this node's workloads: one the ingress guard and "
+    "plaintext steering know as the tunnel's [default: the config's first tunnel_addresses, "
+    "else the --outbound address]",
+)
 @click.option("--worker", default=0, hidden=True, type=int)
 def tunnel_run(
     config_path,
+    source,
     workers,
     worker,
     loop_kind,
@@ -666,6 +694,7 @@ def tunnel_run(
     from .ztunnel.lb import LbConfig
     from .ztunnel.tunnel import Tunnel, TunnelConfig, parse_hostport
 
+    source = source or ""  # "": the outbound listener's address
     if config_path:
         from .node import config as cfgmod
 
@@ -682,6 +711,7 @@ def tunnel_run(
         inbound = inbound or ac.tunnel.inbound or f"{ac.control.node_address}:15008"
         drain = ac.tunnel.drain if drain is None else drain
         workers = workers or ac.tunnel.workers
+        source = source or ac.tunnel_addresses[0]
     missing = [
         f
         for f, v in (
@@ -697,6 +727,8 @@ def tunnel_run(
         raise DabbaError(f"dabba tunnel run needs {', '.join(missing)} (or --config FILE)")
     drain = 30.0 if drain is None else drain
     workers = workers or "1"
+    if source:
+        _check_source(source)
 
     cfg = TunnelConfig(
         node=node,
@@ -712,6 +744,7 @@ def tunnel_run(
         worker=worker,
         argv=[a for a in sys.argv[1:] if a != "--worker"] if worker == 0 else [],
         lb=LbConfig(eject_after, eject_time, max_ejected, retries),
+        source=source,
     )
 
     async def run():

@@ -134,9 +134,18 @@ def _listening(lab: Lab, port: int) -> bool:
 
 
 def node_config(
-    lab: Lab, node: str, capture: bool = False, tunnel_workers="1", tunnel_service=False
+    lab: Lab,
+    node: str,
+    capture: bool = False,
+    tunnel_workers="1",
+    tunnel_service=False,
+    host_addresses=False,
 ) -> str:
-    """Write node's join token and agent config; returns the config path."""
+    """Write node's join token and agent config; returns the config path.
+
+    host_addresses: the tunnel on the node's own address, as `dabba install systemd` sets up a
+    host, not on the pods' gateway: its connections to pods then leave from another address
+    than the route would choose, which the guard and the plaintext steering must accept."""
     from ..control.tokens import TokenStore
 
     p = paths(lab)
@@ -151,6 +160,9 @@ def node_config(
         cfg["tunnel"]["workers"] = (
             tunnel_workers if tunnel_workers == "auto" else int(tunnel_workers)
         )
+    if host_addresses:
+        cfg["tunnel"]["address"] = lab.node(node).ip
+        cfg["tunnel_addresses"] = [lab.node(node).ip]
     token = os.path.join(p["root"], f"{node}.token")
     with open(token, "w") as f:
         f.write(TokenStore(p["control"]).create(node, 3600) + "\n")
@@ -222,13 +234,16 @@ def up(
     tunnel_workers="1",
     tunnel_service: bool = False,
     env: dict | None = None,
+    host_addresses: bool = False,
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
     tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
     env: extra environment of agents and tunnels (NOTIFY_SOCKET, WATCHDOG_USEC)."""
     procs = {"control": start_control(lab, workload_ttl, node_ttl)}
     for n in lab.nodes:
-        path = node_config(lab, n.name, capture, str(tunnel_workers), tunnel_service)
+        path = node_config(
+            lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses
+        )
         procs[n.name] = start_agent(lab, n.name, path, env)
         if capture and tunnel_service:
             procs[f"{n.name}-tunnel"] = start_tunnel(lab, n.name, path, env)

@@ -339,6 +339,8 @@ class Agent:
             str(c.tunnel.drain),
             "--workers",
             c.tunnel.workers,
+            "--source",
+            c.tunnel_addresses[0],
         ]
         delay = 1.0
         os.makedirs(c.state_dir, exist_ok=True)

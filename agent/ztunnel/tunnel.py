@@ -51,6 +51,7 @@ _log = log.get("tunnel")
 
 HBONE_PORT = 15008
 TUNNEL_MARK = 0x539  # SO_MARK of the tunnel's own sockets: connect4 never captures them
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 
 
 @dataclass
@@ -73,6 +74,11 @@ class TunnelConfig:
     workers: int = 1  # processes sharing the ports (SO_REUSEPORT); 0: as the load asks, up to cores
     worker: int = 0  # this process's index; 0 runs admin, metrics, 15006 and the other workers
     argv: list = field(default_factory=list)  # `dabba tunnel run` arguments, to start workers
+    # the source address of connections to this node's workloads: one of the agent's
+    # tunnel_addresses, which plain.c and the ingress guard let through as the tunnel's own
+    # (a route's own choice, e.g. a veth's address, would be taken for a plaintext peer);
+    # "": the outbound listener's address
+    source: str = ""
 
 
 @dataclass
@@ -264,7 +270,7 @@ class Tunnel:
                 fields={"src": src_ip, "dst": f"{key}:{port}", "reason": d.reason},
             )
             return _reset(sock)
-        up = await self._dial(dst_ip, port)
+        up = await self._dial(dst_ip, port, local=True)
         if up is None:
             self.stats["connect_failed"] += 1
             return _reset(sock)
@@ -428,7 +434,7 @@ class Tunnel:
                 )
                 return _reset(sock)
             self.stats["passthrough"] += 1
-            up = await self._dial(cap.orig_ip, cap.orig_port)
+            up = await self._dial(cap.orig_ip, cap.orig_port, local=False)
             if up is None:
                 fact(orig, "failed", "allow", "connect to the destination failed")
                 return _reset(sock)
@@ -508,7 +514,7 @@ class Tunnel:
         reports the source side to the agent.
         """
         if dst.node == self.cfg.node:
-            up = await self._dial(dst.ip, port)
+            up = await self._dial(dst.ip, port, local=True)
             if up is None:
                 return False
             self.lb.opened(ep)
@@ -579,8 +585,22 @@ class Tunnel:
         self.stats["hbone"] += 1
         return True
 
-    async def _dial(self, ip: str, port: int) -> socket.socket | None:
+    def _local_socket(self) -> socket.socket:
+        """A socket for a connection to one of this node's workloads, from the tunnel's address."""
         up = _tunnel_socket()
+        src = self.cfg.source or self.cfg.outbound[0]
+        if src and src != "0.0.0.0":
+            up.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port at connect()
+            up.bind((src, 0))
+        return up
+
+    async def _dial(self, ip: str, port: int, local: bool) -> socket.socket | None:
+        """Connect to ip:port; local: one of this node's workloads (from the tunnel's address)."""
+        try:
+            up = self._local_socket() if local else _tunnel_socket()
+        except OSError as e:
+            _log.info(f"connect to {ip}:{port} failed: source {self.cfg.source}: {e}")
+            return None
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(up, (ip, port)), self.cfg.connect_timeout
@@ -629,9 +649,11 @@ class Tunnel:
                 "inbound denied", fields={"src": client_id, "dst": authority, "reason": d.reason}
             )
             return d.reason
-        up = _tunnel_socket()
-        up.setblocking(False)
         loop = asyncio.get_running_loop()
+        try:
+            up = self._local_socket()
+        except OSError as e:
+            return f"connect to {authority} failed: source {self.cfg.source}: {e}"
         try:
             await asyncio.wait_for(loop.sock_connect(up, (host, port)), self.cfg.connect_timeout)
         except (OSError, TimeoutError) as e:

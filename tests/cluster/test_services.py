@@ -79,7 +79,8 @@ def notify(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slab(notify):
     env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    yield from mesh_lab("sv", 2, 2, capture=True, tunnel_service=True, env=env)
+    # addresses as `dabba install systemd` sets up a host: the tunnel on the node's own address
+    yield from mesh_lab("sv", 2, 2, capture=True, tunnel_service=True, env=env, host_addresses=True)
 
 
 HOLD = r"""
