@@ -19,6 +19,7 @@ them; ``deploy/systemd/`` holds them rendered for ``/opt/dabba/bin/dabba``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -381,7 +382,10 @@ def uninstall(inst: Installer, purge: bool = False) -> None:
 
         inst.echo(f"{'would detach' if inst.dry_run else 'detaching'} and unpin node {pin_name}")
         if not inst.dry_run:
-            Datapath(pin_name, "/nonexistent").remove()
+            dp = Datapath(pin_name, "/nonexistent")
+            dp.remove()
+            with contextlib.suppress(OSError):  # <bpffs>/dabba, once no node is pinned there
+                os.rmdir(os.path.dirname(dp.pins.root))
     if purge:
         inst.remove(CONFIG_DIR)
         inst.remove(STATE_DIR)
