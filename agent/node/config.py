@@ -16,7 +16,9 @@ A YAML file (``dabba agent run --config FILE``)::
       inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
       drain: 30                   # seconds open flows may go on when the tunnel stops
       workers: 1                  # tunnel processes on the same ports, or auto (as the load asks)
-    tunnel_addresses: [10.20.1.1] # sources a STRICT workload accepts connections from
+    tunnel_addresses: [10.20.1.1] # the tunnel's own sources: what STRICT and PERMISSIVE workloads
+                                  # accept as the tunnel; the tunnel connects to this node's
+                                  # workloads from the first (default: [tunnel.address])
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
       exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture
