@@ -26,7 +26,7 @@ bench-quick: setup
 	$(PY) -m bench.overhead $(BENCH_QUICK)
 
 # Three real VMs (control, node1, node2) installed through the systemd path from offline
-# media, an end-to-end check across them, destroyed (vagrant/README.md); about 15-25 minutes
+# media, an end-to-end check across them, destroyed (vagrant/README.md); about 13 minutes here
 vagrant-test: setup
 	bash vagrant/run-test.sh
 
