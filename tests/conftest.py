@@ -42,6 +42,27 @@ def helper(name: str) -> list[str]:
     return [sys.executable, os.path.join(HELPERS, f"{name}.py")]
 
 
+def cgroup_procs(cgroup: str) -> str:
+    """The processes in cgroup (cgroup.procs), "" when it has none."""
+    with open(os.path.join(cgroup, "cgroup.procs")) as f:
+        return f.read().strip()
+
+
+def popen_in_cgroup(cgroup: str, argv: list[str], netns: str | None = None, **kw):
+    """argv in cgroup (joined before exec) and, with netns (a path), in that network namespace;
+    stdout and stderr piped as text unless kw says otherwise."""
+
+    def enter():
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("text", True)
+    pre = ["nsenter", f"--net={netns}", "--"] if netns else []
+    return subprocess.Popen([*pre, *argv], preexec_fn=enter, **kw)
+
+
 class Container:
     """A cgroup below a lab pod's, as a container's cgroup is below its pod's in Kubernetes;
     popen() runs argv in it and in the pod's network namespace. remove() kills what it started
@@ -52,15 +73,7 @@ class Container:
         os.mkdir(self.cgroup)
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        def enter():
-            with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        kw.setdefault("text", True)
-        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.pod.netns}", "--", *argv],
-                             preexec_fn=enter, **kw)  # fmt: skip
+        p = popen_in_cgroup(self.cgroup, argv, f"/run/netns/{self.pod.netns}", **kw)
         self.procs.append(p)
         return p
 
@@ -75,13 +88,8 @@ class Container:
             if p.poll() is None:
                 p.kill()
             p.wait(5)
-        wait_for(lambda: _empty(self.cgroup), 5, what=f"{self.cgroup} to empty")
+        wait_for(lambda: not cgroup_procs(self.cgroup), 5, what=f"{self.cgroup} to empty")
         os.rmdir(self.cgroup)
-
-
-def _empty(cgroup: str) -> bool:
-    with open(os.path.join(cgroup, "cgroup.procs")) as f:
-        return f.read().strip() == ""
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -64,8 +64,7 @@ class Agent:
         self._draining: list = []  # old tunnels still draining after an upgrade
         self._tunnel_was_ready = False
         self._last = None
-        self._pods: dict[str, tuple[str, str]] = {}  # Kubernetes pods: key -> (cgroup, netns)
-        self._pods_waiting = False  # a pod of the last snapshot has no cgroup or netns here yet
+        self._pods: dict[str, tuple[str, str]] = {}  # the last snapshot's pods: (cgroup, netns)
         self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
         self._by_ip: dict[str, object] = {}
         self.table = FlowTable(
@@ -209,7 +208,7 @@ class Agent:
         by_name = {f"{w.namespace}/{w.name}": w for w in self.cfg.workloads}
         entries = []
         steer = []  # (key, netns): PERMISSIVE/DISABLE workloads whose plaintext goes to 15006
-        pod_keys, waiting = set(), False
+        pod_keys = set()
         for w in snap.workloads:
             if w.node != self.cfg.node:
                 continue
@@ -220,7 +219,6 @@ class Agent:
             if not cgroup and w.pod_uid:  # a Kubernetes pod: the kubelet named its cgroup
                 cgroup, netns = self._find_pod(key, w.pod_uid)
                 pod_keys.add(key)
-                waiting = waiting or not (cgroup and netns)
             if not cgroup:
                 _log.warning(f"workload {key} has no known cgroup on this node; not enrolled")
                 continue
@@ -237,7 +235,6 @@ class Agent:
                 steer.append((key, netns))
         self._last = (snap, certs)
         self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
-        self._pods_waiting = waiting
         self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
         self._by_ip.clear()
         self._by_ip.update({w.ip: w for w in snap.workloads})
@@ -259,6 +256,11 @@ class Agent:
             else:
                 _log.warning(f"pod {key} (uid {uid}) has no cgroup below {self.cfg.cgroup} yet")
         return cgroup, netns
+
+    @property
+    def _pods_waiting(self) -> bool:
+        """A pod of the last snapshot has no cgroup or netns here yet."""
+        return not all(cg and ns for cg, ns in self._pods.values())
 
     async def retry_pods(self, every: float = 5.0) -> None:
         """Apply the last snapshot again while one of its pods has no cgroup or process here

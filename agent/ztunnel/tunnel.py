@@ -103,6 +103,8 @@ def _model(w: pb.Workload) -> m.Workload:
 class Tunnel:
     def __init__(self, cfg: TunnelConfig):
         self.cfg = cfg
+        src = cfg.source or cfg.outbound[0]
+        self._source = "" if src == "0.0.0.0" else src  # of connections to local workloads
         self.state = State()
         self.capture = CaptureReader(cfg.maps_dir)
         self.splicer = Splicer(cfg.maps_dir)
@@ -585,29 +587,27 @@ class Tunnel:
         self.stats["hbone"] += 1
         return True
 
-    def _local_socket(self) -> socket.socket:
-        """A socket for a connection to one of this node's workloads, from the tunnel's address."""
+    async def _connect(self, ip: str, port: int, local: bool) -> socket.socket:
+        """Connect to ip:port within connect_timeout; local: one of this node's workloads, from
+        the tunnel's address. Raises OSError or TimeoutError."""
         up = _tunnel_socket()
-        src = self.cfg.source or self.cfg.outbound[0]
-        if src and src != "0.0.0.0":
-            up.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port at connect()
-            up.bind((src, 0))
-        return up
-
-    async def _dial(self, ip: str, port: int, local: bool) -> socket.socket | None:
-        """Connect to ip:port; local: one of this node's workloads (from the tunnel's address)."""
         try:
-            up = self._local_socket() if local else _tunnel_socket()
-        except OSError as e:
-            _log.info(f"connect to {ip}:{port} failed: source {self.cfg.source}: {e}")
-            return None
-        try:
+            if local and self._source:
+                up.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port at connect()
+                up.bind((self._source, 0))
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(up, (ip, port)), self.cfg.connect_timeout
             )
-            return up
-        except (OSError, TimeoutError) as e:
+        except BaseException:
             up.close()
+            raise
+        return up
+
+    async def _dial(self, ip: str, port: int, local: bool) -> socket.socket | None:
+        """_connect, or None (logged) when it failed."""
+        try:
+            return await self._connect(ip, port, local)
+        except (OSError, TimeoutError) as e:
             _log.info(f"connect to {ip}:{port} failed: {e or 'timeout'}")
             return None
 
@@ -651,13 +651,8 @@ class Tunnel:
             return d.reason
         loop = asyncio.get_running_loop()
         try:
-            up = self._local_socket()
-        except OSError as e:
-            return f"connect to {authority} failed: source {self.cfg.source}: {e}"
-        try:
-            await asyncio.wait_for(loop.sock_connect(up, (host, port)), self.cfg.connect_timeout)
+            up = await self._connect(host, port, local=True)
         except (OSError, TimeoutError) as e:
-            up.close()
             return f"connect to {authority} failed: {e}"
         _, side = await loop.connect_accepted_socket(hbone.TcpSide, up)
         self.stats["inbound"] += 1

@@ -20,7 +20,15 @@ from agent.lab import lab as labmod
 from agent.node import config as cfgmod
 from agent.node import pods
 from agent.node.agent import Agent
-from tests.conftest import helper, maps_dir, read_json, unique, wait_for
+from tests.conftest import (
+    cgroup_procs,
+    helper,
+    maps_dir,
+    popen_in_cgroup,
+    read_json,
+    unique,
+    wait_for,
+)
 
 UID_A = "0f1e2d3c-1111-2222-3333-444455556666"
 UID_B = "9a8b7c6d-aaaa-bbbb-cccc-ddddeeeeffff"
@@ -35,11 +43,6 @@ def _rm_tree(root: str) -> None:
             pass
 
 
-def _procs(cgroup: str) -> str:
-    with open(os.path.join(cgroup, "cgroup.procs")) as f:
-        return f.read().strip()
-
-
 def _in_netns(pid: int, netns: str) -> bool:
     """pid has entered netns (it joins the cgroup first, then nsenter switches namespaces)."""
     try:
@@ -47,16 +50,6 @@ def _in_netns(pid: int, netns: str) -> bool:
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _in_cgroup(cgroup: str, argv: list[str], netns: str | None = None) -> subprocess.Popen:
-    def enter():
-        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-    pre = ["nsenter", f"--net={netns}", "--"] if netns else []
-    return subprocess.Popen([*pre, *argv], preexec_fn=enter, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True)  # fmt: skip
 
 
 @pytest.fixture
@@ -88,7 +81,8 @@ def netns():
 def test_pod_cgroup_for_both_kubelet_drivers_and_every_qos_class(kubepods):
     root, _ = kubepods
     want = {
-        UID_A: f"{root}/kubepods-burstable.slice/kubepods-burstable-pod{UID_A.replace('-', '_')}.slice",
+        UID_A: f"{root}/kubepods-burstable.slice/"
+        f"kubepods-burstable-pod{UID_A.replace('-', '_')}.slice",
         UID_B: f"{root}/besteffort/pod{UID_B}",  # cgroupfs driver
         UID_C: f"{root}/kubepods-pod{UID_C.replace('-', '_')}.slice",  # systemd, Guaranteed
     }
@@ -110,11 +104,11 @@ def test_pod_netns_is_the_runtimes_named_namespace_else_the_oldest_process(
     os.makedirs(pause)
     os.makedirs(app)
     assert pods.pod_netns(pod) is None  # no process yet: nothing to tell
-    first = _in_cgroup(pause, ["sleep", "60"], f"/run/netns/{netns}")
+    first = popen_in_cgroup(pause, ["sleep", "60"], f"/run/netns/{netns}")
     procs.append(first)
     wait_for(lambda: _in_netns(first.pid, f"/run/netns/{netns}"), 5, what="pause in its netns")
     time.sleep(0.05)  # a later start time (clock ticks) for the app
-    second = _in_cgroup(app, ["sleep", "60"], f"/run/netns/{netns}")
+    second = popen_in_cgroup(app, ["sleep", "60"], f"/run/netns/{netns}")
     procs.append(second)
     wait_for(lambda: _in_netns(second.pid, f"/run/netns/{netns}"), 5, what="app in its netns")
     # the runtime's name for it (containerd: /var/run/netns/cni-...), found by inode
@@ -129,8 +123,8 @@ def test_a_pod_in_the_nodes_own_namespace_gets_no_netns(kubepods):
     root, procs = kubepods
     pod = os.path.join(root, f"pod{UID_B}")
     os.makedirs(pod)
-    procs.append(_in_cgroup(pod, ["sleep", "60"]))  # host network
-    wait_for(lambda: _procs(pod), 5, what="process")
+    procs.append(popen_in_cgroup(pod, ["sleep", "60"]))  # host network
+    wait_for(lambda: cgroup_procs(pod), 5, what="process")
     assert pods.pod_netns(pod) is None  # never steer the node's own namespace
 
 
@@ -159,8 +153,9 @@ def test_agent_enrols_a_pod_found_by_uid_and_the_kernel_counts_its_bytes(lab, pr
     try:
         agent.start()
         # the pod's sandbox process: in the pod's cgroup and in n1-p1's network namespace
-        pause = _in_cgroup(ctr, ["sleep", "120"], f"/run/netns/{client.netns}")
-        wait_for(lambda: _procs(ctr) and _in_netns(pause.pid, f"/run/netns/{client.netns}"), 5,
+        ns = f"/run/netns/{client.netns}"
+        pause = popen_in_cgroup(ctr, ["sleep", "120"], ns)
+        wait_for(lambda: cgroup_procs(ctr) and _in_netns(pause.pid, ns), 5,
                  what="the pod's process in the pod's namespace")  # fmt: skip
         w = pb.Workload(name="web-abcde", namespace="shop", service_account="web", node="n1",
                         ip=client.ip, mtls_mode="PERMISSIVE", pod_uid=UID_A,
@@ -181,7 +176,7 @@ def test_agent_enrols_a_pod_found_by_uid_and_the_kernel_counts_its_bytes(lab, pr
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         procs.append(srv)
         read_json(srv, "listening")
-        cli = _in_cgroup(ctr, [*helper("xfer"), "client", "--connect", f"{server.ip}:9300",
+        cli = popen_in_cgroup(ctr, [*helper("xfer"), "client", "--connect", f"{server.ip}:9300",
                                "--send", "123457"], f"/run/netns/{client.netns}")  # fmt: skip
         procs.append(cli)
         got = read_json(cli, "received")
