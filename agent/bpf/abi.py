@@ -52,9 +52,36 @@ class Stat(enum.IntEnum):
     SPLICE_PASS = 10
     PLAIN_STEERED = 11
     PLAIN_NO_TUNNEL = 12
+    LOCAL = 13
+    DST_REFUSED = 14
+    V6_REFUSED = 15
+    PROTO_REFUSED = 16
+    PLAIN_V6_DROP = 17
 
 
-STAT_COUNT = 13  # DABBA_ST_MAX
+STAT_COUNT = 18  # DABBA_ST_MAX
+
+CFG_PASS_NON_TCP = 0x1  # DABBA_CFG_PASS_NON_TCP
+
+
+class Refusal(enum.IntEnum):
+    """enum dabba_refusal: why the kernel refused a workload's connect()."""
+
+    NONE = 0
+    LINK_LOCAL = 1
+    NODE = 2
+    MESH_PORT = 3
+    IPV6 = 4
+    CAP_FULL = 5
+
+
+REFUSAL_REASONS = {
+    Refusal.LINK_LOCAL: "a link-local address (the node's link, not the mesh)",
+    Refusal.NODE: "an address of the node itself",
+    Refusal.MESH_PORT: "one of the mesh's own ports",
+    Refusal.IPV6: "an IPv6 address (the mesh carries IPv4 only; IPv6 is never sent around it)",
+    Refusal.CAP_FULL: "the capture map was full",
+}
 
 
 class Workload(ctypes.Structure):
@@ -65,14 +92,14 @@ class Workload(ctypes.Structure):
 
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
-    __u32 tunnel_mark; __u32 _pad; };"""
+    __u32 tunnel_mark; __u32 flags; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
         ("tunnel_port", ctypes.c_uint16),
         ("enabled", ctypes.c_uint16),
         ("tunnel_mark", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
     ]
 
 
@@ -106,6 +133,22 @@ class LpmV4(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("ip", ctypes.c_uint32)]
 
 
+class Ip6(ctypes.Structure):
+    """struct dabba_ip6 { __u32 w[4]; };"""
+
+    _fields_ = [("w", ctypes.c_uint32 * 4)]
+
+
+def ip6_key(addr: str) -> bytes:
+    """dabba_node_ip's key for an address: IPv6 as it is, IPv4 as IPv4-mapped."""
+    import ipaddress
+
+    a = ipaddress.ip_address(addr)
+    if a.version == 4:
+        a = ipaddress.IPv6Address(f"::ffff:{a}")
+    return a.packed
+
+
 class Pair(ctypes.Structure):
     """struct dabba_pair { __u64 peer; __u64 bytes; };"""
 
@@ -117,7 +160,7 @@ class Flow(ctypes.Structure):
     last_ns, end_ns, bytes_sent, bytes_received, base_acked, base_received;
     u32 segs_out, segs_in, retrans, srtt_us, src_ip, dst_ip, orig_ip;
     u16 src_port, dst_port, orig_port; u8 direction, close, captured, seen,
-    last_state, _pad[1]."""
+    last_state, refused."""
 
     _fields_ = [
         ("cookie", ctypes.c_uint64),
@@ -144,7 +187,7 @@ class Flow(ctypes.Structure):
         ("captured", ctypes.c_uint8),
         ("seen", ctypes.c_uint8),
         ("last_state", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 1),
+        ("refused", ctypes.c_uint8),
     ]
 
 
@@ -155,6 +198,7 @@ MIRRORS = {
     "dabba_tuple": Tuple,
     "dabba_lpm_v4": LpmV4,
     "dabba_pair": Pair,
+    "dabba_ip6": Ip6,
     "dabba_flow": Flow,
 }
 

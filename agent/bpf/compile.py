@@ -28,20 +28,30 @@ def main(argv: list[str]) -> int:
     from .sys import obj_pin
 
     seconds = {}
-    for p in job["programs"]:
-        t0 = time.monotonic()
-        try:
-            b = BPF(src_file=p["source"].encode(), cflags=job["cflags"])
-            fn = b.load_func(
-                p["function"].encode(), int(p["prog_type"]), attach_type=int(p["expected_attach"])
-            )
-            obj_pin(fn.fd, p["pin"])
+    compiled = {}  # source -> BPF: a file with several programs is compiled once
+    try:
+        for p in job["programs"]:
+            t0 = time.monotonic()
+            try:
+                b = compiled.get(p["source"])
+                if b is None:
+                    b = compiled[p["source"]] = BPF(
+                        src_file=p["source"].encode(), cflags=job["cflags"]
+                    )
+                fn = b.load_func(
+                    p["function"].encode(),
+                    int(p["prog_type"]),
+                    attach_type=int(p["expected_attach"]),
+                )
+                obj_pin(fn.fd, p["pin"])
+                seconds[p["function"]] = time.monotonic() - t0
+            except Exception as e:  # bcc raises bare Exception
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                print(f"{p['function']}: {msg}", file=sys.stderr)
+                return 1
+    finally:
+        for b in compiled.values():
             b.cleanup()
-            seconds[p["function"]] = time.monotonic() - t0
-        except Exception as e:  # bcc raises bare Exception
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            print(f"{p['function']}: {msg}", file=sys.stderr)
-            return 1
     print(json.dumps(seconds))
     return 0
 

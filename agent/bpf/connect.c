@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Capture: cgroup/connect4.
+ * Capture: cgroup/connect4, cgroup/connect6, cgroup/sendmsg4, cgroup/sendmsg6.
  *
  * For enrolled workloads, rewrite connect() to the node tunnel's outbound
  * listener and remember where the workload wanted to go, together with the
@@ -8,9 +8,24 @@
  * forge), keyed by socket cookie. sockops (sockops.c) moves the record under
  * the 4-tuple the tunnel sees once the connection is established.
  *
+ * Every path of an enrolled workload is decided here, for both families
+ * (an AF_INET6 socket reaches IPv4 through IPv4-mapped addresses, so
+ * ::ffff:a.b.c.d is decided exactly as a.b.c.d):
+ *  - loopback and unspecified (127/8, 0/8, ::1, ::): left alone. The kernel
+ *    connects them inside the caller's own network namespace; the tunnel,
+ *    which lives in the node's, must never dial them on the caller's behalf
+ *    (it would reach the node's own loopback: its admin port, kubelet...).
+ *  - the mesh's own ports, link-local addresses and the node's own
+ *    addresses: refused (EPERM), counted, and reported as a refused flow.
+ *    Exclusions (operator's CIDRs and ports) go direct from the workload's
+ *    own address, as without a mesh, but never to a mesh port.
+ *  - native IPv6: refused. The mesh carries IPv4 (and IPv4-mapped) only;
+ *    an IPv6 connection would leave in plaintext with no identity.
+ *  - non-TCP (UDP connect and unconnected sendmsg): only DNS (port 53) and
+ *    loopback leave, unless the node's config lets non-TCP pass.
+ *
  * Never touched: workloads that are not enrolled, the tunnel's own sockets
- * (its cgroup is not enrolled, and its sockets carry tunnel_mark), and
- * destinations excluded by CIDR or port.
+ * (its cgroup is not enrolled, and its sockets carry tunnel_mark).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -33,56 +48,236 @@ static __always_inline void count(u32 stat, u64 n)
 		*v += n;
 }
 
-int dabba_connect4(struct bpf_sock_addr *ctx)
+#define DNS_PORT 53
+
+/* What the capture does with one destination. */
+enum verdict {
+	V_CAPTURE = 0, /* rewrite to the tunnel */
+	V_DIRECT,      /* excluded: the kernel connects it as it is */
+	V_LOCAL,       /* loopback or unspecified: stays in the caller's netns */
+	V_REFUSE,      /* EPERM; *why says why (enum dabba_refusal) */
+};
+
+/* The enrolled, capturing workload calling, with the node's config; 0 when none. */
+static __always_inline struct dabba_config *capturing(struct bpf_sock_addr *ctx, u64 *cg)
 {
-	if (ctx->type != SOCK_STREAM || ctx->family != AF_INET)
-		return 1;
-
-	u64 cg = 0;
-	struct dabba_workload *wl = dabba_current_workload(&cg);
+	struct dabba_workload *wl = dabba_current_workload(cg);
 	if (!wl || !(wl->flags & DABBA_WL_CAPTURE))
-		return 1;
-
+		return 0;
 	u32 zero = 0;
 	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
 	if (!cfg || !cfg->enabled)
-		return 1;
-
+		return 0;
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && cfg->tunnel_mark && sk->mark == cfg->tunnel_mark)
+		return 0;
+	return cfg;
+}
+
+static __always_inline int is_node_ip(u32 w0, u32 w1, u32 w2, u32 w3)
+{
+	struct dabba_ip6 a = {.w = {w0, w1, w2, w3}};
+	return dabba_node_ip.lookup(&a) != 0;
+}
+
+/* The verdict on an IPv4 destination (network order) and port (host order). */
+static __always_inline enum verdict decide4(u32 ip, u16 port, u8 *why)
+{
+	u32 h = bpf_ntohl(ip);
+	if ((h >> 24) == 127 || (h >> 24) == 0)
+		return V_LOCAL;
+	if (dabba_mesh_port.lookup(&port)) {
+		*why = DABBA_REFUSED_MESH_PORT;
+		return V_REFUSE;
+	}
+	struct dabba_lpm_v4 net = {.prefixlen = 32, .ip = ip};
+	if (dabba_excl_net.lookup(&net) || dabba_excl_port.lookup(&port))
+		return V_DIRECT;
+	if ((h >> 16) == 0xa9fe) { /* 169.254.0.0/16 */
+		*why = DABBA_REFUSED_LINK_LOCAL;
+		return V_REFUSE;
+	}
+	if (is_node_ip(0, 0, bpf_htonl(0xffff), ip)) {
+		*why = DABBA_REFUSED_NODE;
+		return V_REFUSE;
+	}
+	return V_CAPTURE;
+}
+
+/* The verdict on a native IPv6 destination (w: network order). */
+static __always_inline enum verdict decide6(u32 w0, u32 w1, u32 w2, u32 w3, u8 *why)
+{
+	if (!w0 && !w1 && !w2 && (!w3 || w3 == bpf_htonl(1))) /* :: and ::1 */
+		return V_LOCAL;
+	if ((bpf_ntohl(w0) & 0xffc00000) == 0xfe800000)
+		*why = DABBA_REFUSED_LINK_LOCAL;
+	else if (is_node_ip(w0, w1, w2, w3))
+		*why = DABBA_REFUSED_NODE;
+	else
+		*why = DABBA_REFUSED_IPV6;
+	return V_REFUSE;
+}
+
+static __always_inline int is_v4mapped(u32 w0, u32 w1, u32 w2)
+{
+	return !w0 && !w1 && w2 == bpf_htonl(0xffff);
+}
+
+/*
+ * A refused connect(): counted, and reported through the closed-flow ring
+ * as a flow that never opened, so `dabba flows` shows who tried what.
+ * ip is the IPv4 destination (0 for IPv6 ones).
+ */
+static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16 port, u8 why)
+{
+	u64 now = bpf_ktime_get_ns();
+	struct dabba_flow f = {
+	    .cookie = bpf_get_socket_cookie(ctx),
+	    .cgroup_id = cg,
+	    .start_ns = now,
+	    .last_ns = now,
+	    .end_ns = now,
+	    .dst_ip = ip,
+	    .orig_ip = ip,
+	    .dst_port = port,
+	    .orig_port = port,
+	    .direction = DABBA_DIR_OUTBOUND,
+	    .close = DABBA_CLOSE_REFUSED,
+	    .last_state = BPF_TCP_CLOSE,
+	    .refused = why,
+	};
+	if (dabba_flow_ev.ringbuf_output(&f, sizeof(f), 0) != 0)
+		count(DABBA_ST_RING_DROP, 1);
+	if (why == DABBA_REFUSED_IPV6)
+		count(DABBA_ST_V6_REFUSED, 1);
+	else if (why == DABBA_REFUSED_CAP_FULL)
+		count(DABBA_ST_CAP_FULL, 1);
+	else
+		count(DABBA_ST_DST_REFUSED, 1);
+	return 0;
+}
+
+/*
+ * Record where the connection was going, keyed by socket cookie. Fail
+ * closed: if the record cannot be stored the tunnel could not tell where
+ * this connection was going, and letting it through uncaptured would send
+ * it in plaintext. Refuse the connect() (EPERM) and count it.
+ */
+static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16 port)
+{
+	struct dabba_capture cap = {
+	    .cgroup_id = cg,
+	    .cookie = bpf_get_socket_cookie(ctx),
+	    .orig_ip = ip,
+	    .orig_port = port,
+	};
+	if (dabba_cap_ck.update(&cap.cookie, &cap) != 0)
+		return 0;
+	count(DABBA_ST_CAPTURED, 1);
+	return 1;
+}
+
+/*
+ * UDP: DNS and loopback leave; anything else only when the config lets
+ * non-TCP pass. Counted, not reported per datagram (one record each would
+ * flood the ring).
+ */
+static __always_inline int datagram(struct dabba_config *cfg, enum verdict v, u16 port)
+{
+	if (v == V_LOCAL || port == DNS_PORT || (cfg->flags & DABBA_CFG_PASS_NON_TCP))
+		return 1;
+	count(DABBA_ST_PROTO_REFUSED, 1);
+	return 0;
+}
+
+int dabba_connect4(struct bpf_sock_addr *ctx)
+{
+	u64 cg = 0;
+	struct dabba_config *cfg = capturing(ctx, &cg);
+	if (!cfg)
 		return 1;
 
 	u32 dst_ip = ctx->user_ip4;
 	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
-
-	/* Already aimed at the tunnel: nothing to rewrite. */
-	if (dst_ip == cfg->tunnel_ip && dst_port == cfg->tunnel_port)
+	u8 why = 0;
+	enum verdict v = decide4(dst_ip, dst_port, &why);
+	if (ctx->type != SOCK_STREAM)
+		return datagram(cfg, v, dst_port);
+	if (v == V_LOCAL) {
+		count(DABBA_ST_LOCAL, 1);
 		return 1;
-
-	struct dabba_lpm_v4 net = {.prefixlen = 32, .ip = dst_ip};
-	if (dabba_excl_net.lookup(&net) || dabba_excl_port.lookup(&dst_port)) {
+	}
+	if (v == V_DIRECT) {
 		count(DABBA_ST_EXCLUDED, 1);
 		return 1;
 	}
-
-	struct dabba_capture cap = {
-	    .cgroup_id = cg,
-	    .cookie = bpf_get_socket_cookie(ctx),
-	    .orig_ip = dst_ip,
-	    .orig_port = dst_port,
-	};
-	/*
-	 * Fail closed: if the record cannot be stored the tunnel could not tell
-	 * where this connection was going, and letting it through uncaptured
-	 * would send it in plaintext. Refuse the connect() (EPERM) and count it.
-	 */
-	if (dabba_cap_ck.update(&cap.cookie, &cap) != 0) {
-		count(DABBA_ST_CAP_FULL, 1);
-		return 0;
-	}
-
+	if (v == V_REFUSE)
+		return refuse(ctx, cg, dst_ip, dst_port, why);
+	if (!remember(ctx, cg, dst_ip, dst_port))
+		return refuse(ctx, cg, dst_ip, dst_port, DABBA_REFUSED_CAP_FULL);
 	ctx->user_ip4 = cfg->tunnel_ip;
 	ctx->user_port = bpf_htons(cfg->tunnel_port);
-	count(DABBA_ST_CAPTURED, 1);
 	return 1;
+}
+
+int dabba_connect6(struct bpf_sock_addr *ctx)
+{
+	u64 cg = 0;
+	struct dabba_config *cfg = capturing(ctx, &cg);
+	if (!cfg)
+		return 1;
+
+	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	u32 w3 = ctx->user_ip6[3];
+	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
+	u8 why = 0;
+	int mapped = is_v4mapped(w0, w1, w2);
+	u32 ip = mapped ? w3 : 0;
+	enum verdict v = mapped ? decide4(w3, dst_port, &why) : decide6(w0, w1, w2, w3, &why);
+	if (ctx->type != SOCK_STREAM)
+		return datagram(cfg, v, dst_port);
+	if (v == V_LOCAL) {
+		count(DABBA_ST_LOCAL, 1);
+		return 1;
+	}
+	if (v == V_DIRECT) {
+		count(DABBA_ST_EXCLUDED, 1);
+		return 1;
+	}
+	if (v == V_REFUSE)
+		return refuse(ctx, cg, ip, dst_port, why);
+	/* an IPv4-mapped destination: to the tunnel's IPv4 listener, mapped */
+	if (!remember(ctx, cg, w3, dst_port))
+		return refuse(ctx, cg, ip, dst_port, DABBA_REFUSED_CAP_FULL);
+	ctx->user_ip6[3] = cfg->tunnel_ip;
+	ctx->user_port = bpf_htons(cfg->tunnel_port);
+	return 1;
+}
+
+/* Unconnected UDP (sendto): the same rule as a UDP connect(). */
+int dabba_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	u64 cg = 0;
+	struct dabba_config *cfg = capturing(ctx, &cg);
+	if (!cfg)
+		return 1;
+	u32 ip = ctx->user_ip4;
+	u16 port = bpf_ntohs((u16)ctx->user_port);
+	u8 why = 0;
+	return datagram(cfg, decide4(ip, port, &why), port);
+}
+
+int dabba_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	u64 cg = 0;
+	struct dabba_config *cfg = capturing(ctx, &cg);
+	if (!cfg)
+		return 1;
+	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	u32 w3 = ctx->user_ip6[3];
+	u16 port = bpf_ntohs((u16)ctx->user_port);
+	u8 why = 0;
+	int mapped = is_v4mapped(w0, w1, w2);
+	enum verdict v = mapped ? decide4(w3, port, &why) : decide6(w0, w1, w2, w3, &why);
+	return datagram(cfg, v, port);
 }

@@ -10,11 +10,20 @@
  * established; segments of established connections pass untouched, which
  * keeps the per-packet cost at a socket state read. Drops are counted per
  * workload (dabba_guard_ct) and in total.
+ *
+ * Both families: the tunnel has no IPv6 address, so IPv6 (link-local
+ * included) from anywhere but the workload itself is dropped. UDP to a
+ * STRICT workload is plaintext too: only DNS (either port 53) and the
+ * workload's own traffic pass. Loopback (127/8, ::1) and the workload's own
+ * address as source are the workload talking to itself: such packets never
+ * come from the wire (the kernel drops them as martians).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/udp.h>
 #include <linux/net.h>
 #include <linux/socket.h>
 
@@ -34,27 +43,66 @@ static __always_inline void count(u32 stat, u64 n)
 		*v += n;
 }
 
+#define DNS_PORT 53
+
+/* A UDP datagram of DNS (either port is 53); l4 is the UDP header's offset. */
+static __always_inline int is_dns(struct __sk_buff *skb, u32 l4)
+{
+	struct udphdr uh;
+	if (bpf_skb_load_bytes(skb, l4, &uh, sizeof(uh)) < 0)
+		return 0;
+	return uh.source == bpf_htons(DNS_PORT) || uh.dest == bpf_htons(DNS_PORT);
+}
+
+/* 1: the packet may reach the workload (from the tunnel, or from itself). */
+static __always_inline int admitted(struct __sk_buff *skb, int udp)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ih;
+		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)) < 0)
+			return 0;
+		if ((bpf_ntohl(ih.saddr) >> 24) == 127 || ih.saddr == ih.daddr)
+			return 1;
+		if (udp)
+			return is_dns(skb, ih.ihl * 4);
+		return dabba_tun_addr.lookup(&ih.saddr) != 0;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ih;
+		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)) < 0)
+			return 0;
+		u32 s0 = ih.saddr.in6_u.u6_addr32[0], s1 = ih.saddr.in6_u.u6_addr32[1];
+		u32 s2 = ih.saddr.in6_u.u6_addr32[2], s3 = ih.saddr.in6_u.u6_addr32[3];
+		if (!s0 && !s1 && !s2 && s3 == bpf_htonl(1))
+			return 1;
+		if (s0 == ih.daddr.in6_u.u6_addr32[0] && s1 == ih.daddr.in6_u.u6_addr32[1] &&
+		    s2 == ih.daddr.in6_u.u6_addr32[2] && s3 == ih.daddr.in6_u.u6_addr32[3])
+			return 1;
+		/* extension headers before UDP: not DNS as far as we can tell */
+		if (udp)
+			return ih.nexthdr == IPPROTO_UDP && is_dns(skb, sizeof(ih));
+		return 0; /* the tunnel has no IPv6 address */
+	}
+	return 1; /* not IP */
+}
+
 int dabba_guard(struct __sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return 1;
-
 	struct bpf_sock *sk = skb->sk;
 	if (!sk)
 		return 1;
 	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN)
+	if (!sk)
+		return 1;
+	int udp = sk->protocol == IPPROTO_UDP;
+	if (!udp && (sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN))
 		return 1;
 
 	u64 cg = 0;
 	struct dabba_workload *wl = dabba_sk_workload(sk, &cg);
 	if (!wl || !(wl->flags & DABBA_WL_STRICT))
 		return 1;
-
-	u32 saddr = 0;
-	if (bpf_skb_load_bytes(skb, offsetof(struct iphdr, saddr), &saddr, sizeof(saddr)) < 0)
-		return 1;
-	if (dabba_tun_addr.lookup(&saddr))
+	if (admitted(skb, udp))
 		return 1;
 
 	u64 one = 1;

@@ -192,6 +192,33 @@ class CaptureProgram(Program):
     attach_type = bpfsys.BPF_CGROUP_INET4_CONNECT
 
 
+class Capture6Program(CaptureProgram):
+    """cgroup/connect6: the same for AF_INET6 sockets, IPv4-mapped included (connect.c)."""
+
+    function = names.PROG_CONNECT6
+    hook = "cgroup/connect6"
+    expected_attach = bpfsys.BPF_CGROUP_INET6_CONNECT
+    attach_type = bpfsys.BPF_CGROUP_INET6_CONNECT
+
+
+class Sendmsg4Program(CaptureProgram):
+    """cgroup/sendmsg4: unconnected UDP of enrolled workloads, only DNS leaves (connect.c)."""
+
+    function = names.PROG_SENDMSG4
+    hook = "cgroup/sendmsg4"
+    expected_attach = bpfsys.BPF_CGROUP_UDP4_SENDMSG
+    attach_type = bpfsys.BPF_CGROUP_UDP4_SENDMSG
+
+
+class Sendmsg6Program(CaptureProgram):
+    """cgroup/sendmsg6: the same for AF_INET6 sockets (connect.c)."""
+
+    function = names.PROG_SENDMSG6
+    hook = "cgroup/sendmsg6"
+    expected_attach = bpfsys.BPF_CGROUP_UDP6_SENDMSG
+    attach_type = bpfsys.BPF_CGROUP_UDP6_SENDMSG
+
+
 class FlowProgram(Program):
     """sockops: flow records and the tunnel's 4-tuple lookup (sockops.c)."""
 
@@ -278,7 +305,15 @@ class PlainProgram(Program):
         super().detach(target_fd)
 
 
-CGROUP_PROGRAMS = (OwnerProgram, CaptureProgram, FlowProgram, GuardProgram)
+CGROUP_PROGRAMS = (
+    OwnerProgram,
+    CaptureProgram,
+    Capture6Program,
+    Sendmsg4Program,
+    Sendmsg6Program,
+    FlowProgram,
+    GuardProgram,
+)
 ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram)
 
 
@@ -574,11 +609,21 @@ class DatapathControl:
         self.dp = dp
 
     def configure(
-        self, tunnel_ip: str, tunnel_port: int, tunnel_mark: int = 0, enabled: bool = True
+        self,
+        tunnel_ip: str,
+        tunnel_port: int,
+        tunnel_mark: int = 0,
+        enabled: bool = True,
+        pass_non_tcp: bool = False,
     ) -> None:
+        """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
+        non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave."""
         from . import abi
 
-        cfg = abi.Config(abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, 0)
+        flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
+        cfg = abi.Config(
+            abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, flags
+        )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
 
@@ -677,6 +722,16 @@ class DatapathControl:
         self._replace_keys(
             names.MAP_TUNNEL_ADDRS, {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
         )
+
+    def set_node_addrs(self, addrs: list[str]) -> None:
+        """Replace the node's own addresses (both families): never a workload's destination."""
+        from . import abi
+
+        self._replace_keys(names.MAP_NODE_IPS, {abi.ip6_key(a) for a in addrs})
+
+    def set_mesh_ports(self, ports: list[int]) -> None:
+        """Replace the mesh's own ports: never a workload's destination."""
+        self._replace_keys(names.MAP_MESH_PORTS, {int(p).to_bytes(2, "little") for p in ports})
 
     def _replace_keys(self, map_name: str, want: set[bytes]) -> None:
         """Make a set-like map (value 1 per key) hold exactly the keys in want."""

@@ -24,6 +24,8 @@ MAP_PAIRS = "dabba_pairs"
 MAP_SPLICE = "dabba_splice"
 MAP_PLAIN = "dabba_plain"
 MAP_SK_OWNER = "dabba_sk_owner"
+MAP_NODE_IPS = "dabba_node_ip"
+MAP_MESH_PORTS = "dabba_mesh_port"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -41,11 +43,16 @@ ALL_MAPS = (
     MAP_SPLICE,
     MAP_PLAIN,
     MAP_SK_OWNER,
+    MAP_NODE_IPS,
+    MAP_MESH_PORTS,
 )
 
 # programs (function names in the .c files)
 PROG_SOCK_CREATE = "dabba_sock_new"
 PROG_CONNECT4 = "dabba_connect4"
+PROG_CONNECT6 = "dabba_connect6"
+PROG_SENDMSG4 = "dabba_sendmsg4"
+PROG_SENDMSG6 = "dabba_sendmsg6"
 PROG_SOCKOPS = "dabba_sockops"
 PROG_SPLICE = "dabba_verdict"
 PROG_GUARD = "dabba_guard"
@@ -54,6 +61,9 @@ PROG_PLAIN = "dabba_plain_in"
 for _n in ALL_MAPS + (
     PROG_SOCK_CREATE,
     PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
     PROG_SOCKOPS,
     PROG_SPLICE,
     PROG_GUARD,

@@ -24,9 +24,31 @@ static __always_inline void count(u32 stat)
 		*v += 1;
 }
 
+/*
+ * IPv6 TCP: the tunnel has no IPv6 listener, so IPv6 plaintext (link-local
+ * included) cannot be checked and is dropped; the workload's own (::1, or
+ * its own address) passes.
+ */
+static __always_inline int plain_v6(struct bpf_sk_lookup *ctx)
+{
+	u32 s0 = ctx->remote_ip6[0], s1 = ctx->remote_ip6[1], s2 = ctx->remote_ip6[2];
+	u32 s3 = ctx->remote_ip6[3];
+	if (!s0 && !s1 && !s2 && s3 == bpf_htonl(1))
+		return SK_PASS;
+	if (s0 == ctx->local_ip6[0] && s1 == ctx->local_ip6[1] && s2 == ctx->local_ip6[2] &&
+	    s3 == ctx->local_ip6[3])
+		return SK_PASS;
+	count(DABBA_ST_PLAIN_V6_DROP);
+	return SK_DROP;
+}
+
 int dabba_plain_in(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->family != 2 /* AF_INET */ || ctx->protocol != 6 /* TCP */)
+	if (ctx->protocol != 6 /* TCP */)
+		return SK_PASS;
+	if (ctx->family == 10 /* AF_INET6 */)
+		return plain_v6(ctx);
+	if (ctx->family != 2 /* AF_INET */)
 		return SK_PASS;
 	u32 src = ctx->remote_ip4;
 	u32 dst = ctx->local_ip4;
@@ -39,7 +61,11 @@ int dabba_plain_in(struct bpf_sk_lookup *ctx)
 		count(DABBA_ST_PLAIN_NO_TUNNEL);
 		return SK_DROP;
 	}
-	long err = bpf_sk_assign(ctx, sk, 0);
+	/*
+	 * NO_REUSEPORT: this very socket, never another one that joined its
+	 * port's reuseport group inside the workload's namespace.
+	 */
+	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_NO_REUSEPORT);
 	bpf_sk_release(sk);
 	if (err) {
 		count(DABBA_ST_PLAIN_NO_TUNNEL);

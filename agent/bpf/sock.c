@@ -5,7 +5,8 @@
  * Runs in the creating process's context, the one place where the
  * workload's cgroup is known for every socket it will own, including the
  * listeners whose accepted sockets inherit the tag (BPF_F_CLONE). sockops
- * (sockops.c) accounts only sockets carrying the tag.
+ * (sockops.c) accounts only sockets carrying the tag. It also refuses the
+ * inet sockets that have no path through the mesh.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -20,16 +21,44 @@ static __always_inline struct dabba_workload *dabba_wl_get(u64 *id)
 	return dabba_wl.lookup(id);
 }
 
+/*
+ * Other inet sockets of a capturing workload -- raw, ICMP ping, SCTP,
+ * UDP-Lite -- have no path through the mesh: refused at socket() (EPERM)
+ * and counted, unless the node's config lets non-TCP pass. UDP is decided
+ * per destination (connect.c: only DNS leaves).
+ */
+static __always_inline int other_protocol_allowed(struct bpf_sock *sk, struct dabba_workload *wl)
+{
+	if (sk->protocol == IPPROTO_TCP || sk->protocol == IPPROTO_UDP)
+		return 1;
+	if (!(wl->flags & DABBA_WL_CAPTURE))
+		return 1;
+	u32 zero = 0;
+	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
+	if (!cfg || !cfg->enabled || (cfg->flags & DABBA_CFG_PASS_NON_TCP))
+		return 1;
+	u32 stat = DABBA_ST_PROTO_REFUSED;
+	u64 *v = dabba_stats.lookup(&stat);
+	if (v)
+		*v += 1;
+	return 0;
+}
+
 int dabba_sock_new(struct bpf_sock *sk)
 {
-	if (sk->family != AF_INET || sk->protocol != IPPROTO_TCP)
+	if (sk->family != AF_INET && sk->family != AF_INET6)
 		return 1;
 
 	u64 cg = 0;
 	struct dabba_workload *wl = dabba_current_workload(&cg);
-	if (!wl || !(wl->flags & DABBA_WL_ACCOUNT))
+	if (!wl)
+		return 1;
+	if (!other_protocol_allowed(sk, wl))
+		return 0;
+	if (sk->protocol != IPPROTO_TCP || !(wl->flags & DABBA_WL_ACCOUNT))
 		return 1;
 
+	/* AF_INET6 too: such a socket reaches IPv4 through mapped addresses (sockops.c) */
 	struct dabba_sk_owner *own =
 	    dabba_sk_owner.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (own)

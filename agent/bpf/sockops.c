@@ -215,9 +215,24 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
 	f->last_state = new_state;
 }
 
+/*
+ * An AF_INET6 socket connected over IPv4 (an IPv4-mapped peer): its
+ * local_ip4 and remote_ip4 are the IPv4 addresses, as the tunnel sees them,
+ * so it is accounted exactly like an AF_INET one. Native IPv6 connections
+ * of enrolled workloads are refused at connect() (connect.c); an accepted
+ * one (loopback) is not accounted.
+ */
+static __always_inline int ipv4_flow(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return 1;
+	return skops->family == AF_INET6 && !skops->remote_ip6[0] && !skops->remote_ip6[1] &&
+	       skops->remote_ip6[2] == bpf_htonl(0xffff);
+}
+
 int dabba_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	if (!ipv4_flow(skops))
 		return 1;
 
 	switch (skops->op) {

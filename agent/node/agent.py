@@ -30,7 +30,7 @@ from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath, DatapathControl, cgroup_id
 from ..bpf.sys import Map
 from ..errors import DabbaError
-from . import pods
+from . import addresses, pods
 from .config import AgentConfig
 from .flowtable import FlowTable
 
@@ -79,6 +79,7 @@ class Agent:
         self.api = None
         self._drain_beat = time.monotonic()  # the flow thread's last turn (for the watchdog)
         self._drain_thread: threading.Thread | None = None
+        self._node_addrs: list[str] = []
 
     def check(self) -> list[str]:
         """What --check verifies without changing anything; returns notes for the operator."""
@@ -161,9 +162,41 @@ class Agent:
 
     def _configure_datapath(self) -> None:
         c = self.cfg
-        self.ctl.configure(c.tunnel.address, c.tunnel.port, c.tunnel.mark)
+        self.ctl.configure(
+            c.tunnel.address,
+            c.tunnel.port,
+            c.tunnel.mark,
+            pass_non_tcp=c.capture.non_tcp == "pass",
+        )
         self.ctl.set_exclusions(c.capture.exclude_cidrs, c.capture.exclude_ports)
         self.ctl.set_tunnel_addrs(c.tunnel_addresses)
+        self.ctl.set_mesh_ports(self.mesh_ports())
+        self._sync_node_addrs()
+
+    def mesh_ports(self) -> list[int]:
+        """The mesh's own ports on this node: never a destination of its workloads."""
+        c = self.cfg
+        ports = set(addresses.MESH_PORTS) | {c.tunnel.port}
+        if c.tunnel.inbound:
+            ports.add(int(c.tunnel.inbound.rsplit(":", 1)[1]))
+        return sorted(ports)
+
+    def _sync_node_addrs(self) -> None:
+        """The node's own addresses, as the kernel refuses them (they change: DHCP, new links)."""
+        addrs = addresses.node_addresses()
+        if addrs != self._node_addrs:
+            self.ctl.set_node_addrs(addrs)
+            self._node_addrs = addrs
+            _log.info("node addresses refused as destinations", fields={"addresses": addrs})
+
+    async def watch_addresses(self, every: float = 5.0) -> None:
+        """Keep dabba_node_ip in line with the node's addresses."""
+        while not self.stop.is_set():
+            await asyncio.sleep(every)
+            try:
+                self._sync_node_addrs()
+            except DabbaError as e:
+                _log.error(str(e))
 
     def _enrol(self, entries: list[tuple[str, str, bool, bool]]) -> None:
         """entries: (namespace/name, cgroup, capture, strict); everything else is unenrolled."""
@@ -531,6 +564,7 @@ class Agent:
                 tasks.append(asyncio.ensure_future(self.watch_tunnel()))
             tasks.append(asyncio.ensure_future(systemd.watchdog(self.health)))
             tasks.append(asyncio.ensure_future(self.retry_pods()))
+            tasks.append(asyncio.ensure_future(self.watch_addresses()))
             systemd.notify(
                 "READY=1",
                 f"STATUS=datapath pinned ({len(self.load_reports)} programs), "

@@ -378,6 +378,12 @@ class AgentApi:
         )
         drops.add_metric(["ingress_guard"], st.get("guard_drop", 0))
         drops.add_metric(["plaintext_no_tunnel"], st.get("plain_no_tunnel", 0))
+        # refused in the kernel: connect() to the node, link-local or a mesh port; native IPv6;
+        # non-TCP other than DNS; IPv6 plaintext to a PERMISSIVE workload
+        drops.add_metric(["destination"], st.get("dst_refused", 0))
+        drops.add_metric(["ipv6"], st.get("v6_refused", 0))
+        drops.add_metric(["protocol"], st.get("proto_refused", 0))
+        drops.add_metric(["plaintext_ipv6"], st.get("plain_v6_drop", 0))
         drops.add_metric(["policy"], a.table.denied)
         yield drops
         full = CounterMetricFamily(

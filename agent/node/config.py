@@ -21,8 +21,12 @@ A YAML file (``dabba agent run --config FILE``)::
                                   # workloads from the first (default: [tunnel.address])
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
-      exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture
-      exclude_ports: []
+      exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture (they go direct, from
+      exclude_ports: []           # the workload's own address; never to a mesh port)
+      non_tcp: dns                # dns: of UDP only DNS (port 53) and loopback leave; raw,
+                                  # ping and other inet sockets are refused. pass: all non-TCP
+                                  # passes unmeshed (as Istio's ambient mode does). STRICT
+                                  # workloads receive no plaintext UDP but DNS either way.
     control:                      # optional: workloads, policies and certificates
       address: 10.10.0.1:15012    # from the control plane (mutual TLS)
       join_address: 10.10.0.1:15013  # where the one-time join token is used (TLS)
@@ -99,6 +103,10 @@ class CaptureConfig:
     enabled: bool = True
     exclude_cidrs: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_CIDRS))
     exclude_ports: list[int] = field(default_factory=list)
+    non_tcp: str = "dns"  # "dns" | "pass" (see the module docstring)
+
+
+NON_TCP_MODES = ("dns", "pass")
 
 
 @dataclass
@@ -282,7 +290,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
     c = doc.get("capture") or {}
     for k in c:
         need(
-            k in {"enabled", "exclude_cidrs", "exclude_ports"},
+            k in {"enabled", "exclude_cidrs", "exclude_ports", "non_tcp"},
             ("capture", k),
             f"capture: unknown field {k!r}",
         )
@@ -290,6 +298,12 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         bool(c.get("enabled", True)),
         [str(x) for x in c.get("exclude_cidrs", DEFAULT_EXCLUDE_CIDRS)],
         [int(x) for x in c.get("exclude_ports", [])],
+        str(c.get("non_tcp", "dns")),
+    )
+    need(
+        cap.non_tcp in NON_TCP_MODES,
+        ("capture", "non_tcp"),
+        f"capture.non_tcp: {cap.non_tcp!r} is not one of {', '.join(NON_TCP_MODES)}",
     )
     for i, cidr in enumerate(cap.exclude_cidrs):
         try:

@@ -236,7 +236,7 @@ class FlowTable:
                 self.facts.pop(key_of(rec.src, rec.dst), None)
                 self.closed.append(v)
                 self.closed_total += 1
-                self.denied += v["verdict"] == "deny"
+                self.denied += v["verdict"] == "deny" and not rec.refused  # policy denials
             self.pending = keep
 
     # ---- views -----------------------------------------------------------------------------
@@ -275,6 +275,12 @@ class FlowTable:
             path, security = fact["path"], fact["security"]
             verdict, reason, policy = fact["verdict"], fact["reason"], fact.get("policy", "")
             service = fact.get("service", "")
+        elif rec.refused:  # connect() refused in the kernel: nothing was sent
+            peer_ip, peer_port = rec.orig_dst
+            src, dst = me, self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
+            path, security, verdict = "denied", "none", "deny"
+            reason = f"refused in the kernel: the destination is {rec.refused}"
+            policy, service = "", ""
         else:
             peer_ip, peer_port = rec.orig_dst if out else rec.dst
             peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)

@@ -8,7 +8,8 @@
  * types bcc derives from this file. Fields are ordered by size so that no
  * struct has implicit padding.
  *
- * Addresses are IPv4 in network byte order; ports are in host byte order.
+ * Addresses are IPv4 in network byte order (dabba_ip6: IPv6 or IPv4-mapped);
+ * ports are in host byte order.
  */
 #ifndef DABBA_TYPES_H
 #define DABBA_TYPES_H
@@ -29,13 +30,36 @@ struct dabba_sk_owner {
 	__u64 cgroup_id;
 };
 
+/* dabba_config.flags */
+/* enrolled workloads' UDP, raw and other non-TCP sockets pass unmeshed (else: DNS only) */
+#define DABBA_CFG_PASS_NON_TCP 0x1
+
 /* dabba_cfg: the one entry of the node's runtime configuration. */
 struct dabba_config {
 	__u32 tunnel_ip;   /* outbound listener the capture rewrites to */
 	__u16 tunnel_port; /* its port */
 	__u16 enabled;	   /* 0 disables capture (connections go direct) */
 	__u32 tunnel_mark; /* SO_MARK of the tunnel's own sockets: never captured */
-	__u32 _pad;
+	__u32 flags;	   /* DABBA_CFG_* */
+};
+
+/*
+ * dabba_node_ip: key. An address of the node itself, in network order: IPv6
+ * as it is, IPv4 as IPv4-mapped (::ffff:a.b.c.d), so one map serves both
+ * families.
+ */
+struct dabba_ip6 {
+	__u32 w[4];
+};
+
+/* Why the kernel refused a workload's connect() (dabba_flow.refused). */
+enum dabba_refusal {
+	DABBA_REFUSED_NONE = 0,
+	DABBA_REFUSED_LINK_LOCAL = 1, /* 169.254.0.0/16, fe80::/10: the node's link, not the mesh */
+	DABBA_REFUSED_NODE = 2,	      /* an address of the node itself (dabba_node_ip) */
+	DABBA_REFUSED_MESH_PORT = 3,  /* one of the mesh's own ports (dabba_mesh_port) */
+	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6: not meshed yet, so never sent around it */
+	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 };
 
 /* dabba_cap_ck (by socket cookie) and dabba_cap_tp (by 4-tuple): value. */
@@ -111,7 +135,7 @@ struct dabba_flow {
 	__u8 captured;	/* 1 when connect() was redirected to the tunnel */
 	__u8 seen;	/* DABBA_SEEN_* */
 	__u8 last_state;
-	__u8 _pad[1];
+	__u8 refused; /* enum dabba_refusal: connect() refused in the kernel, never sent */
 };
 
 /* dabba_pairs: value, keyed by a spliced socket's cookie. */
@@ -136,6 +160,11 @@ enum dabba_stat {
 	DABBA_ST_PLAIN_STEERED,	  /* plaintext connections steered to the tunnel's 15006 */
 	DABBA_ST_PLAIN_NO_TUNNEL, /* ...refused: no 15006 listener for that workload (fail closed)
 				   */
+	DABBA_ST_LOCAL,		  /* connect() to loopback or unspecified: stays in the caller's netns */
+	DABBA_ST_DST_REFUSED,	  /* connect() refused: link-local, the node itself, a mesh port */
+	DABBA_ST_V6_REFUSED,	  /* connect() to a native IPv6 address refused (not meshed) */
+	DABBA_ST_PROTO_REFUSED,	  /* non-TCP socket or datagram refused (only DNS leaves) */
+	DABBA_ST_PLAIN_V6_DROP,	  /* IPv6 plaintext to a PERMISSIVE workload dropped */
 	DABBA_ST_MAX,
 };
 

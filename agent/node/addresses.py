@@ -1,0 +1,59 @@
+"""Destinations a workload may never reach through the mesh, and the node's own addresses.
+
+The kernel refuses them at connect() (agent/bpf/connect.c); the tunnel
+refuses them again before any passthrough dial (defence in depth), with
+the same rules, from here:
+
+- loopback and unspecified (127/8, 0/8, ::1, ::) stay in the caller's own
+  network namespace: the tunnel, in the node's, must never dial them;
+- link-local (169.254/16, fe80::/10) is the node's link, not the mesh;
+- the node's own addresses;
+- the mesh's own ports (Istio reserves the same: 15000, 15001, 15006, 15008).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..errors import DabbaError
+
+# the tunnel's admin, outbound, plaintext inbound and HBONE ports (DESIGN.md: Ports)
+MESH_PORTS = (15000, 15001, 15006, 15008)
+
+
+def node_addresses() -> list[str]:
+    """Every address of this network namespace, both families (netlink)."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            return sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()} - {None})
+    except OSError as e:
+        raise DabbaError(f"cannot list the node's addresses (netlink): {e}") from None
+
+
+def refused_destination(
+    ip: str, port: int, node_addrs: set[str], mesh_ports: tuple[int, ...] = MESH_PORTS
+) -> str:
+    """Why the mesh never carries a connection to ip:port; "" when it may."""
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return f"{ip!r} is not an IP address"
+    if a.version == 6 and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if a.is_loopback or a.is_unspecified or (a.version == 4 and a in _THIS_NETWORK):
+        return "loopback or unspecified: the caller's own namespace"
+    if port in mesh_ports:
+        return f"port {port} is one of the mesh's own"
+    if a.is_link_local:
+        return "a link-local address"
+    if str(a) in node_addrs:
+        return "an address of the node itself"
+    if a.is_multicast or a == _BROADCAST:
+        return "multicast or broadcast"
+    return ""
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_address("255.255.255.255")

@@ -1,0 +1,262 @@
+"""No way around the mesh, tried from inside an enrolled pod as an attacker would.
+
+Every address family and spelling of a destination, datagrams and raw sockets,
+and the ways into a STRICT or PERMISSIVE pod that are not IPv4 TCP. Each test
+fails on the programs before the fix (named in its docstring).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.bpf import abi
+from agent.bpf.flows import FlowSource
+from agent.bpf.loader import cgroup_id
+from agent.node.addresses import MESH_PORTS
+from tests.conftest import REPO, helper, maps_dir, read_json, wait_for
+
+# one line each: what a server in a pod or node got; answers with its name
+SERVER = (
+    "import socket,sys,threading\n"
+    "name, port = sys.argv[1], int(sys.argv[2])\n"
+    "t = socket.socket(socket.AF_INET6); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "t.bind((sys.argv[3], port)); t.listen(64)\n"
+    "u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind((sys.argv[3], port))\n"
+    "def udp():\n"
+    "    while True:\n"
+    "        d, a = u.recvfrom(2048); print('udp', d.decode(), a[1], flush=True)\n"
+    "threading.Thread(target=udp, daemon=True).start()\n"
+    "print('listening', flush=True)\n"
+    "while True:\n"
+    "    c, a = t.accept(); c.sendall(name.encode()); c.close()\n"
+)
+
+
+def _server(lab, procs, target: str, name: str, port: int, bind: str = "::"):
+    p = lab.popen(
+        target,
+        [sys.executable, "-c", SERVER, name, str(port), bind],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(p)
+    wait_for(lambda: p.stdout.readline().strip() == "listening", 10, what=f"server in {target}")
+    return p
+
+
+def probe(lab, target: str, tries: list[dict]) -> list[str]:
+    r = lab.run(target, [*helper("probe"), json.dumps(tries)], timeout=120)
+    return [json.loads(line)["result"] for line in r.stdout.splitlines()]
+
+
+def _tcp(host, port, family=4, timeout=3.0, send=None):
+    t = {"op": "tcp", "host": host, "port": port, "family": family, "timeout": timeout}
+    if send:
+        t["send"] = send
+    return t
+
+
+def _delta(ctl, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in ctl.stats().items() if v != before.get(k, 0)}
+
+
+def _link_local(lab, target: str, dev: str = "eth0") -> str:
+    r = lab.run(target, ["ip", "-j", "-6", "addr", "show", "dev", dev, "scope", "link"])
+    return json.loads(r.stdout)[0]["addr_info"][0]["local"]
+
+
+def _node_addresses(lab, node: str) -> list[str]:
+    code = (
+        f"import sys, json; sys.path.insert(0, {REPO!r}); "
+        "from agent.node.addresses import node_addresses; print(json.dumps(node_addresses()))"
+    )
+    return json.loads(lab.run(node, [sys.executable, "-c", code]).stdout)
+
+
+@pytest.fixture
+def enrolled(lab, datapaths):
+    """n1-p1 enrolled and captured, the node's addresses and the mesh's ports set, as the
+    agent sets them; undone afterwards."""
+    pod, ctl = lab.pod("n1-p1"), datapaths["n1"]
+    ctl.set_node_addrs(_node_addresses(lab, "n1"))
+    ctl.set_mesh_ports(list(MESH_PORTS))
+    ctl.enrol(pod.cgroup, 1, abi.WL_CAPTURE | abi.WL_ACCOUNT)
+    try:
+        yield pod, ctl
+    finally:
+        ctl.unenrol(pod.cgroup)
+        ctl.set_exclusions([], [])
+        ctl.configure(lab.node("n1").gateway, 15001)
+
+
+def test_loopback_and_unspecified_stay_in_the_pods_own_namespace(lab, procs, enrolled):
+    """Before: connect4 captured 0.0.0.0, and the tunnel dialled it in the node's namespace,
+    where it is the node's loopback (its admin on 127.0.0.1:15000). Now every spelling of
+    loopback and unspecified, in both families, reaches the pod's own listener."""
+    pod, ctl = enrolled
+    _server(lab, procs, "n1", "node-admin", 15000, bind="::ffff:127.0.0.1")
+    _server(lab, procs, pod.name, "pod-itself", 15000)
+    before = ctl.stats()
+    spellings = [
+        ("0.0.0.0", 4), ("127.0.0.1", 4), ("127.1.2.3", 4), ("0.1.2.3", 4), ("::", 6),
+        ("::1", 6), ("::ffff:127.0.0.1", 6), ("::ffff:0.0.0.0", 6),
+    ]  # fmt: skip
+    got = probe(lab, pod.name, [_tcp(h, 15000, f, send="x") for h, f in spellings])
+    want = ["connected pod-itself"] * len(spellings)
+    want[3] = "error ENETUNREACH"  # 0.1.2.3: the pod's kernel has no route for 0/8 but 0.0.0.0
+    assert got == want, list(zip(spellings, got, strict=True))
+    d = _delta(ctl, before)
+    assert d.get("local") == len(spellings) and "captured" not in d, d
+
+
+def test_node_link_local_mesh_ports_and_ipv6_are_refused_counted_and_reported(
+    lab, procs, enrolled
+):
+    """Before: these were captured (the tunnel would dial the node itself or its link) or,
+    through AF_INET6, not hooked at all (plaintext, no identity, no record)."""
+    pod, ctl = enrolled
+    n1, n2p1 = lab.node("n1"), lab.pod("n2-p1")
+    tries = [
+        (_tcp(n1.ip, 22), abi.Refusal.NODE),
+        (_tcp(n1.gateway, 8080), abi.Refusal.NODE),
+        (_tcp(n1.gateway, 15001), abi.Refusal.MESH_PORT),  # the capture listener itself
+        (_tcp(n2p1.ip, 15008), abi.Refusal.MESH_PORT),
+        (_tcp("169.254.169.254", 80), abi.Refusal.LINK_LOCAL),
+        (_tcp(f"::ffff:{n1.ip}", 22, 6), abi.Refusal.NODE),
+        (_tcp("::ffff:169.254.1.1", 80, 6), abi.Refusal.LINK_LOCAL),
+        (_tcp(f"::ffff:{n2p1.ip}", 15006, 6), abi.Refusal.MESH_PORT),
+        (_tcp("fe80::1%eth0", 80, 6), abi.Refusal.LINK_LOCAL),
+        (_tcp(f"{_link_local(lab, 'n1', 'cbr0')}%eth0", 80, 6), abi.Refusal.LINK_LOCAL),
+        (_tcp("2001:db8::1", 80, 6), abi.Refusal.IPV6),
+        (_tcp("64:ff9b::a14:20b", 80, 6), abi.Refusal.IPV6),  # NAT64 spelling of n2-p1
+    ]
+    src = FlowSource(maps_dir(n1))
+    try:
+        list(src.closed())  # what earlier tests left in the ring
+        before = ctl.stats()
+        got = probe(lab, pod.name, [t for t, _ in tries])
+        assert got == ["error EPERM"] * len(tries), list(zip(tries, got, strict=True))
+        d = _delta(ctl, before)
+        assert d == {"dst_refused": 10, "v6_refused": 2}, d
+        recs = [r for r in src.closed(200) if r.cgroup_id == cgroup_id(pod.cgroup)]
+    finally:
+        src.close()
+    assert len(recs) == len(tries)
+    for rec, (t, why) in zip(recs, tries, strict=True):
+        assert rec.refused == abi.REFUSAL_REASONS[why], (t, rec)
+        assert (rec.close, rec.direction, rec.bytes_sent, rec.captured) == (
+            "refused", "outbound", 0, False,
+        )  # fmt: skip
+        if t["family"] == 4:
+            assert rec.orig_dst == (t["host"], t["port"])
+
+
+def test_exclusions_go_direct_but_never_to_a_mesh_port(lab, procs, enrolled):
+    pod, ctl = enrolled
+    n1 = lab.node("n1")
+    _server(lab, procs, "n1", "node-service", 9090)
+    ctl.set_exclusions([f"{n1.ip}/32"], [])
+    got = probe(lab, pod.name, [_tcp(n1.ip, 9090, send="x"), _tcp(n1.ip, 15001)])
+    assert got == ["connected node-service", "error EPERM"]
+
+
+def test_ipv4_mapped_connect_is_captured_exactly_like_ipv4(lab, procs, enrolled):
+    """Before: an AF_INET6 socket to ::ffff:<pod on another node> was not hooked: it went
+    straight there, in plaintext, with no identity and no flow record."""
+    pod, ctl = enrolled
+    n1, server = lab.node("n1"), lab.pod("n2-p1")
+    stub = lab.popen(
+        "n1",
+        [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1),
+         "--listen", f"{n1.gateway}:15001"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    procs.append(stub)
+    read_json(stub, "listening")
+    before = ctl.stats()
+    got = probe(lab, pod.name, [_tcp(f"::ffff:{server.ip}", 8080, 6, send="GET / HTTP/1.0\r\n\r\n")])
+    assert got[0].startswith("connected HTTP/1.1 200 OK"), got
+    rec = read_json(stub, "found")
+    assert (rec["found"], rec["orig_ip"], rec["orig_port"]) == (True, server.ip, 8080)
+    assert rec["cgroup_id"] == cgroup_id(pod.cgroup) and rec["peer"][0] == pod.ip
+    assert _delta(ctl, before).get("captured") == 1
+
+
+def test_only_dns_leaves_by_udp_and_raw_sockets_are_refused(lab, procs, enrolled):
+    """Before: UDP and raw sockets of an enrolled pod went anywhere, outside the mesh."""
+    pod, ctl = enrolled
+    server = lab.pod("n2-p1")
+    srv = _server(lab, procs, server.name, "udp-server", 9999)
+    dns = _server(lab, procs, server.name, "dns-server", 53)
+    udp = [
+        {"op": "udp_sendto", "host": server.ip, "port": 9999, "send": "a"},
+        {"op": "udp_connect", "host": server.ip, "port": 9999, "send": "b"},
+        {"op": "udp_sendto", "host": f"::ffff:{server.ip}", "port": 9999, "family": 6, "send": "c"},
+        {"op": "udp_sendto", "host": server.ip, "port": 53, "send": "dns"},
+        {"op": "socket", "type": "raw"},
+        {"op": "socket", "type": "raw6"},
+    ]
+    before = ctl.stats()
+    got = probe(lab, pod.name, udp)
+    assert got == ["error EPERM"] * 3 + ["sent"] + ["error EPERM"] * 2, got
+    assert _delta(ctl, before) == {"proto_refused": 5}
+    assert dns.stdout.readline().split()[:2] == ["udp", "dns"]
+
+    # capture.non_tcp: pass lets them out, unmeshed, as Istio's ambient mode does
+    ctl.configure(lab.node("n1").gateway, 15001, pass_non_tcp=True)
+    assert probe(lab, pod.name, udp[:1] + udp[4:]) == ["sent", "created", "created"]
+    assert srv.stdout.readline().split()[:2] == ["udp", "a"]  # the refused b and c never came
+
+
+def test_strict_pod_takes_no_ipv6_and_no_plaintext_udp_but_its_own_and_dns(lab, datapaths, procs):
+    """Before: the guard looked at IPv4 TCP only. A STRICT pod answered over IPv6 link-local
+    and took any UDP; and it dropped its own loopback connections."""
+    strict, peer = lab.pod("n2-p2"), lab.pod("n2-p1")  # one bridge: link-local reaches it
+    ctl = datapaths["n2"]
+    srv = _server(lab, procs, strict.name, "strict-pod", 8086)
+    ll = _link_local(lab, strict.name)
+    ctl.enrol(strict.cgroup, 7, abi.WL_ACCOUNT | abi.WL_STRICT)
+    before = ctl.stats()
+    try:
+        got = probe(lab, peer.name, [
+            _tcp(f"{ll}%eth0", 8086, 6, timeout=2, send="x"),
+            {"op": "udp_sendto", "host": strict.ip, "port": 8086, "send": "plain"},
+            {"op": "udp_sendto", "host": f"{ll}%eth0", "port": 8086, "family": 6, "send": "ll"},
+        ])  # fmt: skip
+        assert got == ["timeout", "sent", "sent"]
+        own = probe(lab, strict.name, [
+            _tcp("127.0.0.1", 8086, send="x"), _tcp("::1", 8086, 6, send="x"),
+            _tcp(strict.ip, 8086, send="x"),
+            {"op": "udp_sendto", "host": "::1", "port": 8086, "family": 6, "send": "self"},
+        ])  # fmt: skip
+        assert own == ["connected strict-pod"] * 3 + ["sent"]
+        assert srv.stdout.readline().split()[:2] == ["udp", "self"]  # not "plain", not "ll"
+        d = _delta(ctl, before)
+        assert d["guard_drop"] >= 3 and d["guard_drop"] == ctl.guard_drops()[cgroup_id(strict.cgroup)]
+    finally:
+        ctl.unenrol(strict.cgroup)
+    assert probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8086, 6, send="x")]) == ["connected strict-pod"]
+
+
+def test_permissive_pod_takes_no_ipv6_plaintext_around_the_tunnel(lab, datapaths, procs):
+    """Before: plain.c steered IPv4 only, so IPv6 reached a PERMISSIVE pod around the
+    tunnel's 15006 and its policy."""
+    pod, peer = lab.pod("n1-p2"), lab.pod("n1-p1")
+    ctl = datapaths["n1"]
+    _server(lab, procs, pod.name, "permissive-pod", 8087)
+    ll = _link_local(lab, pod.name)
+    assert probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8087, 6, send="x")]) == [
+        "connected permissive-pod"
+    ]
+    before = ctl.stats()
+    assert ctl.steer_plaintext(f"/run/netns/{pod.netns}")
+    try:
+        got = probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8087, 6, timeout=2, send="x")])
+        assert got == ["error ECONNREFUSED"]
+        assert probe(lab, pod.name, [_tcp("::1", 8087, 6, send="x")]) == ["connected permissive-pod"]
+        assert _delta(ctl, before) == {"plain_v6_drop": 1}
+    finally:
+        ctl.unsteer_plaintext(set())
