@@ -651,7 +651,7 @@ def _check_source(source: str) -> None:
 @click.option(
     "--workers",
     default=None,
-    help="processes sharing the ports (SO_REUSEPORT): a number, or 'auto' to add one per busy core "
+    help="processes sharing the listening sockets: a number, or 'auto' to add one per busy core "
     "[default: 1, or the config's tunnel.workers]",
 )
 @click.option(
@@ -811,8 +811,8 @@ def _workers(text: str) -> int:
 def tunnel_upgrade(state_dir, timeout):
     """Replace the running tunnel without dropping spliced connections.
 
-    The agent starts a successor on the same ports (SO_REUSEPORT); once it is
-    ready the old tunnel hands it every spliced connection (SCM_RIGHTS) and
+    The agent starts a successor, which borrows the old tunnel's listening sockets
+    (never a second socket on the tunnel's ports); once it is ready the old tunnel hands it every spliced connection (SCM_RIGHTS) and
     drains the rest.
 
     Example: dabba tunnel upgrade --state-dir /run/dabba/labs/demo/n1

@@ -57,9 +57,13 @@ class Stat(enum.IntEnum):
     V6_REFUSED = 15
     PROTO_REFUSED = 16
     PLAIN_V6_DROP = 17
+    OWN_NO_TUNNEL = 18
 
 
-STAT_COUNT = 18  # DABBA_ST_MAX
+STAT_COUNT = 19  # DABBA_ST_MAX
+
+TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
+TUN_SK_HBONE = 1
 
 CFG_PASS_NON_TCP = 0x1  # DABBA_CFG_PASS_NON_TCP
 
@@ -92,14 +96,15 @@ class Workload(ctypes.Structure):
 
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
-    __u32 tunnel_mark; __u32 flags; };"""
+    __u32 tunnel_mark; __u16 flags; __u16 hbone_port; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
         ("tunnel_port", ctypes.c_uint16),
         ("enabled", ctypes.c_uint16),
         ("tunnel_mark", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("hbone_port", ctypes.c_uint16),
     ]
 
 

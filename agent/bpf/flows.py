@@ -56,7 +56,9 @@ class FlowRecord:
     end: float | None  # None while open
     close: str  # "open" | "fin" | "reset" | "refused" | "half"
     state: str
-    refused: str = ""  # why the kernel refused the connect() (abi.REFUSAL_REASONS); "" if it did not
+    refused: str = (
+        ""  # why the kernel refused the connect() (abi.REFUSAL_REASONS); "" if it did not
+    )
 
     @property
     def duration(self) -> float:
@@ -87,9 +89,7 @@ class FlowRecord:
             if f.close in abi.Close._value2member_map_
             else str(f.close),
             state=_TCP_STATES.get(f.last_state, str(f.last_state)),
-            refused=abi.REFUSAL_REASONS.get(f.refused, f"refusal {f.refused}")
-            if f.refused
-            else "",
+            refused=abi.REFUSAL_REASONS.get(f.refused, f"refusal {f.refused}") if f.refused else "",
         )
 
     def as_dict(self) -> dict:

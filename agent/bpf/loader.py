@@ -305,6 +305,22 @@ class PlainProgram(Program):
         super().detach(target_fd)
 
 
+class OwnProgram(Program):
+    """sk_lookup: connections to the tunnel's ports go to its own sockets only (own.c).
+
+    Loaded and pinned with the others, attached to the node's network
+    namespace by DatapathControl.own_listeners (one pinned link), never by
+    ensure(): whoever loads the datapath may run in another namespace.
+    """
+
+    source = "own.c"
+    function = names.PROG_OWN
+    hook = "sk_lookup"
+    prog_type = PROG_SK_LOOKUP
+    expected_attach = bpfsys.BPF_SK_LOOKUP
+    attach_type = bpfsys.BPF_SK_LOOKUP
+
+
 CGROUP_PROGRAMS = (
     OwnerProgram,
     CaptureProgram,
@@ -314,7 +330,7 @@ CGROUP_PROGRAMS = (
     FlowProgram,
     GuardProgram,
 )
-ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram)
+ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram, OwnProgram)
 
 
 @dataclass(frozen=True)
@@ -500,8 +516,8 @@ class Datapath:
                 with self.open_map(names.MAP_SPLICE) as sockhash:
                     if prog.attached(sockhash.fd, info.id) != 1:
                         prog.attach(fd, sockhash.fd)
-            elif isinstance(prog, PlainProgram):
-                pass  # attached per workload network namespace (steer_plaintext)
+            elif isinstance(prog, PlainProgram | OwnProgram):
+                pass  # attached to network namespaces (steer_plaintext, own_listeners)
             else:
                 self._ensure_link(prog, fd, info.id, cgroup_fd)
         finally:
@@ -578,6 +594,8 @@ class Datapath:
                     target = sockhash if isinstance(prog, SpliceProgram) else cg
                     if isinstance(prog, PlainProgram):
                         ps.attached = prog.netns_links()  # one per steered workload namespace
+                    elif isinstance(prog, OwnProgram):
+                        ps.attached = int(os.path.exists(prog.link_pin))  # the node's namespace
                     elif target is not None:
                         ps.attached = prog.attached(target, info.id)
                 st.programs.append(ps)
@@ -615,14 +633,16 @@ class DatapathControl:
         tunnel_mark: int = 0,
         enabled: bool = True,
         pass_non_tcp: bool = False,
+        hbone_port: int = 0,
     ) -> None:
         """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
-        non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave."""
+        non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
+        hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port."""
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
         cfg = abi.Config(
-            abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, flags
+            abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, flags, hbone_port
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
@@ -650,12 +670,22 @@ class DatapathControl:
     def steer_plaintext(self, netns_path: str) -> bool:
         """Attach plain.c to a workload's network namespace (once); True if attached now."""
         prog = next(p for p in self.dp.programs if isinstance(p, PlainProgram))
+        return self._attach_netns(prog, netns_path, prog.netns_link_pin, "workload")
+
+    def own_listeners(self, netns_path: str = "/proc/self/ns/net") -> bool:
+        """Attach own.c to the node's network namespace (once); True if attached now."""
+        prog = next(p for p in self.dp.programs if isinstance(p, OwnProgram))
+        return self._attach_netns(prog, netns_path, lambda _ino: prog.link_pin, "node")
+
+    def _attach_netns(self, prog: Program, netns_path: str, pin_of, whose: str) -> bool:
+        """Attach an sk_lookup program to a network namespace through a pinned link (pin_of:
+        the namespace's inode -> pin path), unless that pin exists; True if attached now."""
         try:
             ns = os.open(netns_path, os.O_RDONLY)
         except OSError as e:
-            raise DabbaError(f"workload network namespace {netns_path}: {e.strerror}") from None
+            raise DabbaError(f"{whose} network namespace {netns_path}: {e.strerror}") from None
         try:
-            pin = prog.netns_link_pin(os.fstat(ns).st_ino)
+            pin = pin_of(os.fstat(ns).st_ino)
             if os.path.exists(pin):
                 return False
             pfd = bpfsys.obj_get(prog.prog_pin)

@@ -26,6 +26,7 @@ MAP_PLAIN = "dabba_plain"
 MAP_SK_OWNER = "dabba_sk_owner"
 MAP_NODE_IPS = "dabba_node_ip"
 MAP_MESH_PORTS = "dabba_mesh_port"
+MAP_TUN_SK = "dabba_tun_sk"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -45,6 +46,7 @@ ALL_MAPS = (
     MAP_SK_OWNER,
     MAP_NODE_IPS,
     MAP_MESH_PORTS,
+    MAP_TUN_SK,
 )
 
 # programs (function names in the .c files)
@@ -57,6 +59,7 @@ PROG_SOCKOPS = "dabba_sockops"
 PROG_SPLICE = "dabba_verdict"
 PROG_GUARD = "dabba_guard"
 PROG_PLAIN = "dabba_plain_in"
+PROG_OWN = "dabba_own_in"
 
 for _n in ALL_MAPS + (
     PROG_SOCK_CREATE,
@@ -68,5 +71,6 @@ for _n in ALL_MAPS + (
     PROG_SPLICE,
     PROG_GUARD,
     PROG_PLAIN,
+    PROG_OWN,
 ):
     assert len(_n) <= 15 and _n.startswith(PREFIX), _n

@@ -36,6 +36,8 @@ from .flowtable import FlowTable
 
 _log = log.get("agent")
 
+HBONE_PORT = 15008
+
 
 def _log_task_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -144,7 +146,9 @@ class Agent:
     def reconcile(self) -> None:
         """Make the maps say what the config says (workloads from the config: no control plane)."""
         self._configure_datapath()
-        if self.cfg.control is None:
+        if self.cfg.control is not None:
+            self._hold_configured()
+        else:
             from types import SimpleNamespace
 
             self._by_key = {
@@ -167,19 +171,32 @@ class Agent:
             c.tunnel.port,
             c.tunnel.mark,
             pass_non_tcp=c.capture.non_tcp == "pass",
+            hbone_port=self.hbone_port(),
         )
+        if c.control is not None and self.ctl.own_listeners():
+            _log.info(
+                "the tunnel's ports now go to the tunnel's own sockets only",
+                fields={
+                    "outbound": f"{c.tunnel.address}:{c.tunnel.port}",
+                    "hbone": self.hbone_port(),
+                },
+            )
         self.ctl.set_exclusions(c.capture.exclude_cidrs, c.capture.exclude_ports)
         self.ctl.set_tunnel_addrs(c.tunnel_addresses)
         self.ctl.set_mesh_ports(self.mesh_ports())
         self._sync_node_addrs()
 
+    def hbone_port(self) -> int:
+        """The tunnel's HBONE port (0: no tunnel here, no control plane)."""
+        c = self.cfg
+        if c.tunnel.inbound:
+            return int(c.tunnel.inbound.rsplit(":", 1)[1])
+        return HBONE_PORT if c.control is not None else 0
+
     def mesh_ports(self) -> list[int]:
         """The mesh's own ports on this node: never a destination of its workloads."""
-        c = self.cfg
-        ports = set(addresses.MESH_PORTS) | {c.tunnel.port}
-        if c.tunnel.inbound:
-            ports.add(int(c.tunnel.inbound.rsplit(":", 1)[1]))
-        return sorted(ports)
+        ports = set(addresses.MESH_PORTS) | {self.cfg.tunnel.port, self.hbone_port()}
+        return sorted(ports - {0})
 
     def _sync_node_addrs(self) -> None:
         """The node's own addresses, as the kernel refuses them (they change: DHCP, new links)."""
@@ -197,6 +214,28 @@ class Agent:
                 self._sync_node_addrs()
             except DabbaError as e:
                 _log.error(str(e))
+
+    def _hold_configured(self) -> None:
+        """With a control plane, before its first snapshot (it may be unreachable at first
+        boot): every configured workload not enrolled yet is held, captured and STRICT, so it
+        is never outside the mesh. A restarted agent keeps what is enrolled until the cached
+        snapshot is applied."""
+        enrolled = set(self.ctl.workloads())
+        for i, w in enumerate(self.cfg.workloads, start=1):
+            key = f"{w.namespace}/{w.name}"
+            try:
+                if cgroup_id(w.cgroup) in enrolled:
+                    continue
+                flags = abi.WL_ACCOUNT | abi.WL_STRICT
+                if w.capture and self.cfg.capture.enabled:
+                    flags |= abi.WL_CAPTURE
+                self.workload_ids[self.ctl.enrol(w.cgroup, i, flags)] = key
+            except DabbaError as e:
+                _log.error(f"workload {key} not held: {e}")
+                continue
+            _log.info(
+                f"workload {key} is held (captured and STRICT) until the control plane speaks"
+            )
 
     def _enrol(self, entries: list[tuple[str, str, bool, bool]]) -> None:
         """entries: (namespace/name, cgroup, capture, strict); everything else is unenrolled."""
@@ -255,14 +294,17 @@ class Agent:
             if not cgroup:
                 _log.warning(f"workload {key} has no known cgroup on this node; not enrolled")
                 continue
+            # captured from its first socket, even before a tunnel listens: its connections
+            # then fail (nothing on the capture port), never fall back to plaintext
+            capture = local.capture if local else True
             if key not in certs:
-                _log.info(f"workload {key} waits for its certificate before it is captured")
+                # held until its certificate arrives: captured (the tunnel refuses its
+                # connections, saying why) and STRICT (no plaintext in); never left outside
+                _log.info(
+                    f"workload {key} is held (captured and STRICT) until its certificate arrives"
+                )
+                entries.append((key, cgroup, capture, True))
                 continue
-            # capture only once a tunnel has listened; after that it stays on through tunnel
-            # restarts (connections fail closed meanwhile), never falling back to plaintext
-            capture = (local.capture if local else True) and (
-                self._tunnel_was_ready or self.tunnel_ready()
-            )
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
             if capture and w.mtls_mode != "STRICT" and netns:
                 steer.append((key, netns))
@@ -353,7 +395,7 @@ class Agent:
         import sys
 
         c = self.cfg
-        inbound = c.tunnel.inbound or f"{c.control.node_address}:15008"
+        inbound = c.tunnel.inbound or f"{c.control.node_address}:{HBONE_PORT}"
         argv = [
             sys.executable,
             "-m",
@@ -407,8 +449,8 @@ class Agent:
     async def _wait_tunnel(self, argv: list[str], log_path: str) -> int:
         """Wait for the tunnel to exit, upgrading it in place whenever upgrade_tunnel is set.
 
-        An upgrade starts a successor, which binds the same ports (SO_REUSEPORT)
-        and, once ready, receives the spliced connections from the old tunnel
+        An upgrade starts a successor, which borrows the old tunnel's listening sockets
+        (ztunnel/listeners.py) and, once ready, receives the spliced connections from the old tunnel
         (SCM_RIGHTS) when that one gets SIGTERM; the old one then drains.
         """
         while True:

@@ -867,20 +867,14 @@ def refusal_kind(e: BaseException) -> str:
     return "protocol"
 
 
-async def serve(
-    host: str,
-    port: int,
+def serve(
+    sock: socket.socket,
     identities: ServerIdentities,
     on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
     handshake_timeout: float = 10.0,
 ) -> Listener:
-    """Listen for HBONE; on_connect(authority, client id, client ip) returns a connected TcpSide or a refusal."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a successor binds it too
-    sock.bind((host, port))
-    sock.listen(4096)
-    sock.setblocking(False)
+    """Serve HBONE on a listening socket (listeners.py); on_connect(authority, client id,
+    client ip) returns a connected TcpSide or a refusal."""
     return Listener(
         sock,
         lambda: ServerConnection(identities.trust_domain, on_connect),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import json
 import os
@@ -41,7 +42,8 @@ from ..bpf.sys import Map
 from ..control import model as m
 from ..control.convert import policy_from_pb
 from ..control.proto import control_pb2 as pb
-from . import admin, handoff, hbone, lb
+from ..node.addresses import node_addresses, refused_destination
+from . import admin, handoff, hbone, lb, listeners
 from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
@@ -71,7 +73,7 @@ class TunnelConfig:
     lb: lb.LbConfig = field(default_factory=lambda: lb.LbConfig())
     policy_recheck: bool = True  # a policy change also closes established flows it denies
     drain: float = 30.0  # on SIGTERM: how long open flows may go on before we close them
-    workers: int = 1  # processes sharing the ports (SO_REUSEPORT); 0: as the load asks, up to cores
+    workers: int = 1  # processes sharing the listening sockets; 0: as the load asks, up to cores
     worker: int = 0  # this process's index; 0 runs admin, metrics, 15006 and the other workers
     argv: list = field(default_factory=list)  # `dabba tunnel run` arguments, to start workers
     # the source address of connections to this node's workloads: one of the agent's
@@ -106,6 +108,8 @@ class Tunnel:
         src = cfg.source or cfg.outbound[0]
         self._source = "" if src == "0.0.0.0" else src  # of connections to local workloads
         self.state = State()
+        # never a passthrough destination (the kernel refuses them first; see node/addresses.py)
+        self.node_addrs = set(node_addresses())
         self.capture = CaptureReader(cfg.maps_dir)
         self.splicer = Splicer(cfg.maps_dir)
         self.pool: hbone.Pool | None = None
@@ -118,6 +122,7 @@ class Tunnel:
         self._stamp = None
         self._listening = False
         self.listener: hbone.Listener | None = None
+        self.listen_socks: list[socket.socket] = []  # outbound, HBONE (workers inherit them)
         self.enforced: dict[int, _Enforced] = {}
         self.plain: dict[str, tuple] = {}  # workload key -> (15006 listener, its ip, accept task)
         self.plain_map = Map.pinned(
@@ -180,11 +185,12 @@ class Tunnel:
             svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
             if os.path.exists(svid):
                 ids.set(w.spiffe_id, svid, svid)
-        old_policies = self.state.policies
+        old_policies, old_modes = self.state.policies, _modes(self.state)
+        self.node_addrs = set(node_addresses())
         self.state, self._stamp = st, stamp
         if self._listening:
             self._sync_plain()
-        if self.cfg.policy_recheck and st.policies != old_policies:
+        if self.cfg.policy_recheck and (st.policies != old_policies or _modes(st) != old_modes):
             self.recheck()
         if self.identities is None:
             self.identities = ids
@@ -319,9 +325,13 @@ class Tunnel:
         for key, f in list(self.enforced.items()):
             dst = self.state.workloads.get(f.dst)
             d = self.decide(dst, f.src_identity, f.src_ip, f.port) if dst is not None else None
-            if d is not None and d.allowed:
+            strict = dst is not None and f.src_identity is None and dst.mtls_mode == "STRICT"
+            if d is not None and d.allowed and not strict:
                 continue
-            reason = d.reason if d else f"workload {f.dst} is gone"
+            if strict:  # a plaintext flow (15006) to a workload that is STRICT now
+                reason = f"{f.dst} is STRICT now: plaintext is no longer accepted"
+            else:
+                reason = d.reason if d else f"workload {f.dst} is gone"
             _log.info(
                 "established flow closed: policy now denies it",
                 fields={
@@ -400,6 +410,24 @@ class Tunnel:
         peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
         src_ip = peer[0]
         svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
+        if self.identities is None or src.spiffe_id not in self.identities.contexts:
+            # enrolled (captured and STRICT) before its certificate arrived: fail closed
+            self.facts.send(
+                key_of(peer, local),
+                "source",
+                party(src, ip=src_ip, port=peer[1]),
+                party(None, ip=cap.orig_ip, port=cap.orig_port, identity=""),
+                path="denied",
+                security="none",
+                verdict="deny",
+                reason="the workload's certificate has not arrived yet",
+            )
+            self.stats["denied_no_certificate"] += 1
+            _log.info(
+                "connection refused: the source workload has no certificate yet",
+                fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}"},
+            )
+            return _reset(sock)
         me = party(src, ip=src_ip, port=peer[1])
         orig = party(None, ip=cap.orig_ip, port=cap.orig_port, identity="")
 
@@ -432,6 +460,15 @@ class Tunnel:
                 self.stats["denied_registry_only"] += 1
                 _log.info(
                     "destination outside the mesh refused (registry-only)",
+                    fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}"},
+                )
+                return _reset(sock)
+            why = refused_destination(cap.orig_ip, cap.orig_port, self.node_addrs)
+            if why:  # the kernel refuses these at connect(); never dial them from here
+                fact(orig, "denied", "deny", f"destination refused: {why}")
+                self.stats["denied_destination"] += 1
+                _log.warning(
+                    "passthrough to a destination the mesh never carries, reset",
                     fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}"},
                 )
                 return _reset(sock)
@@ -847,19 +884,16 @@ class Tunnel:
         while not self.reload():
             _log.info("waiting for the agent's snapshot", fields={"dir": self.cfg.state_dir})
             await asyncio.sleep(0.5)
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        ls.bind(self.cfg.outbound)
-        ls.listen(4096)
-        ls.setblocking(False)
+        ls, hb, how = listeners.acquire(self.cfg.state_dir, self.cfg.outbound, self.cfg.inbound)
+        self.listen_socks = [ls, hb]
+        listeners.register(self.cfg.maps_dir, ls, hb)
+        _log.info(
+            f"listeners {how}",
+            fields={"outbound": ls.getsockname(), "hbone": hb.getsockname()},
+        )
         _raise_nofile()
-        inbound = self.listener = await hbone.serve(
-            self.cfg.inbound[0],
-            self.cfg.inbound[1],
-            self.identities,
-            self._inbound,
-            handshake_timeout=self.cfg.handshake_timeout,
+        inbound = self.listener = hbone.serve(
+            hb, self.identities, self._inbound, handshake_timeout=self.cfg.handshake_timeout
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
         await self.facts.start()
@@ -895,6 +929,7 @@ class Tunnel:
         if main:
             self._sync_plain()
         accept = asyncio.ensure_future(self._accept_loop(ls))
+        lender = listeners.Lender(self.cfg.state_dir, [ls, hb]) if main else None
         receiver = handoff.Receiver(
             handoff.path_in(self.cfg.state_dir, self.cfg.worker),
             self.splicer,
@@ -938,9 +973,12 @@ class Tunnel:
                 else:
                     self.workers.report()
         finally:
-            # Stop accepting; a successor bound the same ports (SO_REUSEPORT) takes new ones.
+            # Stop accepting; a successor holds the same listening sockets (it borrowed them)
+            # and takes what waits in their queues.
             if main:
                 systemd.notify("STOPPING=1")
+            if lender is not None:
+                lender.close()
             self._listening = False
             accept.cancel()
             for lsock, _, task in self.plain.values():
@@ -1014,10 +1052,16 @@ def _listener_in_netns(netns: str, addr: tuple[str, int]) -> socket.socket:
             err = ctypes.get_errno()
             raise OSError(err, f"setns {netns}: {os.strerror(err)}")
         try:
+            # No SO_REUSEPORT (nothing else joins it) and plain.c assigns this very socket;
+            # a successor, while we still hold the port, takes any port: sk_lookup does not care
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a successor binds it too
-            s.bind(addr)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                s.bind((addr[0], 0))
             s.listen(4096)
             s.setblocking(False)
         finally:
@@ -1050,6 +1094,11 @@ def _write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _modes(st: State) -> dict[str, str]:
+    """Each local workload's peer authentication mode (a change to STRICT closes plaintext)."""
+    return {f"{w.namespace}/{w.name}": w.mtls_mode for w in st.workloads.values()}
 
 
 def _facts(src_identity: str | None, src_ip: str, dst: pb.Workload, port: int) -> dict:

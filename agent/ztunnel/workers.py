@@ -1,10 +1,11 @@
-"""Tunnel workers: more processes on the same ports (SO_REUSEPORT) when one core is not enough.
+"""Tunnel workers: more processes on the same listening sockets when one core is not enough.
 
 Worker 0 (the process the agent starts) serves admin, readiness, metrics and
 the plaintext listeners, and starts and supervises workers 1..N-1: the same
-`dabba tunnel run` with ``--worker i``. Every worker binds 15001 and 15008
-with SO_REUSEPORT, so the kernel spreads new connections across them; each
-has its own HBONE pool and splicer over the node's shared pinned maps.
+`dabba tunnel run` with ``--worker i``. Every worker inherits worker 0's
+15001 and 15008 sockets (listeners.py: never SO_REUSEPORT, which would let
+another process join the port) and accepts from them; each has its own HBONE
+pool and splicer over the node's shared pinned maps.
 
 ``--workers N`` starts N at once; ``--workers auto`` (0) starts with one and
 adds one, up to the number of cores, whenever the busiest tunnel process
@@ -27,7 +28,7 @@ import sys
 import time
 
 from .. import log
-from . import hbone
+from . import hbone, listeners
 
 _log = log.get("workers")
 
@@ -81,7 +82,9 @@ class Workers:
 
     async def _spawn(self, i: int) -> None:
         argv = [sys.executable, "-m", "agent.cli", *self.cfg.argv, "--worker", str(i)]
-        self.procs[i] = await asyncio.create_subprocess_exec(*argv)
+        fds = [s.fileno() for s in self.t.listen_socks]  # one socket per port, shared
+        env = {**os.environ, listeners.ENV: ",".join(map(str, fds))}
+        self.procs[i] = await asyncio.create_subprocess_exec(*argv, pass_fds=fds, env=env)
         _log.info("tunnel worker started", fields={"worker": i, "pid": self.procs[i].pid})
 
     async def tick(self) -> None:

@@ -15,7 +15,7 @@ import sys
 
 
 def _err(e: OSError) -> str:
-    if isinstance(e, TimeoutError) or isinstance(e, socket.timeout):
+    if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
         return "timeout"
     return f"error {errno.errorcode.get(e.errno, e.errno)}"
 

@@ -22,6 +22,9 @@ def main():
     ap.add_argument("--maps", required=True)
     ap.add_argument("--listen", required=True)
     ap.add_argument("--count", type=int, default=1)
+    ap.add_argument(
+        "--register", action="store_true", help="be the tunnel's socket for own.c (dabba_tun_sk)"
+    )
     a = ap.parse_args()
     reader = CaptureReader(a.maps)
     host, port = a.listen.rsplit(":", 1)
@@ -29,7 +32,12 @@ def main():
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((host, int(port)))
     ls.listen(16)
-    print(json.dumps({"listening": a.listen}), flush=True)
+    if a.register:
+        from agent.ztunnel.listeners import register
+
+        register(a.maps, ls, ls)
+    host, port = ls.getsockname()[:2]
+    print(json.dumps({"listening": f"{host}:{port}"}), flush=True)
     for _ in range(a.count):
         s, peer = ls.accept()
         cap = reader.lookup_socket(s)

@@ -6,6 +6,7 @@ fails on the programs before the fix (named in its docstring).
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -112,9 +113,7 @@ def test_loopback_and_unspecified_stay_in_the_pods_own_namespace(lab, procs, enr
     assert d.get("local") == len(spellings) and "captured" not in d, d
 
 
-def test_node_link_local_mesh_ports_and_ipv6_are_refused_counted_and_reported(
-    lab, procs, enrolled
-):
+def test_node_link_local_mesh_ports_and_ipv6_are_refused_counted_and_reported(lab, procs, enrolled):
     """Before: these were captured (the tunnel would dial the node itself or its link) or,
     through AF_INET6, not hooked at all (plaintext, no identity, no record)."""
     pod, ctl = enrolled
@@ -177,7 +176,9 @@ def test_ipv4_mapped_connect_is_captured_exactly_like_ipv4(lab, procs, enrolled)
     procs.append(stub)
     read_json(stub, "listening")
     before = ctl.stats()
-    got = probe(lab, pod.name, [_tcp(f"::ffff:{server.ip}", 8080, 6, send="GET / HTTP/1.0\r\n\r\n")])
+    got = probe(
+        lab, pod.name, [_tcp(f"::ffff:{server.ip}", 8080, 6, send="GET / HTTP/1.0\r\n\r\n")]
+    )
     assert got[0].startswith("connected HTTP/1.1 200 OK"), got
     rec = read_json(stub, "found")
     assert (rec["found"], rec["orig_ip"], rec["orig_port"]) == (True, server.ip, 8080)
@@ -235,10 +236,14 @@ def test_strict_pod_takes_no_ipv6_and_no_plaintext_udp_but_its_own_and_dns(lab, 
         assert own == ["connected strict-pod"] * 3 + ["sent"]
         assert srv.stdout.readline().split()[:2] == ["udp", "self"]  # not "plain", not "ll"
         d = _delta(ctl, before)
-        assert d["guard_drop"] >= 3 and d["guard_drop"] == ctl.guard_drops()[cgroup_id(strict.cgroup)]
+        assert (
+            d["guard_drop"] >= 3 and d["guard_drop"] == ctl.guard_drops()[cgroup_id(strict.cgroup)]
+        )
     finally:
         ctl.unenrol(strict.cgroup)
-    assert probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8086, 6, send="x")]) == ["connected strict-pod"]
+    assert probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8086, 6, send="x")]) == [
+        "connected strict-pod"
+    ]
 
 
 def test_permissive_pod_takes_no_ipv6_plaintext_around_the_tunnel(lab, datapaths, procs):
@@ -256,7 +261,81 @@ def test_permissive_pod_takes_no_ipv6_plaintext_around_the_tunnel(lab, datapaths
     try:
         got = probe(lab, peer.name, [_tcp(f"{ll}%eth0", 8087, 6, timeout=2, send="x")])
         assert got == ["error ECONNREFUSED"]
-        assert probe(lab, pod.name, [_tcp("::1", 8087, 6, send="x")]) == ["connected permissive-pod"]
+        assert probe(lab, pod.name, [_tcp("::1", 8087, 6, send="x")]) == [
+            "connected permissive-pod"
+        ]
         assert _delta(ctl, before) == {"plain_v6_drop": 1}
     finally:
         ctl.unsteer_plaintext(set())
+
+
+HIJACK = (
+    "import socket,sys,time\n"
+    "socks = []\n"
+    "for addr in sys.argv[1:]:\n"
+    "    host, port = addr.rsplit(':', 1)\n"
+    "    for _ in range(16):\n"
+    "        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+    "        s.bind((host, int(port))); s.listen(64); s.settimeout(0.05); socks.append(s)\n"
+    "print('listening', len(socks), flush=True)\n"
+    "got, end = 0, time.monotonic() + 8\n"
+    "while time.monotonic() < end:\n"
+    "    for s in socks:\n"
+    "        try:\n"
+    "            s.accept()[0].close(); got += 1\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "print('accepted', got, flush=True)\n"
+)
+
+
+def test_the_tunnels_ports_go_to_its_own_socket_and_nowhere_while_it_is_down(lab, datapaths, procs):
+    """Before: a root process in the node's namespace bound 15001 with SO_REUSEPORT and got
+    pods' captured connections in plaintext (the tunnel's listeners shared their ports). Now
+    own.c (sk_lookup) gives the capture and HBONE ports to the socket the tunnel registered
+    and to no other, and refuses them while none is registered (a tunnel restart)."""
+    n1, n2, pod, server = lab.node("n1"), lab.node("n2"), lab.pod("n1-p1"), lab.pod("n2-p1")
+    ctl = datapaths["n1"]
+    ctl.configure(n1.gateway, 15001, hbone_port=15008)
+    ctl.set_mesh_ports(list(MESH_PORTS))
+    ctl.enrol(pod.cgroup, 9, abi.WL_CAPTURE | abi.WL_ACCOUNT)
+    assert ctl.own_listeners(f"/run/netns/{n1.netns}")
+    own = next(p for p in ctl.dp.programs if p.function == "dabba_own_in")
+    try:
+        # the tunnel is down: a hijacker takes 15001 and 15008 (32 sockets) while nothing holds them
+        hijack = lab.popen(
+            "n1",
+            [sys.executable, "-c", HIJACK, f"{n1.gateway}:15001", f"{n1.ip}:15008"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(hijack)
+        line = hijack.stdout.readline()
+        assert line.split() == ["listening", "32"], line or hijack.stderr.read()
+        before = ctl.stats()
+        first = probe(lab, pod.name, [_tcp(server.ip, 8080, send="GET / HTTP/1.0\r\n\r\n")])
+        hb = probe(lab, "n2", [_tcp(n1.ip, 15008)])
+        assert first == ["error ECONNREFUSED"] and hb == ["error ECONNREFUSED"]
+        d = _delta(ctl, before)
+        assert d == {"own_no_tunnel": 2, "captured": 1, "flow_opened": 1, "flow_closed": 1}, d
+
+        # the tunnel is back (on any port: sk_lookup does not care): it gets them all
+        stub = lab.popen(
+            "n1",
+            [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1), "--count", "2",
+             "--listen", f"{n1.gateway}:0", "--register"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(stub)
+        read_json(stub, "listening")
+        got = probe(lab, pod.name, [_tcp(server.ip, 8080, send="GET / HTTP/1.0\r\n\r\n")])
+        assert got[0].startswith("connected HTTP/1.1 200 OK"), got
+        rec = read_json(stub, "found")
+        assert (rec["found"], rec["orig_ip"], rec["orig_port"]) == (True, server.ip, 8080)
+        assert probe(lab, "n2", [_tcp(n1.ip, 15008, send="x")])[0].startswith("connected HTTP")
+        assert read_json(stub, "found")["peer"][0] == n2.ip
+        assert hijack.stdout.readline().split() == ["accepted", "0"]
+    finally:
+        ctl.unenrol(pod.cgroup)
+        ctl.configure(n1.gateway, 15001)
+        os.unlink(own.link_pin)

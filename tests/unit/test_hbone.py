@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from agent.control import ca as camod
-from agent.ztunnel import hbone
+from agent.ztunnel import hbone, listeners
 
 TD = "cluster.local"
 CLIENT = camod.spiffe_id(TD, "front", "sleep")
@@ -61,7 +61,7 @@ async def _setup(ca, files, decide=None):
         host, port = authority.rsplit(":", 1)
         return await hbone.dial_tcp(host, int(port))
 
-    srv = await hbone.serve("127.0.0.1", 0, ids, on_connect)
+    srv = hbone.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect)
     port = srv.sockets[0].getsockname()[1]
     pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident])
     return echo, echo_port, ids, srv, port, pool, seen

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.control import ca as camod
-from agent.ztunnel import hbone
+from agent.ztunnel import hbone, listeners
 from tests.unit.test_hbone import CLIENT, SERVER, TD, _issue
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -66,7 +66,9 @@ class _Server:
                 host, port = authority.rsplit(":", 1)
                 return await hbone.dial_tcp(host, int(port), timeout=1)
 
-            self.listener = await hbone.serve("127.0.0.1", 0, ids, on_connect, handshake_timeout=1)
+            self.listener = hbone.serve(
+                listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect, handshake_timeout=1
+            )
             self.port = self.listener.sock.getsockname()[1]
             self.echo_port = self.echo.sockets[0].getsockname()[1]
 

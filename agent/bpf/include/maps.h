@@ -97,6 +97,23 @@ __attribute__((section("maps/sockhash:" DABBA_PIN(
 BPF_ANNOTATE_KV_PAIR(dabba_plain, u32, int);
 
 /*
+ * The tunnel's own listening sockets in the node's network namespace: 0 its
+ * outbound (capture) listener, 1 its HBONE listener. own.c gives every
+ * connection to those ports to these sockets and no other.
+ */
+struct dabba_tun_sk_table_t {
+	u32 key;
+	int leaf;
+	int *(*lookup)(u32 *);
+	int (*update)(u32 *, int *);
+	int (*delete)(u32 *);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" DABBA_PIN(
+    dabba_tun_sk)))) struct dabba_tun_sk_table_t dabba_tun_sk = {.max_entries = 2};
+BPF_ANNOTATE_KV_PAIR(dabba_tun_sk, u32, int);
+
+/*
  * Map method calls (map.lookup() and friends) must be written in the .c
  * file bcc compiles: bcc rewrites them only there, and refuses them inside
  * macros. So each program defines its own small count() over dabba_stats.

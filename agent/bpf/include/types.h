@@ -40,7 +40,8 @@ struct dabba_config {
 	__u16 tunnel_port; /* its port */
 	__u16 enabled;	   /* 0 disables capture (connections go direct) */
 	__u32 tunnel_mark; /* SO_MARK of the tunnel's own sockets: never captured */
-	__u32 flags;	   /* DABBA_CFG_* */
+	__u16 flags;	   /* DABBA_CFG_* */
+	__u16 hbone_port;  /* the tunnel's HBONE listener (own.c); 0: not owned */
 };
 
 /*
@@ -61,6 +62,10 @@ enum dabba_refusal {
 	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6: not meshed yet, so never sent around it */
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 };
+
+/* dabba_tun_sk: keys (own.c) */
+#define TUN_SK_OUTBOUND 0
+#define TUN_SK_HBONE	1
 
 /* dabba_cap_ck (by socket cookie) and dabba_cap_tp (by 4-tuple): value. */
 struct dabba_capture {
@@ -160,11 +165,12 @@ enum dabba_stat {
 	DABBA_ST_PLAIN_STEERED,	  /* plaintext connections steered to the tunnel's 15006 */
 	DABBA_ST_PLAIN_NO_TUNNEL, /* ...refused: no 15006 listener for that workload (fail closed)
 				   */
-	DABBA_ST_LOCAL,		  /* connect() to loopback or unspecified: stays in the caller's netns */
-	DABBA_ST_DST_REFUSED,	  /* connect() refused: link-local, the node itself, a mesh port */
-	DABBA_ST_V6_REFUSED,	  /* connect() to a native IPv6 address refused (not meshed) */
-	DABBA_ST_PROTO_REFUSED,	  /* non-TCP socket or datagram refused (only DNS leaves) */
-	DABBA_ST_PLAIN_V6_DROP,	  /* IPv6 plaintext to a PERMISSIVE workload dropped */
+	DABBA_ST_LOCAL, /* connect() to loopback or unspecified: stays in the caller's netns */
+	DABBA_ST_DST_REFUSED,	/* connect() refused: link-local, the node itself, a mesh port */
+	DABBA_ST_V6_REFUSED,	/* connect() to a native IPv6 address refused (not meshed) */
+	DABBA_ST_PROTO_REFUSED, /* non-TCP socket or datagram refused (only DNS leaves) */
+	DABBA_ST_PLAIN_V6_DROP, /* IPv6 plaintext to a PERMISSIVE workload dropped */
+	DABBA_ST_OWN_NO_TUNNEL, /* connection to the tunnel's ports refused: it is not listening */
 	DABBA_ST_MAX,
 };
 

@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Listener ownership: sk_lookup in the node's network namespace.
+ *
+ * Captured connections (to tunnel_ip:tunnel_port) and HBONE (any address,
+ * hbone_port) go to the tunnel's own listening sockets, registered by the
+ * tunnel in dabba_tun_sk, and to no other: not to a socket that joined the
+ * port's reuseport group (NO_REUSEPORT), not to one bound to a more specific
+ * address, not to one bound while the tunnel was down. Before this, a root
+ * process in the node's namespace bound 15001 with SO_REUSEPORT and received
+ * pods' captured connections in plaintext.
+ *
+ * Fail closed: while the tunnel has no listener registered (it is
+ * restarting), such connections are refused and counted.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "maps.h"
+
+static __always_inline void count(u32 stat)
+{
+	u64 *v = dabba_stats.lookup(&stat);
+	if (v)
+		*v += 1;
+}
+
+int dabba_own_in(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != 6 /* TCP */)
+		return SK_PASS;
+	u32 zero = 0;
+	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
+	if (!cfg)
+		return SK_PASS;
+	u32 key;
+	if (ctx->local_port == cfg->tunnel_port && ctx->family == 2 /* AF_INET */ &&
+	    ctx->local_ip4 == cfg->tunnel_ip)
+		key = TUN_SK_OUTBOUND;
+	else if (cfg->hbone_port && ctx->local_port == cfg->hbone_port)
+		key = TUN_SK_HBONE; /* an IPv6 lookup cannot take it: refused below */
+	else
+		return SK_PASS;
+	struct bpf_sock *sk = (struct bpf_sock *)dabba_tun_sk.lookup(&key);
+	if (!sk) {
+		count(DABBA_ST_OWN_NO_TUNNEL);
+		return SK_DROP;
+	}
+	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_NO_REUSEPORT);
+	bpf_sk_release(sk);
+	if (err) {
+		count(DABBA_ST_OWN_NO_TUNNEL);
+		return SK_DROP;
+	}
+	return SK_PASS;
+}

@@ -1,0 +1,158 @@
+"""The tunnel's listening sockets (outbound 15001, HBONE 15008): the tunnel's alone.
+
+Before, every tunnel listener set SO_REUSEPORT so that workers and an
+upgrade's successor could bind the same ports; a root process in the node's
+network namespace did the same, joined the port's reuseport group and
+received pods' captured connections in plaintext. Now there is one socket
+per port, never bound twice, shared instead:
+
+- workers 1..N-1 inherit worker 0's sockets (``pass_fds``; the descriptor
+  numbers in DABBA_TUNNEL_LISTEN_FDS);
+- an upgrade's successor borrows them from its predecessor over a Unix socket
+  in the node's state folder (``tunnel.listeners``, root only, SCM_RIGHTS),
+  then lends them on itself; connections waiting in the accept queue are
+  taken by whichever process accepts next, so none is lost;
+- a first start, or a start after a crash, binds them.
+
+The tunnel registers them in the pinned ``dabba_tun_sk``, where own.c
+(sk_lookup in the node's namespace, attached by the agent) gives every
+connection to those ports to these sockets and no other -- not to one bound
+while the tunnel was down -- and refuses connections while none is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import socket
+import struct
+
+from .. import log
+from ..bpf import abi, names
+from ..bpf.sys import Map
+from ..errors import DabbaError
+
+_log = log.get("listeners")
+
+ENV = "DABBA_TUNNEL_LISTEN_FDS"
+FILE = "tunnel.listeners"
+KINDS = ("outbound", "hbone")  # dabba_tun_sk keys 0 and 1 (abi.TUN_SK_*)
+
+
+def bind(addr: tuple[str, int], what: str) -> socket.socket:
+    """A listening socket on addr that no other socket can share (no SO_REUSEPORT)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only
+    try:
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DabbaError(
+                f"the tunnel's {what} port {addr[0]}:{addr[1]} is held by another socket",
+                hint=f"`ss -ltnp 'sport = :{addr[1]}'` shows the process; the tunnel owns "
+                "its ports and shares them with nobody",
+            ) from None
+        raise DabbaError(f"cannot bind the tunnel's {what} port {addr[0]}:{addr[1]}: {e}") from None
+    s.listen(4096)
+    s.setblocking(False)
+    return s
+
+
+def acquire(state_dir: str, outbound: tuple[str, int], inbound: tuple[str, int]):
+    """(outbound socket, HBONE socket, how): inherited, borrowed or bound."""
+    want = {"outbound": outbound, "hbone": inbound}
+    fds = os.environ.get(ENV)
+    if fds:
+        socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
+        for s in socks:
+            s.setblocking(False)
+        return socks[0], socks[1], "inherited"
+    got = borrow(os.path.join(state_dir, FILE))
+    if got is not None:
+        if all(_same(s.getsockname(), want[k]) for k, s in zip(KINDS, got, strict=True)):
+            for s in got:
+                s.setblocking(False)
+            return got[0], got[1], "borrowed"
+        _log.warning("the predecessor listens elsewhere; binding this tunnel's own addresses")
+        for s in got:
+            s.close()
+    return bind(outbound, "outbound"), bind(inbound, "HBONE"), "bound"
+
+
+def _same(have: tuple, want: tuple[str, int]) -> bool:
+    return have[1] == want[1] and (want[0] in ("", "0.0.0.0") or have[0] == want[0])
+
+
+def register(maps_dir: str, outbound: socket.socket, hbone: socket.socket) -> None:
+    """Put the sockets where own.c takes them from (dabba_tun_sk)."""
+    with Map.pinned(os.path.join(maps_dir, names.MAP_TUN_SK)) as m:
+        for key, s in ((abi.TUN_SK_OUTBOUND, outbound), (abi.TUN_SK_HBONE, hbone)):
+            m.update(ctypes.c_uint32(key), ctypes.c_uint32(s.fileno()))
+
+
+def _peer_uid(s: socket.socket) -> int:
+    cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", cred)[1]
+
+
+def borrow(path: str, timeout: float = 5.0) -> list[socket.socket] | None:
+    """The predecessor's listeners, or None when no tunnel lends any at path."""
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.settimeout(timeout)
+    try:
+        c.connect(path)
+        msg, fds, _, _ = socket.recv_fds(c, 4096, len(KINDS))
+    except OSError:
+        return None
+    finally:
+        c.close()
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    if json.loads(msg or b"{}").get("listeners") != list(KINDS) or len(socks) != len(KINDS):
+        for s in socks:
+            s.close()
+        return None
+    return socks
+
+
+class Lender:
+    """Worker 0's side: hands its listeners to a successor (root only) that asks."""
+
+    def __init__(self, state_dir: str, socks: list[socket.socket]):
+        self.path = os.path.join(state_dir, FILE)
+        self.socks = socks
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a predecessor's: successors find us here from now on
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(4)
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            if _peer_uid(conn) != 0:
+                _log.warning("a process that is not root asked for the tunnel's listeners")
+                return
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                msg = json.dumps({"listeners": list(KINDS)}).encode()
+                socket.send_fds(conn, [msg], [s.fileno() for s in self.socks])
+                _log.info("listeners lent to a successor")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        with contextlib.suppress(OSError):  # only our own: a successor may have replaced it
+            if os.stat(self.path).st_ino == os.fstat(self.sock.fileno()).st_ino:
+                os.unlink(self.path)
+        self.sock.close()

@@ -1,0 +1,51 @@
+"""Destinations the mesh never carries (agent/node/addresses.py), as the tunnel checks them."""
+
+import pytest
+
+from agent.node.addresses import MESH_PORTS, node_addresses, refused_destination
+
+NODE = {"10.10.0.11", "10.20.1.1", "fd00::11"}
+
+
+@pytest.mark.parametrize(
+    "ip,port,why",
+    [
+        ("0.0.0.0", 15000, "loopback or unspecified"),
+        ("0.1.2.3", 80, "loopback or unspecified"),
+        ("127.0.0.1", 80, "loopback or unspecified"),
+        ("127.255.0.9", 80, "loopback or unspecified"),
+        ("::", 80, "loopback or unspecified"),
+        ("::1", 80, "loopback or unspecified"),
+        ("::ffff:127.0.0.1", 80, "loopback or unspecified"),
+        ("::ffff:0.0.0.0", 80, "loopback or unspecified"),
+        ("10.20.2.11", 15008, "port 15008 is one of the mesh's own"),
+        ("10.20.2.11", 15001, "port 15001 is one of the mesh's own"),
+        ("169.254.169.254", 80, "a link-local address"),
+        ("::ffff:169.254.1.1", 80, "a link-local address"),
+        ("fe80::1", 80, "a link-local address"),
+        ("10.10.0.11", 22, "an address of the node itself"),
+        ("::ffff:10.20.1.1", 8080, "an address of the node itself"),
+        ("fd00::11", 80, "an address of the node itself"),
+        ("224.0.0.1", 80, "multicast or broadcast"),
+        ("255.255.255.255", 80, "multicast or broadcast"),
+        ("not-an-ip", 80, "'not-an-ip' is not an IP address"),
+    ],
+)
+def test_refused_destinations_say_why(ip, port, why):
+    assert refused_destination(ip, port, NODE).startswith(why)
+
+
+@pytest.mark.parametrize(
+    "ip,port", [("10.20.2.11", 8080), ("::ffff:10.20.2.11", 80), ("93.184.216.34", 443)]
+)
+def test_mesh_destinations_and_the_outside_are_not_refused(ip, port):
+    assert refused_destination(ip, port, NODE) == ""
+
+
+def test_mesh_ports_are_istios():
+    assert MESH_PORTS == (15000, 15001, 15006, 15008)
+
+
+def test_node_addresses_include_loopback_of_both_families():
+    addrs = node_addresses()
+    assert "127.0.0.1" in addrs and addrs == sorted(set(addrs))
