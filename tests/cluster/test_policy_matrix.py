@@ -332,3 +332,26 @@ def test_policy_recheck_closes_established_flows_a_new_policy_denies(plab):
     assert held[("ext", "db")].poll() is None
     held[("ext", "db")].kill()
     _apply(L, "", {})
+
+
+def test_a_change_to_strict_ends_established_plaintext_flows(plab):
+    """Before: policy recheck ran on policy changes only, so a workload switched to STRICT
+    kept its plaintext flows (through 15006) running."""
+    L, _ = plab
+    _apply(L, _peer_auth("PERMISSIVE"), {})
+    wait_for(lambda: _modes(L, "n2").get("db") == "PERMISSIVE", 15, what="db in PERMISSIVE")
+    time.sleep(1.5)  # the agent steers db's plaintext to 15006 on its next snapshot
+    closed = tunnel_stats(L, "n2").get("recheck_closed", 0)
+    held = {}
+    for src in ("plain", "web"):  # plaintext from outside the mesh; mutual TLS from web
+        p = L.popen(
+            src, ["python3", "-c", _HOLD, L.pod("db").ip], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout.readline().strip() == "open"
+        held[src] = p
+    _apply(L, _peer_auth("STRICT"), {})
+    assert held["plain"].communicate(timeout=15)[0].strip() == "reset"
+    assert held["web"].poll() is None  # mutual TLS is what STRICT asks for: it stays
+    held["web"].kill()
+    assert tunnel_stats(L, "n2").get("recheck_closed", 0) == closed + 1
+    _apply(L, "", {})
