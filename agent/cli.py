@@ -257,8 +257,8 @@ def bpf_status(node, config, output):
         click.echo(f"\n{'PROGRAM':<16}{'HOOK':<24}{'ID':>6}  {'ATTACHED':<9}TAG")
         for p in st.programs:
             att = {1: "yes", 0: "NO", -1: "unknown"}.get(p.attached, f"{p.attached}x!")
-            if p.hook == "sk_lookup":
-                att = f"{p.attached} ns"  # one link per steered workload namespace
+            if p.elsewhere:  # a link per namespace (sk_lookup), or the tunnel's cgroup
+                att = f"{p.attached} {'ns' if p.hook == 'sk_lookup' else 'cgroup'}"
             click.echo(f"{p.name:<16}{p.hook:<24}{p.id or '-':>6}  {att:<9}{p.tag or 'not pinned'}")
         click.echo(f"\n{'MAP':<17}{'TYPE':<14}{'ENTRIES':>9}{'MAX':>9}{'FILL':>8}")
         for m in st.maps:

@@ -221,15 +221,15 @@ def status(c: AgentClient, output: str) -> int:
     else:
         con.print("  tunnel      not run by this agent")
     progs = st["datapath"]["programs"]
-    attached = sum(1 for p in progs if p["attached"] == 1 or p["hook"] == "sk_lookup")
+    attached = sum(1 for p in progs if p["attached"] == 1 or p.get("elsewhere"))
     con.print(
         f"  datapath    {attached}/{len(progs)} programs attached, pins {st['datapath']['pins']}"
     )
     for p in progs:
         att = p["attached"]
         shown = (
-            f"{att} ns"
-            if p["hook"] == "sk_lookup"
+            f"{att} {'ns' if p['hook'] == 'sk_lookup' else 'cgroup'}"
+            if p.get("elsewhere")
             else {1: "attached", 0: "NOT ATTACHED"}.get(att, f"attached {att}x")
         )
         con.print(f"              {p['name']:<14}{p['hook']:<22}{shown}")

@@ -177,6 +177,7 @@ def datapaths(lab):
         ctl = DatapathControl(dp)
         ctl.configure(node.gateway, 15001)
         ctl.set_tunnel_addrs([node.gateway])
+        ctl.trust_tunnel_cgroup(node.system_cgroup)  # `lab.run(node)` acts as its tunnel
         out[node.name] = ctl
     yield out
 

@@ -138,6 +138,16 @@ class LpmV4(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("ip", ctypes.c_uint32)]
 
 
+MTLS_STRICT = 1  # DABBA_MTLS_STRICT
+MTLS_PLAINTEXT = 2  # DABBA_MTLS_PLAINTEXT
+
+
+class IpPort(ctypes.Structure):
+    """struct dabba_ip_port { __u32 ip; __u16 port; __u16 _pad; };"""
+
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+
+
 class Ip6(ctypes.Structure):
     """struct dabba_ip6 { __u32 w[4]; };"""
 
@@ -204,6 +214,7 @@ MIRRORS = {
     "dabba_lpm_v4": LpmV4,
     "dabba_pair": Pair,
     "dabba_ip6": Ip6,
+    "dabba_ip_port": IpPort,
     "dabba_flow": Flow,
 }
 

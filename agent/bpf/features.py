@@ -38,6 +38,16 @@ def cgroup2_root() -> str:
     )
 
 
+def cgroup_of(pid: int | str = "self") -> str:
+    """The cgroup v2 folder of a process (its "0::" line in /proc/<pid>/cgroup)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            rel = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        raise DabbaError(f"process {pid} has no cgroup v2 (is it gone?)") from None
+    return os.path.join(cgroup2_root(), rel.lstrip("/"))
+
+
 def require_cgroup2(path: str) -> None:
     if _fs_magic(path) != CGROUP2_MAGIC:
         raise DabbaError(

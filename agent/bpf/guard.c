@@ -3,7 +3,8 @@
  * Ingress guard: cgroup_skb/ingress.
  *
  * For workloads whose peer authentication is STRICT, a TCP connection may
- * only be opened by the node tunnel (whose addresses are in dabba_tun_addr):
+ * only be opened by the node tunnel (from an address in dabba_tun_addr, on a
+ * connection tunops.c saw the tunnel open):
  * anything else would be plaintext that bypassed mutual TLS. The guard
  * checks segments addressed to a listening socket (the SYN, and the ACK
  * completing the handshake), so no connection from elsewhere is ever
@@ -17,12 +18,16 @@
  * workload's own traffic pass. Loopback (127/8, ::1) and the workload's own
  * address as source are the workload talking to itself: such packets never
  * come from the wire (the kernel drops them as martians).
+ *
+ * Per port (Istio's portLevelMtls): dabba_port_mtls overrides the
+ * workload's mode for one of its ports, either way.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <linux/net.h>
 #include <linux/socket.h>
@@ -54,6 +59,28 @@ static __always_inline int is_dns(struct __sk_buff *skb, u32 l4)
 	return uh.source == bpf_htons(DNS_PORT) || uh.dest == bpf_htons(DNS_PORT);
 }
 
+/*
+ * A TCP segment from the tunnel: from a tunnel address *and* of a
+ * connection the tunnel itself opened (tunops.c recorded its 4-tuple). The
+ * address alone is the node's, shared by every host process on a host
+ * install.
+ */
+static __always_inline int from_tunnel(struct __sk_buff *skb, u32 saddr, u32 daddr, u32 l4)
+{
+	if (!dabba_tun_addr.lookup(&saddr))
+		return 0;
+	struct tcphdr th;
+	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) < 0)
+		return 0;
+	struct dabba_tuple t = {
+	    .src_ip = saddr,
+	    .dst_ip = daddr,
+	    .src_port = bpf_ntohs(th.source),
+	    .dst_port = bpf_ntohs(th.dest),
+	};
+	return dabba_tun_conn.lookup(&t) != 0;
+}
+
 /* 1: the packet may reach the workload (from the tunnel, or from itself). */
 static __always_inline int admitted(struct __sk_buff *skb, int udp)
 {
@@ -65,7 +92,7 @@ static __always_inline int admitted(struct __sk_buff *skb, int udp)
 			return 1;
 		if (udp)
 			return is_dns(skb, ih.ihl * 4);
-		return dabba_tun_addr.lookup(&ih.saddr) != 0;
+		return from_tunnel(skb, ih.saddr, ih.daddr, ih.ihl * 4);
 	}
 	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ih;
@@ -86,6 +113,19 @@ static __always_inline int admitted(struct __sk_buff *skb, int udp)
 	return 1; /* not IP */
 }
 
+/* Is the socket's port STRICT: its own mode (dabba_port_mtls), else the workload's. */
+static __always_inline int strict_port(struct __sk_buff *skb, struct bpf_sock *sk, u32 flags)
+{
+	int strict = flags & DABBA_WL_STRICT;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return strict;
+	struct dabba_ip_port k = {.port = (u16)sk->src_port};
+	if (bpf_skb_load_bytes(skb, offsetof(struct iphdr, daddr), &k.ip, sizeof(k.ip)) < 0)
+		return strict;
+	u8 *mode = dabba_port_mtls.lookup(&k);
+	return mode ? *mode == DABBA_MTLS_STRICT : strict;
+}
+
 int dabba_guard(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
@@ -100,7 +140,7 @@ int dabba_guard(struct __sk_buff *skb)
 
 	u64 cg = 0;
 	struct dabba_workload *wl = dabba_sk_workload(sk, &cg);
-	if (!wl || !(wl->flags & DABBA_WL_STRICT))
+	if (!wl || !strict_port(skb, sk, wl->flags))
 		return 1;
 	if (admitted(skb, udp))
 		return 1;

@@ -321,6 +321,20 @@ class OwnProgram(Program):
     attach_type = bpfsys.BPF_SK_LOOKUP
 
 
+class TunnelOpsProgram(Program):
+    """sockops on the tunnel's own cgroup: records the tunnel's connections (tunops.c).
+
+    Attached by DatapathControl.trust_tunnel_cgroup, not by ensure(): the
+    tunnel's cgroup is known once the tunnel runs.
+    """
+
+    source = "tunops.c"
+    function = names.PROG_TUN_OPS
+    hook = "sockops (tunnel cgroup)"
+    prog_type = PROG_SOCK_OPS
+    attach_type = bpfsys.BPF_CGROUP_SOCK_OPS
+
+
 CGROUP_PROGRAMS = (
     OwnerProgram,
     CaptureProgram,
@@ -330,7 +344,7 @@ CGROUP_PROGRAMS = (
     FlowProgram,
     GuardProgram,
 )
-ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram, OwnProgram)
+ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram, OwnProgram, TunnelOpsProgram)
 
 
 @dataclass(frozen=True)
@@ -369,6 +383,8 @@ class ProgramStatus:
     tag: str | None = None
     attached: int = 0  # times attached to its target (-1 unknown)
     loaded_at: float | None = None  # seconds since boot
+    # attached to namespaces or the tunnel's cgroup, not the node's cgroup: any count is right
+    elsewhere: bool = False
 
 
 @dataclass
@@ -401,10 +417,7 @@ class DatapathStatus:
     )  # dabba_stats: captures, map full, ring drops
 
     def healthy(self) -> bool:
-        # sk_lookup attaches per steered workload namespace: any number is right
-        return all(
-            p.pinned and (p.attached in (1, -1) or p.hook == "sk_lookup") for p in self.programs
-        )
+        return all(p.pinned and (p.attached in (1, -1) or p.elsewhere) for p in self.programs)
 
     def as_dict(self) -> dict:
         return {
@@ -516,8 +529,8 @@ class Datapath:
                 with self.open_map(names.MAP_SPLICE) as sockhash:
                     if prog.attached(sockhash.fd, info.id) != 1:
                         prog.attach(fd, sockhash.fd)
-            elif isinstance(prog, PlainProgram | OwnProgram):
-                pass  # attached to network namespaces (steer_plaintext, own_listeners)
+            elif isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram):
+                pass  # attached elsewhere (steer_plaintext, own_listeners, trust_tunnel_cgroup)
             else:
                 self._ensure_link(prog, fd, info.id, cgroup_fd)
         finally:
@@ -584,6 +597,7 @@ class Datapath:
         try:
             for prog in self.programs:
                 ps = ProgramStatus(prog.function, prog.hook, os.path.exists(prog.prog_pin))
+                ps.elsewhere = isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram)
                 if ps.pinned:
                     fd = bpfsys.obj_get(prog.prog_pin)
                     try:
@@ -594,8 +608,8 @@ class Datapath:
                     target = sockhash if isinstance(prog, SpliceProgram) else cg
                     if isinstance(prog, PlainProgram):
                         ps.attached = prog.netns_links()  # one per steered workload namespace
-                    elif isinstance(prog, OwnProgram):
-                        ps.attached = int(os.path.exists(prog.link_pin))  # the node's namespace
+                    elif isinstance(prog, OwnProgram | TunnelOpsProgram):
+                        ps.attached = int(os.path.exists(prog.link_pin))  # namespace, cgroup
                     elif target is not None:
                         ps.attached = prog.attached(target, info.id)
                 st.programs.append(ps)
@@ -676,6 +690,42 @@ class DatapathControl:
         """Attach own.c to the node's network namespace (once); True if attached now."""
         prog = next(p for p in self.dp.programs if isinstance(p, OwnProgram))
         return self._attach_netns(prog, netns_path, lambda _ino: prog.link_pin, "node")
+
+    def trust_tunnel_cgroup(self, cgroup_path: str) -> bool:
+        """Attach tunops.c to the tunnel's cgroup (moving it there if it was elsewhere); True if
+        attached now. Refused for a cgroup that holds the node's workloads or every process."""
+        prog = next(p for p in self.dp.programs if isinstance(p, TunnelOpsProgram))
+        real = os.path.realpath(cgroup_path)
+        node = os.path.realpath(self.dp.cgroup)
+        if (
+            real == os.path.realpath(features.cgroup2_root())
+            or node.startswith(real + "/")
+            or (node == real)
+        ):
+            raise DabbaError(
+                f"the tunnel runs in cgroup {cgroup_path}, which holds other processes than "
+                f"the tunnel's (the cgroup v2 root, or the workloads' {self.dp.cgroup}): its "
+                "connections cannot be told from theirs",
+                hint="run the tunnel in a cgroup of its own (dabba-tunnel.service, the agent's "
+                "service, or a container)",
+            )
+        cg_id = cgroup_id(real)
+        if os.path.exists(prog.link_pin):
+            lfd = bpfsys.obj_get(prog.link_pin)
+            try:
+                if bpfsys.link_info(lfd).cgroup_id == cg_id:
+                    return False
+            finally:
+                os.close(lfd)
+            os.unlink(prog.link_pin)  # the tunnel moved: its old cgroup is trusted no more
+        cg = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+        pfd = bpfsys.obj_get(prog.prog_pin)
+        try:
+            prog.attach(pfd, cg)
+        finally:
+            os.close(pfd)
+            os.close(cg)
+        return True
 
     def _attach_netns(self, prog: Program, netns_path: str, pin_of, whose: str) -> bool:
         """Attach an sk_lookup program to a network namespace through a pinned link (pin_of:
@@ -759,18 +809,33 @@ class DatapathControl:
 
         self._replace_keys(names.MAP_NODE_IPS, {abi.ip6_key(a) for a in addrs})
 
+    def set_port_mtls(self, modes: dict[tuple[str, int], str]) -> None:
+        """Replace the per-port PeerAuthentication modes: (workload ip, port) -> mode."""
+        from . import abi
+
+        strict = {True: bytes([abi.MTLS_STRICT]), False: bytes([abi.MTLS_PLAINTEXT])}
+        self._replace_keys(
+            names.MAP_PORT_MTLS,
+            {
+                bytes(abi.IpPort(abi.ip_be(ip), port, 0)): strict[mode == "STRICT"]
+                for (ip, port), mode in modes.items()
+            },
+        )
+
     def set_mesh_ports(self, ports: list[int]) -> None:
         """Replace the mesh's own ports: never a workload's destination."""
         self._replace_keys(names.MAP_MESH_PORTS, {int(p).to_bytes(2, "little") for p in ports})
 
-    def _replace_keys(self, map_name: str, want: set[bytes]) -> None:
-        """Make a set-like map (value 1 per key) hold exactly the keys in want."""
+    def _replace_keys(self, map_name: str, want: set[bytes] | dict[bytes, bytes]) -> None:
+        """Make a map hold exactly the keys in want: a set (value 1 each, a set-like map) or a
+        dict of values."""
+        values = want if isinstance(want, dict) else dict.fromkeys(want, b"\x01")
         with self.dp.open_map(map_name) as m:
             for k in list(m.keys()):
-                if k not in want:
+                if k not in values:
                     m.delete(k)
-            for k in want:
-                m.update(k, b"\x01")
+            for k, v in values.items():
+                m.update(k, v)
 
     def stats(self) -> dict[str, int]:
         """dabba_stats summed over CPUs, by name."""

@@ -27,6 +27,8 @@ MAP_SK_OWNER = "dabba_sk_owner"
 MAP_NODE_IPS = "dabba_node_ip"
 MAP_MESH_PORTS = "dabba_mesh_port"
 MAP_TUN_SK = "dabba_tun_sk"
+MAP_PORT_MTLS = "dabba_port_mtls"
+MAP_TUN_CONN = "dabba_tun_conn"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -47,6 +49,8 @@ ALL_MAPS = (
     MAP_NODE_IPS,
     MAP_MESH_PORTS,
     MAP_TUN_SK,
+    MAP_PORT_MTLS,
+    MAP_TUN_CONN,
 )
 
 # programs (function names in the .c files)
@@ -60,6 +64,7 @@ PROG_SPLICE = "dabba_verdict"
 PROG_GUARD = "dabba_guard"
 PROG_PLAIN = "dabba_plain_in"
 PROG_OWN = "dabba_own_in"
+PROG_TUN_OPS = "dabba_tun_ops"
 
 for _n in ALL_MAPS + (
     PROG_SOCK_CREATE,
@@ -72,5 +77,6 @@ for _n in ALL_MAPS + (
     PROG_GUARD,
     PROG_PLAIN,
     PROG_OWN,
+    PROG_TUN_OPS,
 ):
     assert len(_n) <= 15 and _n.startswith(PREFIX), _n

@@ -3,12 +3,18 @@
  * Plaintext inbound for PERMISSIVE (and DISABLE) workloads: sk_lookup.
  *
  * Attached to a workload's network namespace. A TCP connection to the
- * workload that does not come from the node tunnel (dabba_tun_addr) is a
+ * workload that does not come from the node tunnel (from a tunnel address, on
+ * a connection tunops.c saw the tunnel open: the address alone is shared by
+ * every host process on a host install) is a
  * plaintext peer outside the mesh; instead of the workload's own listener it
  * goes to the tunnel's 15006 listener in that namespace (dabba_plain, keyed
  * by the workload's address), which decides policy -- no identity, so only
  * namespace-free rules can allow it -- and connects to the workload itself.
  * The accepted socket keeps the original destination address and port.
+ *
+ * A port whose own mode is STRICT (portLevelMtls) is not steered: the
+ * connection goes on to the workload's listener, where the ingress guard
+ * drops it.
  *
  * Fail closed: if the tunnel has no listener for the workload (it is
  * restarting), the connection is refused, never let through unchecked.
@@ -54,8 +60,22 @@ int dabba_plain_in(struct bpf_sk_lookup *ctx)
 	u32 dst = ctx->local_ip4;
 	if (src == dst || (bpf_ntohl(src) >> 24) == 127)
 		return SK_PASS; /* the workload talking to itself */
-	if (dabba_tun_addr.lookup(&src))
-		return SK_PASS; /* the tunnel delivering an allowed connection */
+	struct dabba_tuple t = {
+	    .src_ip = src,
+	    .dst_ip = dst,
+	    .src_port = bpf_ntohs((u16)ctx->remote_port),
+	    .dst_port = (u16)ctx->local_port,
+	};
+	if (dabba_tun_addr.lookup(&src) && dabba_tun_conn.lookup(&t))
+		return SK_PASS; /* the tunnel delivering an allowed connection (tunops.c) */
+	struct dabba_ip_port port = {.ip = dst, .port = (u16)ctx->local_port};
+	u8 *mode = dabba_port_mtls.lookup(&port);
+	if (!mode) {
+		port.port = 0; /* the workload's own mode, when some of its ports have theirs */
+		mode = dabba_port_mtls.lookup(&port);
+	}
+	if (mode && *mode == DABBA_MTLS_STRICT)
+		return SK_PASS; /* a STRICT port (portLevelMtls): the ingress guard drops it */
 	struct bpf_sock *sk = (struct bpf_sock *)dabba_plain.lookup(&dst);
 	if (!sk) {
 		count(DABBA_ST_PLAIN_NO_TUNNEL);

@@ -201,3 +201,14 @@ class State:
             if p.mode != "UNSET":
                 return p.mode
         return "PERMISSIVE"
+
+
+def mtls_mode(w, port: int) -> str:
+    """A distributed workload's (pb.Workload) PeerAuthentication mode on one of its ports:
+    its portLevelMtls mode for that port, else its own."""
+    return w.port_mtls.get(port) or w.mtls_mode
+
+
+def plaintext_ports(w) -> bool:
+    """Whether a distributed workload takes plaintext (PERMISSIVE or DISABLE) on some port."""
+    return w.mtls_mode != "STRICT" or any(m != "STRICT" for m in w.port_mtls.values())

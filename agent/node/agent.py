@@ -29,6 +29,7 @@ from ..bpf import abi, features, names
 from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath, DatapathControl, cgroup_id
 from ..bpf.sys import Map
+from ..control.model import plaintext_ports
 from ..errors import DabbaError
 from . import addresses, pods
 from .config import AgentConfig
@@ -173,6 +174,8 @@ class Agent:
             pass_non_tcp=c.capture.non_tcp == "pass",
             hbone_port=self.hbone_port(),
         )
+        if c.control is not None and c.tunnel.run:  # the tunnel will be our child, in our cgroup
+            self.trust_tunnel("self")
         if c.control is not None and self.ctl.own_listeners():
             _log.info(
                 "the tunnel's ports now go to the tunnel's own sockets only",
@@ -185,6 +188,17 @@ class Agent:
         self.ctl.set_tunnel_addrs(c.tunnel_addresses)
         self.ctl.set_mesh_ports(self.mesh_ports())
         self._sync_node_addrs()
+
+    def trust_tunnel(self, pid: int | str) -> None:
+        """Let the guard and the steering take the connections of the tunnel's cgroup (and only
+        those) from a tunnel address as the tunnel's (bpf/tunops.c). On failure the tunnel's
+        deliveries to STRICT and PERMISSIVE workloads are refused: fail closed, logged."""
+        try:
+            cg = features.cgroup_of(pid)
+            if self.ctl.trust_tunnel_cgroup(cg):
+                _log.info("the tunnel's connections are recorded", fields={"cgroup": cg})
+        except DabbaError as e:
+            _log.error(f"the tunnel's connections cannot be recognised: {e}")
 
     def hbone_port(self) -> int:
         """The tunnel's HBONE port (0: no tunnel here, no control plane)."""
@@ -279,7 +293,8 @@ class Agent:
         """Enrol the node's workloads from a control-plane snapshot, each once its certificate is here."""
         by_name = {f"{w.namespace}/{w.name}": w for w in self.cfg.workloads}
         entries = []
-        steer = []  # (key, netns): PERMISSIVE/DISABLE workloads whose plaintext goes to 15006
+        steer = []  # (key, netns): workloads with plaintext (PERMISSIVE/DISABLE) on some port
+        port_modes = {}  # (ip, port) -> mode: portLevelMtls of enrolled workloads
         pod_keys = set()
         for w in snap.workloads:
             if w.node != self.cfg.node:
@@ -306,7 +321,11 @@ class Agent:
                 entries.append((key, cgroup, capture, True))
                 continue
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
-            if capture and w.mtls_mode != "STRICT" and netns:
+            if w.port_mtls:  # port 0: the workload's own mode, for the ports not listed
+                port_modes.update(
+                    {(w.ip, p): m for p, m in {0: w.mtls_mode, **w.port_mtls}.items()}
+                )
+            if capture and netns and plaintext_ports(w):
                 steer.append((key, netns))
         self._last = (snap, certs)
         self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
@@ -314,6 +333,7 @@ class Agent:
         self._by_ip.clear()
         self._by_ip.update({w.ip: w for w in snap.workloads})
         self._enrol(entries)
+        self.ctl.set_port_mtls(port_modes)
         self._steer(steer)
 
     def _find_pod(self, key: str, uid: str) -> tuple[str, str]:
@@ -345,12 +365,15 @@ class Agent:
             if self._pods_waiting and self._last:
                 self.apply_snapshot(*self._last)
 
+    def _tunnel_pid(self) -> int:
+        with open(os.path.join(self.cfg.state_dir, "tunnel.ready")) as f:
+            return int(f.read())
+
     def tunnel_ready(self) -> bool:
         if not self.cfg.tunnel.run and (self.cfg.control is None or not self.cfg.capture.enabled):
             return True  # someone else runs the tunnel, or nothing is captured
         try:
-            with open(os.path.join(self.cfg.state_dir, "tunnel.ready")) as f:
-                pid = int(f.read())
+            pid = self._tunnel_pid()
         except (OSError, ValueError):
             return False
         if not self.cfg.tunnel.run:  # its own service (dabba-tunnel.service): is it alive?
@@ -376,6 +399,7 @@ class Agent:
         while not self.stop.is_set() and not self._tunnel_was_ready:
             if self.tunnel_ready():
                 self._tunnel_was_ready = True
+                self.trust_tunnel(self._tunnel_pid())
                 _log.info("tunnel ready (its own service); capturing")
                 if self._last:
                     self.apply_snapshot(*self._last)

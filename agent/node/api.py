@@ -283,6 +283,17 @@ class AgentApi:
         dp = a.dp.status()
         if not dp.healthy():
             problems.append("datapath: a program is missing or not attached exactly once")
+        if a.cfg.control is not None and a.tunnel_ready():
+            why = {
+                names.PROG_OWN: "the tunnel's ports are not held for its own sockets",
+                names.PROG_TUN_OPS: "the tunnel's connections are not recognised: STRICT and "
+                "PERMISSIVE workloads refuse its deliveries",
+            }
+            problems += [
+                f"datapath: {p.name} is not attached: {why[p.name]} (see the agent's log)"
+                for p in dp.programs
+                if p.name in why and p.attached != 1
+            ]
         fills = {m.name: m.fill for m in dp.maps if m.fill is not None}
         for name, fill in fills.items():
             if fill > 0.9:
@@ -324,7 +335,13 @@ class AgentApi:
                 "pins": dp.pin_root,
                 "cgroup": dp.cgroup,
                 "programs": [
-                    {"name": p.name, "hook": p.hook, "id": p.id, "attached": p.attached}
+                    {
+                        "name": p.name,
+                        "hook": p.hook,
+                        "id": p.id,
+                        "attached": p.attached,
+                        "elsewhere": p.elsewhere,
+                    }
                     for p in dp.programs
                 ],
                 "maps": {m.name: {"entries": m.entries, "max": m.max_entries} for m in dp.maps},

@@ -41,6 +41,7 @@ from ..bpf.splice import Splicer, SpliceUnavailable
 from ..bpf.sys import Map
 from ..control import model as m
 from ..control.convert import policy_from_pb
+from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
 from ..node.addresses import node_addresses, refused_destination
 from . import admin, handoff, hbone, lb, listeners
@@ -229,7 +230,7 @@ class Tunnel:
         want = {
             f"{w.namespace}/{w.name}": w
             for w in self.state.by_cgroup.values()
-            if w.netns and w.mtls_mode in ("PERMISSIVE", "DISABLE")
+            if w.netns and plaintext_ports(w)
         }
         for key in list(self.plain):
             if key not in want or self.plain[key][1] != want[key].ip:
@@ -267,7 +268,7 @@ class Tunnel:
         except OSError:
             return _reset(sock)
         dst = self.state.workloads.get(key)
-        if dst is None or dst.mtls_mode == "STRICT" or dst.ip != dst_ip:
+        if dst is None or mtls_mode(dst, port) == "STRICT" or dst.ip != dst_ip:
             self.stats["plain_denied"] += 1
             return _reset(sock)
         d = self.decide(dst, None, src_ip, port)
@@ -325,7 +326,9 @@ class Tunnel:
         for key, f in list(self.enforced.items()):
             dst = self.state.workloads.get(f.dst)
             d = self.decide(dst, f.src_identity, f.src_ip, f.port) if dst is not None else None
-            strict = dst is not None and f.src_identity is None and dst.mtls_mode == "STRICT"
+            strict = (
+                dst is not None and f.src_identity is None and mtls_mode(dst, f.port) == "STRICT"
+            )
             if d is not None and d.allowed and not strict:
                 continue
             if strict:  # a plaintext flow (15006) to a workload that is STRICT now
@@ -791,6 +794,7 @@ class Tunnel:
                     "identity": w.spiffe_id,
                     "ip": w.ip,
                     "mtls_mode": w.mtls_mode,
+                    "port_mtls": {str(p): v for p, v in sorted(w.port_mtls.items())},
                 }
                 for w in self.state.by_cgroup.values()
             ],
@@ -1096,9 +1100,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _modes(st: State) -> dict[str, str]:
-    """Each local workload's peer authentication mode (a change to STRICT closes plaintext)."""
-    return {f"{w.namespace}/{w.name}": w.mtls_mode for w in st.workloads.values()}
+def _modes(st: State) -> dict[str, tuple]:
+    """Each workload's peer authentication modes (a change to STRICT closes plaintext)."""
+    return {
+        f"{w.namespace}/{w.name}": (w.mtls_mode, sorted(w.port_mtls.items()))
+        for w in st.workloads.values()
+    }
 
 
 def _facts(src_identity: str | None, src_ip: str, dst: pb.Workload, port: int) -> dict:

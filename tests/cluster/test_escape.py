@@ -3,13 +3,21 @@ against a meshed lab with real tunnels, each seen failing from the attacker's si
 counted or shown on the operator's side."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import http_server, mesh_lab, tunnel_stats
+from tests.conftest import (
+    cgroup_procs,
+    http_server,
+    mesh_lab,
+    popen_in_cgroup,
+    tunnel_stats,
+    wait_for,
+)
 
 MARKER = "mapped-plaintext-marker-7f3a"
 
@@ -44,16 +52,17 @@ def test_a_pod_reaches_neither_the_nodes_loopback_nor_its_addresses(elab, procs)
         "http://127.0.0.1:15000/config_dump",
         "http://[::1]:15000/config_dump",
     ):  # the pod's own loopback, where nothing listens
-        r = _curl(L, "n1-p1", url)
+        r = _curl(L, "n1-p1", url, "-v")
         assert r.returncode == 7 and "local_workloads" not in r.stdout, (url, r.stderr)
-        assert "Connection refused" in r.stderr, (url, r.stderr)
+        assert "failed: Connection refused" in r.stderr, (url, r.stderr)
     for url in (
         f"http://{n1.gateway}:15000/config_dump",
         f"http://{n1.ip}:15020/metrics",
         f"http://[::ffff:{n1.ip}]:15021/healthz/ready",
     ):  # the node itself: refused in the kernel
-        r = _curl(L, "n1-p1", url)
-        assert r.returncode == 7 and "Operation not permitted" in r.stderr, (url, r.stderr)
+        r = _curl(L, "n1-p1", url, "-v")
+        assert r.returncode == 7 and "connect fail for" in r.stderr, (url, r.stderr)
+        assert "Operation not permitted" in r.stderr, (url, r.stderr)
     after = tunnel_stats(L, "n1")
     assert after.get("passthrough", 0) == before.get("passthrough", 0)  # never reached it
 
@@ -65,13 +74,16 @@ def test_a_pod_reaches_neither_the_nodes_loopback_nor_its_addresses(elab, procs)
         if len(refused) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    got = {(r["dst"]["ip"], r["dst"]["port"], r["src"]["workload"], r["path"]) for r in refused}
-    assert got == {
-        (n1.gateway, 15000, "default/n1-p1", "denied"),
-        (n1.ip, 15020, "default/n1-p1", "denied"),
-        (n1.ip, 15021, "default/n1-p1", "denied"),
+    got = {
+        (r["dst"]["ip"], r["dst"]["port"], r["src"]["workload"], r["path"], r["reason"])
+        for r in refused
     }
-    assert all(r["reason"].endswith("an address of the node itself") for r in refused)
+    why = "refused in the kernel: the destination is "
+    assert got == {
+        (n1.gateway, 15000, "default/n1-p1", "denied", why + "one of the mesh's own ports"),
+        (n1.ip, 15020, "default/n1-p1", "denied", why + "an address of the node itself"),
+        (n1.ip, 15021, "default/n1-p1", "denied", why + "an address of the node itself"),
+    }
     metrics = L.run("n1", ["curl", "-s", f"http://{n1.ip}:15020/metrics"]).stdout
     assert 'dabba_drops_total{reason="destination"} 3.0' in metrics
 
@@ -100,7 +112,11 @@ def test_ipv4_mapped_across_nodes_is_mutual_tls_never_plaintext(elab, procs, tmp
     hb = [f for f in rows if f["dst"]["ip"] == dst.ip and f["dst"]["port"] == 8080]
     assert hb and all(
         (f["path"], f["security"], f["dst"]["identity"])
-        == ("hbone", "mutual_tls", "spiffe://cluster.local/ns/default/sa/default")
+        == (
+            "hbone",
+            "mutual_tls",
+            f"spiffe://cluster.local/ns/{dst.namespace}/sa/{dst.service_account}",
+        )
         for f in hb
     ), hb
 
@@ -135,3 +151,29 @@ def test_the_running_tunnels_ports_cannot_be_shared(elab, procs):
     dst = L.pod("n2-p2")
     http_server(L, procs, dst, 8083)
     assert _curl(L, "n1-p1", f"http://{dst.ip}:8083/", "-o", "/dev/null").returncode == 0
+
+
+def test_a_host_process_with_the_tunnels_address_is_not_the_tunnel(elab, procs):
+    """Before: plain.c (and the guard) took any connection from a tunnel address as the
+    tunnel's, so a host process in the node's namespace reached a PERMISSIVE pod straight,
+    around the tunnel's 15006 and its policy. Now only the tunnel's own connections pass as
+    the tunnel's: the host process goes through 15006 like any plaintext peer."""
+    L, _ = elab
+    n1, pod = L.node("n1"), L.pod("n1-p2")
+    http_server(L, procs, pod, 8084)
+    host = os.path.join(n1.cgroup, "_host")  # a host process: the node's namespace, not the tunnel
+    os.makedirs(host, exist_ok=True)
+    before = tunnel_stats(L, "n1").get("plain_inbound", 0)
+    try:
+        p = popen_in_cgroup(
+            host,
+            ["curl", "-sS", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code} %{local_ip}",
+             f"http://{pod.ip}:8084/"],
+            f"/run/netns/{n1.netns}",
+        )  # fmt: skip
+        out, err = p.communicate(timeout=30)
+        assert out == f"200 {n1.gateway}", err  # from the tunnel's address...
+        assert tunnel_stats(L, "n1").get("plain_inbound", 0) == before + 1  # ...through 15006
+    finally:
+        wait_for(lambda: not cgroup_procs(host), 5, what="the host process to exit")
+        os.rmdir(host)

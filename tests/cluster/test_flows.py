@@ -329,7 +329,7 @@ def test_status_workloads_certs_services_and_config_dump(flab):
     st = json.loads(dabba("status", "--node", node, "-o", "json").stdout)
     assert st["healthy"] and st["tunnel"]["ready"] and st["control"]["connected"]
     assert st["workloads"]["enrolled"] == 2
-    assert all(p["attached"] == 1 for p in st["datapath"]["programs"] if p["hook"] != "sk_lookup")
+    assert all(p["attached"] == 1 for p in st["datapath"]["programs"] if not p["elsewhere"])
     text = dabba("status", "--node", node).stdout
     assert "healthy" in text and "connected to" in text
     wl = json.loads(dabba("workloads", "--node", node, "-o", "json").stdout)["workloads"]

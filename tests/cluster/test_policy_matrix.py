@@ -234,15 +234,23 @@ def _policy_check(L, src: str, dst: str, port: int) -> bool:
     return doc["verdict"] == "allow"
 
 
-def _peer_auth(mode: str) -> str:
+def _peer_auth(mode: str, ports: dict[int, str] | None = None) -> str:
+    spec = {"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": mode}}
+    if ports:
+        spec["portLevelMtls"] = {p: {"mode": m} for p, m in ports.items()}
     return yaml.safe_dump(
         {
             "apiVersion": "security.istio.io/v1",
             "kind": "PeerAuthentication",
             "metadata": {"name": "db-mtls", "namespace": "back"},
-            "spec": {"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": mode}},
+            "spec": spec,
         }
     )
+
+
+def _port_modes(L, node) -> dict[str, dict]:
+    r = L.run(node, ["curl", "-s", "--max-time", "2", "http://127.0.0.1:15000/config_dump"])
+    return {w["name"]: w["port_mtls"] for w in json.loads(r.stdout)["local_workloads"]}
 
 
 @pytest.mark.parametrize(
@@ -354,4 +362,32 @@ def test_a_change_to_strict_ends_established_plaintext_flows(plab):
     assert held["web"].poll() is None  # mutual TLS is what STRICT asks for: it stays
     held["web"].kill()
     assert tunnel_stats(L, "n2").get("recheck_closed", 0) == closed + 1
+    _apply(L, "", {})
+
+
+@pytest.mark.parametrize(
+    "mode,ports",
+    [("STRICT", {8080: "PERMISSIVE"}), ("PERMISSIVE", {9090: "STRICT"})],
+    ids=["strict-with-a-permissive-port", "permissive-with-a-strict-port"],
+)
+def test_port_level_mtls_is_enforced_per_port(plab, mode, ports):
+    """Before: portLevelMtls reached the nodes and was never enforced (the whole workload
+    followed its own mode). Now 8080 takes plaintext (through 15006, policy applied) and 9090
+    does not (dropped and counted by the guard), whichever of the two the workload's mode is."""
+    L, _ = plab
+    _apply(L, _peer_auth(mode, ports), {})
+    want = {str(p): m for p, m in ports.items()}
+    wait_for(
+        lambda: _modes(L, "n2").get("db") == mode and _port_modes(L, "n2").get("db") == want,
+        15,
+        what=f"db in {mode} with {want}",
+    )
+    time.sleep(1.5)  # the agent writes the port modes and steering on its next snapshot
+    drops = _guard_drops(L)
+    inbound = tunnel_stats(L, "n2").get("plain_inbound", 0)
+    assert _connects(L, "plain", "db", 8080)
+    assert not _connects(L, "plain", "db", 9090)
+    assert _connects(L, "web", "db", 8080) and _connects(L, "web", "db", 9090)  # mutual TLS
+    assert _guard_drops(L) > drops  # 9090's SYNs
+    assert tunnel_stats(L, "n2").get("plain_inbound", 0) == inbound + 1  # 8080, through 15006
     _apply(L, "", {})

@@ -161,7 +161,7 @@ def test_agent_and_tunnel_tell_systemd_they_are_ready_and_alive(slab, notify):
     lines = notify.lines(procs["n1"].pid)
     assert lines[0] == "STATUS=loading the datapath (the first start compiles the eBPF programs)"
     agent_status = lines[lines.index("READY=1") + 1]  # sent with READY=1
-    assert agent_status.startswith("STATUS=datapath pinned (10 programs), ")
+    assert agent_status.startswith("STATUS=datapath pinned (11 programs), ")
     assert "workloads enrolled" in agent_status
     lines = notify.lines(procs["n1-tunnel"].pid)
     tunnel_status = lines[lines.index("READY=1") + 1]

@@ -19,6 +19,8 @@ CASES = [
     (abi.LpmV4, "connect.c", names.MAP_EXCL_NET, "Key"),
     (abi.Pair, "splice.c", names.MAP_PAIRS, "Leaf"),
     (abi.Flow, "sockops.c", names.MAP_FLOWS, "Leaf"),
+    (abi.Ip6, "connect.c", names.MAP_NODE_IPS, "Key"),
+    (abi.IpPort, "guard.c", names.MAP_PORT_MTLS, "Key"),
 ]
 
 
@@ -68,6 +70,30 @@ def test_stat_enum_matches_c():
     ]
     assert c_names == [s.name for s in abi.Stat]
     assert len(c_names) == abi.STAT_COUNT
+
+
+def test_refusal_enum_and_constants_match_c():
+    with open(os.path.join(bpf_source_dir(), "include", "types.h")) as f:
+        text = f.read()
+    body = text[text.index("enum dabba_refusal {") :]
+    body = body[: body.index("};")]
+    c = {
+        line.split("=")[0].strip().removeprefix("DABBA_REFUSED_"): int(
+            line.split("=")[1].split(",")[0]
+        )
+        for line in body.splitlines()
+        if "DABBA_REFUSED_" in line
+    }
+    assert c == {r.name: r.value for r in abi.Refusal}
+    for name, value in (
+        ("DABBA_CFG_PASS_NON_TCP", abi.CFG_PASS_NON_TCP),
+        ("DABBA_MTLS_STRICT", abi.MTLS_STRICT),
+        ("DABBA_MTLS_PLAINTEXT", abi.MTLS_PLAINTEXT),
+        ("TUN_SK_OUTBOUND", abi.TUN_SK_OUTBOUND),
+        ("TUN_SK_HBONE", abi.TUN_SK_HBONE),
+    ):
+        line = next(x for x in text.splitlines() if x.split()[:2] == ["#define", name])
+        assert int(line.split()[2], 0) == value, name
 
 
 def test_flow_program_source_is_in_package():

@@ -73,7 +73,7 @@ def test_failed_load_removes_what_it_created(lab, monkeypatch):
     assert not os.path.exists(dp.pins.root)
     # and nothing stayed attached to the node cgroup
     st = Datapath(lab.node("n1").bpf_node, lab.node("n1").cgroup).status()
-    assert all(p.attached == 1 for p in st.programs if p.hook != "sk_lookup")
+    assert all(p.attached == 1 for p in st.programs if not p.elsewhere)
 
 
 def test_cli_errors_are_one_line_with_hint(tmp_path):

@@ -16,7 +16,15 @@ from agent.bpf import abi
 from agent.bpf.flows import FlowSource
 from agent.bpf.loader import cgroup_id
 from agent.node.addresses import MESH_PORTS
-from tests.conftest import REPO, helper, maps_dir, read_json, wait_for
+from tests.conftest import (
+    REPO,
+    cgroup_procs,
+    helper,
+    maps_dir,
+    popen_in_cgroup,
+    read_json,
+    wait_for,
+)
 
 # one line each: what a server in a pod or node got; answers with its name
 SERVER = (
@@ -339,3 +347,42 @@ def test_the_tunnels_ports_go_to_its_own_socket_and_nowhere_while_it_is_down(lab
         ctl.unenrol(pod.cgroup)
         ctl.configure(n1.gateway, 15001)
         os.unlink(own.link_pin)
+
+
+def test_only_the_tunnels_own_connections_pass_as_the_tunnels(lab, datapaths, procs):
+    """Before: the guard and the steering took any connection from a tunnel address as the
+    tunnel's; on a host install that is the node's address, so every host process (kubelet,
+    host-network pods, masqueraded NodePort traffic) reached STRICT workloads in plaintext and
+    skipped PERMISSIVE workloads' policy. Now only connections the tunnel's cgroup opened
+    (recorded by tunops.c) pass, from the same address."""
+    n2, strict, permissive = lab.node("n2"), lab.pod("n2-p2"), lab.pod("n2-p1")
+    ctl = datapaths["n2"]
+    _server(lab, procs, strict.name, "strict-pod", 8091)
+    _server(lab, procs, permissive.name, "permissive-pod", 8092)
+    intruder = os.path.join(os.path.dirname(n2.cgroup), "_intruder")  # a host process
+    os.makedirs(intruder, exist_ok=True)
+    tries = json.dumps([_tcp(strict.ip, 8091, timeout=2, send="x"),
+                        _tcp(permissive.ip, 8092, timeout=2, send="x")])  # fmt: skip
+    ctl.enrol(strict.cgroup, 31, abi.WL_ACCOUNT | abi.WL_STRICT)
+    ctl.enrol(permissive.cgroup, 32, abi.WL_ACCOUNT)
+    assert ctl.steer_plaintext(f"/run/netns/{permissive.netns}")
+    try:
+        before = ctl.stats()
+        p = popen_in_cgroup(intruder, [*helper("probe"), tries], f"/run/netns/{n2.netns}")
+        out, err = p.communicate(timeout=60)
+        got = [json.loads(line)["result"] for line in out.splitlines()]
+        # from the node's namespace, so from the tunnel's address, but not the tunnel's
+        assert got == ["timeout", "error ECONNREFUSED"], err
+        d = _delta(ctl, before)
+        assert d["guard_drop"] >= 1 and d["plain_no_tunnel"] == 1, d  # 15006 would decide
+        # the tunnel's own cgroup (the node's system cgroup here): the same connections pass
+        assert probe(lab, "n2", json.loads(tries)) == [
+            "connected strict-pod",
+            "connected permissive-pod",
+        ]
+    finally:
+        ctl.unenrol(strict.cgroup)
+        ctl.unenrol(permissive.cgroup)
+        ctl.unsteer_plaintext(set())
+        wait_for(lambda: not cgroup_procs(intruder), 5, what="the intruder to exit")
+        os.rmdir(intruder)

@@ -31,9 +31,18 @@ BPF_TABLE_PINNED("hash", u64, struct dabba_flow, dabba_flows, DABBA_FLOW_MAX,
 		 DABBA_PIN(dabba_flows));
 BPF_TABLE_PINNED("percpu_array", u32, u64, dabba_stats, DABBA_ST_MAX, DABBA_PIN(dabba_stats));
 BPF_TABLE_PINNED("hash", u32, u8, dabba_tun_addr, DABBA_TUN_ADDR_MAX, DABBA_PIN(dabba_tun_addr));
+/*
+ * Connections the tunnel opened from a tunnel address, by 4-tuple
+ * (tunops.c): the only ones the guard and the steering take as the tunnel's.
+ */
+BPF_TABLE_PINNED("lru_hash", struct dabba_tuple, u8, dabba_tun_conn, DABBA_FLOW_MAX,
+		 DABBA_PIN(dabba_tun_conn));
 /* Addresses of the node itself: never a destination of its workloads. */
 BPF_TABLE_PINNED("hash", struct dabba_ip6, u8, dabba_node_ip, DABBA_TUN_ADDR_MAX,
 		 DABBA_PIN(dabba_node_ip));
+/* Per-port PeerAuthentication modes of local workloads (portLevelMtls). */
+BPF_TABLE_PINNED("hash", struct dabba_ip_port, u8, dabba_port_mtls, DABBA_WL_MAX,
+		 DABBA_PIN(dabba_port_mtls));
 /* The mesh's own ports (15000, 15001, 15006, 15008): never a destination of its workloads. */
 BPF_TABLE_PINNED("hash", u16, u8, dabba_mesh_port, 16, DABBA_PIN(dabba_mesh_port));
 BPF_TABLE_PINNED("hash", u64, u64, dabba_guard_ct, DABBA_WL_MAX, DABBA_PIN(dabba_guard_ct));

@@ -63,6 +63,20 @@ enum dabba_refusal {
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 };
 
+/*
+ * dabba_port_mtls: key. A local workload's address (network order) and one
+ * of its ports (host order) with a PeerAuthentication mode of its own
+ * (Istio's portLevelMtls), or port 0: the workload's own mode, for its other
+ * ports (written for workloads with port modes only). Value: DABBA_MTLS_*.
+ */
+struct dabba_ip_port {
+	__u32 ip;
+	__u16 port;
+	__u16 _pad;
+};
+#define DABBA_MTLS_STRICT    1 /* only the tunnel may connect (the guard drops the rest) */
+#define DABBA_MTLS_PLAINTEXT 2 /* PERMISSIVE or DISABLE: plaintext through the tunnel's 15006 */
+
 /* dabba_tun_sk: keys (own.c) */
 #define TUN_SK_OUTBOUND 0
 #define TUN_SK_HBONE	1
