@@ -258,6 +258,20 @@ def status(c: AgentClient, output: str) -> int:
         if v["entries"] is not None and v["max"]
     ]
     con.print(f"  maps        {', '.join(fills)}")
+    n = st["datapath"]["counters"]
+    refused = {
+        "destination": n.get("dst_refused", 0),
+        "ipv6": n.get("v6_refused", 0),
+        "non-TCP": n.get("proto_refused", 0),
+        "guard": n.get("guard_drop", 0),
+        "plaintext IPv6": n.get("plain_v6_drop", 0),
+        "tunnel down": n.get("plain_no_tunnel", 0) + n.get("own_no_tunnel", 0),
+    }
+    con.print(
+        "  refused     "
+        + (", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing")
+        + " (in the kernel, since the datapath was loaded)"
+    )
     fl = st["flows"]
     con.print(
         f"  flows       {fl['live']} open, {fl['closed_total']} closed since start "

@@ -86,6 +86,11 @@ def test_a_pod_reaches_neither_the_nodes_loopback_nor_its_addresses(elab, procs)
     }
     metrics = L.run("n1", ["curl", "-s", f"http://{n1.ip}:15020/metrics"]).stdout
     assert 'dabba_drops_total{reason="destination"} 3.0' in metrics
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--node", f"{L.name}/n1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "refused     destination 3" in r.stdout, r.stdout
 
 
 def test_ipv4_mapped_across_nodes_is_mutual_tls_never_plaintext(elab, procs, tmp_path):
