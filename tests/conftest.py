@@ -119,6 +119,20 @@ def maps_dir(node) -> str:
     return Pins(os.path.join("/sys/fs/bpf/dabba", node.bpf_node)).maps
 
 
+def stub_tunnel(lab, procs, node, listen: str = "", *extra: str):
+    """tests/helpers/stub_listener.py in node's namespace as its tunnel's outbound listener
+    (default: the gateway's 15001), ready when this returns; extra: more of its flags."""
+    stub = lab.popen(
+        node.name,
+        [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(node),
+         "--listen", listen or f"{node.gateway}:15001", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    procs.append(stub)
+    read_json(stub, "listening")
+    return stub
+
+
 def http_server(lab, procs, pod, port: int):
     """python3 -m http.server in pod on pod.ip:port, ready when this returns."""
     p = lab.popen(

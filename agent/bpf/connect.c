@@ -190,6 +190,33 @@ static __always_inline int datagram(struct dabba_config *cfg, enum verdict v, u1
 	return 0;
 }
 
+#define CAPTURE 2 /* act(): rewrite the destination to the tunnel */
+
+/*
+ * What connect4 and connect6 do with a verdict on an IPv4 destination ip
+ * (0 for a native IPv6 one): the hook's return value (1 go on, 0 EPERM), or
+ * CAPTURE once the destination is remembered.
+ */
+static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *cfg, u64 cg,
+			       enum verdict v, u8 why, u32 ip, u16 port)
+{
+	if (ctx->type != SOCK_STREAM)
+		return datagram(cfg, v, port);
+	if (v == V_LOCAL) {
+		count(DABBA_ST_LOCAL, 1);
+		return 1;
+	}
+	if (v == V_DIRECT) {
+		count(DABBA_ST_EXCLUDED, 1);
+		return 1;
+	}
+	if (v == V_REFUSE)
+		return refuse(ctx, cg, ip, port, why);
+	if (!remember(ctx, cg, ip, port))
+		return refuse(ctx, cg, ip, port, DABBA_REFUSED_CAP_FULL);
+	return CAPTURE;
+}
+
 int dabba_connect4(struct bpf_sock_addr *ctx)
 {
 	u64 cg = 0;
@@ -201,20 +228,9 @@ int dabba_connect4(struct bpf_sock_addr *ctx)
 	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
 	enum verdict v = decide4(dst_ip, dst_port, &why);
-	if (ctx->type != SOCK_STREAM)
-		return datagram(cfg, v, dst_port);
-	if (v == V_LOCAL) {
-		count(DABBA_ST_LOCAL, 1);
-		return 1;
-	}
-	if (v == V_DIRECT) {
-		count(DABBA_ST_EXCLUDED, 1);
-		return 1;
-	}
-	if (v == V_REFUSE)
-		return refuse(ctx, cg, dst_ip, dst_port, why);
-	if (!remember(ctx, cg, dst_ip, dst_port))
-		return refuse(ctx, cg, dst_ip, dst_port, DABBA_REFUSED_CAP_FULL);
+	int r = act(ctx, cfg, cg, v, why, dst_ip, dst_port);
+	if (r != CAPTURE)
+		return r;
 	ctx->user_ip4 = cfg->tunnel_ip;
 	ctx->user_port = bpf_htons(cfg->tunnel_port);
 	return 1;
@@ -232,23 +248,12 @@ int dabba_connect6(struct bpf_sock_addr *ctx)
 	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
 	int mapped = is_v4mapped(w0, w1, w2);
-	u32 ip = mapped ? w3 : 0;
 	enum verdict v = mapped ? decide4(w3, dst_port, &why) : decide6(w0, w1, w2, w3, &why);
-	if (ctx->type != SOCK_STREAM)
-		return datagram(cfg, v, dst_port);
-	if (v == V_LOCAL) {
-		count(DABBA_ST_LOCAL, 1);
-		return 1;
-	}
-	if (v == V_DIRECT) {
-		count(DABBA_ST_EXCLUDED, 1);
-		return 1;
-	}
-	if (v == V_REFUSE)
-		return refuse(ctx, cg, ip, dst_port, why);
-	/* an IPv4-mapped destination: to the tunnel's IPv4 listener, mapped */
-	if (!remember(ctx, cg, w3, dst_port))
-		return refuse(ctx, cg, ip, dst_port, DABBA_REFUSED_CAP_FULL);
+	int r = act(ctx, cfg, cg, v, why, mapped ? w3 : 0, dst_port);
+	if (r != CAPTURE)
+		return r;
+	/* an IPv4-mapped destination (decide6 captures nothing): to the tunnel's listener, mapped
+	 */
 	ctx->user_ip6[3] = cfg->tunnel_ip;
 	ctx->user_port = bpf_htons(cfg->tunnel_port);
 	return 1;

@@ -36,6 +36,31 @@ def path_in(state_dir: str, worker: int = 0) -> str:
     return os.path.join(state_dir, FILE + (f".{worker}" if worker else ""))
 
 
+def listen_unix(path: str) -> socket.socket:
+    """A SOCK_SEQPACKET server at path, root only, replacing a predecessor's there: from now on
+    successors find this process at path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock
+
+
+def close_unix(sock: socket.socket, path: str, unlink: bool = True) -> None:
+    """Stop serving at path; remove path only while it is still our own (a successor may have
+    replaced it)."""
+    with contextlib.suppress(Exception):
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+    if unlink:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+                os.unlink(path)
+    sock.close()
+
+
 def _peer_pid(s: socket.socket) -> int:
     cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", cred)[0]
@@ -49,13 +74,7 @@ class Receiver:
         self.path = path
         self.splicer = splicer
         self.stats = stats if stats is not None else {}
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a predecessor's: from now on predecessors find us here
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.listen(4)
-        self.sock.setblocking(False)
+        self.sock = listen_unix(path)  # predecessors find us here from now on
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
@@ -99,14 +118,7 @@ class Receiver:
             conn.close()
 
     def close(self, unlink: bool = True) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        if unlink:
-            # only our own socket: a successor may already have replaced the path
-            with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == os.fstat(self.sock.fileno()).st_ino:
-                    os.unlink(self.path)
-        self.sock.close()
+        close_unix(self.sock, self.path, unlink)
 
 
 def give(path: str, splicer: Splicer, timeout: float = 10.0) -> int | None:

@@ -35,6 +35,7 @@ from .. import log
 from ..bpf import abi, names
 from ..bpf.sys import Map
 from ..errors import DabbaError
+from . import handoff
 
 _log = log.get("listeners")
 
@@ -125,13 +126,7 @@ class Lender:
     def __init__(self, state_dir: str, socks: list[socket.socket]):
         self.path = os.path.join(state_dir, FILE)
         self.socks = socks
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a predecessor's: successors find us here from now on
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(4)
-        self.sock.setblocking(False)
+        self.sock = handoff.listen_unix(self.path)  # successors find us here from now on
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -150,9 +145,4 @@ class Lender:
                 _log.info("listeners lent to a successor")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        with contextlib.suppress(OSError):  # only our own: a successor may have replaced it
-            if os.stat(self.path).st_ino == os.fstat(self.sock.fileno()).st_ino:
-                os.unlink(self.path)
-        self.sock.close()
+        handoff.close_unix(self.sock, self.path)

@@ -1,11 +1,10 @@
 """Capture (cgroup/connect4): enrolled pods reach the tunnel's listener instead."""
 
 import os
-import subprocess
 
 from agent.bpf import abi
 from agent.bpf.loader import cgroup_id
-from tests.conftest import REPO, Container, helper, http_server, maps_dir, read_json
+from tests.conftest import Container, http_server, read_json, stub_tunnel
 
 
 def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_bcc(
@@ -16,23 +15,7 @@ def test_enrolled_pod_reaches_stub_listener_which_recovers_destination_without_b
     ctl = datapaths["n1"]
     ctl.enrol(client.cgroup, 1, abi.WL_CAPTURE | abi.WL_ACCOUNT)
     http_server(lab, procs, server, 8080)
-    stub = lab.popen(
-        "n1",
-        [
-            *helper("stub_listener"),
-            "--repo",
-            REPO,
-            "--maps",
-            maps_dir(n1),
-            "--listen",
-            f"{n1.gateway}:15001",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    procs.append(stub)
-    read_json(stub, "listening")
+    stub = stub_tunnel(lab, procs, n1)
     try:
         r = lab.run(client.name, ["curl", "-sS", "--max-time", "5", f"http://{server.ip}:8080/"])
         rec = read_json(stub, "found")
@@ -106,14 +89,7 @@ def test_a_process_in_a_cgroup_below_the_workloads_is_captured_as_the_workload(
     ctl = datapaths["n1"]
     ctl.enrol(client.cgroup, 4, abi.WL_CAPTURE | abi.WL_ACCOUNT)
     http_server(lab, procs, server, 8083)
-    stub = lab.popen(
-        "n1",
-        [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1),
-         "--listen", f"{n1.gateway}:15001"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    procs.append(stub)
-    read_json(stub, "listening")
+    stub = stub_tunnel(lab, procs, n1)
     ctr = Container(client)
     before = ctl.stats()["captured"]
     try:

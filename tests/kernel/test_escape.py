@@ -23,6 +23,7 @@ from tests.conftest import (
     maps_dir,
     popen_in_cgroup,
     read_json,
+    stub_tunnel,
     wait_for,
 )
 
@@ -175,14 +176,7 @@ def test_ipv4_mapped_connect_is_captured_exactly_like_ipv4(lab, procs, enrolled)
     straight there, in plaintext, with no identity and no flow record."""
     pod, ctl = enrolled
     n1, server = lab.node("n1"), lab.pod("n2-p1")
-    stub = lab.popen(
-        "n1",
-        [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1),
-         "--listen", f"{n1.gateway}:15001"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    procs.append(stub)
-    read_json(stub, "listening")
+    stub = stub_tunnel(lab, procs, n1)
     before = ctl.stats()
     got = probe(
         lab, pod.name, [_tcp(f"::ffff:{server.ip}", 8080, 6, send="GET / HTTP/1.0\r\n\r\n")]
@@ -328,14 +322,7 @@ def test_the_tunnels_ports_go_to_its_own_socket_and_nowhere_while_it_is_down(lab
         assert d == {"own_no_tunnel": 2, "captured": 1, "flow_opened": 1, "flow_closed": 1}, d
 
         # the tunnel is back (on any port: sk_lookup does not care): it gets them all
-        stub = lab.popen(
-            "n1",
-            [*helper("stub_listener"), "--repo", REPO, "--maps", maps_dir(n1), "--count", "2",
-             "--listen", f"{n1.gateway}:0", "--register"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        procs.append(stub)
-        read_json(stub, "listening")
+        stub = stub_tunnel(lab, procs, n1, f"{n1.gateway}:0", "--count", "2", "--register")
         got = probe(lab, pod.name, [_tcp(server.ip, 8080, send="GET / HTTP/1.0\r\n\r\n")])
         assert got[0].startswith("connected HTTP/1.1 200 OK"), got
         rec = read_json(stub, "found")
