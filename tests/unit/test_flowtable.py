@@ -120,6 +120,31 @@ def test_a_closed_record_waits_for_late_facts_then_goes_without_them():
     assert t.recent()[-1]["path"] == "pending"
 
 
+def test_a_connect_the_kernel_refused_is_a_denied_flow_with_its_reason_not_a_policy_denial():
+    from dataclasses import replace
+
+    from agent.bpf import abi
+
+    t = table()
+    why = abi.REFUSAL_REASONS[abi.Refusal.NODE]
+    r = replace(
+        rec(6, "outbound", ("0.0.0.0", 0), ("10.0.0.254", 22), captured=False, end=time.time()),
+        close="refused",
+        refused=why,
+    )
+    t.on_closed(r)
+    t.tick()  # nothing to wait for: no facts come for a connect that never left
+    (v,) = t.recent()
+    assert (v["path"], v["security"], v["verdict"]) == ("denied", "none", "deny")
+    assert v["reason"] == f"refused in the kernel: the destination is {why}"
+    assert (v["src"]["workload"], v["dst"]["ip"], v["dst"]["port"]) == (
+        "front/web",
+        "10.0.0.254",
+        22,
+    )
+    assert t.denied == 0 and not t.received and not t.sent  # counted in dabba_drops{destination}
+
+
 def test_uncaptured_flows_are_plaintext_passthrough_labelled_from_the_kernel():
     t = table()
     r = rec(5, "outbound", ("10.0.0.1", 40003), ("10.0.0.2", 22), sent=10, recv=20, captured=False)
