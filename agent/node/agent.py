@@ -221,12 +221,15 @@ class Agent:
             _log.info("node addresses refused as destinations", fields={"addresses": addrs})
 
     async def watch_addresses(self, every: float = 5.0) -> None:
-        """Keep dabba_node_ip in line with the node's addresses."""
+        """Keep dabba_node_ip in line with the node's addresses, and tunops.c on the tunnel's
+        cgroup (detached by hand, or a tunnel that moved: attached again)."""
         while not self.stop.is_set():
             await asyncio.sleep(every)
             try:
                 self._sync_node_addrs()
-            except DabbaError as e:
+                if self.cfg.control is not None and self._tunnel_was_ready:
+                    self.trust_tunnel("self" if self.cfg.tunnel.run else self._tunnel_pid())
+            except (DabbaError, OSError, ValueError) as e:
                 _log.error(str(e))
 
     def _hold_configured(self) -> None:

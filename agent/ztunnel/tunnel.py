@@ -124,6 +124,13 @@ class Tunnel:
         self._listening = False
         self.listener: hbone.Listener | None = None
         self.listen_socks: list[socket.socket] = []  # outbound, HBONE (workers inherit them)
+        # tunops.c on our cgroup (the agent attaches it): without it the guard and plain.c
+        # cannot tell our connections to local workloads from a host process's, and plain.c
+        # would steer each of our deliveries back to our own 15006, again and again
+        self._tun_ops = os.path.join(
+            os.path.dirname(os.path.normpath(cfg.maps_dir)), "links", names.PROG_TUN_OPS
+        )
+        self._recognised = os.path.exists(self._tun_ops)
         self.enforced: dict[int, _Enforced] = {}
         self.plain: dict[str, tuple] = {}  # workload key -> (15006 listener, its ip, accept task)
         self.plain_map = Map.pinned(
@@ -630,6 +637,13 @@ class Tunnel:
     async def _connect(self, ip: str, port: int, local: bool) -> socket.socket:
         """Connect to ip:port within connect_timeout; local: one of this node's workloads, from
         the tunnel's address. Raises OSError or TimeoutError."""
+        if local and not self._recognised:
+            self.stats["not_recognised"] += 1
+            raise OSError(
+                errno.EPERM,
+                "this tunnel's connections are not recognised (no tunops.c on its cgroup: see "
+                "the agent's log); refusing to deliver rather than loop through 15006",
+            )
         up = _tunnel_socket()
         try:
             if local and self._source:
@@ -741,6 +755,15 @@ class Tunnel:
         except (OSError, TimeoutError) as e:
             return 503, {"error": f"the agent is not answering on {self._agent_sock()}: {e}"}
         return status, json.loads(body)
+
+    def _check_recognised(self) -> None:
+        was, self._recognised = self._recognised, os.path.exists(self._tun_ops)
+        if was != self._recognised:
+            (_log.info if self._recognised else _log.error)(
+                "connections to this node's workloads "
+                + ("are recognised again" if self._recognised else "are not recognised: refused"),
+                fields={"tunops": self._tun_ops},
+            )
 
     def ready(self) -> tuple[int, str]:
         ok = (
@@ -971,6 +994,7 @@ class Tunnel:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
+                self._check_recognised()
                 self.splicer.process(0)
                 if main:
                     await self.workers.tick()

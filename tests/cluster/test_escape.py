@@ -4,6 +4,7 @@ counted or shown on the operator's side."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -182,3 +183,31 @@ def test_a_host_process_with_the_tunnels_address_is_not_the_tunnel(elab, procs):
     finally:
         wait_for(lambda: not cgroup_procs(host), 5, what="the host process to exit")
         os.rmdir(host)
+
+
+def test_unrecognised_tunnel_connections_are_refused_not_looped_and_the_agent_heals_it(elab, procs):
+    """Without tunops.c on the tunnel's cgroup, plain.c would steer each of the tunnel's own
+    deliveries back to its 15006, which delivers again: a loop. The tunnel refuses to deliver
+    instead, and the agent attaches tunops.c again within 5 s."""
+    L, agents = elab
+    n1 = L.node("n1")
+    src, dst = L.pod("n1-p1"), L.pod("n1-p2")
+    http_server(L, procs, dst, 8085)
+    url = f"http://{dst.ip}:8085/"
+    assert _curl(L, src.name, url, "-o", "/dev/null").returncode == 0
+    pin = f"/sys/fs/bpf/dabba/{n1.bpf_node}/links/dabba_tun_ops"
+    agent = agents["n1"]
+    agent.send_signal(signal.SIGSTOP)  # the agent we started: it must not heal it yet
+    try:
+        os.unlink(pin)
+        time.sleep(1.5)  # the tunnel looks every 0.5 s
+        before = tunnel_stats(L, "n1")
+        assert _curl(L, src.name, url, "-o", "/dev/null").returncode != 0
+        after = tunnel_stats(L, "n1")
+        assert after.get("not_recognised", 0) == before.get("not_recognised", 0) + 1
+        assert after.get("plain_inbound", 0) == before.get("plain_inbound", 0)  # no loop
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    wait_for(lambda: os.path.exists(pin), 15, what="the agent to attach tunops.c again")
+    time.sleep(1)
+    assert _curl(L, src.name, url, "-o", "/dev/null").returncode == 0
