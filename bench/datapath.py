@@ -32,7 +32,8 @@ import time
 import yaml
 
 from agent.bpf import abi
-from agent.bpf.loader import Datapath, DatapathControl
+from agent.bpf.control import DatapathControl
+from agent.bpf.loader import Datapath
 from agent.lab import lab as labmod
 from agent.lab import spec
 

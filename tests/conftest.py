@@ -182,7 +182,8 @@ def lab():
 @pytest.fixture(scope="module")
 def datapaths(lab):
     """The datapath of every node of the lab, configured like the agent does."""
-    from agent.bpf.loader import Datapath, DatapathControl
+    from agent.bpf.control import DatapathControl
+    from agent.bpf.loader import Datapath
 
     out = {}
     for node in lab.nodes:

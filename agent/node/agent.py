@@ -26,8 +26,9 @@ import time
 
 from .. import log, systemd
 from ..bpf import abi, features, names
+from ..bpf.control import DatapathControl, cgroup_id
 from ..bpf.flows import FlowRecord, FlowSource
-from ..bpf.loader import Datapath, DatapathControl, cgroup_id
+from ..bpf.loader import Datapath
 from ..bpf.sys import Map
 from ..control.model import plaintext_ports
 from ..errors import DabbaError

@@ -292,7 +292,8 @@ def test_plaintext_to_a_permissive_workload_is_held_to_its_policy(plab):
 
 
 def _guard_drops(L) -> int:
-    from agent.bpf.loader import Datapath, DatapathControl
+    from agent.bpf.control import DatapathControl
+    from agent.bpf.loader import Datapath
 
     n = L.node("n2")
     return DatapathControl(Datapath(n.bpf_node, n.cgroup)).stats()["guard_drop"]

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from agent.bpf.loader import Datapath, DatapathControl
+from agent.bpf.control import DatapathControl
+from agent.bpf.loader import Datapath
 from agent.lab import lab as labmod
 from agent.lab import mesh
 from tests.conftest import http_server, mesh_lab, tunnel_stats, wait_for, wait_port

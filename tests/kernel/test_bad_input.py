@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from agent.bpf.loader import Datapath, DatapathControl, cgroup_id
+from agent.bpf.control import DatapathControl, cgroup_id
+from agent.bpf.loader import Datapath
 from agent.errors import DabbaError
 from agent.lab import lab as labmod
 from agent.lab import spec

@@ -3,7 +3,7 @@
 import os
 
 from agent.bpf import abi
-from agent.bpf.loader import cgroup_id
+from agent.bpf.control import cgroup_id
 from tests.conftest import Container, http_server, read_json, stub_tunnel
 
 

@@ -8,7 +8,8 @@ import sys
 import yaml
 
 from agent.bpf import abi
-from agent.bpf.loader import Datapath, DatapathControl, PlainProgram, cgroup_id
+from agent.bpf.control import DatapathControl, cgroup_id
+from agent.bpf.loader import Datapath, PlainProgram
 from agent.control.proto import control_pb2 as pb
 from agent.lab import lab as labmod
 from tests.conftest import http_server, wait_for

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from agent.bpf import abi
+from agent.bpf.control import cgroup_id
 from agent.bpf.flows import FlowSource
-from agent.bpf.loader import cgroup_id
 from agent.node.addresses import MESH_PORTS
 from tests.conftest import (
     REPO,

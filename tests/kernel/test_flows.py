@@ -4,8 +4,8 @@ import subprocess
 import time
 
 from agent.bpf import abi
+from agent.bpf.control import cgroup_id
 from agent.bpf.flows import FlowSource
-from agent.bpf.loader import cgroup_id
 from tests.conftest import helper, maps_dir, read_json
 
 

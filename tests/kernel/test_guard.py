@@ -1,7 +1,7 @@
 """Ingress guard (cgroup_skb/ingress): STRICT pods accept connections only from the tunnel."""
 
 from agent.bpf import abi
-from agent.bpf.loader import cgroup_id
+from agent.bpf.control import cgroup_id
 from tests.conftest import Container, http_server, wait_for
 
 CONNECT = (

@@ -12,9 +12,9 @@ import time
 import pytest
 import yaml
 
+from agent.bpf.control import cgroup_id
 from agent.bpf.features import cgroup2_root
 from agent.bpf.flows import FlowSource
-from agent.bpf.loader import cgroup_id
 from agent.control.proto import control_pb2 as pb
 from agent.lab import lab as labmod
 from agent.node import config as cfgmod

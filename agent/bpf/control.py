@@ -1,0 +1,258 @@
+"""Runtime state of a node's datapath, through its pinned maps: no bcc, no compile.
+
+The agent is the one writer: the node's config, enrolled workloads, exclusions, tunnel and node
+addresses, the mesh's ports, per-port mTLS modes, and the programs it attaches outside the
+node's cgroup (plain.c per workload namespace, own.c on the node's namespace, tunops.c on the
+tunnel's cgroup). The programs and their pins themselves are loader.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ..errors import DabbaError
+from . import features, names
+from . import sys as bpfsys
+from .loader import Datapath, OwnProgram, PlainProgram, Program, TunnelOpsProgram
+
+
+class DatapathControl:
+    """Runtime state of a node's datapath, through its pinned maps (no bcc).
+
+    The one writer of dabba_cfg, dabba_wl, the exclusion maps and
+    dabba_tun_addr: the agent.
+    """
+
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+
+    def configure(
+        self,
+        tunnel_ip: str,
+        tunnel_port: int,
+        tunnel_mark: int = 0,
+        enabled: bool = True,
+        pass_non_tcp: bool = False,
+        hbone_port: int = 0,
+    ) -> None:
+        """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
+        non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
+        hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port."""
+        from . import abi
+
+        flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
+        cfg = abi.Config(
+            abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, flags, hbone_port
+        )
+        with self.dp.open_map(names.MAP_CFG) as m:
+            m.update(abi.ctypes.c_uint32(0), cfg)
+
+    def enrol(self, cgroup_path: str, workload_id: int, flags: int) -> int:
+        """Enrol the workload whose cgroup is cgroup_path; returns its cgroup id."""
+        from . import abi
+
+        cg_id = cgroup_id(cgroup_path)
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            m.update(abi.ctypes.c_uint64(cg_id), abi.Workload(workload_id, flags))
+        return cg_id
+
+    def unenrol(self, cgroup_path_or_id: str | int) -> bool:
+        from . import abi
+
+        cg_id = (
+            cgroup_path_or_id
+            if isinstance(cgroup_path_or_id, int)
+            else cgroup_id(cgroup_path_or_id)
+        )
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            return m.delete(abi.ctypes.c_uint64(cg_id))
+
+    def steer_plaintext(self, netns_path: str) -> bool:
+        """Attach plain.c to a workload's network namespace (once); True if attached now."""
+        prog = next(p for p in self.dp.programs if isinstance(p, PlainProgram))
+        return self._attach_netns(prog, netns_path, prog.netns_link_pin, "workload")
+
+    def own_listeners(self, netns_path: str = "/proc/self/ns/net") -> bool:
+        """Attach own.c to the node's network namespace (once); True if attached now."""
+        prog = next(p for p in self.dp.programs if isinstance(p, OwnProgram))
+        return self._attach_netns(prog, netns_path, lambda _ino: prog.link_pin, "node")
+
+    def trust_tunnel_cgroup(self, cgroup_path: str) -> bool:
+        """Attach tunops.c to the tunnel's cgroup (moving it there if it was elsewhere); True if
+        attached now. Refused for a cgroup that holds the node's workloads or every process."""
+        prog = next(p for p in self.dp.programs if isinstance(p, TunnelOpsProgram))
+        real = os.path.realpath(cgroup_path)
+        node = os.path.realpath(self.dp.cgroup)
+        if (
+            real == os.path.realpath(features.cgroup2_root())
+            or node.startswith(real + "/")
+            or (node == real)
+        ):
+            raise DabbaError(
+                f"the tunnel runs in cgroup {cgroup_path}, which holds other processes than "
+                f"the tunnel's (the cgroup v2 root, or the workloads' {self.dp.cgroup}): its "
+                "connections cannot be told from theirs",
+                hint="run the tunnel in a cgroup of its own (dabba-tunnel.service, the agent's "
+                "service, or a container)",
+            )
+        cg_id = cgroup_id(real)
+        if os.path.exists(prog.link_pin):
+            lfd = bpfsys.obj_get(prog.link_pin)
+            try:
+                if bpfsys.link_info(lfd).cgroup_id == cg_id:
+                    return False
+            finally:
+                os.close(lfd)
+            os.unlink(prog.link_pin)  # the tunnel moved: its old cgroup is trusted no more
+        cg = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+        pfd = bpfsys.obj_get(prog.prog_pin)
+        try:
+            prog.attach(pfd, cg)
+        finally:
+            os.close(pfd)
+            os.close(cg)
+        return True
+
+    def _attach_netns(self, prog: Program, netns_path: str, pin_of, whose: str) -> bool:
+        """Attach an sk_lookup program to a network namespace through a pinned link (pin_of:
+        the namespace's inode -> pin path), unless that pin exists; True if attached now."""
+        try:
+            ns = os.open(netns_path, os.O_RDONLY)
+        except OSError as e:
+            raise DabbaError(f"{whose} network namespace {netns_path}: {e.strerror}") from None
+        try:
+            pin = pin_of(os.fstat(ns).st_ino)
+            if os.path.exists(pin):
+                return False
+            pfd = bpfsys.obj_get(prog.prog_pin)
+            try:
+                link = bpfsys.link_create(pfd, ns, prog.attach_type, f"sk_lookup on {netns_path}")
+                try:
+                    bpfsys.obj_pin(link, pin)
+                finally:
+                    os.close(link)
+            finally:
+                os.close(pfd)
+            return True
+        finally:
+            os.close(ns)
+
+    def unsteer_plaintext(self, keep_netns_inos: set[int]) -> int:
+        """Remove the sk_lookup links of every namespace not in keep; returns how many."""
+        prog = next(p for p in self.dp.programs if isinstance(p, PlainProgram))
+        gone = 0
+        for f in os.listdir(self.dp.pins.links):
+            if (
+                f.startswith(f"{prog.function}_")
+                and int(f.rsplit("_", 1)[1]) not in keep_netns_inos
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dp.pins.links, f))
+                    gone += 1
+        return gone
+
+    def workloads(self) -> dict[int, tuple[int, int]]:
+        """cgroup id -> (workload id, flags)."""
+        from . import abi
+
+        out = {}
+        with self.dp.open_map(names.MAP_WORKLOADS) as m:
+            for k, v in m.items():
+                w = abi.from_bytes(abi.Workload, v)
+                out[int.from_bytes(k, "little")] = (w.id, w.flags)
+        return out
+
+    def set_exclusions(self, cidrs: list[str], ports: list[int]) -> None:
+        """Replace the capture exclusions: destination CIDRs and ports that go direct."""
+        import ipaddress
+
+        from . import abi
+
+        nets = []
+        for c in cidrs:
+            try:
+                n = ipaddress.IPv4Network(c, strict=False)
+            except ValueError:
+                raise DabbaError(f"capture exclusion {c!r} is not an IPv4 CIDR") from None
+            nets.append(abi.LpmV4(n.prefixlen, abi.ip_be(str(n.network_address))))
+        for p in ports:
+            if not 0 < int(p) < 65536:
+                raise DabbaError(f"capture exclusion port {p!r} is out of range")
+        self._replace_keys(names.MAP_EXCL_NET, {bytes(n) for n in nets})
+        self._replace_keys(names.MAP_EXCL_PORT, {int(p).to_bytes(2, "little") for p in ports})
+
+    def set_tunnel_addrs(self, addrs: list[str]) -> None:
+        """Replace the addresses STRICT workloads accept connections from."""
+        from . import abi
+
+        self._replace_keys(
+            names.MAP_TUNNEL_ADDRS, {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
+        )
+
+    def set_node_addrs(self, addrs: list[str]) -> None:
+        """Replace the node's own addresses (both families): never a workload's destination."""
+        from . import abi
+
+        self._replace_keys(names.MAP_NODE_IPS, {abi.ip6_key(a) for a in addrs})
+
+    def set_port_mtls(self, modes: dict[tuple[str, int], str]) -> None:
+        """Replace the per-port PeerAuthentication modes: (workload ip, port) -> mode."""
+        from . import abi
+
+        strict = {True: bytes([abi.MTLS_STRICT]), False: bytes([abi.MTLS_PLAINTEXT])}
+        self._replace_keys(
+            names.MAP_PORT_MTLS,
+            {
+                bytes(abi.IpPort(abi.ip_be(ip), port, 0)): strict[mode == "STRICT"]
+                for (ip, port), mode in modes.items()
+            },
+        )
+
+    def set_mesh_ports(self, ports: list[int]) -> None:
+        """Replace the mesh's own ports: never a workload's destination."""
+        self._replace_keys(names.MAP_MESH_PORTS, {int(p).to_bytes(2, "little") for p in ports})
+
+    def _replace_keys(self, map_name: str, want: set[bytes] | dict[bytes, bytes]) -> None:
+        """Make a map hold exactly the keys in want: a set (value 1 each, a set-like map) or a
+        dict of values."""
+        values = want if isinstance(want, dict) else dict.fromkeys(want, b"\x01")
+        with self.dp.open_map(map_name) as m:
+            for k in list(m.keys()):
+                if k not in values:
+                    m.delete(k)
+            for k, v in values.items():
+                m.update(k, v)
+
+    def stats(self) -> dict[str, int]:
+        """dabba_stats summed over CPUs, by name."""
+        from . import abi
+
+        out = {}
+        with self.dp.open_map(names.MAP_STATS) as m:
+            for st in abi.Stat:
+                slots = m.lookup_percpu(abi.ctypes.c_uint32(int(st)))
+                out[st.name.lower()] = sum(int.from_bytes(s, "little") for s in slots)
+        return out
+
+    def guard_drops(self) -> dict[int, int]:
+        """Ingress-guard drops per workload cgroup id."""
+        with self.dp.open_map(names.MAP_GUARD_COUNT) as m:
+            return {int.from_bytes(k, "little"): int.from_bytes(v, "little") for k, v in m.items()}
+
+
+def cgroup_id(path: str) -> int:
+    """The cgroup v2 id of a cgroup folder (its inode number), checked."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DabbaError(
+            f"unknown cgroup path {path}: no such cgroup",
+            hint="workload cgroups must exist below the cgroup v2 mount before they are enrolled",
+        ) from None
+    features.require_cgroup2(path)
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise DabbaError(f"unknown cgroup path {path}: not a cgroup folder")
+    return st.st_ino
