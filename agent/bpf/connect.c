@@ -123,6 +123,21 @@ static __always_inline int is_v4mapped(u32 w0, u32 w1, u32 w2)
 	return !w0 && !w1 && w2 == bpf_htonl(0xffff);
 }
 
+/* The verdict on an AF_INET6 socket's destination; *ip: its IPv4 address when IPv4-mapped, else 0.
+ */
+static __always_inline enum verdict decide_ip6(struct bpf_sock_addr *ctx, u16 port, u8 *why,
+					       u32 *ip)
+{
+	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	u32 w3 = ctx->user_ip6[3];
+	if (is_v4mapped(w0, w1, w2)) {
+		*ip = w3;
+		return decide4(w3, port, why);
+	}
+	*ip = 0;
+	return decide6(w0, w1, w2, w3, why);
+}
+
 /*
  * A refused connect(): counted, and reported through the closed-flow ring
  * as a flow that never opened, so `dabba flows` shows who tried what.
@@ -243,13 +258,11 @@ int dabba_connect6(struct bpf_sock_addr *ctx)
 	if (!cfg)
 		return 1;
 
-	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
-	u32 w3 = ctx->user_ip6[3];
 	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	int mapped = is_v4mapped(w0, w1, w2);
-	enum verdict v = mapped ? decide4(w3, dst_port, &why) : decide6(w0, w1, w2, w3, &why);
-	int r = act(ctx, cfg, cg, v, why, mapped ? w3 : 0, dst_port);
+	u32 ip = 0;
+	enum verdict v = decide_ip6(ctx, dst_port, &why, &ip);
+	int r = act(ctx, cfg, cg, v, why, ip, dst_port);
 	if (r != CAPTURE)
 		return r;
 	/* an IPv4-mapped destination (decide6 captures nothing): to the tunnel's listener, mapped
@@ -278,11 +291,8 @@ int dabba_sendmsg6(struct bpf_sock_addr *ctx)
 	struct dabba_config *cfg = capturing(ctx, &cg);
 	if (!cfg)
 		return 1;
-	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
-	u32 w3 = ctx->user_ip6[3];
 	u16 port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	int mapped = is_v4mapped(w0, w1, w2);
-	enum verdict v = mapped ? decide4(w3, port, &why) : decide6(w0, w1, w2, w3, &why);
-	return datagram(cfg, v, port);
+	u32 ip = 0;
+	return datagram(cfg, decide_ip6(ctx, port, &why, &ip), port);
 }

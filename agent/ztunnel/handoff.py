@@ -61,9 +61,10 @@ def close_unix(sock: socket.socket, path: str, unlink: bool = True) -> None:
     sock.close()
 
 
-def _peer_pid(s: socket.socket) -> int:
+def peer_cred(s: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
     cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", cred)[0]
+    return struct.unpack("3i", cred)
 
 
 class Receiver:
@@ -88,7 +89,7 @@ class Receiver:
         conn.settimeout(10)
         n = 0
         try:
-            pid = _peer_pid(conn)
+            pid = peer_cred(conn)[0]
             while True:
                 msg, fds, _, _ = socket.recv_fds(conn, _MAX, 2)
                 if not msg:
@@ -135,7 +136,7 @@ def give(path: str, splicer: Splicer, timeout: float = 10.0) -> int | None:
         s.close()
         return None
     try:
-        if _peer_pid(s) == os.getpid():
+        if peer_cred(s)[0] == os.getpid():
             return None  # the path is still our own: no successor
         pairs = splicer.export()
         for state, fds in pairs:

@@ -29,7 +29,6 @@ import errno
 import json
 import os
 import socket
-import struct
 
 from .. import log
 from ..bpf import abi, names
@@ -96,11 +95,6 @@ def register(maps_dir: str, outbound: socket.socket, hbone: socket.socket) -> No
             m.update(ctypes.c_uint32(key), ctypes.c_uint32(s.fileno()))
 
 
-def _peer_uid(s: socket.socket) -> int:
-    cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", cred)[1]
-
-
 def borrow(path: str, timeout: float = 5.0) -> list[socket.socket] | None:
     """The predecessor's listeners, or None when no tunnel lends any at path."""
     c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -135,7 +129,7 @@ class Lender:
         except BlockingIOError:
             return
         with conn:
-            if _peer_uid(conn) != 0:
+            if handoff.peer_cred(conn)[1] != 0:  # uid
                 _log.warning("a process that is not root asked for the tunnel's listeners")
                 return
             conn.settimeout(5)
