@@ -257,9 +257,12 @@ def bpf_status(node, config, output):
         click.echo(f"\n{'PROGRAM':<16}{'HOOK':<24}{'ID':>6}  {'ATTACHED':<9}TAG")
         for p in st.programs:
             att = {1: "yes", 0: "NO", -1: "unknown"}.get(p.attached, f"{p.attached}x!")
-            if p.elsewhere:  # a link per namespace (sk_lookup), or the tunnel's cgroup
-                att = f"{p.attached} {'ns' if p.hook == 'sk_lookup' else 'cgroup'}"
-            click.echo(f"{p.name:<16}{p.hook:<24}{p.id or '-':>6}  {att:<9}{p.tag or 'not pinned'}")
+            if p.elsewhere:  # a link per namespace (sk_lookup), the tunnel's cgroup, the LSM
+                from .ops import attached_to
+
+                att = f"{p.attached} {attached_to(p.hook)}"
+            tag = p.tag or ("not loaded: the kernel refused it" if p.optional else "not pinned")
+            click.echo(f"{p.name:<16}{p.hook:<24}{p.id or '-':>6}  {att:<9}{tag}")
         click.echo(f"\n{'MAP':<17}{'TYPE':<14}{'ENTRIES':>9}{'MAX':>9}{'FILL':>8}")
         for m in st.maps:
             fill = f"{m.fill:.1%}" if m.fill is not None else "-"

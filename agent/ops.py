@@ -222,13 +222,16 @@ def status(c: AgentClient, output: str) -> int:
         con.print("  tunnel      not run by this agent")
     progs = st["datapath"]["programs"]
     attached = sum(1 for p in progs if p["attached"] == 1 or p.get("elsewhere"))
+    # an optional program the kernel refused (the BPF LSM): not counted, said below
+    progs_shown = [p for p in progs if p.get("pinned", True) or not p.get("optional")]
     con.print(
-        f"  datapath    {attached}/{len(progs)} programs attached, pins {st['datapath']['pins']}"
+        f"  datapath    {attached}/{len(progs_shown)} programs attached, "
+        f"pins {st['datapath']['pins']}"
     )
-    for p in progs:
+    for p in progs_shown:
         att = p["attached"]
         shown = (
-            f"{att} {'ns' if p['hook'] == 'sk_lookup' else 'cgroup'}"
+            f"{att} {attached_to(p['hook'])}"
             if p.get("elsewhere")
             else {1: "attached", 0: "NOT ATTACHED"}.get(att, f"attached {att}x")
         )
@@ -263,6 +266,7 @@ def status(c: AgentClient, output: str) -> int:
         "destination": n.get("dst_refused", 0),
         "ipv6": n.get("v6_refused", 0),
         "non-TCP": n.get("proto_refused", 0),
+        "packet socket": n.get("family_refused", 0),
         "guard": n.get("guard_drop", 0),
         "plaintext IPv6": n.get("plain_v6_drop", 0),
         "tunnel down": n.get("plain_no_tunnel", 0) + n.get("own_no_tunnel", 0),
@@ -272,6 +276,12 @@ def status(c: AgentClient, output: str) -> int:
         + (", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing")
         + " (in the kernel, since the datapath was loaded)"
     )
+    pk = st["datapath"].get("packet_sockets")
+    if pk:
+        con.print(
+            "  packet      "
+            + (pk["detail"] if pk["refused"] else f"[yellow]NOT refused[/yellow]: {pk['detail']}")
+        )
     fl = st["flows"]
     con.print(
         f"  flows       {fl['live']} open, {fl['closed_total']} closed since start "
@@ -282,6 +292,11 @@ def status(c: AgentClient, output: str) -> int:
     for w in st["warnings"]:
         con.print(f"[yellow]warning:[/yellow] {w}")
     return 0 if st["healthy"] else 1
+
+
+def attached_to(hook: str) -> str:
+    """What a program attached outside the node's cgroup is attached to, for status lines."""
+    return {"sk_lookup": "ns", "lsm/socket_create": "hook"}.get(hook, "cgroup")
 
 
 def _simple_table(rows: list[dict], cols: list[tuple[str, str]]) -> Table:

@@ -10,7 +10,9 @@ On real VMs with a real systemd, installed by `dabba install systemd`:
 5. a connection held open through `systemctl restart dabba-agent` and `systemctl stop
    dabba-agent` on both nodes keeps moving bytes, and new connections work while the agent
    is stopped (the programs stay pinned; the tunnel is its own service);
-6. `dabba uninstall systemd` on node1 removes the units, detaches and unpins every program:
+6. a workload's packet socket (AF_PACKET, and the old AF_INET SOCK_PACKET) is refused in the
+   kernel (the BPF LSM: the guests boot with lsm=...,bpf), counted; the node's own is not;
+7. `dabba uninstall systemd` on node1 removes the units, detaches and unpins every program:
    nothing under /sys/fs/bpf/dabba, nothing attached to a cgroup, no dabba program in the
    kernel; config and state stay (no --purge).
 
@@ -276,6 +278,35 @@ def policy_deny() -> None:
           "default/deny-client-9001" in fs[0]["reason"], fs[0]["reason"])  # fmt: skip
 
 
+PACKET = (
+    "import socket,sys\n"
+    "out = []\n"
+    "for fam, typ in ((socket.AF_PACKET, socket.SOCK_RAW), (socket.AF_INET, 10)):\n"
+    "    try:\n"
+    "        socket.socket(fam, typ, 0).close(); out.append('open')\n"
+    "    except OSError as e:\n"
+    "        out.append(e.__class__.__name__)\n"
+    "print(' '.join(out))\n"
+)
+
+
+def packet_sockets_refused() -> None:
+    vm = "node1"
+    st = json.loads(ssh(vm, "dabba status -o json").stdout)["datapath"]
+    check(f"{vm}: dabba status: packet sockets refused in the kernel",
+          st["packet_sockets"]["refused"], st["packet_sockets"])  # fmt: skip
+    before = st["counters"]["family_refused"]
+    r = ssh(vm, in_workload(vm, f"python3 -c {shlex.quote(PACKET)}"))
+    check(f"{vm}: the workload's AF_PACKET and AF_INET SOCK_PACKET sockets are refused",
+          r.stdout.split() == ["PermissionError", "PermissionError"], r.stdout)  # fmt: skip
+    r = ssh(vm, f"python3 -c {shlex.quote(PACKET)}")
+    check(f"{vm}: the node's own (no workload) are not", r.stdout.split() == ["open", "open"],
+          r.stdout)  # fmt: skip
+    after = json.loads(ssh(vm, "dabba status -o json").stdout)["datapath"]["counters"]
+    check(f"{vm}: exactly those 2 refusals counted", after["family_refused"] - before == 2,
+          after["family_refused"] - before)  # fmt: skip
+
+
 HOLD = (
     "import socket,sys\n"
     "s=socket.create_connection(('10.20.2.11',9002),timeout=20)\n"
@@ -340,14 +371,17 @@ def restart_keeps_connections() -> None:
 
 def dabba_programs(vm: str) -> list[str]:
     progs = json.loads(ssh(vm, "bpftool -j prog show").stdout)
-    return sorted(p.get("name", "") for p in progs if p.get("name", "").startswith("dabba_"))
+    # family.c's LSM program is named by its hook (bcc), cut to the kernel's 15 characters
+    mine = ("dabba_", "lsm__socket_cre")
+    return sorted(p.get("name", "") for p in progs if p.get("name", "").startswith(mine))
 
 
 def uninstall_cleanly() -> None:
     """`dabba uninstall systemd` on node1: units gone, programs detached and unpinned."""
     vm = "node1"
     before = dabba_programs(vm)
-    check(f"{vm}: dabba's programs loaded before uninstall", len(before) >= 5, before)
+    check(f"{vm}: dabba's programs loaded before uninstall, the LSM one too",
+          len(before) >= 5 and "lsm__socket_cre" in before, before)  # fmt: skip
     out = ssh(vm, "dabba uninstall systemd", timeout=180).stdout
     log(f"{vm}: dabba uninstall systemd said: {out.strip()}")
     r = ssh(vm, "systemctl list-unit-files 'dabba-*' --no-legend; ls /etc/systemd/system")
@@ -380,7 +414,8 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         for step in (units_and_probe, workloads, hbone_bytes_and_no_plaintext, policy_deny,
-                     restart_keeps_connections, uninstall_cleanly):  # fmt: skip
+                     packet_sockets_refused, restart_keeps_connections,
+                     uninstall_cleanly):  # fmt: skip
             log(f"--- {step.__name__}")
             step()
     finally:

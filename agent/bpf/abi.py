@@ -58,9 +58,12 @@ class Stat(enum.IntEnum):
     PROTO_REFUSED = 16
     PLAIN_V6_DROP = 17
     OWN_NO_TUNNEL = 18
+    FAMILY_SEEN = 19
+    FAMILY_REFUSED = 20
+    LSM_FAILED = 21
 
 
-STAT_COUNT = 19  # DABBA_ST_MAX
+STAT_COUNT = 22  # DABBA_ST_MAX
 
 TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
 TUN_SK_HBONE = 1

@@ -3,12 +3,14 @@
     python -m agent.bpf.compile JSON
 
 JSON: {"cflags": [...], "programs": [{"source", "function", "prog_type",
-"expected_attach", "pin"}, ...]}. bcc maps LLVM into the process that
-compiles (about 175 MiB resident here); doing it in one short-lived child
+"expected_attach", "pin", "optional"}, ...]}. bcc maps LLVM into the process
+that compiles (about 175 MiB resident here); doing it in one short-lived child
 keeps the long-running agent small. The child pins each loaded program and
-exits, printing each program's compile-and-load seconds as JSON; the
-parent opens the pins. On failure it prints one line naming the
-program to stderr and exits 1, having pinned nothing for that program.
+exits, printing {"seconds": {function: compile-and-load seconds}, "failed":
+{function: why}} as JSON; the parent opens the pins. "failed" holds only
+optional programs (those a kernel may lack: the BPF LSM); any other failure
+prints one line naming the program to stderr and exits 1, having pinned
+nothing for that program.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(argv: list[str]) -> int:
     from .sys import obj_pin
 
     seconds = {}
+    failed = {}
     compiled = {}  # source -> BPF: a file with several programs is compiled once
     try:
         for p in job["programs"]:
@@ -47,12 +50,15 @@ def main(argv: list[str]) -> int:
                 seconds[p["function"]] = time.monotonic() - t0
             except Exception as e:  # bcc raises bare Exception
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                if p.get("optional"):
+                    failed[p["function"]] = msg
+                    continue
                 print(f"{p['function']}: {msg}", file=sys.stderr)
                 return 1
     finally:
         for b in compiled.values():
             b.cleanup()
-    print(json.dumps(seconds))
+    print(json.dumps({"seconds": seconds, "failed": failed}))
     return 0
 
 

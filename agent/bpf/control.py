@@ -14,7 +14,14 @@ import os
 from ..errors import DabbaError
 from . import features, names
 from . import sys as bpfsys
-from .loader import Datapath, OwnProgram, PlainProgram, Program, TunnelOpsProgram
+from .loader import (
+    Datapath,
+    FamilyProgram,
+    OwnProgram,
+    PlainProgram,
+    Program,
+    TunnelOpsProgram,
+)
 
 
 class DatapathControl:
@@ -234,6 +241,31 @@ class DatapathControl:
                 slots = m.lookup_percpu(abi.ctypes.c_uint32(int(st)))
                 out[st.name.lower()] = sum(int.from_bytes(s, "little") for s in slots)
         return out
+
+    def packet_sockets_refused(self) -> tuple[bool, str]:
+        """Whether enrolled workloads' packet sockets are refused here: (True, how) or
+        (False, why not).
+
+        Not whether family.c is pinned but whether it runs: it counts every socket of a
+        family with no path through the mesh, anyone's, so this process (no workload, so
+        allowed) opens one, closes it, and looks at the count.
+        """
+        import socket
+
+        from . import abi
+
+        prog = next(p for p in self.dp.programs if isinstance(p, FamilyProgram))
+        if not os.path.exists(prog.link_pin):
+            return False, features.bpf_lsm_missing()
+        seen = abi.Stat.FAMILY_SEEN.name.lower()
+        before = self.stats()[seen]
+        try:
+            socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0).close()
+        except OSError as e:
+            return False, f"the probe could not open a packet socket ({e.strerror})"
+        if self.stats()[seen] > before:
+            return True, f"refused in the kernel ({prog.hook})"
+        return False, f"{prog.hook} is attached but does not run: {features.bpf_lsm_missing()}"
 
     def guard_drops(self) -> dict[int, int]:
         """Ingress-guard drops per workload cgroup id."""

@@ -117,3 +117,23 @@ def probe(bpffs_root: str = "/sys/fs/bpf") -> Features:
         sockmap=_can_create_sockhash(),
         ktls=ktls,
     )
+
+
+def bpf_lsm_missing() -> str:
+    """Why a BPF LSM program does not run here, as far as the kernel says (for messages).
+
+    The active LSMs are listed in securityfs (mounted by systemd; not everywhere).
+    """
+    try:
+        with open("/sys/kernel/security/lsm") as f:
+            active = f.read().strip()
+    except OSError:
+        active = ""
+    if active and "bpf" not in active.split(","):
+        return (
+            f"the BPF LSM is not active (this kernel's LSMs: {active}); boot with lsm={active},bpf"
+        )
+    return (
+        "this kernel refused to load or attach a BPF LSM program (it needs CONFIG_BPF_LSM, "
+        '"bpf" in lsm= and BPF trampolines)'
+    )

@@ -39,6 +39,7 @@ PROG_SOCK_OPS = 13
 PROG_SK_SKB = 14
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_SK_LOOKUP = 30
+PROG_LSM = 29
 
 
 def compile_programs(programs: list[Program], cflags: list[str]) -> dict[str, float]:
@@ -66,7 +67,10 @@ def compile_programs(programs: list[Program], cflags: list[str]) -> dict[str, fl
             hint="is the kernel new enough (5.15+, BTF, cgroup BPF, sockmap) and are kernel "
             "headers installed? `make setup` checks both",
         )
-    return json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    for function, why in out["failed"].items():
+        _log.warning(f"{function} not loaded: this kernel refused it", fields={"bcc": why})
+    return out["seconds"]
 
 
 def verifier_reason(log: str) -> str:
@@ -127,6 +131,7 @@ class Program:
     prog_type: int = 0
     expected_attach: int = -1  # for the verifier (sock_addr and sock programs)
     attach_type: int = 0
+    optional = False  # a kernel may lack its hook: the datapath works without it (ensure())
 
     def __init__(self, pins: Pins):
         self.pins = pins
@@ -149,6 +154,7 @@ class Program:
             "prog_type": self.prog_type,
             "expected_attach": self.expected_attach,
             "pin": self.prog_pin,
+            "optional": self.optional,
         }
 
     def attach(self, prog_fd: int, target_fd: int) -> None:
@@ -338,6 +344,29 @@ class TunnelOpsProgram(Program):
     attach_type = bpfsys.BPF_CGROUP_SOCK_OPS
 
 
+class FamilyProgram(Program):
+    """lsm/socket_create: enrolled workloads get no packet or other non-inet network socket
+    (family.c).
+
+    Optional: it needs the BPF LSM active (CONFIG_BPF_LSM, "bpf" in lsm=). Where the kernel
+    refuses to load or attach it, the datapath goes on without it, counts the failure
+    (DABBA_ST_LSM_FAILED: not tried again while the pins last, that is until reboot or
+    unload) and the agent decides what that means (capture.packet_sockets). Attached to its
+    hook through a pinned link, with no target.
+    """
+
+    source = "family.c"
+    function = names.PROG_FAMILY
+    hook = "lsm/socket_create"
+    prog_type = PROG_LSM
+    expected_attach = bpfsys.BPF_LSM_MAC
+    attach_type = bpfsys.BPF_LSM_MAC
+    optional = True
+
+    def attach(self, prog_fd: int, target_fd: int) -> None:
+        super().attach(prog_fd, 0)
+
+
 CGROUP_PROGRAMS = (
     OwnerProgram,
     CaptureProgram,
@@ -347,7 +376,13 @@ CGROUP_PROGRAMS = (
     FlowProgram,
     GuardProgram,
 )
-ALL_PROGRAMS = CGROUP_PROGRAMS + (SpliceProgram, PlainProgram, OwnProgram, TunnelOpsProgram)
+ALL_PROGRAMS = CGROUP_PROGRAMS + (
+    SpliceProgram,
+    PlainProgram,
+    OwnProgram,
+    TunnelOpsProgram,
+    FamilyProgram,
+)
 
 
 @dataclass(frozen=True)
@@ -386,8 +421,10 @@ class ProgramStatus:
     tag: str | None = None
     attached: int = 0  # times attached to its target (-1 unknown)
     loaded_at: float | None = None  # seconds since boot
-    # attached to namespaces or the tunnel's cgroup, not the node's cgroup: any count is right
+    # attached to namespaces, the tunnel's cgroup or an LSM hook, not the node's cgroup: any
+    # count is right
     elsewhere: bool = False
+    optional: bool = False  # the kernel may lack its hook (FamilyProgram)
 
 
 @dataclass
@@ -420,7 +457,11 @@ class DatapathStatus:
     )  # dabba_stats: captures, map full, ring drops
 
     def healthy(self) -> bool:
-        return all(p.pinned and (p.attached in (1, -1) or p.elsewhere) for p in self.programs)
+        return all(
+            p.pinned and (p.attached in (1, -1) or p.elsewhere)
+            for p in self.programs
+            if p.pinned or not p.optional
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -507,8 +548,14 @@ class Datapath:
             cg = self._cgroup_fd()
             try:
                 missing = [p for p in self.programs if not os.path.exists(p.prog_pin)]
+                if missing and all(p.optional for p in missing) and self._optional_failed():
+                    missing = []  # tried on this boot and refused by the kernel: not again
                 compiled = compile_programs(missing, self._cflags()) if missing else {}
                 for prog in self.programs:
+                    if prog.optional and not os.path.exists(prog.prog_pin):
+                        if prog in missing:
+                            self._count_optional_failure()
+                        continue
                     reports.append(self._ensure_one(prog, cg, compiled.get(prog.function)))
             finally:
                 os.close(cg)
@@ -534,6 +581,9 @@ class Datapath:
                         prog.attach(fd, sockhash.fd)
             elif isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram):
                 pass  # attached elsewhere (steer_plaintext, own_listeners, trust_tunnel_cgroup)
+            elif isinstance(prog, FamilyProgram):
+                if not os.path.exists(prog.link_pin):
+                    self._attach_optional(prog, fd)
             else:
                 self._ensure_link(prog, fd, info.id, cgroup_fd)
         finally:
@@ -544,6 +594,35 @@ class Datapath:
             fields={"program": prog.function, "node": self.node, "s": f"{dt:.2f}"},
         )
         return LoadReport(prog.function, action, dt)
+
+    def _attach_optional(self, prog: Program, prog_fd: int) -> None:
+        """Attach an optional program; where the kernel refuses, unpin it and count that."""
+        try:
+            prog.attach(prog_fd, -1)
+        except bpfsys.BPFError as e:
+            _log.warning(f"{prog.hook} not attached: this kernel refused it", fields={"error": e})
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(prog.prog_pin)
+            self._count_optional_failure()
+
+    def _optional_failed(self) -> bool:
+        from . import abi
+
+        with contextlib.suppress(DabbaError):
+            from .control import DatapathControl
+
+            return DatapathControl(self).stats().get(abi.Stat.LSM_FAILED.name.lower(), 0) > 0
+        return False
+
+    def _count_optional_failure(self) -> None:
+        """DABBA_ST_LSM_FAILED += 1 (on the first CPU's slot: the sum is what is read)."""
+        from . import abi
+
+        with self.open_map(names.MAP_STATS) as m:
+            key = abi.ctypes.c_uint32(int(abi.Stat.LSM_FAILED))
+            raw = bytearray(m.lookup(key) or b"\0" * (m.value_stride * m.ncpus))
+            raw[0:8] = (int.from_bytes(raw[0:8], "little") + 1).to_bytes(8, "little")
+            m.update(key, bytes(raw))
 
     def _ensure_link(self, prog: Program, prog_fd: int, prog_id: int, cgroup_fd: int) -> None:
         cg_id = os.fstat(cgroup_fd).st_ino
@@ -600,7 +679,10 @@ class Datapath:
         try:
             for prog in self.programs:
                 ps = ProgramStatus(prog.function, prog.hook, os.path.exists(prog.prog_pin))
-                ps.elsewhere = isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram)
+                ps.elsewhere = isinstance(
+                    prog, PlainProgram | OwnProgram | TunnelOpsProgram | FamilyProgram
+                )
+                ps.optional = prog.optional
                 if ps.pinned:
                     fd = bpfsys.obj_get(prog.prog_pin)
                     try:
@@ -611,7 +693,7 @@ class Datapath:
                     target = sockhash if isinstance(prog, SpliceProgram) else cg
                     if isinstance(prog, PlainProgram):
                         ps.attached = prog.netns_links()  # one per steered workload namespace
-                    elif isinstance(prog, OwnProgram | TunnelOpsProgram):
+                    elif isinstance(prog, OwnProgram | TunnelOpsProgram | FamilyProgram):
                         ps.attached = int(os.path.exists(prog.link_pin))  # namespace, cgroup
                     elif target is not None:
                         ps.attached = prog.attached(target, info.id)

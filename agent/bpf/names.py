@@ -65,6 +65,9 @@ PROG_GUARD = "dabba_guard"
 PROG_PLAIN = "dabba_plain_in"
 PROG_OWN = "dabba_own_in"
 PROG_TUN_OPS = "dabba_tun_ops"
+# bcc names an LSM program lsm__<hook> and finds the hook by that name (family.c);
+# the kernel keeps "lsm__socket_cre", the pin keeps the whole name.
+PROG_FAMILY = "lsm__socket_create"
 
 for _n in ALL_MAPS + (
     PROG_SOCK_CREATE,

@@ -51,6 +51,7 @@ BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_UDP4_SENDMSG = 14
 BPF_CGROUP_UDP6_SENDMSG = 15
 BPF_SK_LOOKUP = 36
+BPF_LSM_MAC = 27
 
 # enum bpf_map_type (the ones we name in status output)
 MAP_TYPE_NAMES = {
@@ -74,6 +75,8 @@ PROG_TYPE_NAMES = {
     13: "sock_ops",
     14: "sk_skb",
     18: "cgroup_sock_addr",
+    29: "lsm",
+    30: "sk_lookup",
 }
 
 _ATTR_SIZE = 128
@@ -219,7 +222,8 @@ def prog_query(target_fd: int, attach_type: int, what: str = "") -> list[int]:
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
-    """Attach prog to a cgroup through a bpf_link (detached when its last ref goes)."""
+    """Attach prog through a bpf_link (detached when its last ref goes): to a cgroup or a
+    network namespace (target_fd), or to its LSM hook (BPF_LSM_MAC, target_fd 0)."""
     attr = struct.pack("=IIII", prog_fd, target_fd, attach_type, 0)
     return _bpf(BPF_LINK_CREATE, attr, f"attach {what}")
 

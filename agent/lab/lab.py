@@ -461,6 +461,9 @@ def agent_config(lab: Lab, node_name: str, strict: tuple[str, ...] = ()) -> dict
         "state_dir": os.path.join(STATE_DIR, lab.name, node.name),
         "tunnel": {"address": node.gateway, "port": 15001},
         "tunnel_addresses": [node.gateway],
+        # the lab runs on whatever kernel the machine has: packet sockets are refused where it
+        # can (the BPF LSM); elsewhere the agent says so (dabba status) instead of not starting
+        "capture": {"packet_sockets": "refuse-where-able"},
         "workloads": [
             {
                 "name": p.name,

@@ -153,7 +153,7 @@ def node_config(
     cfg[
         "workloads"
     ] = []  # the control plane says which workloads exist; cgroups come from the registry
-    cfg["capture"] = {"enabled": capture}
+    cfg["capture"]["enabled"] = capture
     if capture:  # capture needs a tunnel: the agent runs one, or it is a service of its own
         cfg["tunnel"]["run"] = not tunnel_service
         cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"

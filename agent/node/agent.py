@@ -59,6 +59,7 @@ class Agent:
         self.stop = threading.Event()
         self.started = time.time()
         self.load_reports = []
+        self.packet_sockets = (False, "not probed yet")  # (refused in the kernel, how / why not)
         self.workload_ids: dict[int, str] = {}  # cgroup id -> namespace/name
         self.sync = None
         self.tunnel_proc = None
@@ -143,7 +144,34 @@ class Agent:
                 "s": f"{time.monotonic() - t0:.2f}",
             },
         )
+        self._check_packet_sockets()
         self.reconcile()
+
+    def _check_packet_sockets(self) -> None:
+        """Enrol nothing where workloads' packet sockets would go around the mesh unrefused,
+        unless the config accepts that (capture.packet_sockets: refuse-where-able)."""
+        c = self.cfg.capture
+        self.packet_sockets = self.ctl.packet_sockets_refused()
+        refused, how = self.packet_sockets
+        if refused or not c.enabled or c.non_tcp == "pass":
+            _log.info(
+                "workloads' packet sockets: "
+                + (how if refused else "pass unmeshed (capture.non_tcp: pass or capture off)")
+            )
+            return
+        if c.packet_sockets == "refuse":
+            raise DabbaError(
+                "this kernel cannot refuse packet sockets to workloads, so a workload holding "
+                f"CAP_NET_RAW could send frames around the mesh: {how}",
+                hint="boot with the BPF LSM active; or, where no workload holds CAP_NET_RAW "
+                "(Kubernetes' restricted Pod Security Standard drops it), set "
+                "capture.packet_sockets: refuse-where-able",
+            )
+        _log.warning(
+            "workloads' packet sockets are NOT refused (capture.packet_sockets: "
+            f"refuse-where-able): {how}; a workload holding CAP_NET_RAW can send frames "
+            "around the mesh"
+        )
 
     def reconcile(self) -> None:
         """Make the maps say what the config says (workloads from the config: no control plane)."""

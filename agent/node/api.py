@@ -294,6 +294,13 @@ class AgentApi:
                 for p in dp.programs
                 if p.name in why and p.attached != 1
             ]
+        refused, how = a.packet_sockets
+        cap = a.cfg.capture
+        if not refused and cap.enabled and cap.non_tcp != "pass":
+            warnings.append(
+                f"workloads' packet sockets are not refused: {how} (capture.packet_sockets: "
+                "refuse-where-able): a workload holding CAP_NET_RAW can send frames around the mesh"
+            )
         fills = {m.name: m.fill for m in dp.maps if m.fill is not None}
         for name, fill in fills.items():
             if fill > 0.9:
@@ -341,11 +348,14 @@ class AgentApi:
                         "id": p.id,
                         "attached": p.attached,
                         "elsewhere": p.elsewhere,
+                        "pinned": p.pinned,
+                        "optional": p.optional,
                     }
                     for p in dp.programs
                 ],
                 "maps": {m.name: {"entries": m.entries, "max": m.max_entries} for m in dp.maps},
                 "counters": st,
+                "packet_sockets": {"refused": refused, "detail": how},
             },
             "control": ctl and {k: v for k, v in ctl.items() if k != "certs"},
             "tunnel": tun,
@@ -396,10 +406,12 @@ class AgentApi:
         drops.add_metric(["ingress_guard"], st.get("guard_drop", 0))
         drops.add_metric(["plaintext_no_tunnel"], st.get("plain_no_tunnel", 0))
         # refused in the kernel: connect() to the node, link-local or a mesh port; native IPv6;
-        # non-TCP other than DNS; IPv6 plaintext to a PERMISSIVE workload
+        # non-TCP other than DNS; packet and other non-IP sockets; IPv6 plaintext to a
+        # PERMISSIVE workload
         drops.add_metric(["destination"], st.get("dst_refused", 0))
         drops.add_metric(["ipv6"], st.get("v6_refused", 0))
         drops.add_metric(["protocol"], st.get("proto_refused", 0))
+        drops.add_metric(["socket_family"], st.get("family_refused", 0))
         drops.add_metric(["plaintext_ipv6"], st.get("plain_v6_drop", 0))
         drops.add_metric(["policy"], a.table.denied)
         yield drops

@@ -27,6 +27,11 @@ A YAML file (``dabba agent run --config FILE``)::
                                   # ping and other inet sockets are refused. pass: all non-TCP
                                   # passes unmeshed (as Istio's ambient mode does). STRICT
                                   # workloads receive no plaintext UDP but DNS either way.
+      packet_sockets: refuse      # workloads' packet (AF_PACKET) and other non-IP network
+                                  # sockets: refused in the kernel (BPF LSM, lsm/socket_create).
+                                  # refuse: where this kernel cannot (no "bpf" in lsm=), the
+                                  # agent does not start. refuse-where-able: it starts anyway
+                                  # and says so (for nodes whose workloads hold no CAP_NET_RAW).
     control:                      # optional: workloads, policies and certificates
       address: 10.10.0.1:15012    # from the control plane (mutual TLS)
       join_address: 10.10.0.1:15013  # where the one-time join token is used (TLS)
@@ -104,9 +109,11 @@ class CaptureConfig:
     exclude_cidrs: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_CIDRS))
     exclude_ports: list[int] = field(default_factory=list)
     non_tcp: str = "dns"  # "dns" | "pass" (see the module docstring)
+    packet_sockets: str = "refuse"  # "refuse" | "refuse-where-able" (the module docstring)
 
 
 NON_TCP_MODES = ("dns", "pass")
+PACKET_SOCKET_MODES = ("refuse", "refuse-where-able")
 
 
 @dataclass
@@ -290,7 +297,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
     c = doc.get("capture") or {}
     for k in c:
         need(
-            k in {"enabled", "exclude_cidrs", "exclude_ports", "non_tcp"},
+            k in {"enabled", "exclude_cidrs", "exclude_ports", "non_tcp", "packet_sockets"},
             ("capture", k),
             f"capture: unknown field {k!r}",
         )
@@ -299,11 +306,18 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         [str(x) for x in c.get("exclude_cidrs", DEFAULT_EXCLUDE_CIDRS)],
         [int(x) for x in c.get("exclude_ports", [])],
         str(c.get("non_tcp", "dns")),
+        str(c.get("packet_sockets", "refuse")),
     )
     need(
         cap.non_tcp in NON_TCP_MODES,
         ("capture", "non_tcp"),
         f"capture.non_tcp: {cap.non_tcp!r} is not one of {', '.join(NON_TCP_MODES)}",
+    )
+    need(
+        cap.packet_sockets in PACKET_SOCKET_MODES,
+        ("capture", "packet_sockets"),
+        f"capture.packet_sockets: {cap.packet_sockets!r} is not one of "
+        f"{', '.join(PACKET_SOCKET_MODES)}",
     )
     for i, cidr in enumerate(cap.exclude_cidrs):
         try:

@@ -92,6 +92,14 @@ def test_a_pod_reaches_neither_the_nodes_loopback_nor_its_addresses(elab, procs)
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "refused     destination 3" in r.stdout, r.stdout
+    # and whether workloads' packet sockets are refused (the lab accepts a kernel that cannot)
+    st = _dabba_json("status", "--node", f"{L.name}/n1")
+    pk = st["datapath"]["packet_sockets"]
+    if pk["refused"]:
+        assert "packet      refused in the kernel (lsm/socket_create)" in r.stdout, r.stdout
+    else:
+        assert f"packet      NOT refused: {pk['detail']}" in r.stdout, r.stdout
+        assert any("packet sockets are not refused" in w for w in st["warnings"]), st
 
 
 def test_ipv4_mapped_across_nodes_is_mutual_tls_never_plaintext(elab, procs, tmp_path):

@@ -38,6 +38,16 @@ def one(t: dict) -> str:
                 "sctp": (socket.AF_INET, socket.SOCK_STREAM, 132),
                 "udplite": (socket.AF_INET, socket.SOCK_DGRAM, 136),
                 "raw6": (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
+                # frames of its own: no cgroup hook sees these (bpf/family.c does)
+                "packet": (socket.AF_PACKET, socket.SOCK_RAW, 0),
+                "packet_dgram": (socket.AF_PACKET, socket.SOCK_DGRAM, 0),
+                "sock_packet": (
+                    socket.AF_INET,
+                    10,
+                    0,
+                ),  # SOCK_PACKET: the kernel makes it AF_PACKET
+                "unix": (socket.AF_UNIX, socket.SOCK_STREAM, 0),
+                "netlink": (socket.AF_NETLINK, socket.SOCK_RAW, 0),
             }[t["type"]]
             socket.socket(*kind).close()
             return "created"

@@ -107,9 +107,12 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
         assert r.returncode == 0, r.stderr
         progs = json.loads(r.stdout)["programs"]
         cgroup_progs = [p for p in progs if not p["elsewhere"]]
-        assert len(progs) == 11 and all(p["attached"] == 1 for p in cgroup_progs), progs
+        assert len(progs) == 12 and all(p["attached"] == 1 for p in cgroup_progs), progs
+        # lsm/socket_create: attached once where the kernel runs BPF LSM, else not loaded
+        (lsm,) = [p for p in progs if p["optional"]]
+        assert lsm["attached"] == int(lsm["pinned"]), lsm
         # attached per namespace, or to the tunnel's cgroup; no control plane here: none
-        assert [p["attached"] for p in progs if p["elsewhere"]] == [0, 0, 0]
+        assert [p["attached"] for p in progs if p["elsewhere"] and not p["optional"]] == [0, 0, 0]
 
         f3 = wait_for(
             lambda: (f := _flow(src, dst)) and f.bytes_sent > f2.bytes_sent and f,

@@ -214,6 +214,49 @@ def test_only_dns_leaves_by_udp_and_raw_sockets_are_refused(lab, procs, enrolled
     assert srv.stdout.readline().split()[:2] == ["udp", "a"]  # the refused b and c never came
 
 
+def test_packet_sockets_are_refused_in_the_kernel_or_the_agent_does_not_start(
+    lab, procs, enrolled, tmp_path
+):
+    """Before: an enrolled pod holding CAP_NET_RAW opened AF_PACKET sockets (no cgroup hook
+    sees one) and could write frames of its own, around the mesh. Now lsm/socket_create
+    (family.c) refuses them where the kernel runs BPF LSM programs (the Vagrant guests boot
+    with lsm=...,bpf: vagrant/e2e.py checks it there). Where the kernel cannot (this
+    machine's refuses LSM programs), the agent with its default config does not start, and
+    says why and what to do."""
+    import yaml
+
+    from agent.lab import lab as labmod
+
+    pod, ctl = enrolled
+    refused, how = ctl.packet_sockets_refused()
+    tries = [{"op": "socket", "type": t} for t in ("packet", "packet_dgram", "sock_packet")]
+    allowed = [{"op": "socket", "type": t} for t in ("unix", "netlink")]
+    before = ctl.stats()
+    got = probe(lab, pod.name, tries + allowed)
+    if refused:
+        assert how == "refused in the kernel (lsm/socket_create)"
+        assert got == ["error EPERM"] * 3 + ["created"] * 2, got
+        assert _delta(ctl, before) == {"family_refused": 3, "family_seen": 3}
+        assert probe(lab, "n1", tries) == ["created"] * 3  # the node is no workload
+        ctl.configure(lab.node("n1").gateway, 15001, pass_non_tcp=True)  # capture.non_tcp: pass
+        assert probe(lab, pod.name, tries) == ["created"] * 3
+        return
+    # this kernel cannot refuse them: say so, and refuse to enrol anything by default
+    assert got == ["created"] * 5, got
+    assert "BPF LSM" in how, how
+    cfg = labmod.agent_config(lab, "n1")
+    del cfg["capture"]["packet_sockets"]  # the default: refuse
+    cfg["workloads"] = []
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = lab.run("n1", [sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(path)],
+                check=False, timeout=120)  # fmt: skip
+    assert r.returncode != 0
+    assert "this kernel cannot refuse packet sockets to workloads" in r.stderr, r.stderr
+    assert "capture.packet_sockets: refuse-where-able" in r.stderr, r.stderr
+    assert ctl.dp.status().healthy()  # it left the node's datapath as it was
+
+
 def test_strict_pod_takes_no_ipv6_and_no_plaintext_udp_but_its_own_and_dns(lab, datapaths, procs):
     """Before: the guard looked at IPv4 TCP only. A STRICT pod answered over IPv6 link-local
     and took any UDP; and it dropped its own loopback connections."""

@@ -8,6 +8,9 @@ from agent.bpf.loader import ALL_PROGRAMS, MapSizes
 
 def test_names_fit_the_kernel_and_share_the_prefix():
     for n in names.ALL_MAPS + tuple(p.function for p in ALL_PROGRAMS):
+        if n == names.PROG_FAMILY:  # bcc finds an LSM program's hook by its name: lsm__<hook>
+            assert n == "lsm__socket_create"
+            continue
         assert len(n) <= 15 and n.startswith("dabba_"), n
 
 

@@ -27,6 +27,7 @@ def test_good_config_with_defaults():
     assert c.node == "n1" and c.pin_name == "n1" and c.state_dir == "/run/dabba/n1"
     assert c.tunnel.port == 15001 and c.tunnel_addresses == ["10.20.1.1"]
     assert c.capture.exclude_ports == [22] and c.capture.non_tcp == "dns"
+    assert c.capture.packet_sockets == "refuse"  # the default: refused, or no start
     assert c.maps.flows == 1024 and c.maps.ring_pages == 16 and c.maps.captures == 16384
     w = c.workloads[0]
     assert (w.namespace, w.service_account, w.capture, w.strict) == ("shop", "web-sa", True, True)
@@ -79,6 +80,11 @@ def test_good_config_with_defaults():
             "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  non_tcp: allow\n",
             "a.yaml:5",
             "capture.non_tcp: 'allow' is not one of dns, pass",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  packet_sockets: allow\n",
+            "a.yaml:5",
+            "capture.packet_sockets: 'allow' is not one of refuse, refuse-where-able",
         ),
         ("node: [1\n", "a.yaml:2", "not valid YAML"),
         ("- just\n- a list\n", "a.yaml", "must be a mapping"),

@@ -180,11 +180,16 @@ enum dabba_stat {
 	DABBA_ST_PLAIN_NO_TUNNEL, /* ...refused: no 15006 listener for that workload (fail closed)
 				   */
 	DABBA_ST_LOCAL, /* connect() to loopback or unspecified: stays in the caller's netns */
-	DABBA_ST_DST_REFUSED,	/* connect() refused: link-local, the node itself, a mesh port */
-	DABBA_ST_V6_REFUSED,	/* connect() to a native IPv6 address refused (not meshed) */
-	DABBA_ST_PROTO_REFUSED, /* non-TCP socket or datagram refused (only DNS leaves) */
-	DABBA_ST_PLAIN_V6_DROP, /* IPv6 plaintext to a PERMISSIVE workload dropped */
-	DABBA_ST_OWN_NO_TUNNEL, /* connection to the tunnel's ports refused: it is not listening */
+	DABBA_ST_DST_REFUSED,	 /* connect() refused: link-local, the node itself, a mesh port */
+	DABBA_ST_V6_REFUSED,	 /* connect() to a native IPv6 address refused (not meshed) */
+	DABBA_ST_PROTO_REFUSED,	 /* non-TCP socket or datagram refused (only DNS leaves) */
+	DABBA_ST_PLAIN_V6_DROP,	 /* IPv6 plaintext to a PERMISSIVE workload dropped */
+	DABBA_ST_OWN_NO_TUNNEL,	 /* connection to the tunnel's ports refused: it is not listening */
+	DABBA_ST_FAMILY_SEEN,	 /* sockets of a family with no path through the mesh (family.c),
+				    anyone's: the agent's probe that lsm/socket_create runs */
+	DABBA_ST_FAMILY_REFUSED, /* ...refused to an enrolled workload: packet, XDP, vsock, ... */
+	DABBA_ST_LSM_FAILED,	 /* lsm/socket_create could not be loaded or attached (set by the
+				    agent; the load is not tried again until the pins go) */
 	DABBA_ST_MAX,
 };
 
