@@ -45,6 +45,7 @@ from cryptography import x509
 
 from .. import log
 from ..control import ca as camod
+from ..control import validate
 
 _log = log.get("hbone")
 
@@ -90,7 +91,8 @@ def identity_from_sni(name: str, trust_domain: str) -> str | None:
     if not name or not name.endswith("." + SNI_SUFFIX):
         return None
     sa, _, ns = name[: -len(SNI_SUFFIX) - 1].partition(".")
-    return camod.spiffe_id(trust_domain, ns, sa) if sa and ns else None
+    ident = camod.spiffe_id(trust_domain, ns, sa)
+    return ident if validate.workload_identity(ident, trust_domain) else None
 
 
 def peer_identity(sslobj) -> str | None:
@@ -547,8 +549,9 @@ class ServerConnection(H2Connection):
 
     def connection_made(self, transport):
         peer = peer_identity(transport.get_extra_info("ssl_object"))
-        if not (peer or "").startswith(f"spiffe://{self.trust_domain}/"):
-            # a valid certificate, but not a workload identity of this trust domain
+        if not validate.workload_identity(peer, self.trust_domain):
+            # a valid certificate, but not a workload identity of this trust domain: another
+            # domain, or a node's or the control plane's own (they never open flows)
             _log.warning(
                 "HBONE client refused: not a workload of this trust domain",
                 fields={
@@ -591,8 +594,11 @@ class ServerConnection(H2Connection):
     async def _open(self, s: Stream) -> None:
         peer = self.transport.get_extra_info("peername")
         try:
-            if not (self.peer_id or "").startswith(f"spiffe://{self.trust_domain}/"):
-                result = f"denied: client identity {self.peer_id or 'none'} is not of trust domain {self.trust_domain}"
+            if not validate.workload_identity(self.peer_id, self.trust_domain):
+                result = (
+                    f"denied: client identity {self.peer_id or 'none'} is not a workload of "
+                    f"trust domain {self.trust_domain}"
+                )
             else:
                 # the workload's own address, as its node's tunnel vouches (like ztunnel's
                 # Forwarded header); the peer node's address when none was sent

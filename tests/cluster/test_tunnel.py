@@ -145,8 +145,10 @@ def _s_client(L, node_ip: str, cert=None, key=None) -> str:
 
 
 def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp_path):
-    """No certificate, another CA, expired, and a valid one of the wrong identity: each refused,
-    each counted under its own kind; a valid workload certificate is not."""
+    """No certificate, another CA, expired, and valid ones that are not workloads of this trust
+    domain (another domain; before: a node's own identity, the control plane's and malformed
+    workload forms passed, matching principals ["*"]): each refused, each counted under its
+    kind; a valid workload certificate is not."""
     import datetime
 
     from agent.control.ca import CA
@@ -161,7 +163,15 @@ def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp
         "unknown_ca": other.issue_server(me, [], hour),
         "expired": ours.issue_server(me, [], datetime.timedelta(seconds=-30)),
         "wrong_identity": ours.issue_server("spiffe://evil.example/ns/default/sa/x", [], hour),
+        "node_identity": ours.issue_server("spiffe://cluster.local/node/n1", [], hour),
+        "control_identity": ours.issue_server("spiffe://cluster.local/control", [], hour),
+        "extra_path": ours.issue_server(me + "/x", [], hour),
+        "dotdot_namespace": ours.issue_server("spiffe://cluster.local/ns/../sa/x", [], hour),
         "valid": ours.issue_server(me, [], hour),
+    }
+    counted_as = {  # every valid certificate of a non-workload identity counts as wrong_identity
+        k: "wrong_identity"
+        for k in ("node_identity", "control_identity", "extra_path", "dotdot_namespace")
     }
     files = {}
     for kind, (issued, key) in certs.items():
@@ -172,7 +182,7 @@ def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp
     def refused():
         return tunnel_stats(L, "n2").get("hbone_refused", {})
 
-    for kind in ("no_client_cert", "unknown_ca", "expired", "wrong_identity", "valid"):
+    for kind in ("no_client_cert", "unknown_ca", "expired", "wrong_identity", *counted_as, "valid"):
         before = refused()
         out = _s_client(L, n2.ip, *(files.get(kind) or ()))
         after = (
@@ -186,7 +196,7 @@ def test_openssl_clients_with_bad_certificates_are_refused_and_counted(tlab, tmp
             assert changed == {}, changed  # the handshake went through
             assert "Verify return code" in out
         else:
-            assert changed == {kind: 1}, (kind, changed, out[-600:])
+            assert changed == {counted_as.get(kind, kind): 1}, (kind, changed, out[-600:])
 
 
 def test_agent_restarts_a_crashed_tunnel_and_capture_never_falls_back_to_plaintext(tlab, procs):
