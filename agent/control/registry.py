@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import yaml
@@ -34,6 +35,7 @@ import yaml
 from .. import log
 from ..errors import DabbaError
 from . import model as m
+from . import validate
 
 _log = log.get("registry")
 
@@ -48,6 +50,7 @@ KINDS = {
 LB_POLICIES = ("round_robin", "least_connections", "random")
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE", "UNSET")
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+MAX_FILE_BYTES = 1 << 20  # a registry file larger than this is refused, unread
 
 
 class RegistryError(DabbaError):
@@ -78,11 +81,25 @@ class _Doc:
 
 
 def _str_map(doc: _Doc, v, keys: tuple, what: str) -> dict[str, str]:
+    """Labels, or a selector of labels: each key and value checked as Kubernetes does."""
     if v is None:
         return {}
     if not isinstance(v, dict):
         doc.fail(keys, f"{what} must be a mapping of strings")
-    return {str(k): str(x) for k, x in v.items()}
+    for k, x in v.items():
+        err = validate.label_error(k, x)
+        if err:
+            doc.fail((*keys, k), f"{what}: {err}")
+    return dict(v)
+
+
+def _str(doc: _Doc, v, keys: tuple, what: str, default: str | None = None) -> str:
+    """A string field (YAML makes 80 an int and yes a bool: those are refused, not converted)."""
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, str):
+        doc.fail(keys, f"{what} must be a string, not {type(v).__name__} {v!r:.40}")
+    return v
 
 
 def _list(doc: _Doc, v, keys: tuple, what: str) -> list:
@@ -115,11 +132,14 @@ def _meta(doc: _Doc) -> tuple[str, str, dict[str, str]]:
     md = doc.value.get("metadata")
     if not isinstance(md, dict) or not md.get("name"):
         doc.fail(("metadata",), "metadata.name is required")
-    return (
-        str(md["name"]),
-        str(md.get("namespace", "default")),
-        _str_map(doc, md.get("labels"), ("metadata", "labels"), "metadata.labels"),
-    )
+    name, ns = md["name"], md.get("namespace", "default")
+    err = validate.name_error(name, "metadata.name")
+    if err:
+        doc.fail(("metadata", "name"), err)
+    err = validate.namespace_error(ns)
+    if err:
+        doc.fail(("metadata", "namespace"), f"metadata.{err}")
+    return name, ns, _str_map(doc, md.get("labels"), ("metadata", "labels"), "metadata.labels")
 
 
 def _spec(doc: _Doc) -> dict:
@@ -138,20 +158,26 @@ def parse_workload(doc: _Doc) -> m.Workload:
     for k in ("node", "ip"):
         if not s.get(k):
             doc.fail(("spec",), f"Workload {ns}/{name}: spec.{k} is required")
+        _str(doc, s[k], ("spec", k), f"Workload {ns}/{name}: spec.{k}")
+    err = validate.node_error(s["node"])
+    if err:
+        doc.fail(("spec", "node"), f"Workload {ns}/{name}: spec.{err}")
     try:
-        ipaddress.IPv4Address(str(s["ip"]))
+        ipaddress.IPv4Address(s["ip"])
     except ValueError:
         doc.fail(
             ("spec", "ip"), f"Workload {ns}/{name}: spec.ip {s['ip']!r} is not an IPv4 address"
         )
-    cg = str(s.get("cgroup", ""))
-    if cg and not cg.startswith("/"):
-        doc.fail(("spec", "cgroup"), f"Workload {ns}/{name}: spec.cgroup must be an absolute path")
-    netns = str(s.get("netns", ""))
-    if netns and not netns.startswith("/"):
-        doc.fail(("spec", "netns"), f"Workload {ns}/{name}: spec.netns must be an absolute path")
-    sa = str(s.get("serviceAccount", "default"))
-    return m.Workload(name, ns, sa, str(s["node"]), str(s["ip"]), labels, cg, netns)
+    paths = {}
+    for k in ("cgroup", "netns"):
+        v = paths[k] = _str(doc, s.get(k), ("spec", k), f"Workload {ns}/{name}: spec.{k}", "")
+        if v and (not v.startswith("/") or "\0" in v):
+            doc.fail(("spec", k), f"Workload {ns}/{name}: spec.{k} must be an absolute path")
+    sa = s.get("serviceAccount", "default")
+    err = validate.name_error(sa, "spec.serviceAccount")
+    if err:
+        doc.fail(("spec", "serviceAccount"), f"Workload {ns}/{name}: {err}")
+    return m.Workload(name, ns, sa, s["node"], s["ip"], labels, paths["cgroup"], paths["netns"])
 
 
 def parse_service(doc: _Doc) -> m.Service:
@@ -177,16 +203,16 @@ def parse_service(doc: _Doc) -> m.Service:
             m.ServicePort(
                 port,
                 _port(doc, p.get("targetPort", port), ("spec", "ports", i), "targetPort"),
-                str(p.get("name", "")),
+                _str(doc, p.get("name"), ("spec", "ports", i, "name"), "port name", ""),
             )
         )
     if not ports:
         doc.fail(("spec",), f"Service {ns}/{name}: spec.ports needs at least one port")
-    lb = str(s.get("lbPolicy", "round_robin"))
+    lb = s.get("lbPolicy", "round_robin")
     if lb not in LB_POLICIES:
         doc.fail(
             ("spec", "lbPolicy"),
-            f"Service {ns}/{name}: lbPolicy {lb!r} is not one of {', '.join(LB_POLICIES)}",
+            f"Service {ns}/{name}: lbPolicy {lb!r:.40} is not one of {', '.join(LB_POLICIES)}",
         )
     return m.Service(
         name,
@@ -219,7 +245,9 @@ def _cidrs(doc: _Doc, vals, keys) -> tuple[str, ...]:
 
 
 def _strs(doc: _Doc, vals, keys) -> tuple[str, ...]:
-    return tuple(str(v) for v in _list(doc, vals, keys, keys[-1]))
+    return tuple(
+        _str(doc, v, (*keys, i), keys[-1]) for i, v in enumerate(_list(doc, vals, keys, keys[-1]))
+    )
 
 
 def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy:
@@ -232,9 +260,9 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
         ("spec",),
         "AuthorizationPolicy spec",
     )
-    action = str(s.get("action", "ALLOW"))
+    action = s.get("action", "ALLOW")
     if action not in ACTIONS:
-        doc.fail(("spec", "action"), f"action {action!r} is not one of {', '.join(ACTIONS)}")
+        doc.fail(("spec", "action"), f"action {action!r:.40} is not one of {', '.join(ACTIONS)}")
     if action == "CUSTOM":
         doc.fail(
             ("spec", "action"), "action CUSTOM (external authorization) is not supported at L4"
@@ -288,7 +316,7 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
             if not isinstance(c, dict) or "key" not in c:
                 doc.fail(ck, "each when entry needs a key")
             _only(doc, c, {"key", "values", "notValues"}, ck, "condition")
-            key = str(c["key"])
+            key = _str(doc, c["key"], (*ck, "key"), "when.key")
             if key not in m.L4_CONDITION_KEYS:
                 l7.append(f"when.key={key}")
             conditions.append(
@@ -314,29 +342,48 @@ def parse_peerauth(doc: _Doc) -> m.PeerAuthentication:
     name, ns, _ = _meta(doc)
     s = _spec(doc)
     _only(doc, s, {"selector", "mtls", "portLevelMtls"}, ("spec",), "PeerAuthentication spec")
-    mode = str(((s.get("mtls") or {}).get("mode")) or "UNSET")
+    mtls = s.get("mtls") or {}
+    if not isinstance(mtls, dict):
+        doc.fail(("spec", "mtls"), "mtls must be {mode: ...}")
+    _only(doc, mtls, {"mode"}, ("spec", "mtls"), "mtls")
+    mode = mtls.get("mode") or "UNSET"
     if mode not in MTLS_MODES:
         doc.fail(
-            ("spec", "mtls", "mode"), f"mtls.mode {mode!r} is not one of {', '.join(MTLS_MODES)}"
+            ("spec", "mtls", "mode"),
+            f"mtls.mode {mode!r:.40} is not one of {', '.join(MTLS_MODES)}",
         )
     ports = {}
     plm = s.get("portLevelMtls") or {}
     if not isinstance(plm, dict):
         doc.fail(("spec", "portLevelMtls"), "portLevelMtls must map ports to {mode: ...}")
     for p, v in plm.items():
-        pm = str((v or {}).get("mode", "UNSET")) if isinstance(v, dict) else "?"
+        pm = (v or {}).get("mode", "UNSET") if isinstance(v, dict) else "?"
         if pm not in MTLS_MODES:
             doc.fail(
                 ("spec", "portLevelMtls", p),
-                f"portLevelMtls {p}: mode {pm!r} is not one of {', '.join(MTLS_MODES)}",
+                f"portLevelMtls {p!r:.20}: mode {pm!r:.40} is not one of {', '.join(MTLS_MODES)}",
             )
         ports[_port(doc, p, ("spec", "portLevelMtls", p), "portLevelMtls")] = pm
     return m.PeerAuthentication(name, ns, mode, _selector(doc, s), ports, doc.at())
 
 
 def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]) -> None:
-    """Parse every document of one file into state; raises RegistryError on the first bad one."""
+    """Parse every document of one file into state; raises RegistryError on the first bad one.
+
+    YAML aliases are refused (a few hundred bytes of them expand to gigabytes: the "billion
+    laughs"), and so is a file over MAX_FILE_BYTES.
+    """
+    if len(text) > MAX_FILE_BYTES:
+        raise RegistryError(
+            f"{path}:1: {len(text)} bytes; a registry file may hold {MAX_FILE_BYTES} at most"
+        )
     try:
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None):
+                raise RegistryError(
+                    f"{path}:{ev.start_mark.line + 1}: YAML anchors and aliases are not accepted "
+                    "(write the value out)"
+                )
         nodes = list(yaml.compose_all(text))
         values = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
@@ -352,9 +399,9 @@ def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]
         if not isinstance(value, dict):
             doc.fail((), "a document must be a mapping with apiVersion, kind, metadata, spec")
         kind, api = value.get("kind"), value.get("apiVersion")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             doc.fail(("kind",), f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
-        if api not in KINDS[kind]:
+        if not isinstance(api, str) or api not in KINDS[kind]:
             doc.fail(
                 ("apiVersion",), f"{kind} needs apiVersion {' or '.join(KINDS[kind])}, not {api!r}"
             )
@@ -403,6 +450,22 @@ def _files(path: str) -> list[str]:
     return sorted(out)
 
 
+def source_status(source) -> dict:
+    """What a registry source (FileRegistry, kube.KubeSource) says of itself: the version in
+    force and, while its changes fail, why and since when (the last good state is served)."""
+    return {
+        "source": "kubernetes" if type(source).__name__ == "KubeSource" else "files",
+        "version": source.state.version,
+        "workloads": len(source.state.workloads),
+        "services": len(source.state.services),
+        "policies": len(source.state.authz) + len(source.state.peerauth),
+        "warnings": list(source.state.warnings),
+        "last_error": source.last_error,
+        "failures": source.failures,
+        "failing_since": source.failing_since,
+    }
+
+
 class FileRegistry:
     """Watches a directory; on every valid change publishes a new State with version + 1.
 
@@ -420,6 +483,8 @@ class FileRegistry:
         self.state = load_dir(path)
         self.state.version = 1
         self.last_error: str | None = None
+        self.failures = 0  # changes rejected since start
+        self.failing_since: float | None = None
         self._stamp = self._snapshot()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -446,9 +511,11 @@ class FileRegistry:
             new = load_dir(self.path)
         except RegistryError as e:
             self.last_error = str(e)
+            self.failures += 1
+            self.failing_since = self.failing_since or time.time()
             _log.error(f"registry change rejected, keeping version {self.state.version}: {e}")
             return False
-        self.last_error = None
+        self.last_error, self.failing_since = None, None
         new.version = self.state.version + 1
         for w in new.warnings:
             _log.warning(w)

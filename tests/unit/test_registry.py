@@ -153,6 +153,56 @@ def test_l7_field_fails_safe_with_a_warning_naming_it(tmp_path):
             "not valid YAML",
         ),
         ("- a list\n", "x.yaml:1", "must be a mapping"),
+        # hostile input (before: these crashed the control plane or a node, or wrote into it)
+        ("kind: [1]\napiVersion: dabbawala.io/v1\n", "x.yaml:1", "unknown kind [1]"),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: identity, namespace: ..}\n"
+            "spec: {node: n1, ip: 10.0.0.1}\n",
+            "x.yaml:3",
+            "metadata.namespace '..' is not a DNS-1123 label",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a, namespace: caf\u00e9}\n"
+            "spec: {node: n1, ip: 10.0.0.1}\n",
+            "x.yaml:3",
+            "metadata.namespace 'caf\u00e9' is not a DNS-1123 label",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\n"
+            "spec: {node: n1, ip: 10.0.0.1, serviceAccount: s\u00e4}\n",
+            "x.yaml:4",
+            "spec.serviceAccount 's\u00e4' is not a DNS-1123 subdomain",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a, labels: {app: [1]}}\n"
+            "spec: {node: n1, ip: 10.0.0.1}\n",
+            "x.yaml:3",
+            "keys and values must be strings",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\n"
+            "spec: {node: ../n2, ip: 10.0.0.1}\n",
+            "x.yaml:4",
+            "spec.node name '../n2' is not",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n"
+            "spec:\n  mtls: STRICT\n",
+            "x.yaml:5",
+            "mtls must be {mode: ...}",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n"
+            "  rules:\n  - from:\n    - source: {principals: [{a: 1}]}\n",
+            "x.yaml:7",
+            "principals must be a string",
+        ),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n",
+            "x.yaml:1",
+            "YAML anchors and aliases are not accepted",
+        ),
     ],
 )
 def test_bad_documents_name_file_line_and_reason(tmp_path, text, where, msg):
@@ -161,6 +211,14 @@ def test_bad_documents_name_file_line_and_reason(tmp_path, text, where, msg):
         load_dir(str(tmp_path))
     assert str(e.value).startswith(str(tmp_path / where)), str(e.value)
     assert msg in str(e.value)
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path):
+    from agent.control.registry import MAX_FILE_BYTES
+
+    write(tmp_path, "x.yaml", "# " + "x" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(RegistryError, match=r"x.yaml:1: \d+ bytes; a registry file may hold"):
+        load_dir(str(tmp_path))
 
 
 def test_hot_reload_applies_good_changes_and_keeps_last_good_state(tmp_path):
