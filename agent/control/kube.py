@@ -12,6 +12,16 @@ What it reads, and what it becomes in the registry:
 - security.istio.io AuthorizationPolicy and PeerAuthentication -> parsed by
   the same code as the file registry (errors name kind/namespace/name).
 
+One object never takes the others down. A pod whose names are not Kubernetes
+names is left out, with a warning. An Istio object we cannot honour (action
+CUSTOM, a field we do not know such as a newer Istio's ``source.serviceAccounts``,
+a malformed value) is refused on its own, with its reason, and what it selects
+fails closed: an AuthorizationPolicy becomes a DENY of every connection to the
+workloads it selects, a PeerAuthentication makes them STRICT. A list that fails
+(the API server down, throttled, forbidden) publishes nothing: the last good state
+stays in force, visibly (a log line; ``dabba control status``). Only a missing
+Istio CRD (404) means "no such objects".
+
 No API server runs on the machine this was built on: translation is
 tested from objects in the API's JSON shape, deserialized by the client's
 own models (tests/unit/test_kube.py); the live list calls were not run.
@@ -20,6 +30,7 @@ own models (tests/unit/test_kube.py); the live list calls were not run.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import yaml
@@ -27,6 +38,7 @@ import yaml
 from .. import log
 from ..errors import DabbaError
 from . import model as m
+from . import validate
 from .registry import RegistryError, parse_text
 
 _log = log.get("kube")
@@ -41,6 +53,17 @@ def _get(obj, *path, default=None):
             return default
         obj = obj.get(p) if isinstance(obj, dict) else getattr(obj, p, None)
     return default if obj is None else obj
+
+
+def workload_error(w: m.Workload) -> str | None:
+    """Why a pod's workload cannot be meshed (a name that is no Kubernetes name), or None."""
+    return (
+        validate.namespace_error(w.namespace)
+        or validate.name_error(w.name, "pod name")
+        or validate.name_error(w.service_account, "serviceAccountName")
+        or validate.node_error(w.node)
+        or next((e for k, v in w.labels.items() if (e := validate.label_error(k, v))), None)
+    )
 
 
 def workload_of(pod) -> m.Workload | None:
@@ -117,22 +140,63 @@ def _istio_doc(obj: dict, kind: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def _fail_closed(kind: str, obj: dict, why: str):
+    """What stands for an Istio object we cannot honour: DENY everything it selects
+    (AuthorizationPolicy) or STRICT (PeerAuthentication). None when it names no namespace
+    we could place it in (then it can select no workload either)."""
+    md = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name, ns = md.get("name"), md.get("namespace", "default")
+    if validate.name_error(name) or validate.namespace_error(ns):
+        return None
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    sel = spec.get("selector")
+    labels = sel.get("matchLabels") if isinstance(sel, dict) else None
+    if not isinstance(labels, dict) or any(validate.label_error(k, v) for k, v in labels.items()):
+        labels = None  # no selector we can read: the whole namespace (closed, not open)
+    origin = f"k8s:{kind}/{ns}/{name}"
+    if kind == "AuthorizationPolicy":
+        rule = m.Rule(l7_fields=(f"refused by the control plane: {why}",))
+        return m.AuthorizationPolicy(name, ns, "DENY", labels, (rule,), origin)
+    return m.PeerAuthentication(name, ns, "STRICT", labels, {}, origin)
+
+
 def translate(pods, services, slices, authz: list[dict], peerauth: list[dict]) -> m.State:
-    """Kubernetes objects -> one registry State; bad Istio objects raise RegistryError naming them."""
+    """Kubernetes objects -> one registry State. An object we cannot honour is refused on its
+    own (a warning naming it and why) and what it selects fails closed (the module docstring)."""
     st = m.State()
     for pod in pods:
         w = workload_of(pod)
         if w:
+            err = workload_error(w)
+            if err:
+                st.warnings.append(f"k8s:Pod/{w.namespace!r:.70}/{w.name!r:.70}: left out: {err}")
+                continue
             st.workloads[w.key] = w
     for svc in services:
         s = service_of(svc, slices, st.warnings.append)
         if s:
             st.services[s.key] = s
-    for kind, objs in (("AuthorizationPolicy", authz), ("PeerAuthentication", peerauth)):
+    for kind, objs, table in (
+        ("AuthorizationPolicy", authz, st.authz),
+        ("PeerAuthentication", peerauth, st.peerauth),
+    ):
         for o in objs:
-            md = o.get("metadata", {})
-            where = f"k8s:{kind}/{md.get('namespace', 'default')}/{md.get('name')}"
-            parse_text(_istio_doc(o, kind), where, st, st.warnings.append)
+            md = o.get("metadata") if isinstance(o.get("metadata"), dict) else {}
+            where = f"k8s:{kind}/{md.get('namespace', 'default')!s:.70}/{md.get('name')!s:.70}"
+            try:
+                parse_text(_istio_doc(o, kind), where, st, st.warnings.append)
+            except (RegistryError, yaml.YAMLError) as e:
+                sub = _fail_closed(kind, o, str(e).removeprefix(where).lstrip(":0123456789 "))
+                if sub is None:
+                    st.warnings.append(f"{e}; ignored: it names no namespace a workload can be in")
+                    continue
+                effect = (
+                    "every connection to what it selects is denied"
+                    if kind == "AuthorizationPolicy"
+                    else "what it selects is STRICT"
+                )
+                st.warnings.append(f"{e}; refused on its own, and {effect} (fail closed)")
+                table[sub.key] = sub
     return st
 
 
@@ -170,18 +234,32 @@ class KubeSource:
             client.CustomObjectsApi(),
         )
         self.interval, self.on_change = interval, on_change
+        self.last_error: str | None = None  # the last list's failure; None once one succeeds
+        self.failures = 0  # lists failed since start
+        self.failing_since: float | None = None
         self.state = self.load()
         self.state.version = 1
         self._stop = threading.Event()
 
     def _istio(self, plural: str) -> list[dict]:
+        """Every object of an Istio kind. Only a missing CRD (404 for both versions) is "none";
+        any other failure raises: an empty list would drop every policy, STRICT would become
+        PERMISSIVE and DENY policies would vanish mesh-wide (fail open)."""
+        from kubernetes.client.exceptions import ApiException
+
         for version in ("v1", "v1beta1"):
             try:
-                return self.custom.list_cluster_custom_object("security.istio.io", version, plural)[
-                    "items"
-                ]
-            except Exception:
-                continue
+                got = self.custom.list_cluster_custom_object("security.istio.io", version, plural)
+            except ApiException as e:
+                if e.status == 404:
+                    continue  # this version (or the CRD) is not installed
+                raise DabbaError(
+                    f"listing security.istio.io/{version} {plural} failed: {e.status} {e.reason}"
+                ) from None
+            items = got.get("items") if isinstance(got, dict) else None
+            if not isinstance(items, list):
+                raise DabbaError(f"listing security.istio.io/{version} {plural}: no items list")
+            return items
         return []
 
     def load(self) -> m.State:
@@ -206,9 +284,15 @@ class KubeSource:
     def poll(self) -> bool:
         try:
             new = self.load()
-        except (RegistryError, Exception) as e:
-            _log.error(f"Kubernetes list failed, keeping version {self.state.version}: {e}")
+        except Exception as e:  # the API server, the network, the client: keep the last good
+            self.failures += 1
+            self.last_error = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            self.failing_since = self.failing_since or time.time()
+            _log.error(
+                f"Kubernetes list failed, keeping version {self.state.version}: {self.last_error}"
+            )
             return False
+        self.last_error, self.failing_since = None, None
         if (new.workloads, new.services, new.authz, new.peerauth) == (
             self.state.workloads,
             self.state.services,

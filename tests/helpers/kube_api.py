@@ -1,0 +1,81 @@
+"""A Kubernetes API-server stand-in: list endpoints over real HTTP, for the real client.
+
+No API server can be installed on the machines this project is built and tested on, so this
+stands in for one, and only for what the control plane's Kubernetes source calls: the cluster
+lists of Pods, Services, EndpointSlices and Istio's AuthorizationPolicy and PeerAuthentication,
+with objects in the API's JSON shape (tests/data/k8s/objects.json). Each list can be made to
+fail with a status (500, 429, 403...) or to answer 404 as when a CRD is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PATHS = {
+    "/api/v1/pods": ("PodList", "pods"),
+    "/api/v1/services": ("ServiceList", "services"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSliceList", "endpointslices"),
+    "/apis/security.istio.io/v1/authorizationpolicies": ("List", "authorizationpolicies"),
+    "/apis/security.istio.io/v1/peerauthentications": ("List", "peerauthentications"),
+    "/apis/security.istio.io/v1beta1/authorizationpolicies": ("List", "authorizationpolicies"),
+    "/apis/security.istio.io/v1beta1/peerauthentications": ("List", "peerauthentications"),
+}
+
+
+class KubeAPI:
+    """objects: {"pods": [...], ...}; fail: {url path: HTTP status} answered instead."""
+
+    def __init__(self, objects: dict):
+        self.objects = objects
+        self.fail: dict[str, int] = {}
+        self.requests: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                api.requests.append(path)
+                if path in api.fail:
+                    status = api.fail[path]
+                    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "code": status, "reason": "StandIn", "message": "made to fail"}  # fmt: skip
+                elif path in PATHS:
+                    kind, key = PATHS[path]
+                    status = 200
+                    body = {"kind": kind, "apiVersion": "v1", "metadata": {},
+                            "items": api.objects.get(key, [])}  # fmt: skip
+                else:
+                    status = 404
+                    body = {"kind": "Status", "code": 404, "message": f"{path} not found"}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, path: str) -> str:
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "standin", "user": {}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
+            "current-context": "standin",
+        }
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        return path
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
