@@ -12,6 +12,7 @@ import sys
 import click
 
 from . import log
+from .control.store import DAEMON_UMASK
 from .errors import DabbaError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -335,6 +336,7 @@ def agent_run(config, check):
             click.echo(f"  {n}")
         return
     _need_root("dabba agent run")
+    os.umask(DAEMON_UMASK)
     a = Agent(cfg)
     a.install_signals()
     a.run()
@@ -437,6 +439,7 @@ def control_serve(
 
     from .control.server import ControlConfig, serve
 
+    os.umask(DAEMON_UMASK)
     cfg = ControlConfig(
         state_dir=state_dir,
         registry_dir=registry_dir,
@@ -487,6 +490,46 @@ def control_token_create(node, ttl, state_dir):
     from .control.tokens import TokenStore
 
     click.echo(TokenStore(state_dir).create(node, _duration(ttl, "--ttl").total_seconds()))
+
+
+@control.command("status")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def control_status(state_dir, output):
+    """The running control plane's registry source: the version it serves, and while its
+    changes or lists fail, why and since when (the last good state stays in force).
+    Exits 1 while the source fails."""
+    import time
+
+    path = os.path.join(state_dir, "status.json")
+    try:
+        with open(path) as f:
+            st = json.load(f)
+    except FileNotFoundError:
+        raise DabbaError(
+            f"no {path}: is the control plane running with --state-dir {state_dir}?"
+        ) from None
+    src = st["registry"]
+    if output == "json":
+        click.echo(json.dumps(st, indent=1))
+    else:
+        click.echo(
+            f"trust domain {st['trust_domain']}, {len(st['nodes'])} node(s), "
+            f"{st['certificates_issued']} certificate(s) issued"
+        )
+        click.echo(
+            f"registry    {src['source']}, version {src['version']}: {src['workloads']} "
+            f"workload(s), {src['services']} service(s), {src['policies']} polic(y/ies)"
+        )
+        for w in src["warnings"]:
+            click.echo(f"warning: {w}")
+        if src["last_error"]:
+            since = time.time() - src["failing_since"]
+            click.echo(
+                f"problem: the registry has been failing for {since:.0f}s ({src['failures']} "
+                f"failure(s) since start), serving version {src['version']}: {src['last_error']}"
+            )
+    sys.exit(1 if src["last_error"] else 0)
 
 
 @control.group("ca", cls=_Group)
@@ -697,6 +740,7 @@ def tunnel_run(
     from .ztunnel.lb import LbConfig
     from .ztunnel.tunnel import Tunnel, TunnelConfig, parse_hostport
 
+    os.umask(DAEMON_UMASK)
     source = source or ""  # "": the outbound listener's address
     if config_path:
         from .node import config as cfgmod

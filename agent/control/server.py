@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from .. import log, systemd
 from ..errors import DabbaError
 from . import ca as camod
 from . import model as m
+from . import validate
 from .convert import policy_to_pb
 from .proto import control_pb2 as pb
 from .proto import control_pb2_grpc as pbg
@@ -31,7 +31,6 @@ from .tokens import TokenError, TokenStore
 
 _log = log.get("control")
 
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_NODE_TTL = datetime.timedelta(days=7)
 
 
@@ -82,6 +81,18 @@ class ControlPlane:
         # Versions only grow, across restarts too: start from the clock (ms), then count changes.
         self.version = int(time.time() * 1000)
         self.issued = len(load_records(self.serials_path))
+
+    def status(self) -> dict:
+        """What `dabba control status` and /status show."""
+        from .registry import source_status
+
+        return {
+            "trust_domain": self.cfg.trust_domain,
+            "nodes": sorted(self.nodes),
+            "certificates_issued": self.issued,
+            "snapshot_version": self.version,
+            "registry": source_status(self.registry),
+        }
 
     # -- change notification --
     def _registry_changed(self, state: m.State) -> None:
@@ -246,8 +257,9 @@ class JoinService(pbg.JoinServicer):
 
     async def Join(self, req: pb.JoinRequest, ctx: grpc.aio.ServicerContext) -> pb.NodeCertificate:
         peer = ctx.peer()
-        if not NODE_RE.match(req.node):
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {req.node!r}")
+        err = validate.node_error(req.node)
+        if err:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid {err}")
         try:
             self.cp.tokens.consume(req.token, req.node)
         except TokenError as e:
@@ -466,6 +478,49 @@ class ControlServer:
             await s.stop(1)
 
 
+def _metrics(st: dict) -> str:
+    """The control plane's registry source, in Prometheus' text format."""
+    src = st["registry"]
+    failing = src["failing_since"]
+    return (
+        "# HELP dabba_control_registry_version The registry version the control plane serves.\n"
+        "# TYPE dabba_control_registry_version gauge\n"
+        f"dabba_control_registry_version {src['version']}\n"
+        "# HELP dabba_control_registry_failures_total Registry changes or lists that failed "
+        "(the last good state stayed in force).\n"
+        "# TYPE dabba_control_registry_failures_total counter\n"
+        f'dabba_control_registry_failures_total{{source="{src["source"]}"}} {src["failures"]}\n'
+        "# HELP dabba_control_registry_failing 1 while the source fails (the last good state "
+        "is served), else 0.\n"
+        "# TYPE dabba_control_registry_failing gauge\n"
+        f"dabba_control_registry_failing {1 if failing else 0}\n"
+        "# HELP dabba_control_registry_stale_seconds How long the source has been failing "
+        "(0: its last change or list succeeded).\n"
+        "# TYPE dabba_control_registry_stale_seconds gauge\n"
+        f"dabba_control_registry_stale_seconds {time.time() - failing if failing else 0:.1f}\n"
+    )
+
+
+async def _write_status(cp: ControlPlane, every: float) -> None:
+    """<state>/status.json (0640) for `dabba control status`, whenever it changes."""
+    import json
+
+    path = os.path.join(cp.cfg.state_dir, "status.json")
+    last = None
+    while True:
+        st = cp.status()
+        text = json.dumps(st, indent=1, sort_keys=True)
+        if text != last:
+            atomic_write(path, text.encode(), mode=0o640)
+            last = text
+            if st["registry"]["last_error"]:
+                systemd.notify(
+                    f"STATUS=registry failing: {st['registry']['last_error'][:200]}; serving "
+                    f"version {st['registry']['version']}"
+                )
+        await asyncio.sleep(max(every, 0.5))
+
+
 async def serve(cfg: ControlConfig, stop: asyncio.Event | None = None) -> None:
     """Run both listeners until stop is set (or forever); tell systemd when serving."""
     from ..ztunnel import admin
@@ -473,18 +528,21 @@ async def serve(cfg: ControlConfig, stop: asyncio.Event | None = None) -> None:
     srv = ControlServer(cfg)
     await srv.start()
     extra = []
+    status_task = asyncio.ensure_future(_write_status(srv.cp, cfg.registry_poll_s))
     if cfg.health_listen:
         host, _, port = cfg.health_listen.rpartition(":")
 
         def ready():
             return (200, "ready\n") if srv._servers else (503, "not serving\n")
 
+        routes = {
+            "/healthz/ready": ready,
+            "/healthz/live": ready,
+            "/status": lambda: (200, srv.cp.status()),
+            "/metrics": lambda: (200, _metrics(srv.cp.status())),
+        }
         try:
-            extra.append(
-                await admin.serve(
-                    host, int(port), {"/healthz/ready": ready, "/healthz/live": ready}
-                )
-            )
+            extra.append(await admin.serve(host, int(port), routes))
         except OSError as e:
             await srv.stop()
             raise DabbaError(f"--health-listen {cfg.health_listen}: {e.strerror}") from None
@@ -499,6 +557,7 @@ async def serve(cfg: ControlConfig, stop: asyncio.Event | None = None) -> None:
     finally:
         systemd.notify("STOPPING=1")
         dog.cancel()
+        status_task.cancel()
         for x in extra:
             x.close()
         await srv.stop()

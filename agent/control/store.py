@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+
+# The daemons' (agent, tunnel, control plane) umask: what they create is at most 0640 (files)
+# and 0750 (folders), group root; nobody else reads flow identities, logs or keys.
+DAEMON_UMASK = 0o027
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+def private_dir(path: str) -> None:
+    """Create path 0750, or take group write and every "other" bit from it if it exists."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o027:
+        os.chmod(path, mode & ~0o027)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o640) -> None:
     """Replace path with data so that a crash leaves the old or the new file, never a torn one."""
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)

@@ -31,6 +31,7 @@ from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath
 from ..bpf.sys import Map
 from ..control.model import plaintext_ports
+from ..control.store import private_dir
 from ..errors import DabbaError
 from . import addresses, pods
 from .config import AgentConfig
@@ -476,7 +477,7 @@ class Agent:
             c.tunnel_addresses[0],
         ]
         delay = 1.0
-        os.makedirs(c.state_dir, exist_ok=True)
+        private_dir(c.state_dir)
         log_path = os.path.join(c.state_dir, "tunnel.log")
         while not self.stop.is_set():
             with open(log_path, "ab") as logf:
@@ -557,7 +558,7 @@ class Agent:
                     p.kill()
 
     def write_status(self) -> None:
-        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        private_dir(self.cfg.state_dir)
         st = {
             "node": self.cfg.node,
             "pid": os.getpid(),

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .. import log
 from ..bpf import names
 from ..control.convert import policy_from_pb
+from ..control.store import private_dir
 from ..errors import DabbaError
 from ..ztunnel import admin
 from ..ztunnel.policy import Request, evaluate
@@ -76,7 +77,7 @@ class AgentApi:
     # ---- serving ---------------------------------------------------------------------------
     async def start(self) -> None:
         sd = self.a.cfg.state_dir
-        os.makedirs(sd, exist_ok=True)
+        private_dir(sd)
         routes = {
             "/status": self.status,
             "/flows": self.flows,

@@ -56,6 +56,9 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
     a1 = _start_agent(lab, str(cfg_path), procs)
     st1 = wait_for(lambda: _status(state, a1.pid), 60, what="first agent status")
     assert {r["action"] for r in st1["load"]} == {"loaded"}
+    # flow identities are not world-readable (before: 0755 folder, 0644 files)
+    modes = {f: os.stat(os.path.join(state, f)).st_mode & 0o777 for f in ("", "status.json")}
+    assert modes == {"": 0o750, "status.json": 0o640}, {k: oct(v) for k, v in modes.items()}
 
     srv = lab.popen(
         server.name,
@@ -136,6 +139,7 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
         rec = wait_for(closed_record, 10, what="the closed flow in the agent's records")
         assert rec["bytes_sent"] == sent  # exact, across the restart
         assert rec["close"] == "fin"
+        assert os.stat(os.path.join(state, "closed.jsonl")).st_mode & 0o777 == 0o640
         a2.send_signal(signal.SIGTERM)
         assert a2.wait(10) == 0
     finally:
