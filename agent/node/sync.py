@@ -25,6 +25,7 @@ import grpc
 
 from .. import log
 from ..control import ca as camod
+from ..control import validate
 from ..control.proto import control_pb2 as pb
 from ..control.proto import control_pb2_grpc as pbg
 from ..control.store import atomic_write
@@ -35,6 +36,19 @@ from .identity import CertInfo, CertStore, info_of
 _log = log.get("sync")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+def workload_error(w: pb.Workload) -> str | None:
+    """Why a snapshot's workload cannot be given a certificate here, or None."""
+    err = validate.namespace_error(w.namespace) or validate.name_error(w.name)
+    if err:
+        return err
+    td = w.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+    if validate.workload_identity(w.spiffe_id, td) != (w.namespace, w.service_account):
+        return (
+            f"identity {w.spiffe_id!r:.120} is not spiffe://<td>/ns/{w.namespace}/sa/<its account>"
+        )
+    return None
 
 
 class ControlSync:
@@ -263,7 +277,22 @@ class ControlSync:
         self.apply(snap, dict(self.certs))
 
     def _local(self, snap: pb.Snapshot):
-        return [w for w in snap.workloads if w.node == self.node]
+        """This node's workloads of the snapshot, each checked before its names become folders
+        and its identity a CSR: a namespace, name or identity that is not what Kubernetes and
+        SPIFFE allow is left out (no certificate: held, its connections refused), logged."""
+        out = []
+        for w in snap.workloads:
+            if w.node != self.node:
+                continue
+            err = workload_error(w)
+            if err:
+                _log.error(
+                    "workload in the snapshot refused: no certificate for it",
+                    fields={"workload": f"{w.namespace!r:.70}/{w.name!r:.70}", "error": err},
+                )
+                continue
+            out.append(w)
+        return out
 
     async def _sign(self, stub, w: pb.Workload, why: str) -> None:
         key = camod.new_key()
