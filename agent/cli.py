@@ -389,6 +389,12 @@ def control():
 )
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option(
+    "--root-namespace",
+    default="istio-system",
+    show_default=True,
+    help="policies in this namespace apply mesh-wide (Istio's meshConfig.rootNamespace)",
+)
+@click.option(
     "--listen", default="0.0.0.0:15012", show_default=True, help="mutual-TLS API for joined nodes"
 )
 @click.option(
@@ -412,10 +418,11 @@ def control():
 @click.option(
     "--health-listen",
     default="",
-    help="HOST:PORT for /healthz/ready and /healthz/live (Kubernetes probes; off by default)",
+    help="HOST:PORT for /healthz/ready, /healthz/live, /status and /metrics (off by default)",
 )
 def control_serve(
     health_listen,
+    root_namespace,
     state_dir,
     registry_dir,
     trust_domain,
@@ -453,7 +460,13 @@ def control_serve(
         source=source,
         kubeconfig=kubeconfig,
         health_listen=health_listen,
+        root_namespace=root_namespace,
     )
+    from .control import validate
+
+    err = validate.namespace_error(root_namespace)
+    if err:
+        raise DabbaError(f"--root-namespace: {err}")
     if health_listen and not re.fullmatch(r"[^:]*:\d{1,5}", health_listen):
         raise DabbaError(f"--health-listen: {health_listen!r} is not HOST:PORT")
     if source == "files" and not registry_dir:

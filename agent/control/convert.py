@@ -41,7 +41,12 @@ def policy_to_pb(p: m.AuthorizationPolicy) -> pb.AuthorizationPolicy:
     )
 
 
-def policy_from_pb(p: pb.AuthorizationPolicy) -> m.AuthorizationPolicy:
+def root_of(snap: pb.Snapshot) -> str:
+    """The mesh's root namespace a snapshot names (one from before it named any: the old one)."""
+    return snap.root_namespace or m.LEGACY_ROOT_NAMESPACE
+
+
+def policy_from_pb(p: pb.AuthorizationPolicy, root: str) -> m.AuthorizationPolicy:
     return m.AuthorizationPolicy(
         p.name,
         p.namespace,
@@ -69,4 +74,5 @@ def policy_from_pb(p: pb.AuthorizationPolicy) -> m.AuthorizationPolicy:
             for r in p.rules
         ),
         p.origin,
+        root,
     )

@@ -213,6 +213,7 @@ class KubeSource:
         kubeconfig: str | None = None,
         interval: float = 5.0,
         on_change: Callable[[m.State], None] | None = None,
+        root: str = m.ROOT_NAMESPACE,
     ):
         try:
             from kubernetes import client, config
@@ -233,7 +234,7 @@ class KubeSource:
             client.DiscoveryV1Api(),
             client.CustomObjectsApi(),
         )
-        self.interval, self.on_change = interval, on_change
+        self.interval, self.on_change, self.root = interval, on_change, root
         self.last_error: str | None = None  # the last list's failure; None once one succeeds
         self.failures = 0  # lists failed since start
         self.failing_since: float | None = None
@@ -269,7 +270,7 @@ class KubeSource:
             self.discovery.list_endpoint_slice_for_all_namespaces().items,
             self._istio("authorizationpolicies"),
             self._istio("peerauthentications"),
-        )
+        ).rooted(self.root)
 
     def start(self) -> None:
         def loop():

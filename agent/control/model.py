@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROOT_NAMESPACE = "dabba-system"  # like istio-system: policies here apply mesh-wide
+# Policies in the root namespace apply mesh-wide. Istio's default (meshConfig.rootNamespace),
+# so that a cluster's existing mesh-wide AuthorizationPolicy and PeerAuthentication keep their
+# meaning; the control plane's --root-namespace changes it and tells the nodes (Snapshot).
+ROOT_NAMESPACE = "istio-system"
+LEGACY_ROOT_NAMESPACE = "dabba-system"  # the root before; what a snapshot without one means
 
 # Istio AuthorizationPolicy fields the tunnel can evaluate at L4 ...
 L4_SOURCE = {
@@ -32,10 +36,10 @@ L7_SOURCE = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "not
 L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
 
 
-def in_scope(namespace: str, selector: dict[str, str] | None, w: Workload) -> bool:
+def in_scope(namespace: str, selector: dict[str, str] | None, w: Workload, root: str) -> bool:
     """Istio's policy scope: the root namespace is mesh-wide, any other its own namespace;
     a selector narrows it to the workloads carrying all its labels."""
-    if namespace != ROOT_NAMESPACE and namespace != w.namespace:
+    if namespace != root and namespace != w.namespace:
         return False
     return selector is None or all(w.labels.get(k) == v for k, v in selector.items())
 
@@ -142,13 +146,14 @@ class AuthorizationPolicy:
     )  # None: every workload in scope
     rules: tuple[Rule, ...] = ()  # empty: ALLOW matches nothing, DENY matches nothing (Istio)
     origin: str = ""  # file:line
+    root: str = ROOT_NAMESPACE  # the mesh's root namespace (its policies are mesh-wide)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, w: Workload) -> bool:
-        return in_scope(self.namespace, self.selector, w)
+        return in_scope(self.namespace, self.selector, w, self.root)
 
 
 @dataclass(frozen=True)
@@ -161,13 +166,14 @@ class PeerAuthentication:
     selector: dict[str, str] | None = field(default=None, hash=False)
     port_modes: dict[int, str] = field(default_factory=dict, hash=False)
     origin: str = ""
+    root: str = ROOT_NAMESPACE
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, w: Workload) -> bool:
-        return in_scope(self.namespace, self.selector, w)
+        return in_scope(self.namespace, self.selector, w, self.root)
 
 
 @dataclass
@@ -180,6 +186,14 @@ class State:
     authz: dict[str, AuthorizationPolicy] = field(default_factory=dict)
     peerauth: dict[str, PeerAuthentication] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def rooted(self, root: str) -> State:
+        """This state with root as the mesh's root namespace (every policy told)."""
+        import dataclasses
+
+        self.authz = {k: dataclasses.replace(p, root=root) for k, p in self.authz.items()}
+        self.peerauth = {k: dataclasses.replace(p, root=root) for k, p in self.peerauth.items()}
+        return self
 
     def workloads_on(self, node: str) -> list[Workload]:
         return [w for w in self.workloads.values() if w.node == node]

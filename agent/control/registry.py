@@ -16,7 +16,8 @@ Kinds (several documents per file, separated by ``---``)::
 
 and Istio's own ``security.istio.io/v1`` (or ``v1beta1``) ``AuthorizationPolicy``
 and ``PeerAuthentication``, L4 fields; a policy in the root namespace
-(``dabba-system``) is mesh-wide.
+(``istio-system``, as Istio's ``meshConfig.rootNamespace``; the control plane's
+``--root-namespace``) is mesh-wide.
 
 A document that is invalid is rejected with file, line and reason, and the
 whole reload with it: the last good state stays in force.
@@ -428,15 +429,28 @@ def _check_ips(state: m.State) -> None:
         seen[w.ip] = w.key
 
 
-def load_dir(path: str) -> m.State:
-    """Parse every *.yaml/*.yml under path (sorted); raises RegistryError."""
+def load_dir(path: str, root: str = m.ROOT_NAMESPACE) -> m.State:
+    """Parse every *.yaml/*.yml under path (sorted); raises RegistryError.
+
+    root: the mesh's root namespace. A policy in dabba-system, the root namespace before,
+    is refused while the root is another: it would silently stop being mesh-wide.
+    """
     if not os.path.isdir(path):
         raise RegistryError(f"{path}: the registry directory does not exist")
     state = m.State()
     for f in _files(path):
         with open(f) as fh:
             parse_text(fh.read(), f, state, state.warnings.append)
-    return state
+    if root != m.LEGACY_ROOT_NAMESPACE:
+        for p in [*state.authz.values(), *state.peerauth.values()]:
+            if p.namespace == m.LEGACY_ROOT_NAMESPACE:
+                raise RegistryError(
+                    f"{p.origin}: {type(p).__name__} {p.key}: {m.LEGACY_ROOT_NAMESPACE} is no "
+                    f"longer the mesh's root namespace ({root} is, as Istio's "
+                    "meshConfig.rootNamespace): move the policy there to keep it mesh-wide, or "
+                    f"run the control plane with --root-namespace {m.LEGACY_ROOT_NAMESPACE}"
+                )
+    return state.rooted(root)
 
 
 def _files(path: str) -> list[str]:
@@ -475,12 +489,17 @@ class FileRegistry:
     """
 
     def __init__(
-        self, path: str, on_change: Callable[[m.State], None] | None = None, interval: float = 0.5
+        self,
+        path: str,
+        on_change: Callable[[m.State], None] | None = None,
+        interval: float = 0.5,
+        root: str = m.ROOT_NAMESPACE,
     ):
         self.path = path
         self.on_change = on_change
         self.interval = interval
-        self.state = load_dir(path)
+        self.root = root
+        self.state = load_dir(path, root)
         self.state.version = 1
         self.last_error: str | None = None
         self.failures = 0  # changes rejected since start
@@ -508,7 +527,7 @@ class FileRegistry:
             return False
         self._stamp = stamp
         try:
-            new = load_dir(self.path)
+            new = load_dir(self.path, self.root)
         except RegistryError as e:
             self.last_error = str(e)
             self.failures += 1

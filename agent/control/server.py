@@ -53,6 +53,7 @@ class ControlConfig:
     source: str = "files"  # files | kubernetes
     kubeconfig: str | None = None  # kubernetes: None means in-cluster
     health_listen: str = ""  # HOST:PORT of /healthz/ready and /healthz/live (probes); "" = none
+    root_namespace: str = m.ROOT_NAMESPACE  # its policies are mesh-wide (Istio's rootNamespace)
 
 
 class ControlPlane:
@@ -71,10 +72,14 @@ class ControlPlane:
         if cfg.source == "kubernetes":
             from .kube import KubeSource
 
-            self.registry = KubeSource(kubeconfig=cfg.kubeconfig, on_change=self._registry_changed)
+            self.registry = KubeSource(
+                kubeconfig=cfg.kubeconfig,
+                on_change=self._registry_changed,
+                root=cfg.root_namespace,
+            )
         else:
             self.registry = FileRegistry(
-                cfg.registry_dir, self._registry_changed, cfg.registry_poll_s
+                cfg.registry_dir, self._registry_changed, cfg.registry_poll_s, cfg.root_namespace
             )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.changed: asyncio.Condition | None = None
@@ -88,6 +93,7 @@ class ControlPlane:
 
         return {
             "trust_domain": self.cfg.trust_domain,
+            "root_namespace": self.cfg.root_namespace,
             "nodes": sorted(self.nodes),
             "certificates_issued": self.issued,
             "snapshot_version": self.version,
@@ -136,6 +142,7 @@ class ControlPlane:
             trust_domain=td,
             trust_bundle_pem=self.ca.bundle_pem(),
             signing_root=camod.fingerprint(self.ca.signing_root()),
+            root_namespace=self.cfg.root_namespace,
         )
         for w in sorted(st.workloads.values(), key=lambda w: w.key):
             pw = pb.Workload(

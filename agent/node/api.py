@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log
 from ..bpf import names
-from ..control.convert import policy_from_pb
+from ..control.convert import policy_from_pb, root_of
 from ..control.store import private_dir
 from ..errors import DabbaError
 from ..ztunnel import admin
@@ -263,7 +263,7 @@ class AgentApi:
             )
         from ..ztunnel.tunnel import _model
 
-        policies = [policy_from_pb(p) for p in snap.policies]
+        policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
         d = evaluate(policies, _model(dst), Request(src.ip, dst.ip, port, src.spiffe_id))
         return 200, {
             "from": {"workload": f"{src.namespace}/{src.name}", "identity": src.spiffe_id},

@@ -40,7 +40,7 @@ from ..bpf.capture import CaptureReader
 from ..bpf.splice import Splicer, SpliceUnavailable
 from ..bpf.sys import Map
 from ..control import model as m
-from ..control.convert import policy_from_pb
+from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
 from ..node.addresses import node_addresses, refused_destination
@@ -187,7 +187,7 @@ class Tunnel:
                     st.by_cgroup[os.stat(w.cgroup).st_ino] = w
         st.services = {s.vip: s for s in snap.services}
         st.nodes = {n.name: n.address for n in snap.nodes}
-        st.policies = [policy_from_pb(p) for p in snap.policies]
+        st.policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
         ids = hbone.ServerIdentities(st.trust_domain, st.bundle)
         for w in st.by_cgroup.values():
             svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")

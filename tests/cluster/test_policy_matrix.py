@@ -196,8 +196,8 @@ CASES = [
     ),
     (
         "mesh-wide: the root namespace applies everywhere",
-        _ap("no-other", "dabba-system", "DENY", [_from(notNamespaces=["front", "back"])]),
-        {"n1": {"dabba-system/no-other"}, "n2": {"dabba-system/no-other"}},
+        _ap("no-other", "istio-system", "DENY", [_from(notNamespaces=["front", "back"])]),
+        {"n1": {"istio-system/no-other"}, "n2": {"istio-system/no-other"}},
         [("ext", "web", 8080, False), ("ext", "db", 8080, False), ("web", "db", 8080, True)],
     ),
 ]  # fmt: skip

@@ -258,5 +258,6 @@ def test_watch_gives_a_filtered_snapshot_then_updates_on_registry_change(env):
         "web-only"
     ]  # db-only applies to n2's workload, not sent
     assert first.services[0].endpoints == ["shop/web-1"] and first.nodes[0].name == "n1"
+    assert first.root_namespace == "istio-system"  # the nodes scope policies by it
     assert list(second.policies[0].rules[0].operations[0].ports) == [8080]
     assert dt < 5

@@ -220,14 +220,14 @@ CASES = [
     ),
     (
         "mesh-wide policy in the root namespace",
-        AP + "metadata: {name: m, namespace: dabba-system}\nspec:\n"
+        AP + "metadata: {name: m, namespace: istio-system}\nspec:\n"
         "  action: DENY\n  rules:\n  - from: [{source: {notNamespaces: [front, shop]}}]\n",
         "shop/db",
         ADMIN,
         5432,
         "10.20.2.11",
         False,
-        "denied by DENY policy dabba-system/m",
+        "denied by DENY policy istio-system/m",
     ),
     (
         "namespace policy does not reach another namespace",

@@ -43,7 +43,7 @@ GOOD = textwrap.dedent("""\
     ---
     apiVersion: security.istio.io/v1beta1
     kind: PeerAuthentication
-    metadata: {name: default, namespace: dabba-system}
+    metadata: {name: default, namespace: istio-system}
     spec: {mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: PERMISSIVE}}}
     """)
 
@@ -260,3 +260,39 @@ def test_duplicate_ip_is_refused(tmp_path):
     )
     with pytest.raises(RegistryError, match="same ip 10.0.0.1"):
         load_dir(str(tmp_path))
+
+
+MESH_WIDE = """\
+apiVersion: dabbawala.io/v1
+kind: Workload
+metadata: {name: web, namespace: shop}
+spec: {node: n1, ip: 10.0.0.1}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: %s}
+spec: {mtls: {mode: STRICT}}
+"""
+
+
+def test_the_root_namespace_is_istios_and_configurable(tmp_path):
+    """Before: the root was dabba-system, so an Istio user's mesh-wide STRICT (in istio-system)
+    applied to a namespace without workloads: the mesh stayed PERMISSIVE."""
+    write(tmp_path, "a.yaml", MESH_WIDE % "istio-system")
+    st = load_dir(str(tmp_path))
+    assert st.peer_mode(st.workloads["shop/web"]) == "STRICT"
+    st = load_dir(str(tmp_path), root="mesh-root")  # --root-namespace mesh-root
+    assert st.peer_mode(st.workloads["shop/web"]) == "PERMISSIVE"  # just a namespace now
+
+
+def test_a_policy_in_the_old_root_namespace_is_refused_with_what_to_do(tmp_path):
+    write(tmp_path, "a.yaml", MESH_WIDE % "dabba-system")
+    with pytest.raises(RegistryError) as e:
+        load_dir(str(tmp_path))
+    assert str(e.value).startswith(
+        f"{tmp_path / 'a.yaml'}:6: PeerAuthentication dabba-system/default"
+    )
+    assert "run the control plane with --root-namespace dabba-system" in str(e.value)
+    # which keeps the old meaning
+    st = load_dir(str(tmp_path), root="dabba-system")
+    assert st.peer_mode(st.workloads["shop/web"]) == "STRICT"
