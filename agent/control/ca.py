@@ -354,7 +354,12 @@ class CA:
 
     def issue(self, csr_pem: bytes, uri: str, ttl: datetime.timedelta | None = None) -> Issued:
         """Sign a CSR that names exactly uri (validated first)."""
-        csr = validate_csr(csr_pem, uri)
+        return self.issue_validated(validate_csr(csr_pem, uri), uri, ttl)
+
+    def issue_validated(
+        self, csr: x509.CertificateSigningRequest, uri: str, ttl: datetime.timedelta | None = None
+    ) -> Issued:
+        """Sign a CSR that validate_csr(csr, uri) accepted."""
         return self._sign(csr.public_key(), uri, ttl or self.workload_ttl, ())
 
     def issue_server(

@@ -267,16 +267,18 @@ class JoinService(pbg.JoinServicer):
         err = validate.node_error(req.node)
         if err:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid {err}")
+        # the token is burned only by a join that succeeds: checked, then the CSR, then used
+        uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, req.node)
         try:
+            self.cp.tokens.check(req.token, req.node)
+            csr = camod.validate_csr(req.csr_pem, uri)
             self.cp.tokens.consume(req.token, req.node)
         except TokenError as e:
             _log.warning("join refused", fields={"node": req.node, "peer": peer, "reason": str(e)})
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-        uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, req.node)
-        try:
-            issued = self.cp.ca.issue(req.csr_pem, uri, self.cp.cfg.node_ttl)
         except camod.CSRError as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node CSR: {e}")
+        issued = self.cp.ca.issue_validated(csr, uri, self.cp.cfg.node_ttl)
         self.cp.record_issue(issued, uri, req.node)
         if req.address:
             self.cp.record_node(req.node, req.address)

@@ -76,23 +76,30 @@ class TokenStore:
             self._save()
         return f"{tid}.{secret}"
 
+    def check(self, token: str, node: str) -> None:
+        """Raise TokenError unless the token could be used for node now (nothing is marked)."""
+        with self._locked():
+            self._valid(token, node)
+
     def consume(self, token: str, node: str) -> None:
         """Use a token for node: raises TokenError unless it is valid, unused, unexpired and for node."""
-        tid, _, secret = token.partition(".")
         with self._locked():
-            rec = self.tokens.get(tid)
-            if rec is None or not secret or not hmac.compare_digest(rec["hash"], _hash(secret)):
-                raise TokenError("unknown join token")
-            if rec["used"] is not None:
-                raise TokenError(
-                    f"join token {tid} was already used (at {time.ctime(rec['used'])})"
-                )
-            if time.time() > rec["expires"]:
-                raise TokenError(f"join token {tid} expired at {time.ctime(rec['expires'])}")
-            if rec["node"] != node:
-                raise TokenError(f"join token {tid} is for node {rec['node']!r}, not {node!r}")
+            rec = self._valid(token, node)
             rec["used"] = time.time()
             self._save()
+
+    def _valid(self, token: str, node: str) -> dict:
+        tid, _, secret = token.partition(".")
+        rec = self.tokens.get(tid)
+        if rec is None or not secret or not hmac.compare_digest(rec["hash"], _hash(secret)):
+            raise TokenError("unknown join token")
+        if rec["used"] is not None:
+            raise TokenError(f"join token {tid} was already used (at {time.ctime(rec['used'])})")
+        if time.time() > rec["expires"]:
+            raise TokenError(f"join token {tid} expired at {time.ctime(rec['expires'])}")
+        if rec["node"] != node:
+            raise TokenError(f"join token {tid} is for node {rec['node']!r}, not {node!r}")
+        return rec
 
     def list(self) -> list[dict]:
         with self._locked():

@@ -177,6 +177,30 @@ def test_token_reuse_expiry_and_wrong_node_are_refused(env):
         _join(loop, srv, "n3", t3)
 
 
+def test_a_join_that_fails_does_not_burn_its_token(env):
+    """Before: the token was marked used before the CSR was checked, so a join with a bad CSR
+    (or another node's identity) left the node unable to join with its token."""
+    loop, srv, _ = env
+    t = srv.cp.tokens.create("n1", 3600)
+    other = camod.make_csr(camod.new_key(), "spiffe://cluster.local/node/n2")  # not n1's
+
+    async def bad(csr):
+        creds = grpc.ssl_channel_credentials(root_certificates=srv.cp.ca.bundle_pem())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{srv.join_port}", creds) as ch:
+            await pbg.JoinStub(ch).Join(pb.JoinRequest(node="n1", token=t, csr_pem=csr))
+
+    for csr in (b"not a CSR", other):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            loop.run_until_complete(bad(csr))
+        assert (
+            e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node CSR" in e.value.details()
+        )
+    _key, cert = _join(loop, srv, "n1", t)  # the token still works, once
+    assert cert.cert_chain_pem
+    with pytest.raises(DabbaError, match="was already used"):
+        _join(loop, srv, "n1", t)
+
+
 def test_control_port_requires_a_node_certificate(env):
     loop, srv, tmp = env
     other = camod.CA.load_or_create(
