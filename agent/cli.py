@@ -387,6 +387,13 @@ def control():
 @click.option(
     "--kubeconfig", type=click.Path(dir_okay=False), help="with --source kubernetes, outside a pod"
 )
+@click.option(
+    "--list-interval",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="with --source kubernetes: seconds between lists of the cluster",
+)
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option(
     "--root-namespace",
@@ -423,6 +430,7 @@ def control():
 def control_serve(
     health_listen,
     root_namespace,
+    list_interval,
     state_dir,
     registry_dir,
     trust_domain,
@@ -461,6 +469,7 @@ def control_serve(
         kubeconfig=kubeconfig,
         health_listen=health_listen,
         root_namespace=root_namespace,
+        kube_list_s=list_interval,
     )
     from .control import validate
 

@@ -238,7 +238,14 @@ class KubeSource:
         self.last_error: str | None = None  # the last list's failure; None once one succeeds
         self.failures = 0  # lists failed since start
         self.failing_since: float | None = None
-        self.state = self.load()
+        try:
+            self.state = self.load()
+        except Exception as e:  # nothing good to serve yet: refuse to start, saying why
+            raise DabbaError(
+                f"the first list of the cluster failed: {str(e).strip().splitlines()[-1:]}",
+                hint="is the API server reachable, and may this ServiceAccount list pods, "
+                "services, endpointslices and Istio's security.istio.io kinds?",
+            ) from None
         self.state.version = 1
         self._stop = threading.Event()
 

@@ -54,6 +54,7 @@ class ControlConfig:
     kubeconfig: str | None = None  # kubernetes: None means in-cluster
     health_listen: str = ""  # HOST:PORT of /healthz/ready and /healthz/live (probes); "" = none
     root_namespace: str = m.ROOT_NAMESPACE  # its policies are mesh-wide (Istio's rootNamespace)
+    kube_list_s: float = 5.0  # --source kubernetes: seconds between lists
 
 
 class ControlPlane:
@@ -74,6 +75,7 @@ class ControlPlane:
 
             self.registry = KubeSource(
                 kubeconfig=cfg.kubeconfig,
+                interval=cfg.kube_list_s,
                 on_change=self._registry_changed,
                 root=cfg.root_namespace,
             )

@@ -10,6 +10,10 @@ import stat
 # and 0750 (folders), group root; nobody else reads flow identities, logs or keys.
 DAEMON_UMASK = 0o027
 
+# In the agent's state folder: {cgroup id: "namespace/name"} of the workloads it enrolled, written
+# by the agent, read by the tunnel (which knows a captured connection by that cgroup id).
+ENROLLED_FILE = "enrolled.json"
+
 
 def private_dir(path: str) -> None:
     """Create path 0750, or take group write and every "other" bit from it if it exists."""

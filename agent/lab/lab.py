@@ -53,6 +53,14 @@ class Pod:
     namespace: str = "default"
     service_account: str = "default"
     labels: dict = field(default_factory=dict)
+    uid: str = ""  # as a Kubernetes pod's (the lab's Kubernetes mode knows the pod by it)
+
+
+def pod_uid(lab_name: str, pod: str) -> str:
+    """A stable UID for a lab pod, shaped like the API server's."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dabba-lab/{lab_name}/{pod}"))
 
 
 @dataclass
@@ -325,15 +333,22 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
         node = lab.node(p.node)
         j = counters[p.node] = counters.get(p.node, 0) + 1
         i = node_ips[p.node][0]
+        uid = pod_uid(lab.name, p.name)
         pod = Pod(
             name=p.name,
             node=p.node,
             ip=f"10.20.{i}.{10 + j}",
             netns=f"{lab.netns}.{p.name}",
-            cgroup=os.path.join(node.cgroup, p.name),
+            cgroup=os.path.join(
+                node.cgroup,
+                f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+                if spec.kubelet_cgroups
+                else p.name,
+            ),
             namespace=p.namespace,
             service_account=p.service_account,
             labels=dict(p.labels),
+            uid=uid,
         )
         lab.pods.append(pod)
         veth = f"v{j}"

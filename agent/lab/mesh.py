@@ -21,6 +21,7 @@ from ..errors import DabbaError
 from .lab import CONTROL_IP, STATE_DIR, Lab, agent_config
 
 CONTROL_PORT, JOIN_PORT = 15012, 15013
+KUBE_API_PORT = 16443  # the API-server stand-in of the lab's Kubernetes mode (lab namespace)
 
 
 def paths(lab: Lab) -> dict[str, str]:
@@ -30,7 +31,63 @@ def paths(lab: Lab) -> dict[str, str]:
         "registry": os.path.join(root, "registry"),
         "control": os.path.join(root, "control"),
         "logs": os.path.join(root, "logs"),
+        "kube": os.path.join(root, "kube"),  # objects.json, kubeconfig (Kubernetes mode)
     }
+
+
+def kube_objects(lab: Lab) -> dict:
+    """The lab's pods as the API server lists them (Running, by UID, on their node), no
+    Istio objects: what the stand-in serves at first in the lab's Kubernetes mode."""
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": p.name,
+                "namespace": p.namespace,
+                "uid": p.uid,
+                "labels": p.labels,
+            },
+            "spec": {
+                "nodeName": p.node,
+                "serviceAccountName": p.service_account,
+                "containers": [{"name": "app", "image": "lab"}],
+            },
+            "status": {"phase": "Running", "podIP": p.ip},
+        }
+        for p in lab.pods
+    ]
+    return {"pods": pods, "services": [], "endpointslices": [], "authorizationpolicies": [],
+            "peerauthentications": []}  # fmt: skip
+
+
+def write_kube_objects(lab: Lab, objects: dict) -> None:
+    """Change what the stand-in serves (it reads the file again on its next request)."""
+    path = os.path.join(paths(lab)["kube"], "objects.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(objects, f)
+    os.replace(path + ".tmp", path)
+
+
+def start_kube_api(lab: Lab) -> subprocess.Popen:
+    """The API-server stand-in (agent/lab/kubeapi.py) in the lab's namespace."""
+    p = paths(lab)
+    proc = _spawn(
+        lab,
+        "lab",
+        [
+            sys.executable,
+            "-m",
+            "agent.lab.kubeapi",
+            "--listen",
+            f"{CONTROL_IP}:{KUBE_API_PORT}",
+            "--objects",
+            os.path.join(p["kube"], "objects.json"),
+        ],  # fmt: skip
+        os.path.join(p["logs"], "kubeapi.log"),
+    )
+    _wait(lambda: _listening(lab, KUBE_API_PORT), 30, "the Kubernetes API stand-in", proc)
+    return proc
 
 
 def registry_docs(lab: Lab) -> list[dict]:
@@ -86,12 +143,25 @@ def _spawn(
     return proc
 
 
-def start_control(lab: Lab, workload_ttl: str = "24h", node_ttl: str = "7d") -> subprocess.Popen:
+def start_control(
+    lab: Lab, workload_ttl: str = "24h", node_ttl: str = "7d", source: str = "files"
+) -> subprocess.Popen:
+    """source "files": a registry folder made from the lab; "kubernetes": the stand-in's
+    objects (start_kube_api), read through the real client every second."""
+    from .kubeapi import kubeconfig_for
+
     p = paths(lab)
-    for d in (p["registry"], p["control"], p["logs"]):
+    for d in (p["registry"], p["control"], p["logs"], p["kube"]):
         os.makedirs(d, exist_ok=True)
-    with open(os.path.join(p["registry"], "lab.yaml"), "w") as f:
-        yaml.safe_dump_all(registry_docs(lab), f, sort_keys=False)
+    if source == "kubernetes":
+        kubeconfig = kubeconfig_for(
+            f"http://{CONTROL_IP}:{KUBE_API_PORT}", os.path.join(p["kube"], "kubeconfig")
+        )
+        src = ["--source", "kubernetes", "--kubeconfig", kubeconfig, "--list-interval", "1"]
+    else:
+        with open(os.path.join(p["registry"], "lab.yaml"), "w") as f:
+            yaml.safe_dump_all(registry_docs(lab), f, sort_keys=False)
+        src = ["--registry", p["registry"]]
     proc = _spawn(
         lab,
         "lab",
@@ -103,8 +173,7 @@ def start_control(lab: Lab, workload_ttl: str = "24h", node_ttl: str = "7d") -> 
             "serve",
             "--state-dir",
             p["control"],
-            "--registry",
-            p["registry"],
+            *src,
             "--listen",
             f"{CONTROL_IP}:{CONTROL_PORT}",
             "--join-listen",
@@ -235,11 +304,20 @@ def up(
     tunnel_service: bool = False,
     env: dict | None = None,
     host_addresses: bool = False,
+    source: str = "files",
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
     tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
-    env: extra environment of agents and tunnels (NOTIFY_SOCKET, WATCHDOG_USEC)."""
-    procs = {"control": start_control(lab, workload_ttl, node_ttl)}
+    env: extra environment of agents and tunnels (NOTIFY_SOCKET, WATCHDOG_USEC).
+    source "kubernetes": the control plane lists an API-server stand-in ("kubeapi") that
+    serves the lab's pods by UID (give the lab kubelet_cgroups: the agents find them so)."""
+    procs = {}
+    if source == "kubernetes":
+        for d in (paths(lab)["kube"], paths(lab)["logs"]):
+            os.makedirs(d, exist_ok=True)
+        write_kube_objects(lab, kube_objects(lab))
+        procs["kubeapi"] = start_kube_api(lab)
+    procs["control"] = start_control(lab, workload_ttl, node_ttl, source)
     for n in lab.nodes:
         path = node_config(
             lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses

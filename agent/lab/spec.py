@@ -56,6 +56,9 @@ class ClusterSpec:
     nodes: int
     pods: list[PodSpec]
     services: list[ServiceSpec] = field(default_factory=list)
+    # pods' cgroups named as the kubelet names them (kubepods-besteffort-pod<uid>.slice) below
+    # their node's cgroup, for the Kubernetes source, which knows a pod by its UID only
+    kubelet_cgroups: bool = False
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]

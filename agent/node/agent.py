@@ -31,7 +31,7 @@ from ..bpf.flows import FlowRecord, FlowSource
 from ..bpf.loader import Datapath
 from ..bpf.sys import Map
 from ..control.model import plaintext_ports
-from ..control.store import private_dir
+from ..control.store import ENROLLED_FILE, atomic_write, private_dir
 from ..errors import DabbaError
 from . import addresses, pods
 from .config import AgentConfig
@@ -302,8 +302,20 @@ class Agent:
         for cg in set(self.ctl.workloads()) - set(want):
             self.ctl.unenrol(cg)
             _log.info("unenrolled workload no longer present", fields={"cgroup_id": cg})
+        if want != self.workload_ids or not os.path.exists(self._enrolled_path):
+            # the tunnel knows a captured connection's workload by the cgroup id the kernel
+            # records: a Kubernetes pod's cgroup is found here (by its UID), not in the snapshot
+            private_dir(self.cfg.state_dir)
+            atomic_write(
+                self._enrolled_path,
+                json.dumps({str(cg): key for cg, key in sorted(want.items())}).encode(),
+            )
         self.workload_ids = want
         _log.info("workloads enrolled", fields={"count": len(want)})
+
+    @property
+    def _enrolled_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, ENROLLED_FILE)
 
     def _steer(self, steer: list[tuple[str, str]]) -> None:
         """Attach the sk_lookup steering to these workloads' namespaces; detach it elsewhere."""

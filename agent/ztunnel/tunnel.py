@@ -43,6 +43,7 @@ from ..control import model as m
 from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
+from ..control.store import ENROLLED_FILE
 from ..node.addresses import node_addresses, refused_destination
 from . import admin, handoff, hbone, lb, listeners
 from .facts import FactsSender, key_of, party
@@ -55,6 +56,23 @@ _log = log.get("tunnel")
 HBONE_PORT = 15008
 TUNNEL_MARK = 0x539  # SO_MARK of the tunnel's own sockets: connect4 never captures them
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _enrolled(path: str) -> dict[int, str]:
+    """The agent's enrolled.json: {cgroup id: namespace/name}; {} when there is none yet."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {int(k): str(v) for k, v in doc.items()}
 
 
 @dataclass
@@ -158,9 +176,11 @@ class Tunnel:
     def _reload(self) -> bool:
         path = os.path.join(self.cfg.state_dir, "snapshot.pb")
         certs = os.path.join(self.cfg.state_dir, "certs")
+        enrolled_path = os.path.join(self.cfg.state_dir, ENROLLED_FILE)
         try:
             stamp = (
                 os.stat(path).st_mtime_ns,
+                _mtime(enrolled_path),
                 max(
                     (
                         os.stat(os.path.join(dp, f)).st_mtime_ns
@@ -185,6 +205,12 @@ class Tunnel:
             if w.node == self.cfg.node and w.cgroup:
                 with contextlib.suppress(OSError):
                     st.by_cgroup[os.stat(w.cgroup).st_ino] = w
+        # what the agent enrolled, by cgroup id: Kubernetes pods too, whose cgroups the agent
+        # finds by their UID (the snapshot names none)
+        for cg, key in _enrolled(enrolled_path).items():
+            w = st.workloads.get(key)
+            if w is not None and w.node == self.cfg.node:
+                st.by_cgroup[cg] = w
         st.services = {s.vip: s for s in snap.services}
         st.nodes = {n.name: n.address for n in snap.nodes}
         st.policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]

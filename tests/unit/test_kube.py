@@ -152,7 +152,7 @@ def test_a_pod_whose_names_are_not_kubernetes_names_is_left_out(objs):
 
 @pytest.fixture
 def api(tmp_path):
-    from tests.helpers.kube_api import KubeAPI
+    from agent.lab.kubeapi import KubeAPI
 
     with open(DATA) as f:
         a = KubeAPI(json.load(f))

@@ -5,6 +5,13 @@ stands in for one, and only for what the control plane's Kubernetes source calls
 lists of Pods, Services, EndpointSlices and Istio's AuthorizationPolicy and PeerAuthentication,
 with objects in the API's JSON shape (tests/data/k8s/objects.json). Each list can be made to
 fail with a status (500, 429, 403...) or to answer 404 as when a CRD is not installed.
+
+In a process of its own (the lab's Kubernetes mode, `mesh.up(source="kubernetes")`)::
+
+    python -m agent.lab.kubeapi --listen IP:PORT --objects FILE.json
+
+serves FILE.json ({"pods": [...], "authorizationpolicies": [...], ...}), read again whenever
+it changes, so a test changes the cluster by rewriting the file.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ PATHS = {
 
 
 class KubeAPI:
-    """objects: {"pods": [...], ...}; fail: {url path: HTTP status} answered instead."""
+    """objects: {"pods": [...], ...} or a callable returning it (read per request);
+    fail: {url path: HTTP status} answered instead."""
 
-    def __init__(self, objects: dict):
+    def __init__(self, objects, host: str = "127.0.0.1", port: int = 0):
         self.objects = objects
         self.fail: dict[str, int] = {}
         self.requests: list[str] = []
@@ -47,8 +55,9 @@ class KubeAPI:
                 elif path in PATHS:
                     kind, key = PATHS[path]
                     status = 200
+                    objs = api.objects() if callable(api.objects) else api.objects
                     body = {"kind": kind, "apiVersion": "v1", "metadata": {},
-                            "items": api.objects.get(key, [])}  # fmt: skip
+                            "items": objs.get(key, [])}  # fmt: skip
                 else:
                     status = 404
                     body = {"kind": "Status", "code": 404, "message": f"{path} not found"}
@@ -59,23 +68,56 @@ class KubeAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def kubeconfig(self, path: str) -> str:
-        cfg = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
-            "users": [{"name": "standin", "user": {}}],
-            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
-            "current-context": "standin",
-        }
-        with open(path, "w") as f:
-            json.dump(cfg, f)
-        return path
+        return kubeconfig_for(self.url, path)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def kubeconfig_for(url: str, path: str) -> str:
+    """A kubeconfig file for the stand-in at url (no credentials: it asks for none)."""
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "standin", "cluster": {"server": url}}],
+        "users": [{"name": "standin", "user": {}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
+        "current-context": "standin",
+    }
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def main() -> None:
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--listen", required=True, help="IP:PORT")
+    ap.add_argument("--objects", required=True, help="a JSON file, read again when it changes")
+    a = ap.parse_args()
+    cache: dict = {"stamp": None, "objects": {}}
+
+    def objects() -> dict:
+        st = os.stat(a.objects)
+        if (st.st_mtime_ns, st.st_size) != cache["stamp"]:
+            with open(a.objects) as f:
+                cache["objects"] = json.load(f)
+            cache["stamp"] = (st.st_mtime_ns, st.st_size)
+        return cache["objects"]
+
+    host, _, port = a.listen.rpartition(":")
+    api = KubeAPI(objects, host, int(port))
+    print(f"serving {api.url}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
