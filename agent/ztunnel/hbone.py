@@ -522,12 +522,16 @@ class ServerConnection(H2Connection):
         self,
         trust_domain: str,
         on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
+        vouch: Callable[[str, str, str], bool] | None = None,
     ):
         super().__init__()
         self.trust_domain = trust_domain
         self.on_connect = (
             on_connect  # (authority, client SPIFFE ID, client address) -> TcpSide | refusal reason
         )
+        # (Forwarded for= address, client SPIFFE ID, peer address) -> whether the address is
+        # the client's to claim; None: never (the peer's own address is used)
+        self.vouch = vouch
 
     on_refused = None  # set by the Listener: called with a refusal kind
     idle_timeout = 300.0  # a connection without streams and without bytes this long is closed
@@ -600,9 +604,21 @@ class ServerConnection(H2Connection):
                     f"trust domain {self.trust_domain}"
                 )
             else:
-                # the workload's own address, as its node's tunnel vouches (like ztunnel's
-                # Forwarded header); the peer node's address when none was sent
-                src_ip = s.source or (peer[0] if peer else "")
+                # the workload's own address, as its node's tunnel says (like ztunnel's
+                # Forwarded header), when it is a workload of the client's identity on the
+                # client's node; else the peer node's own address: an authenticated peer must
+                # not claim any address it likes and pass ipBlocks rules everywhere
+                peer_ip = peer[0] if peer else ""
+                src_ip = peer_ip
+                if s.source and s.source != peer_ip:
+                    if self.vouch is not None and self.vouch(s.source, self.peer_id, peer_ip):
+                        src_ip = s.source
+                    else:
+                        _log.warning(
+                            "Forwarded address not honoured: not a workload of the client on "
+                            "its node",
+                            fields={"forwarded": s.source, "client": self.peer_id, "peer": peer_ip},
+                        )
                 result = await self.on_connect(s.authority, self.peer_id, src_ip)
         except Exception as e:  # a failing callback must not take the connection down
             result = f"internal error: {e}"
@@ -878,12 +894,14 @@ def serve(
     identities: ServerIdentities,
     on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
     handshake_timeout: float = 10.0,
+    vouch: Callable[[str, str, str], bool] | None = None,
 ) -> Listener:
     """Serve HBONE on a listening socket (listeners.py); on_connect(authority, client id,
-    client ip) returns a connected TcpSide or a refusal."""
+    client ip) returns a connected TcpSide or a refusal. client ip: the Forwarded address when
+    vouch(address, client id, peer address) says it is the client's, else the peer's."""
     return Listener(
         sock,
-        lambda: ServerConnection(identities.trust_domain, on_connect),
+        lambda: ServerConnection(identities.trust_domain, on_connect, vouch),
         identities.default,
         handshake_timeout,
     )

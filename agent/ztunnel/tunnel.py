@@ -715,6 +715,19 @@ class Tunnel:
             return lambda: (hbone.rst(a.transport), hbone.rst(b.transport))
 
     # ---- inbound --------------------------------------------------------------------------------------------
+    def _vouch(self, addr: str, client_id: str | None, peer_ip: str) -> bool:
+        """Whether an HBONE client may say its flow comes from addr (Forwarded for=): only a
+        workload of the client's own identity, on the node the connection comes from."""
+        w = self.state.by_ip.get(addr)
+        ok = (
+            w is not None
+            and w.spiffe_id == client_id
+            and self.state.nodes.get(w.node, "") == peer_ip
+        )
+        if not ok:
+            self.stats["forwarded_refused"] += 1
+        return ok
+
     async def _inbound(self, authority: str, client_id: str | None, client_ip: str):
         host, _, p = authority.rpartition(":")
         port = int(p)
@@ -946,7 +959,11 @@ class Tunnel:
         )
         _raise_nofile()
         inbound = self.listener = hbone.serve(
-            hb, self.identities, self._inbound, handshake_timeout=self.cfg.handshake_timeout
+            hb,
+            self.identities,
+            self._inbound,
+            handshake_timeout=self.cfg.handshake_timeout,
+            vouch=self._vouch,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
         await self.facts.start()

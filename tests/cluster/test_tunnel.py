@@ -475,3 +475,65 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
         with open(lab_yaml, "w") as f:
             f.write(original)
         os.unlink(os.path.join(reg, "web.yaml"))
+
+
+CLAIM = """
+import asyncio, json, sys
+from agent.ztunnel import hbone
+svid, bundle, node_ip, authority, me, dst, claims = sys.argv[1:8]
+async def go():
+    pool = hbone.Pool("cluster.local", open(bundle, "rb").read(), lambda _i: (svid, svid))
+    out = []
+    for c in json.loads(claims):
+        conn = await pool.get(me, dst, (node_ip, 15008))
+        try:
+            await conn.connect(authority, timeout=5, source=c)
+            out.append("allowed")
+        except hbone.HboneError as e:
+            out.append("denied" if " 403" in str(e) else str(e))
+    print(json.dumps(out))
+asyncio.run(go())
+"""
+
+
+def test_an_authenticated_peer_cannot_claim_an_address_that_is_not_its_workloads(tlab, procs):
+    """Before: any authenticated peer's Forwarded: for= was taken as the flow's source, so a
+    compromised node claimed any address and passed ipBlocks rules everywhere. Now it is
+    honoured only for a workload of the client's identity on the node the connection comes
+    from; otherwise the peer node's own address stands (here: not in the allowed block)."""
+    L, _ = tlab
+    p1, p2, dst = L.pod("n1-p1"), L.pod("n1-p2"), L.pod("n2-p1")
+    http_server(L, procs, dst, 8090)
+    reg = os.path.join(mesh.paths(L)["registry"], "ipblock.yaml")
+    with open(reg, "w") as f:
+        f.write(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: only-p1-ip, namespace: default}\n"
+            "spec:\n  selector: {matchLabels: {app: n2-p1}}\n  action: ALLOW\n  rules:\n"
+            f"  - from: [{{source: {{ipBlocks: [{p1.ip}/32]}}}}]\n"
+        )
+    certs = os.path.join(labmod.STATE_DIR, L.name, "n1", "certs", "default")
+    bundle = os.path.join(labmod.STATE_DIR, L.name, "n1", "identity", "bundle.pem")
+
+    def claim(pod, claims):
+        me = f"spiffe://cluster.local/ns/default/sa/{pod.service_account}"
+        peer = f"spiffe://cluster.local/ns/default/sa/{dst.service_account}"
+        r = L.run("n1", [sys.executable, "-c", CLAIM, os.path.join(certs, pod.name, "svid.pem"),
+                         bundle, L.node("n2").ip, f"{dst.ip}:8090", me, peer,
+                         __import__("json").dumps(claims)], timeout=60)  # fmt: skip
+        return __import__("json").loads(r.stdout)
+
+    try:
+        wait_for(  # the policy in force: n1-p2's own connections are refused
+            lambda: _curl(L, "n1-p2", f"http://{dst.ip}:8090/", "-o", "/dev/null").returncode,
+            10,
+            what="the policy on n2",
+        )
+        before = tunnel_stats(L, "n2").get("forwarded_refused", 0)
+        # n1-p2's identity claiming n1-p1's address, another node's pod, an outside address
+        got = claim(p2, [p1.ip, L.pod("n2-p2").ip, "192.0.2.7"])
+        assert got == ["denied"] * 3, got
+        assert tunnel_stats(L, "n2").get("forwarded_refused", 0) - before == 3
+        assert claim(p1, [p1.ip]) == ["allowed"]  # its own address, from its node: honoured
+    finally:
+        os.unlink(reg)
