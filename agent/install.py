@@ -255,6 +255,9 @@ class Step:
     path: str = ""
 
 
+START_TIMEOUT = 600.0  # s: a first start compiles the eBPF programs (minutes on a slow VM)
+
+
 class Installer:
     """Writes files under root (/ on a real host; a folder in tests and image builds)."""
 
@@ -299,6 +302,47 @@ class Installer:
 
     def systemd_running(self) -> bool:
         return self.root == "/" and os.path.isdir("/run/systemd/system")
+
+    def start(self, *units: str, timeout: float = START_TIMEOUT) -> None:
+        """Start units and wait until each is active; a unit that fails (and is restarting)
+        is an error naming it with the end of its journal, never an endless wait."""
+        import time
+
+        self.systemctl("start", "--no-block", *units)
+        if self.dry_run:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {u: self._show(u) for u in units}
+            if all(st.get("ActiveState") == "active" for st in states.values()):
+                self.echo(f"active   {', '.join(units)}")
+                return
+            for u, st in states.items():
+                if st.get("ActiveState") == "failed" or int(st.get("NRestarts") or 0) > 0:
+                    tail = subprocess.run(
+                        ["journalctl", "-u", u, "-n", "4", "--no-pager", "-o", "cat"],
+                        capture_output=True,
+                        text=True,
+                    ).stdout.strip()
+                    raise DabbaError(
+                        f"{u} failed to start ({st.get('Result', '?')}); its journal ends:\n{tail}",
+                        hint=f"fix the cause, then `systemctl restart {u}` "
+                        f"(`journalctl -u {u} -e` has the rest)",
+                    )
+            if time.monotonic() > deadline:
+                raise DabbaError(
+                    f"{', '.join(units)} not active after {timeout:.0f}s",
+                    hint="see `systemctl status` and `journalctl -u dabba-agent -e`",
+                )
+            time.sleep(1)
+
+    def _show(self, unit: str) -> dict[str, str]:
+        r = subprocess.run(
+            ["systemctl", "show", "-p", "ActiveState", "-p", "NRestarts", "-p", "Result", unit],
+            capture_output=True,
+            text=True,
+        )
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
     def systemctl(self, *args: str) -> None:
         self.echo(f"{'would run' if self.dry_run else 'running'}  systemctl {' '.join(args)}")
@@ -349,7 +393,8 @@ def install(
     if inst.systemd_running():
         inst.systemctl("daemon-reload")
         if start:
-            inst.systemctl("enable", "--now", *want)
+            inst.systemctl("enable", *want)
+            inst.start(*want)
         else:
             inst.systemctl("enable", *want)
     else:

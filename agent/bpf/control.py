@@ -259,12 +259,15 @@ class DatapathControl:
             return False, features.bpf_lsm_missing()
         seen = abi.Stat.FAMILY_SEEN.name.lower()
         before = self.stats()[seen]
+        failed = None
         try:
             socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0).close()
-        except OSError as e:
-            return False, f"the probe could not open a packet socket ({e.strerror})"
+        except OSError as e:  # the hook runs before the family is looked up: it still counts
+            failed = e  # (a kernel whose af_packet module is not loaded says EAFNOSUPPORT)
         if self.stats()[seen] > before:
             return True, f"refused in the kernel ({prog.hook})"
+        if failed is not None:
+            return False, f"the probe could not open a packet socket ({failed.strerror})"
         return False, f"{prog.hook} is attached but does not run: {features.bpf_lsm_missing()}"
 
     def guard_drops(self) -> dict[int, int]:

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import ssl
 import struct
@@ -121,6 +122,32 @@ def client_context(chain_file: str, key_file: str, bundle_pem: bytes) -> ssl.SSL
     return ctx
 
 
+def signed_by_any(der: bytes | None, bundle_pem: bytes) -> bool:
+    """Whether a leaf certificate (DER) carries the signature of one of the bundle's roots.
+
+    For what the TLS stack cannot do once a connection is up: tell whether it was verified
+    against a root that has since been retired. A leaf signed by an intermediate (a plug-in
+    CA) is not signed by a root itself: False, so such connections are renewed too."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not der:
+        return False
+    leaf = x509.load_der_x509_certificate(der)
+    for root in x509.load_pem_x509_certificates(bundle_pem):
+        if root.subject != leaf.issuer:
+            continue
+        try:
+            root.public_key().verify(
+                leaf.signature,
+                leaf.tbs_certificate_bytes,
+                ec.ECDSA(leaf.signature_hash_algorithm),
+            )
+            return True
+        except Exception:  # noqa: BLE001 (another key, another algorithm: not this root)
+            continue
+    return False
+
+
 class ServerIdentities:
     """The inbound side's certificates: one TLS context per local workload identity, chosen by SNI."""
 
@@ -148,6 +175,17 @@ class ServerIdentities:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = ctx
         return None
+
+
+POOL_MAX_AGE = 3600.0  # a pooled HBONE connection takes no new flow after this (s): well below
+# a workload certificate's life (24 h; renewed at half), and a renewal replaces it at once
+
+
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
 
 
 def rst(transport: asyncio.BaseTransport) -> None:
@@ -656,6 +694,24 @@ class ClientConnection(H2Connection):
     def __init__(self):
         super().__init__()
         self.waiting: dict[int, asyncio.Future] = {}
+        self.opened_at = time.monotonic()
+        self.cert_stamp = 0  # mtime of the client certificate it was made with
+        self.retiring = False
+
+    def retire(self) -> None:
+        """Take no new flow (the pool has replaced it); close once its flows are done."""
+        self.retiring = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.retiring and not self.streams and not self.waiting and self.transport:
+            if not self.transport.is_closing():
+                with contextlib.suppress(Exception):
+                    self.h2.close_connection()
+                    self._write()
+                self.transport.close()
+        elif self.retiring and self.transport and not self.transport.is_closing():
+            asyncio.get_running_loop().call_later(1.0, self._close_if_done)
 
     def handle(self, ev):
         if isinstance(ev, h2.events.ResponseReceived):
@@ -705,20 +761,38 @@ class Pool:
     """Client connections keyed by (source identity, destination identity, node address)."""
 
     def __init__(
-        self, trust_domain: str, bundle_pem: bytes, cert_files: Callable[[str], tuple[str, str]]
+        self,
+        trust_domain: str,
+        bundle_pem: bytes,
+        cert_files: Callable[[str], tuple[str, str]],
+        max_age: float = POOL_MAX_AGE,
     ):
         self.trust_domain = trust_domain
         self.bundle_pem = bundle_pem
         self.cert_files = cert_files  # source identity -> (chain file, key file)
+        self.max_age = max_age
         self.conns: dict[tuple[str, str, str], ClientConnection] = {}
         self.handshakes = 0
+        self.retired = 0  # connections replaced for their age or a renewed certificate
         self._opening: dict[tuple[str, str, str], asyncio.Future] = {}
+
+    def _fresh(self, c: ClientConnection, src_id: str) -> bool:
+        """Whether a pooled connection may carry a new flow: open, younger than max_age, and
+        made with the client certificate the node holds now (a renewal replaces it)."""
+        if c.closed.done() or not c.transport or c.transport.is_closing():
+            return False
+        if time.monotonic() - c.opened_at > self.max_age:
+            return False
+        return _mtime_ns(self.cert_files(src_id)[0]) == c.cert_stamp
 
     async def get(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
         key = (src_id, dst_id, f"{node[0]}:{node[1]}")
         c = self.conns.get(key)
-        if c is not None and not c.closed.done() and c.transport and not c.transport.is_closing():
+        if c is not None and self._fresh(c, src_id):
             return c
+        if c is not None and not c.closed.done():
+            self.retired += 1
+            c.retire()
         if key in self._opening:
             return await asyncio.shield(self._opening[key])
         fut = asyncio.get_running_loop().create_future()
@@ -737,6 +811,7 @@ class Pool:
 
     async def _dial(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
         chain, key = self.cert_files(src_id)
+        stamp = _mtime_ns(chain)
         ctx = client_context(chain, key, self.bundle_pem)
         loop = asyncio.get_running_loop()
         try:
@@ -759,6 +834,7 @@ class Pool:
             raise HboneError(
                 f"peer {node[0]}:{node[1]} proved {got or 'no SPIFFE identity'}, not {dst_id}: refused"
             )
+        conn.opened_at, conn.cert_stamp = time.monotonic(), stamp
         return conn
 
 

@@ -226,21 +226,24 @@ class Tunnel:
             self._sync_plain()
         if self.cfg.policy_recheck and (st.policies != old_policies or _modes(st) != old_modes):
             self.recheck()
-        if self.identities is None:
+        bundle_changed = self.identities is not None and st.bundle != self.identities.bundle_pem
+        if self.identities is None or bundle_changed:
+            # OpenSSL verifies client certificates against the listener's own context even
+            # after SNI selects another, and a context's store only grows: a new bundle (a
+            # rotation adds a root, a retirement removes one) gets a new default context
             self.identities = ids
+            if self.listener is not None:
+                self.listener.ctx = ids.default
         else:  # the listener keeps its default context; swap the per-identity ones in place
             self.identities.contexts = ids.contexts
-            if st.bundle != self.identities.bundle_pem:
-                # OpenSSL verifies client certificates against the listener's own context even
-                # after SNI selects another: it must learn new roots (a rotation). A store only
-                # grows, so a retired root stays trusted here until the tunnel restarts.
-                self.identities.default.load_verify_locations(cadata=st.bundle.decode())
-                self.identities.bundle_pem = st.bundle
+        old_pool = self.pool
         self.pool = (
             hbone.Pool(st.trust_domain, st.bundle, self._cert_files)
             if self.pool is None or self.pool.bundle_pem != st.bundle
             else self.pool
         )
+        if bundle_changed:
+            self._drop_untrusted(old_pool)
         _log.info(
             "state loaded",
             fields={
@@ -251,6 +254,33 @@ class Tunnel:
             },
         )
         return True
+
+    def _drop_untrusted(self, old_pool) -> None:
+        """After the trust bundle changed: close every HBONE connection, either way, whose peer
+        certificate no current root signed (a retired root's), at once; the old pool's others
+        take no new flow and close when their flows end."""
+        bundle = self.state.bundle
+        sides = [*(self.listener.conns if self.listener else ()),
+                 *(old_pool.conns.values() if old_pool else ())]  # fmt: skip
+        closed = 0
+        for c in sides:
+            tr = c.transport
+            if tr is None or tr.is_closing():
+                continue
+            sslobj = tr.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            if not hbone.signed_by_any(der, bundle):
+                tr.abort()
+                closed += 1
+            elif isinstance(c, hbone.ClientConnection):
+                c.retire()
+        self.stats["hbone_untrusted_closed"] += closed
+        if closed:
+            _log.warning(
+                "HBONE connections closed: their peer's certificate is no longer trusted (a root "
+                "was retired)",
+                fields={"closed": closed},
+            )
 
     # ---- plaintext inbound (15006) ----------------------------------------------------------
     def _sync_plain(self) -> None:

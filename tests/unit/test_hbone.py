@@ -326,3 +326,55 @@ def test_frame_repr_is_hyperframes_text_without_hexlifying_the_whole_body():
         assert _cheap_raw_data_repr(memoryview(data)) == want
     frame = hyperframe.frame.DataFrame(1, data=b"x" * 16384)
     assert repr(frame).endswith("<hex:78787878787878787878...>")
+
+
+def test_a_pooled_connection_is_replaced_when_it_is_old_or_its_certificate_renewed(pki):
+    """Before: a pooled connection carried new flows for as long as it lived, with the client
+    certificate it was made with, past that certificate's renewal (and a revocation)."""
+    ca, files, tmp = pki
+
+    async def go():
+        echo, echo_port, _, srv, port, pool, _seen = await _setup(ca, files)
+        pool.max_age = 0.3
+        r1, w1, s1 = await _flow(pool, port, echo_port)
+        first = pool.conns[(CLIENT, SERVER, f"127.0.0.1:{port}")]
+        same = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+        await asyncio.sleep(0.4)  # older than max_age: the next flow gets a new connection
+        r2, w2, s2 = await _flow(pool, port, echo_port)
+        second = pool.conns[(CLIENT, SERVER, f"127.0.0.1:{port}")]
+        # the old one still carries its flow, whole, then closes
+        old_flow = await _roundtrip(r1, w1, 100_000)
+        await asyncio.sleep(1.5)
+        first_closed = first.transport.is_closing()
+        # a renewed certificate (new file) replaces the connection at once
+        pool.max_age = 3600
+        _issue(ca, str(tmp), CLIENT)
+        os.utime(files[CLIENT][0], ns=(1, 1))  # a stamp the pool has not seen
+        r3, w3, s3 = await _flow(pool, port, echo_port)
+        third = pool.conns[(CLIENT, SERVER, f"127.0.0.1:{port}")]
+        res = await _roundtrip(r3, w3, 10_000)
+        for w in (w2, w3):
+            w.close()
+        srv.close()
+        echo.close()
+        return same is first, second is not first, old_flow, first_closed, third is not second, \
+            res, pool.retired, pool.handshakes  # fmt: skip
+
+    same, replaced, old_flow, first_closed, renewed, res, retired, handshakes = asyncio.run(go())
+    assert same and replaced and renewed
+    assert old_flow[0] == old_flow[1] and old_flow[2] == 100_000  # its flow was not cut
+    assert first_closed
+    assert res[2] == 10_000 and retired == 2 and handshakes == 3
+
+
+def test_signed_by_any_tells_a_retired_roots_leaf(pki, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca, files, _ = pki
+    other = camod.CA.load_or_create(str(tmp_path / "other"), TD)
+    with open(files[CLIENT][0], "rb") as f:
+        der = x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER)
+    assert hbone.signed_by_any(der, ca.bundle_pem())
+    assert not hbone.signed_by_any(der, other.bundle_pem())
+    assert not hbone.signed_by_any(None, ca.bundle_pem())
