@@ -554,6 +554,64 @@ def control_status(state_dir, output):
     sys.exit(1 if src["last_error"] else 0)
 
 
+@control.group("node", cls=_Group)
+def control_node():
+    """Joined nodes, and revoking one (it is then refused everywhere)."""
+
+
+@control_node.command("revoke")
+@click.argument("node")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+def control_node_revoke(node, state_dir):
+    """Refuse NODE from now on: its RPCs and joins, and on every node's HBONE listener and
+    pool the certificates issued to it (told to the nodes within a second or two)."""
+    from .control.revocation import RevokedNodes
+
+    if RevokedNodes(state_dir).revoke(node):
+        click.echo(
+            f"node {node} revoked: the running control plane ends its stream, refuses its "
+            "renewals and certificates, and tells every node to refuse its certificates"
+        )
+    else:
+        click.echo(f"node {node} was revoked already")
+
+
+@control_node.command("unrevoke")
+@click.argument("node")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+def control_node_unrevoke(node, state_dir):
+    """Lift a revocation (the node joins again with a new token)."""
+    from .control.revocation import RevokedNodes
+
+    if not RevokedNodes(state_dir).unrevoke(node):
+        raise DabbaError(f"node {node} is not revoked")
+    click.echo(f"node {node} is no longer revoked")
+
+
+@control_node.command("list")
+@click.option("--state-dir", default=DEFAULT_CONTROL_STATE, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def control_node_list(state_dir, output):
+    """Joined nodes (name, address) and whether each is revoked."""
+    from .control.revocation import RevokedNodes
+
+    try:
+        with open(os.path.join(state_dir, "nodes.json")) as f:
+            nodes = json.load(f)
+    except FileNotFoundError:
+        nodes = {}
+    revoked = RevokedNodes(state_dir).nodes
+    rows = [
+        {"node": n, "address": nodes.get(n, ""), "revoked": n in revoked}
+        for n in sorted(set(nodes) | set(revoked))
+    ]
+    if output == "json":
+        click.echo(json.dumps({"nodes": rows}, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['node']:<24}{r['address']:<20}{'REVOKED' if r['revoked'] else ''}")
+
+
 @control.group("ca", cls=_Group)
 def control_ca():
     """The mesh CA: show, rotate the root, retire old roots."""

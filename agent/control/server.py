@@ -26,6 +26,7 @@ from .convert import policy_to_pb
 from .proto import control_pb2 as pb
 from .proto import control_pb2_grpc as pbg
 from .registry import FileRegistry
+from .revocation import RevokedNodes, revoked_serials
 from .store import append_record, atomic_write, load_records
 from .tokens import TokenError, TokenStore
 
@@ -67,6 +68,7 @@ class ControlPlane:
             cfg.state_dir, cfg.trust_domain, cfg.plugin_ca_dir, cfg.workload_ttl
         )
         self.tokens = TokenStore(cfg.state_dir)
+        self.revoked = RevokedNodes(cfg.state_dir)
         self.nodes_path = os.path.join(cfg.state_dir, "nodes.json")
         self.serials_path = os.path.join(cfg.state_dir, "serials.log")
         self.nodes: dict[str, str] = _load_json(self.nodes_path)
@@ -89,6 +91,15 @@ class ControlPlane:
         self.version = int(time.time() * 1000)
         self.issued = len(load_records(self.serials_path))
 
+    def _revoked_serials(self) -> list[str]:
+        """revocation.revoked_serials, read again only when the revoked nodes, the issued
+        certificates or the minute changed (every snapshot of every node asks)."""
+        key = (self.revoked.stamp, self.issued, int(time.time() // 60))
+        if getattr(self, "_revoked_key", None) != key:
+            self._revoked_key = key
+            self._revoked_list = revoked_serials(self.serials_path, self.revoked)
+        return self._revoked_list
+
     def status(self) -> dict:
         """What `dabba control status` and /status show."""
         from .registry import source_status
@@ -97,6 +108,7 @@ class ControlPlane:
             "trust_domain": self.cfg.trust_domain,
             "root_namespace": self.cfg.root_namespace,
             "nodes": sorted(self.nodes),
+            "revoked_nodes": sorted(self.revoked.nodes),
             "certificates_issued": self.issued,
             "snapshot_version": self.version,
             "registry": source_status(self.registry),
@@ -145,6 +157,7 @@ class ControlPlane:
             trust_bundle_pem=self.ca.bundle_pem(),
             signing_root=camod.fingerprint(self.ca.signing_root()),
             root_namespace=self.cfg.root_namespace,
+            revoked_serials=self._revoked_serials(),
         )
         for w in sorted(st.workloads.values(), key=lambda w: w.key):
             pw = pb.Workload(
@@ -181,7 +194,8 @@ class ControlPlane:
                 )
             )
         for name, addr in sorted(self.nodes.items()):
-            snap.nodes.append(pb.Node(name=name, address=addr))
+            if name not in self.revoked:  # no flow is sent to a revoked node
+                snap.nodes.append(pb.Node(name=name, address=addr))
         mine = [w for w in st.workloads.values() if w.key in local]
         for p in sorted(st.authz.values(), key=lambda p: p.key):
             if any(p.applies_to(w) for w in mine):
@@ -269,6 +283,7 @@ class JoinService(pbg.JoinServicer):
         err = validate.node_error(req.node)
         if err:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid {err}")
+        await _refuse_revoked(self.cp, req.node, ctx)
         # the token is burned only by a join that succeeds: checked, then the CSR, then used
         uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, req.node)
         try:
@@ -314,7 +329,9 @@ class ControlService(pbg.ControlServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 "the client certificate is not a node certificate",
             )
-        return ids[0][len(self.prefix) :]
+        node = ids[0][len(self.prefix) :]
+        await _refuse_revoked(self.cp, node, ctx)
+        return node
 
     async def SignWorkload(self, req: pb.SignWorkloadRequest, ctx) -> pb.WorkloadCertificate:
         node = await self._node(ctx)
@@ -372,9 +389,19 @@ class ControlService(pbg.ControlServicer):
         while True:
             async with self.cp.changed:
                 await self.cp.changed.wait_for(lambda have=sent: self.cp.version > have)
+            await _refuse_revoked(self.cp, node, ctx)  # revoked meanwhile: the stream ends
             snap = self.cp.snapshot_for(node)
             sent = snap.version
             yield snap
+
+
+async def _refuse_revoked(cp: ControlPlane, node: str, ctx) -> None:
+    if node in cp.revoked:
+        _log.warning("revoked node refused", fields={"node": node, "peer": ctx.peer()})
+        await ctx.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"node {node} is revoked (dabba control node unrevoke {node} lifts it)",
+        )
 
 
 class ControlServer:
@@ -454,6 +481,12 @@ class ControlServer:
         stamp = self._ca_stamp()
         while True:
             await asyncio.sleep(self.cfg.registry_poll_s)
+            try:
+                if self.cp.revoked.reload():  # `dabba control node revoke`: tell every node
+                    _log.warning("revoked nodes", fields={"nodes": sorted(self.cp.revoked.nodes)})
+                    await self.cp._bump()
+            except DabbaError as e:
+                _log.error(f"revoked nodes not reloaded, keeping the last: {e}")
             if self.cp.ca.maybe_activate():  # phase 2 of a root rotation
                 await self.cp._bump()
                 stamp = self._ca_stamp()

@@ -96,6 +96,12 @@ def identity_from_sni(name: str, trust_domain: str) -> str | None:
     return ident if validate.workload_identity(ident, trust_domain) else None
 
 
+def peer_serial(sslobj) -> str | None:
+    """The serial (hex, as the control plane records it) of the peer's certificate."""
+    der = sslobj.getpeercert(binary_form=True) if sslobj else None
+    return format(x509.load_der_x509_certificate(der).serial_number, "x") if der else None
+
+
 def peer_identity(sslobj) -> str | None:
     der = sslobj.getpeercert(binary_form=True) if sslobj else None
     if not der:
@@ -561,9 +567,11 @@ class ServerConnection(H2Connection):
         trust_domain: str,
         on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
         vouch: Callable[[str, str, str], bool] | None = None,
+        revoked: Callable[[str | None], bool] | None = None,
     ):
         super().__init__()
         self.trust_domain = trust_domain
+        self.revoked = revoked  # serial -> whether its node was revoked (Snapshot)
         self.on_connect = (
             on_connect  # (authority, client SPIFFE ID, client address) -> TcpSide | refusal reason
         )
@@ -604,6 +612,18 @@ class ServerConnection(H2Connection):
             )
             if self.on_refused:
                 self.on_refused("wrong_identity")
+            self.transport = transport
+            transport.abort()
+            return
+        if self.revoked is not None and self.revoked(
+            peer_serial(transport.get_extra_info("ssl_object"))
+        ):
+            _log.warning(
+                "HBONE client refused: its certificate belongs to a revoked node",
+                fields={"peer": str(transport.get_extra_info("peername")), "identity": peer},
+            )
+            if self.on_refused:
+                self.on_refused("revoked")
             self.transport = transport
             transport.abort()
             return
@@ -766,7 +786,9 @@ class Pool:
         bundle_pem: bytes,
         cert_files: Callable[[str], tuple[str, str]],
         max_age: float = POOL_MAX_AGE,
+        revoked: Callable[[str | None], bool] | None = None,
     ):
+        self.revoked = revoked  # serial -> whether its node was revoked (Snapshot)
         self.trust_domain = trust_domain
         self.bundle_pem = bundle_pem
         self.cert_files = cert_files  # source identity -> (chain file, key file)
@@ -834,6 +856,9 @@ class Pool:
             raise HboneError(
                 f"peer {node[0]}:{node[1]} proved {got or 'no SPIFFE identity'}, not {dst_id}: refused"
             )
+        if self.revoked is not None and self.revoked(peer_serial(sslobj)):
+            tr.abort()
+            raise HboneError(f"peer {node[0]}:{node[1]} ({got}) holds a revoked node's certificate")
         conn.opened_at, conn.cert_stamp = time.monotonic(), stamp
         return conn
 
@@ -971,13 +996,14 @@ def serve(
     on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
     handshake_timeout: float = 10.0,
     vouch: Callable[[str, str, str], bool] | None = None,
+    revoked: Callable[[str | None], bool] | None = None,
 ) -> Listener:
     """Serve HBONE on a listening socket (listeners.py); on_connect(authority, client id,
     client ip) returns a connected TcpSide or a refusal. client ip: the Forwarded address when
     vouch(address, client id, peer address) says it is the client's, else the peer's."""
     return Listener(
         sock,
-        lambda: ServerConnection(identities.trust_domain, on_connect, vouch),
+        lambda: ServerConnection(identities.trust_domain, on_connect, vouch, revoked),
         identities.default,
         handshake_timeout,
     )

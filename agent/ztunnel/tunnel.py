@@ -115,6 +115,7 @@ class State:
     nodes: dict[str, str] = field(default_factory=dict)
     policies: list[m.AuthorizationPolicy] = field(default_factory=list)
     workloads: dict[str, pb.Workload] = field(default_factory=dict)  # by namespace/name
+    revoked: frozenset[str] = frozenset()  # serials of revoked nodes' certificates
 
 
 def _model(w: pb.Workload) -> m.Workload:
@@ -213,6 +214,7 @@ class Tunnel:
                 st.by_cgroup[cg] = w
         st.services = {s.vip: s for s in snap.services}
         st.nodes = {n.name: n.address for n in snap.nodes}
+        st.revoked = frozenset(snap.revoked_serials)
         st.policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
         ids = hbone.ServerIdentities(st.trust_domain, st.bundle)
         for w in st.by_cgroup.values():
@@ -220,6 +222,7 @@ class Tunnel:
             if os.path.exists(svid):
                 ids.set(w.spiffe_id, svid, svid)
         old_policies, old_modes = self.state.policies, _modes(self.state)
+        old_revoked = self.state.revoked
         self.node_addrs = set(node_addresses())
         self.state, self._stamp = st, stamp
         if self._listening:
@@ -238,12 +241,12 @@ class Tunnel:
             self.identities.contexts = ids.contexts
         old_pool = self.pool
         self.pool = (
-            hbone.Pool(st.trust_domain, st.bundle, self._cert_files)
+            hbone.Pool(st.trust_domain, st.bundle, self._cert_files, revoked=self._is_revoked)
             if self.pool is None or self.pool.bundle_pem != st.bundle
             else self.pool
         )
-        if bundle_changed:
-            self._drop_untrusted(old_pool)
+        if bundle_changed or not st.revoked <= old_revoked:
+            self._drop_untrusted(old_pool, bundle_changed)
         _log.info(
             "state loaded",
             fields={
@@ -255,13 +258,15 @@ class Tunnel:
         )
         return True
 
-    def _drop_untrusted(self, old_pool) -> None:
-        """After the trust bundle changed: close every HBONE connection, either way, whose peer
-        certificate no current root signed (a retired root's), at once; the old pool's others
-        take no new flow and close when their flows end."""
+    def _drop_untrusted(self, old_pool, bundle_changed: bool) -> None:
+        """After the trust bundle or the revoked nodes changed: close every HBONE connection,
+        either way, whose peer certificate no current root signed (a retired root's) or belongs
+        to a revoked node, at once. After a new bundle, the old pool's other connections take
+        no new flow and close when their flows end."""
         bundle = self.state.bundle
-        sides = [*(self.listener.conns if self.listener else ()),
-                 *(old_pool.conns.values() if old_pool else ())]  # fmt: skip
+        old = list(old_pool.conns.values()) if old_pool and old_pool is not self.pool else []
+        sides = [*(self.listener.conns if self.listener else ()), *old,
+                 *(self.pool.conns.values() if self.pool else ())]  # fmt: skip
         closed = 0
         for c in sides:
             tr = c.transport
@@ -269,16 +274,17 @@ class Tunnel:
                 continue
             sslobj = tr.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            if not hbone.signed_by_any(der, bundle):
+            retired_root = bundle_changed and not hbone.signed_by_any(der, bundle)
+            if retired_root or self._is_revoked(hbone.peer_serial(sslobj)):
                 tr.abort()
                 closed += 1
-            elif isinstance(c, hbone.ClientConnection):
+            elif c in old:
                 c.retire()
         self.stats["hbone_untrusted_closed"] += closed
         if closed:
             _log.warning(
-                "HBONE connections closed: their peer's certificate is no longer trusted (a root "
-                "was retired)",
+                "HBONE connections closed: their peer's certificate is no longer trusted (a "
+                "retired root, or a revoked node)",
                 fields={"closed": closed},
             )
 
@@ -745,6 +751,9 @@ class Tunnel:
             return lambda: (hbone.rst(a.transport), hbone.rst(b.transport))
 
     # ---- inbound --------------------------------------------------------------------------------------------
+    def _is_revoked(self, serial: str | None) -> bool:
+        return serial is not None and serial in self.state.revoked
+
     def _vouch(self, addr: str, client_id: str | None, peer_ip: str) -> bool:
         """Whether an HBONE client may say its flow comes from addr (Forwarded for=): only a
         workload of the client's own identity, on the node the connection comes from."""
@@ -994,6 +1003,7 @@ class Tunnel:
             self._inbound,
             handshake_timeout=self.cfg.handshake_timeout,
             vouch=self._vouch,
+            revoked=self._is_revoked,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
         await self.facts.start()

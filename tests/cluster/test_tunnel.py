@@ -3,6 +3,7 @@
 A first slice of the tunnel issue's tests (see that issue for the whole list).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -520,8 +521,8 @@ def test_an_authenticated_peer_cannot_claim_an_address_that_is_not_its_workloads
         peer = f"spiffe://cluster.local/ns/default/sa/{dst.service_account}"
         r = L.run("n1", [sys.executable, "-c", CLAIM, os.path.join(certs, pod.name, "svid.pem"),
                          bundle, L.node("n2").ip, f"{dst.ip}:8090", me, peer,
-                         __import__("json").dumps(claims)], timeout=60)  # fmt: skip
-        return __import__("json").loads(r.stdout)
+                         json.dumps(claims)], timeout=60)  # fmt: skip
+        return json.loads(r.stdout)
 
     try:
         wait_for(  # the policy in force: n1-p2's own connections are refused
@@ -537,3 +538,29 @@ def test_an_authenticated_peer_cannot_claim_an_address_that_is_not_its_workloads
         assert claim(p1, [p1.ip]) == ["allowed"]  # its own address, from its node: honoured
     finally:
         os.unlink(reg)
+
+
+def test_a_revoked_node_is_cut_off_by_every_tunnel(tlab, procs):
+    """`dabba control node revoke n1`: n2's tunnel closes the connections n1 holds and refuses
+    new ones (the serials of n1's certificates arrive in n2's snapshot); n1's pods reach n2 no
+    more, n2's own traffic is untouched. Runs last on this lab: n1 stays revoked."""
+    L, _ = tlab
+    dst = L.pod("n2-p1")
+    http_server(L, procs, dst, 8095)
+    url = f"http://{dst.ip}:8095/"
+    assert _curl(L, "n1-p1", url, "-o", "/dev/null").returncode == 0  # a pooled connection
+    state = mesh.paths(L)["control"]
+    dabba = [sys.executable, "-m", "agent.cli", "control", "node"]
+    r = subprocess.run([*dabba, "revoke", "n1", "--state-dir", state], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "node n1 revoked" in r.stdout, r.stderr
+    wait_for(lambda: tunnel_stats(L, "n2").get("hbone_untrusted_closed", 0) >= 1, 15,
+             what="n2 to close n1's connection")  # fmt: skip
+    assert _curl(L, "n1-p1", url, "-o", "/dev/null").returncode != 0
+    refused = tunnel_stats(L, "n2").get("hbone_refused", {})
+    assert refused.get("revoked", 0) >= 1, refused
+    assert _curl(L, "n2-p2", url, "-o", "/dev/null").returncode == 0  # on n2: untouched
+    r = subprocess.run([*dabba, "list", "--state-dir", state, "-o", "json"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    rows = {x["node"]: x["revoked"] for x in json.loads(r.stdout)["nodes"]}
+    assert rows == {"n1": True, "n2": False}, rows

@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from cryptography import x509
 
 from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
@@ -285,3 +286,57 @@ def test_watch_gives_a_filtered_snapshot_then_updates_on_registry_change(env):
     assert first.root_namespace == "istio-system"  # the nodes scope policies by it
     assert list(second.policies[0].rules[0].operations[0].ports) == [8080]
     assert dt < 5
+
+
+def test_a_revoked_node_is_refused_and_its_certificates_are_told_to_every_node(env):
+    """Before: RenewNode renewed any valid node certificate forever and nothing could be
+    revoked. Now `dabba control node revoke` ends its stream, refuses its RPCs and joins, and
+    every other node's snapshot lists the serials of its certificates (HBONE refuses them)."""
+    from agent.control.revocation import RevokedNodes
+
+    loop, srv, tmp = env
+    k1, c1 = _join(loop, srv, "n1", srv.cp.tokens.create("n1", 60))
+    k2, c2 = _join(loop, srv, "n2", srv.cp.tokens.create("n2", 60))
+
+    async def sign(stub):
+        csr = camod.make_csr(camod.new_key(), "spiffe://cluster.local/ns/shop/sa/web")
+        return await stub.SignWorkload(
+            pb.SignWorkloadRequest(namespace="shop", name="web-1", csr_pem=csr), timeout=10
+        )
+
+    web = _call(loop, srv, k1, c1.cert_chain_pem, sign)  # n1 holds web-1's certificate
+
+    async def watch_until_refused():
+        async with control_channel(
+            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), k1, c1.cert_chain_pem
+        ) as ch:
+            stream = pbg.ControlStub(ch).Watch(pb.WatchRequest(have_version=0))
+            await stream.read()
+            assert RevokedNodes(str(tmp / "state")).revoke("n1")  # as the CLI does
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                while True:
+                    await asyncio.wait_for(stream.read(), 10)
+            return e.value
+
+    err = loop.run_until_complete(watch_until_refused())
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "node n1 is revoked" in err.details()
+
+    async def renew(stub):
+        csr = camod.make_csr(camod.new_key(), "spiffe://cluster.local/node/n1")
+        return await stub.RenewNode(pb.RenewNodeRequest(csr_pem=csr), timeout=10)
+
+    for fn in (renew, sign):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            _call(loop, srv, k1, c1.cert_chain_pem, fn)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(DabbaError, match="node n1 is revoked"):
+        _join(loop, srv, "n1", srv.cp.tokens.create("n1", 60))
+
+    # n2 is told: n1's node and workload certificates, and n1 is no destination any more
+    snap = srv.cp.snapshot_for("n2")
+    n1_node_serial = format(x509.load_pem_x509_certificate(c1.cert_chain_pem).serial_number, "x")
+    assert set(snap.revoked_serials) == {n1_node_serial, web.serial}
+    assert [n.name for n in snap.nodes] == ["n2"]
+    assert RevokedNodes(str(tmp / "state")).unrevoke("n1")
+    srv.cp.revoked.reload()
+    assert list(srv.cp.snapshot_for("n2").revoked_serials) == []

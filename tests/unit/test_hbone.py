@@ -378,3 +378,58 @@ def test_signed_by_any_tells_a_retired_roots_leaf(pki, tmp_path):
     assert hbone.signed_by_any(der, ca.bundle_pem())
     assert not hbone.signed_by_any(der, other.bundle_pem())
     assert not hbone.signed_by_any(None, ca.bundle_pem())
+
+
+def test_certificates_of_a_revoked_node_are_refused_both_ways(pki):
+    """The serials a snapshot lists (Snapshot.revoked_serials): a client holding one is refused
+    at the handshake and counted; a pool does not keep a server holding one."""
+    from cryptography import x509
+
+    ca, files, _ = pki
+
+    def serial(ident):
+        with open(files[ident][0], "rb") as f:
+            return format(x509.load_pem_x509_certificate(f.read()).serial_number, "x")
+
+    async def go():
+        echo, echo_port = await _echo_server()
+        ids = hbone.ServerIdentities(TD, ca.bundle_pem())
+        ids.set(SERVER, *files[SERVER])
+        revoked = {serial(CLIENT)}
+
+        async def on_connect(authority, client_id, client_ip):
+            host, port = authority.rsplit(":", 1)
+            return await hbone.dial_tcp(host, int(port))
+
+        srv = hbone.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect,
+                          revoked=lambda s: s in revoked)  # fmt: skip
+        port = srv.sockets[0].getsockname()[1]
+        pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident])
+        refused_client = None
+        try:
+            conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+            await conn.connect(f"127.0.0.1:{echo_port}", timeout=3)
+        except hbone.HboneError as e:
+            refused_client = str(e)
+        await asyncio.sleep(0.2)
+        counted = dict(srv.refused)
+        # the other way: a pool told the server's serial is revoked drops it after the handshake
+        revoked.clear()
+        pool2 = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident],
+                           revoked=lambda s: s == serial(SERVER))  # fmt: skip
+        refused_server = None
+        try:
+            await pool2.get(CLIENT, SERVER, ("127.0.0.1", port))
+        except hbone.HboneError as e:
+            refused_server = str(e)
+        ok = await (await pool.get(CLIENT, SERVER, ("127.0.0.1", port))).connect(
+            f"127.0.0.1:{echo_port}", timeout=3
+        )
+        srv.close()
+        echo.close()
+        return refused_client, counted, refused_server, ok
+
+    refused_client, counted, refused_server, ok = asyncio.run(go())
+    assert refused_client is not None and counted == {"revoked": 1}, (refused_client, counted)
+    assert "revoked node's certificate" in refused_server
+    assert ok is not None  # lifted: the same client gets through
