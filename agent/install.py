@@ -124,7 +124,9 @@ ReadWritePaths=/sys/fs/bpf
 # no ProtectKernelModules=: it hides /lib/modules, where bcc finds the kernel headers
 LimitMEMLOCK=infinity
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN CAP_PERFMON
-{_COMMON_HARDENING}RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+# AF_PACKET: only for the probe that the BPF LSM refuses workloads' packet sockets (family.c
+# counts the attempt); without CAP_NET_RAW the agent never gets such a socket itself
+{_COMMON_HARDENING}RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_PACKET
 
 [Install]
 WantedBy=multi-user.target
@@ -319,11 +321,14 @@ class Installer:
                 return
             for u, st in states.items():
                 if st.get("ActiveState") == "failed" or int(st.get("NRestarts") or 0) > 0:
-                    tail = subprocess.run(
-                        ["journalctl", "-u", u, "-n", "4", "--no-pager", "-o", "cat"],
+                    lines = subprocess.run(
+                        ["journalctl", "-u", u, "-n", "200", "--no-pager", "-o", "cat"],
                         capture_output=True,
                         text=True,
-                    ).stdout.strip()
+                    ).stdout.splitlines()
+                    # the program's own error and hint, else the journal's last lines
+                    said = [x for x in lines if x.startswith(("error:", "hint:"))][-2:]
+                    tail = "\n".join(said or lines[-6:])
                     raise DabbaError(
                         f"{u} failed to start ({st.get('Result', '?')}); its journal ends:\n{tail}",
                         hint=f"fix the cause, then `systemctl restart {u}` "

@@ -318,8 +318,41 @@ def test_certificates_renew_at_half_life_while_connections_flow(shortlab, procs)
     assert all(_status(L, "n1")["control"]["certs"][k]["serial"] != v for k, v in first.items())
 
 
-def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs):
+OLD_ROOT_CLIENT = """
+import asyncio, sys
+from agent.ztunnel import hbone
+svid, bundle, node_ip, authority, me, dst, mode = sys.argv[1:8]
+async def go():
+    pool = hbone.Pool("cluster.local", open(bundle, "rb").read(), lambda _i: (svid, svid))
+    try:
+        conn = await pool.get(me, dst, (node_ip, 15008))
+        await conn.connect(authority, timeout=5)
+    except Exception as e:
+        print("refused", type(e).__name__, flush=True)
+        return
+    print("open", flush=True)
+    if mode == "hold":
+        await conn.closed
+        print("closed", flush=True)
+asyncio.run(go())
+"""
+
+
+def _line(proc, timeout: float) -> str:
+    """The next line proc prints, or "" after timeout seconds."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, tmp_path):
+    """...and the retired root is no longer trusted by running tunnels: a certificate it
+    signed is refused at the handshake, and a connection made with one is closed (before: a
+    tunnel's trust only grew until it restarted)."""
     L, _ = shortlab
+    import shutil
+
     from cryptography import x509
 
     state = mesh.paths(L)["control"]
@@ -365,6 +398,19 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs):
         requests += 1
         failures += r.stdout != "200"
 
+    src, dst_pod = L.pod("n1-p1"), dst
+    old_svid = str(tmp_path / "old-svid.pem")  # n1-p1's certificate from the old root
+    shutil.copy(
+        os.path.join(labmod.STATE_DIR, L.name, "n1", "certs", "default", src.name, "svid.pem"),
+        old_svid,
+    )
+    two_roots = str(tmp_path / "two-roots.pem")  # what the client trusts: both roots
+
+    def old_root_client(mode):
+        return [sys.executable, "-c", OLD_ROOT_CLIENT, old_svid, two_roots, L.node("n2").ip,
+                f"{dst_pod.ip}:8081", f"spiffe://cluster.local/ns/default/sa/{src.service_account}",
+                f"spiffe://cluster.local/ns/default/sa/{dst_pod.service_account}", mode]  # fmt: skip
+
     try:
         time.sleep(1)
         request()
@@ -383,10 +429,18 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs):
         assert len(roots()) == 2 and reissued("n1") and reissued("n2")
         for _ in range(5):
             request()
+        # a connection made with the old root's certificate, held open across the retirement
+        shutil.copy(bundle, two_roots)
+        held = L.popen("n1", old_root_client("hold"), stdout=subprocess.PIPE, text=True)
+        procs.append(held)
+        assert _line(held, 30) == "open"
         subprocess.run([*dabba, "retire", "--state-dir", state], check=True, capture_output=True)
         wait_for(lambda: len(roots()) == 1, 10, what="the one-root bundle")
         for _ in range(5):
             request()
+        assert _line(held, 15) == "closed"  # n2 closed it
+        r = L.run("n1", old_root_client("once"), timeout=60)
+        assert r.stdout.split()[0] == "refused", r.stdout  # and refuses a new one
     finally:
         srv.kill()
     assert failures == 0 and requests >= 12
