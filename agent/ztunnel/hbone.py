@@ -71,6 +71,20 @@ MAX_HANDSHAKES = 256  # TLS handshakes in progress at once on the HBONE listener
 MAX_STREAMS = 100_000  # per connection; descriptors are the real bound
 WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
 MAX_FRAME = 256 * 1024
+# A peer that asks for answers (PING, SETTINGS) and does not read them would grow our buffer
+# without bound: while our unsent bytes exceed CONTROL_HIGH, at most MAX_QUEUED_CONTROL such
+# answers are queued, then the connection is closed (ENHANCE_YOUR_CALM), as Envoy's
+# max_outbound_control_frames does; and never more than MAX_UNSENT bytes at all (data is
+# bounded by the windows, 16 MiB).
+CONTROL_HIGH = 1 << 20
+MAX_QUEUED_CONTROL = 1000
+MAX_UNSENT = 64 << 20
+# CONNECT requests whose upstream connect is still running, per connection: more are refused
+# (REFUSED_STREAM) before any connect starts
+MAX_PENDING_OPENS = 256
+# streams a peer resets, per connection, in RESET_WINDOW seconds: more closes the connection
+# ("rapid reset", CVE-2023-44487)
+MAX_RESETS, RESET_WINDOW = 2000, 10.0
 TCP_HIGH_WATER = 4 * 1024 * 1024
 SNI_SUFFIX = "hbone.dabba"
 
@@ -364,6 +378,35 @@ class H2Connection(asyncio.Protocol):
         self.closed = asyncio.get_event_loop().create_future()
         self.peer_id: str | None = None
         self.last_active = time.monotonic()
+        self._queued_control = 0  # answers queued while the peer does not read (CONTROL_HIGH)
+        self._resets: list[float] = []  # when the peer reset streams (RESET_WINDOW)
+
+    on_refused = None  # set by a Listener: called with a refusal kind ("flood", ...)
+
+    def _calm_down(self, kind: str, why: str) -> None:
+        """Close a connection whose peer abuses it: GOAWAY ENHANCE_YOUR_CALM, counted."""
+        _log.warning(f"HBONE connection closed: {why}", fields={"peer": self.peer_id})
+        if self.on_refused:
+            self.on_refused(kind)
+        with contextlib.suppress(Exception):
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            out = self.h2.data_to_send()
+            if out and self.transport:
+                self.transport.write(out)
+        if self.transport:
+            self.transport.abort()
+
+    def _check_unsent(self, answers: int) -> bool:
+        """After queueing answers (PING/SETTINGS acks): True when the peer floods us."""
+        unsent = self.transport.get_write_buffer_size() if self.transport else 0
+        if unsent <= CONTROL_HIGH:
+            self._queued_control = 0
+            return False
+        self._queued_control += answers
+        if self._queued_control > MAX_QUEUED_CONTROL or unsent > MAX_UNSENT:
+            self._calm_down("flood", f"the peer does not read its answers ({unsent} bytes unsent)")
+            return True
+        return False
 
     # -- transport callbacks --
     def connection_made(self, transport):
@@ -393,8 +436,13 @@ class H2Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.last_active = time.monotonic()
+        answers = 0
         try:
             for ev in events:
+                if isinstance(ev, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+                    answers += 1  # h2 queues the ACK itself
+                elif isinstance(ev, h2.events.StreamReset) and self._reset_storm():
+                    return
                 self.handle(ev)
         except Exception as e:  # whatever a peer sends, it takes down this connection only
             _log.warning(
@@ -404,6 +452,20 @@ class H2Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self._write()
+        if answers:
+            self._check_unsent(answers)
+
+    def _reset_storm(self) -> bool:
+        now = time.monotonic()
+        self._resets.append(now)
+        if len(self._resets) > MAX_RESETS:
+            self._resets = [t for t in self._resets if now - t < RESET_WINDOW]
+            if len(self._resets) > MAX_RESETS:
+                self._calm_down(
+                    "reset_storm", f"{len(self._resets)} streams reset in {RESET_WINDOW:.0f}s"
+                )
+                return True
+        return False
 
     def connection_lost(self, exc):
         for s in list(self.streams.values()):
@@ -578,8 +640,8 @@ class ServerConnection(H2Connection):
         # (Forwarded for= address, client SPIFFE ID, peer address) -> whether the address is
         # the client's to claim; None: never (the peer's own address is used)
         self.vouch = vouch
+        self.pending = 0  # CONNECTs whose upstream connect runs (MAX_PENDING_OPENS)
 
-    on_refused = None  # set by the Listener: called with a refusal kind
     idle_timeout = 300.0  # a connection without streams and without bytes this long is closed
 
     def _check_idle(self) -> None:
@@ -646,14 +708,28 @@ class ServerConnection(H2Connection):
                 )
                 self.h2.send_headers(ev.stream_id, [(":status", "400")], end_stream=True)
                 return
+            if self.pending >= MAX_PENDING_OPENS:
+                # refused before any upstream connect starts; the peer may retry
+                if self.on_refused:
+                    self.on_refused("pending_opens")
+                with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset already
+                    self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             s = Stream(self, ev.stream_id, headers[":authority"])
             s.source = _forwarded_for(headers.get("forwarded", ""))
             self.streams[ev.stream_id] = s
+            self.pending += 1
             asyncio.ensure_future(self._open(s))
             return
         super().handle(ev)
 
     async def _open(self, s: Stream) -> None:
+        try:
+            await self._open_one(s)
+        finally:
+            self.pending -= 1
+
+    async def _open_one(self, s: Stream) -> None:
         peer = self.transport.get_extra_info("peername")
         try:
             if not validate.workload_identity(self.peer_id, self.trust_domain):

@@ -259,3 +259,90 @@ def test_after_all_that_the_listener_still_serves_and_holds_nothing(server):
         time.sleep(0.1)
     assert server.live() == 0, server.detail()  # every fuzzed connection and flow was released
     assert server.errors == []  # and the loop never saw an unhandled error
+
+
+# ---- a hostile peer's floods: bounded, counted, and the listener goes on serving --------------
+
+
+def _h2_client():
+    c = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, validate_inbound_headers=False
+        )
+    )
+    c.initiate_connection()
+    return c
+
+
+def _refused(server) -> dict:
+    async def r():
+        return dict(server.listener.refused)
+
+    return asyncio.run_coroutine_threadsafe(r(), server.loop).result(5)
+
+
+def test_a_peer_that_pings_and_never_reads_is_cut_off(server):
+    """Before: every PING got its ACK queued, and a client that never read grew the server's
+    memory without bound. Now, past 1 MiB unsent, 1,000 more answers close the connection."""
+    s = server.client()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
+    before = _refused(server).get("flood", 0)
+    c = _h2_client()
+    s.sendall(c.data_to_send())
+    ping = _frame(6, 0, 0, b"12345678")
+    sent, closed = 0, False
+    s.settimeout(5)
+    while sent < 2_000_000:  # 34 MB of ACKs, if none were refused
+        try:
+            s.sendall(ping * 1000)
+        except (OSError, ssl.SSLError):
+            closed = True
+            break
+        sent += 1000
+    assert closed, f"{sent} PINGs taken without reading"
+    wait = time.monotonic() + 5
+    while _refused(server).get("flood", 0) == before and time.monotonic() < wait:
+        time.sleep(0.05)
+    assert _refused(server).get("flood", 0) == before + 1
+    assert b"ping" in _good_flow(server)  # the listener goes on
+
+
+def test_connect_then_reset_storms_start_no_more_than_the_cap_and_close(server):
+    """Before: CONNECT followed by RST_STREAM started an upstream connect each, without limit.
+    Now at most MAX_PENDING_OPENS run per connection, and a reset storm closes it."""
+    held = []
+    base = hbone.ServerConnection._open_one
+
+    async def slow(self, st):  # upstream connects that take a while, counted
+        held.append(self.pending)
+        await asyncio.sleep(0.5)
+        await base(self, st)
+
+    hbone.ServerConnection._open_one = slow
+    try:
+        s = server.client()
+        c = _h2_client()
+        s.sendall(c.data_to_send())
+        before = _refused(server)
+        sid, opened = 1, 0
+        try:
+            for _ in range(3000):
+                c.send_headers(sid, [(":method", "CONNECT"),
+                                     (":authority", f"127.0.0.1:{server.echo_port}")])  # fmt: skip
+                c.reset_stream(sid)
+                sid += 2
+                opened += 1
+                if opened % 100 == 0:
+                    s.sendall(c.data_to_send())
+            s.sendall(c.data_to_send())
+        except (OSError, ssl.SSLError):
+            pass  # closed on us: the storm was noticed
+        got = _drain(s, 3)
+        after = _refused(server)
+    finally:
+        hbone.ServerConnection._open_one = base
+    assert max(held) <= hbone.MAX_PENDING_OPENS, max(held)
+    assert after.get("pending_opens", 0) > before.get("pending_opens", 0)
+    assert after.get("reset_storm", 0) == before.get("reset_storm", 0) + 1
+    assert b"\x00\x00\x00\x0b" in got  # a GOAWAY with ENHANCE_YOUR_CALM (0xb) was sent
+    assert b"ping" in _good_flow(server)
