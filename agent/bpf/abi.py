@@ -61,9 +61,10 @@ class Stat(enum.IntEnum):
     FAMILY_SEEN = 19
     FAMILY_REFUSED = 20
     LSM_FAILED = 21
+    LIMIT_REFUSED = 22
 
 
-STAT_COUNT = 22  # DABBA_ST_MAX
+STAT_COUNT = 23  # DABBA_ST_MAX
 
 TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
 TUN_SK_HBONE = 1
@@ -80,14 +81,17 @@ class Refusal(enum.IntEnum):
     MESH_PORT = 3
     IPV6 = 4
     CAP_FULL = 5
+    LIMIT = 6
 
 
 REFUSAL_REASONS = {
-    Refusal.LINK_LOCAL: "a link-local address (the node's link, not the mesh)",
-    Refusal.NODE: "an address of the node itself",
-    Refusal.MESH_PORT: "one of the mesh's own ports",
-    Refusal.IPV6: "an IPv6 address (the mesh carries IPv4 only; IPv6 is never sent around it)",
-    Refusal.CAP_FULL: "the capture map was full",
+    Refusal.LINK_LOCAL: "the destination is a link-local address (the node's link, not the mesh)",
+    Refusal.NODE: "the destination is an address of the node itself",
+    Refusal.MESH_PORT: "the destination is one of the mesh's own ports",
+    Refusal.IPV6: "the destination is an IPv6 address (the mesh carries IPv4 only; IPv6 is "
+    "never sent around it)",
+    Refusal.CAP_FULL: "the node's capture map was full",
+    Refusal.LIMIT: "the workload holds its maximum of open connections (capture.max_connections)",
 }
 
 
@@ -99,7 +103,7 @@ class Workload(ctypes.Structure):
 
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
-    __u32 tunnel_mark; __u16 flags; __u16 hbone_port; };"""
+    __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
@@ -108,6 +112,8 @@ class Config(ctypes.Structure):
         ("tunnel_mark", ctypes.c_uint32),
         ("flags", ctypes.c_uint16),
         ("hbone_port", ctypes.c_uint16),
+        ("max_open", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
     ]
 
 

@@ -167,6 +167,8 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16
 		count(DABBA_ST_V6_REFUSED, 1);
 	else if (why == DABBA_REFUSED_CAP_FULL)
 		count(DABBA_ST_CAP_FULL, 1);
+	else if (why == DABBA_REFUSED_LIMIT)
+		count(DABBA_ST_LIMIT_REFUSED, 1);
 	else
 		count(DABBA_ST_DST_REFUSED, 1);
 	return 0;
@@ -189,6 +191,36 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u
 	if (dabba_cap_ck.update(&cap.cookie, &cap) != 0)
 		return 0;
 	count(DABBA_ST_CAPTURED, 1);
+	return 1;
+}
+
+/*
+ * One workload holds at most cfg->max_open captured connections, so that it cannot take the
+ * node's capture map (every other workload's connect() would then be refused). Counted from
+ * connect() until the socket is released (sock.c, dabba_sock_gone), by cookie in dabba_cap_open
+ * (a socket connected twice is counted once). Returns 0 when the workload is at its limit.
+ * Two CPUs may both pass the check at the limit: it is exceeded by at most the CPUs' number.
+ */
+static __always_inline int take_slot(struct bpf_sock_addr *ctx, struct dabba_config *cfg, u64 cg)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	if (dabba_cap_open.lookup(&cookie))
+		return 1;
+	u64 *n = dabba_wl_open.lookup(&cg);
+	if (cfg->max_open && n && *n >= cfg->max_open)
+		return 0;
+	if (dabba_cap_open.update(&cookie, &cg) != 0)
+		return 0; /* full: not counted, so not captured either */
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+	} else {
+		u64 one = 1;
+		if (dabba_wl_open.insert(&cg, &one) != 0) {
+			n = dabba_wl_open.lookup(&cg); /* another CPU inserted it meanwhile */
+			if (n)
+				__sync_fetch_and_add(n, 1);
+		}
+	}
 	return 1;
 }
 
@@ -227,6 +259,8 @@ static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *c
 	}
 	if (v == V_REFUSE)
 		return refuse(ctx, cg, ip, port, why);
+	if (!take_slot(ctx, cfg, cg))
+		return refuse(ctx, cg, ip, port, DABBA_REFUSED_LIMIT);
 	if (!remember(ctx, cg, ip, port))
 		return refuse(ctx, cg, ip, port, DABBA_REFUSED_CAP_FULL);
 	return CAPTURE;

@@ -42,15 +42,23 @@ class DatapathControl:
         enabled: bool = True,
         pass_non_tcp: bool = False,
         hbone_port: int = 0,
+        max_open: int = 0,
     ) -> None:
         """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
         non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
-        hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port."""
+        hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port.
+        max_open: captured connections one workload may hold open (connect.c); 0: no limit."""
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
         cfg = abi.Config(
-            abi.ip_be(tunnel_ip), tunnel_port, 1 if enabled else 0, tunnel_mark, flags, hbone_port
+            abi.ip_be(tunnel_ip),
+            tunnel_port,
+            1 if enabled else 0,
+            tunnel_mark,
+            flags,
+            hbone_port,
+            max_open,
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
@@ -269,6 +277,15 @@ class DatapathControl:
         if failed is not None:
             return False, f"the probe could not open a packet socket ({failed.strerror})"
         return False, f"{prog.hook} is attached but does not run: {features.bpf_lsm_missing()}"
+
+    def open_connections(self) -> dict[int, int]:
+        """Captured connections each workload holds open, by cgroup id (max_open's count)."""
+        with self.dp.open_map(names.MAP_WL_OPEN) as m:
+            return {
+                int.from_bytes(k, "little"): int.from_bytes(v, "little")
+                for k, v in m.items()
+                if int.from_bytes(v, "little")
+            }
 
     def guard_drops(self) -> dict[int, int]:
         """Ingress-guard drops per workload cgroup id."""

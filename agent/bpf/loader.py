@@ -190,6 +190,17 @@ class OwnerProgram(Program):
     attach_type = bpfsys.BPF_CGROUP_INET_SOCK_CREATE
 
 
+class ReleaseProgram(Program):
+    """cgroup/sock_release: gives back a released socket's capture slot and record (sock.c)."""
+
+    source = "sock.c"
+    function = names.PROG_SOCK_RELEASE
+    hook = "cgroup/sock_release"
+    prog_type = PROG_CGROUP_SOCK
+    expected_attach = bpfsys.BPF_CGROUP_INET_SOCK_RELEASE
+    attach_type = bpfsys.BPF_CGROUP_INET_SOCK_RELEASE
+
+
 class CaptureProgram(Program):
     """cgroup/connect4: redirects enrolled workloads' connect() (connect.c)."""
 
@@ -369,6 +380,7 @@ class FamilyProgram(Program):
 
 CGROUP_PROGRAMS = (
     OwnerProgram,
+    ReleaseProgram,
     CaptureProgram,
     Capture6Program,
     Sendmsg4Program,

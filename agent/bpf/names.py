@@ -29,6 +29,8 @@ MAP_MESH_PORTS = "dabba_mesh_port"
 MAP_TUN_SK = "dabba_tun_sk"
 MAP_PORT_MTLS = "dabba_port_mtls"
 MAP_TUN_CONN = "dabba_tun_conn"
+MAP_CAP_OPEN = "dabba_cap_open"
+MAP_WL_OPEN = "dabba_wl_open"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -51,10 +53,13 @@ ALL_MAPS = (
     MAP_TUN_SK,
     MAP_PORT_MTLS,
     MAP_TUN_CONN,
+    MAP_CAP_OPEN,
+    MAP_WL_OPEN,
 )
 
 # programs (function names in the .c files)
 PROG_SOCK_CREATE = "dabba_sock_new"
+PROG_SOCK_RELEASE = "dabba_sock_gone"
 PROG_CONNECT4 = "dabba_connect4"
 PROG_CONNECT6 = "dabba_connect6"
 PROG_SENDMSG4 = "dabba_sendmsg4"
@@ -71,6 +76,7 @@ PROG_FAMILY = "lsm__socket_create"
 
 for _n in ALL_MAPS + (
     PROG_SOCK_CREATE,
+    PROG_SOCK_RELEASE,
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,

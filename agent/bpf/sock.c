@@ -65,3 +65,28 @@ int dabba_sock_new(struct bpf_sock *sk)
 		own->cgroup_id = cg;
 	return 1;
 }
+
+/*
+ * cgroup/sock_release: the socket of an enrolled workload is gone (its last descriptor
+ * closed). Its captured-connection slot is given back (connect.c, max_open), and a capture
+ * record that no connection ever took -- connect() failed after the capture, say on an
+ * IPV6_V6ONLY socket -- is removed: before, each such socket left one in dabba_cap_ck for
+ * good, and a workload could fill the map and refuse every capture on the node.
+ */
+int dabba_sock_gone(struct bpf_sock *sk)
+{
+	if (sk->family != AF_INET && sk->family != AF_INET6)
+		return 1;
+	u64 cookie = bpf_get_socket_cookie(sk);
+	dabba_cap_ck.delete(&cookie);
+	u64 *cg = dabba_cap_open.lookup(&cookie);
+	if (!cg)
+		return 1;
+	u64 owner = *cg;
+	if (dabba_cap_open.delete(&cookie) != 0)
+		return 1; /* another CPU gave it back */
+	u64 *n = dabba_wl_open.lookup(&owner);
+	if (n && *n > 0)
+		__sync_fetch_and_sub(n, 1);
+	return 1;
+}

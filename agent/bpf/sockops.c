@@ -113,6 +113,9 @@ static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 
 	if (dabba_flows.insert(&f.cookie, &f) != 0) {
 		count(DABBA_ST_FLOW_FULL, 1);
+		/* not accounted, but a captured one must still give back its tuple at close */
+		if (f.captured)
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
 	}
 	count(DABBA_ST_FLOW_OPENED, 1);
@@ -146,8 +149,17 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 
 	/* A connect() that never got established still holds its capture record. */
 	dabba_cap_ck.delete(&cookie);
-	if (!f)
+	if (!f) {
+		/* a captured connection the full flow map did not take: its tuple still goes */
+		struct dabba_tuple t = {
+		    .src_ip = skops->local_ip4,
+		    .dst_ip = skops->remote_ip4,
+		    .src_port = (u16)skops->local_port,
+		    .dst_port = bpf_ntohl(skops->remote_port),
+		};
+		dabba_cap_tp.delete(&t);
 		return;
+	}
 
 	refresh(skops, f);
 

@@ -52,6 +52,7 @@ BPF_CGROUP_UDP4_SENDMSG = 14
 BPF_CGROUP_UDP6_SENDMSG = 15
 BPF_SK_LOOKUP = 36
 BPF_LSM_MAC = 27
+BPF_CGROUP_INET_SOCK_RELEASE = 34
 
 # enum bpf_map_type (the ones we name in status output)
 MAP_TYPE_NAMES = {

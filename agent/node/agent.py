@@ -203,6 +203,7 @@ class Agent:
             c.tunnel.mark,
             pass_non_tcp=c.capture.non_tcp == "pass",
             hbone_port=self.hbone_port(),
+            max_open=self.max_connections(),
         )
         if c.control is not None and c.tunnel.run:  # the tunnel will be our child, in our cgroup
             self.trust_tunnel("self")
@@ -229,6 +230,11 @@ class Agent:
                 _log.info("the tunnel's connections are recorded", fields={"cgroup": cg})
         except DabbaError as e:
             _log.error(f"the tunnel's connections cannot be recognised: {e}")
+
+    def max_connections(self) -> int:
+        """Captured connections one workload may hold open (0: no limit)."""
+        m = self.cfg.capture.max_connections
+        return self.cfg.maps.captures // 4 if m is None else m
 
     def hbone_port(self) -> int:
         """The tunnel's HBONE port (0: no tunnel here, no control plane)."""

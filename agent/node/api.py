@@ -413,6 +413,7 @@ class AgentApi:
         drops.add_metric(["ipv6"], st.get("v6_refused", 0))
         drops.add_metric(["protocol"], st.get("proto_refused", 0))
         drops.add_metric(["socket_family"], st.get("family_refused", 0))
+        drops.add_metric(["connection_limit"], st.get("limit_refused", 0))
         drops.add_metric(["plaintext_ipv6"], st.get("plain_v6_drop", 0))
         drops.add_metric(["policy"], a.table.denied)
         yield drops

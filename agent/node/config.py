@@ -27,6 +27,9 @@ A YAML file (``dabba agent run --config FILE``)::
                                   # ping and other inet sockets are refused. pass: all non-TCP
                                   # passes unmeshed (as Istio's ambient mode does). STRICT
                                   # workloads receive no plaintext UDP but DNS either way.
+      max_connections: 4096       # captured connections one workload may hold open (more are
+                                  # refused, EPERM, counted); default: a quarter of
+                                  # maps.captures, so one workload leaves the others 3/4
       packet_sockets: refuse      # workloads' packet (AF_PACKET) and other non-IP network
                                   # sockets: refused in the kernel (BPF LSM, lsm/socket_create).
                                   # refuse: where this kernel cannot (no "bpf" in lsm=), the
@@ -110,6 +113,7 @@ class CaptureConfig:
     exclude_ports: list[int] = field(default_factory=list)
     non_tcp: str = "dns"  # "dns" | "pass" (see the module docstring)
     packet_sockets: str = "refuse"  # "refuse" | "refuse-where-able" (the module docstring)
+    max_connections: int | None = None  # per workload; None: maps.captures // 4
 
 
 NON_TCP_MODES = ("dns", "pass")
@@ -297,7 +301,15 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
     c = doc.get("capture") or {}
     for k in c:
         need(
-            k in {"enabled", "exclude_cidrs", "exclude_ports", "non_tcp", "packet_sockets"},
+            k
+            in {
+                "enabled",
+                "exclude_cidrs",
+                "exclude_ports",
+                "non_tcp",
+                "packet_sockets",
+                "max_connections",
+            },
             ("capture", k),
             f"capture: unknown field {k!r}",
         )
@@ -307,7 +319,15 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         [int(x) for x in c.get("exclude_ports", [])],
         str(c.get("non_tcp", "dns")),
         str(c.get("packet_sockets", "refuse")),
+        c.get("max_connections"),
     )
+    need(
+        cap.max_connections is None
+        or (isinstance(cap.max_connections, int) and not isinstance(cap.max_connections, bool)
+            and cap.max_connections >= 0),
+        ("capture", "max_connections"),
+        f"capture.max_connections: {cap.max_connections!r} is not a whole number (0: no limit)",
+    )  # fmt: skip
     need(
         cap.non_tcp in NON_TCP_MODES,
         ("capture", "non_tcp"),

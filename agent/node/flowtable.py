@@ -279,7 +279,7 @@ class FlowTable:
             peer_ip, peer_port = rec.orig_dst
             src, dst = me, self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
             path, security, verdict = "denied", "none", "deny"
-            reason = f"refused in the kernel: the destination is {rec.refused}"
+            reason = f"refused in the kernel: {rec.refused}"
             policy, service = "", ""
         else:
             peer_ip, peer_port = rec.orig_dst if out else rec.dst

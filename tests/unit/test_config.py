@@ -82,6 +82,11 @@ def test_good_config_with_defaults():
             "capture.non_tcp: 'allow' is not one of dns, pass",
         ),
         (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  max_connections: -1\n",
+            "a.yaml:5",
+            "capture.max_connections: -1 is not a whole number (0: no limit)",
+        ),
+        (
             "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  packet_sockets: allow\n",
             "a.yaml:5",
             "capture.packet_sockets: 'allow' is not one of refuse, refuse-where-able",

@@ -46,6 +46,12 @@ BPF_TABLE_PINNED("hash", struct dabba_ip_port, u8, dabba_port_mtls, DABBA_WL_MAX
 /* The mesh's own ports (15000, 15001, 15006, 15008): never a destination of its workloads. */
 BPF_TABLE_PINNED("hash", u16, u8, dabba_mesh_port, 16, DABBA_PIN(dabba_mesh_port));
 BPF_TABLE_PINNED("hash", u64, u64, dabba_guard_ct, DABBA_WL_MAX, DABBA_PIN(dabba_guard_ct));
+/*
+ * Open captured connections: the workload cgroup of each, by socket cookie (from connect()
+ * until the socket is released, sock.c), and how many each workload holds (max_open).
+ */
+BPF_TABLE_PINNED("hash", u64, u64, dabba_cap_open, DABBA_CAP_MAX, DABBA_PIN(dabba_cap_open));
+BPF_TABLE_PINNED("hash", u64, u64, dabba_wl_open, DABBA_WL_MAX, DABBA_PIN(dabba_wl_open));
 BPF_TABLE_PINNED("hash", u64, struct dabba_pair, dabba_pairs, DABBA_SPLICE_MAX,
 		 DABBA_PIN(dabba_pairs));
 /*

@@ -42,6 +42,8 @@ struct dabba_config {
 	__u32 tunnel_mark; /* SO_MARK of the tunnel's own sockets: never captured */
 	__u16 flags;	   /* DABBA_CFG_* */
 	__u16 hbone_port;  /* the tunnel's HBONE listener (own.c); 0: not owned */
+	__u32 max_open;	   /* captured connections one workload may hold open; 0: no limit */
+	__u32 _pad;
 };
 
 /*
@@ -61,6 +63,7 @@ enum dabba_refusal {
 	DABBA_REFUSED_MESH_PORT = 3,  /* one of the mesh's own ports (dabba_mesh_port) */
 	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6: not meshed yet, so never sent around it */
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
+	DABBA_REFUSED_LIMIT = 6,      /* the workload holds max_open captured connections */
 };
 
 /*
@@ -190,6 +193,7 @@ enum dabba_stat {
 	DABBA_ST_FAMILY_REFUSED, /* ...refused to an enrolled workload: packet, XDP, vsock, ... */
 	DABBA_ST_LSM_FAILED,	 /* lsm/socket_create could not be loaded or attached (set by the
 				    agent; the load is not tried again until the pins go) */
+	DABBA_ST_LIMIT_REFUSED,	 /* connect() refused: the workload holds max_open connections */
 	DABBA_ST_MAX,
 };
 
