@@ -388,6 +388,12 @@ def control():
     "--kubeconfig", type=click.Path(dir_okay=False), help="with --source kubernetes, outside a pod"
 )
 @click.option(
+    "--join-service-account",
+    default="",
+    help="NAMESPACE/NAME: nodes may also join with their agent pod's ServiceAccount token, "
+    "checked with the API server (Kubernetes node attestation; off by default)",
+)
+@click.option(
     "--list-interval",
     type=click.FloatRange(min=0.1),
     default=5.0,
@@ -431,6 +437,7 @@ def control_serve(
     health_listen,
     root_namespace,
     list_interval,
+    join_service_account,
     state_dir,
     registry_dir,
     trust_domain,
@@ -470,6 +477,7 @@ def control_serve(
         health_listen=health_listen,
         root_namespace=root_namespace,
         kube_list_s=list_interval,
+        join_service_account=join_service_account,
     )
     from .control import validate
 

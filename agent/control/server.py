@@ -22,6 +22,7 @@ from ..errors import DabbaError
 from . import ca as camod
 from . import model as m
 from . import validate
+from .attest import looks_like_jwt
 from .convert import policy_to_pb
 from .proto import control_pb2 as pb
 from .proto import control_pb2_grpc as pbg
@@ -56,6 +57,9 @@ class ControlConfig:
     health_listen: str = ""  # HOST:PORT of /healthz/ready and /healthz/live (probes); "" = none
     root_namespace: str = m.ROOT_NAMESPACE  # its policies are mesh-wide (Istio's rootNamespace)
     kube_list_s: float = 5.0  # --source kubernetes: seconds between lists
+    # nodes may also join with their agent pod's ServiceAccount token (attest.py): "" = no,
+    # else the agent's ServiceAccount as NAMESPACE/NAME (Kubernetes)
+    join_service_account: str = ""
 
 
 class ControlPlane:
@@ -69,6 +73,11 @@ class ControlPlane:
         )
         self.tokens = TokenStore(cfg.state_dir)
         self.revoked = RevokedNodes(cfg.state_dir)
+        self.attestor = None
+        if cfg.join_service_account:
+            from .attest import KubeAttestor
+
+            self.attestor = KubeAttestor(cfg.join_service_account, cfg.kubeconfig)
         self.nodes_path = os.path.join(cfg.state_dir, "nodes.json")
         self.serials_path = os.path.join(cfg.state_dir, "serials.log")
         self.nodes: dict[str, str] = _load_json(self.nodes_path)
@@ -287,9 +296,14 @@ class JoinService(pbg.JoinServicer):
         # the token is burned only by a join that succeeds: checked, then the CSR, then used
         uri = camod.node_spiffe_id(self.cp.cfg.trust_domain, req.node)
         try:
-            self.cp.tokens.check(req.token, req.node)
-            csr = camod.validate_csr(req.csr_pem, uri)
-            self.cp.tokens.consume(req.token, req.node)
+            if self.cp.attestor is not None and looks_like_jwt(req.token):
+                # Kubernetes: the agent pod's ServiceAccount token, bound to a pod on req.node
+                await asyncio.to_thread(self.cp.attestor.check, req.token, req.node)
+                csr = camod.validate_csr(req.csr_pem, uri)
+            else:
+                self.cp.tokens.check(req.token, req.node)
+                csr = camod.validate_csr(req.csr_pem, uri)
+                self.cp.tokens.consume(req.token, req.node)
         except TokenError as e:
             _log.warning("join refused", fields={"node": req.node, "peer": peer, "reason": str(e)})
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))

@@ -45,9 +45,49 @@ class KubeAPI:
             def log_message(self, *a):
                 pass
 
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                """TokenReview: objects["tokenreviews"] maps a token to its user (username,
+                audiences, extra); any other token is not authenticated."""
+                path = self.path.split("?", 1)[0]
+                api.requests.append(f"POST {path}")
+                if path != "/apis/authentication.k8s.io/v1/tokenreviews":
+                    return self._send(404, {"kind": "Status", "code": 404})
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                objs = api.objects() if callable(api.objects) else api.objects
+                who = objs.get("tokenreviews", {}).get(review["spec"]["token"])
+                wanted = review["spec"].get("audiences") or []
+                if who is None or not set(wanted) <= set(who.get("audiences", [])):
+                    status = {"authenticated": False, "error": "invalid bearer token"}
+                else:
+                    status = {
+                        "authenticated": True,
+                        "audiences": wanted,
+                        "user": {"username": who["username"], "extra": who.get("extra", {})},
+                    }
+                self._send(201, {**review, "status": status})
+
             def do_GET(self):
                 path = self.path.split("?", 1)[0]
                 api.requests.append(path)
+                parts = path.strip("/").split("/")
+                if (
+                    len(parts) == 6
+                    and parts[:3] == ["api", "v1", "namespaces"]
+                    and parts[4] == "pods"
+                ):
+                    objs = api.objects() if callable(api.objects) else api.objects
+                    pod = next((p for p in objs.get("pods", [])
+                                if p["metadata"]["name"] == parts[5]
+                                and p["metadata"].get("namespace") == parts[3]), None)  # fmt: skip
+                    return self._send(200, pod) if pod else self._send(404, {"code": 404})
                 if path in api.fail:
                     status = api.fail[path]
                     body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -61,12 +101,7 @@ class KubeAPI:
                 else:
                     status = 404
                     body = {"kind": "Status", "code": 404, "message": f"{path} not found"}
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(status, body)
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self.server.server_address[1]}"

@@ -85,6 +85,8 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
         ("discovery.k8s.io", "endpointslices", "list"),
         ("security.istio.io", "authorizationpolicies", "list"),
         ("security.istio.io", "peerauthentications", "list"),
+        ("", "pods", "get"),  # node attestation (agent/control/attest.py)
+        ("authentication.k8s.io", "tokenreviews", "create"),
     }
     # and these are the calls the Kubernetes source makes (agent/control/kube.py)
     with open(os.path.join(ROOT, "agent", "control", "kube.py")) as f:
@@ -100,8 +102,35 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
         "authorizationpolicies",
         "peerauthentications",
     }
+    with open(os.path.join(ROOT, "agent", "control", "attest.py")) as f:
+        src = f.read()
+    assert set(re.findall(r"\.(create_\w+|read_\w+)\(", src)) == {
+        "create_token_review",
+        "read_namespaced_pod",
+    }
     sa = find("ServiceAccount", "dabba-agent")
     assert sa["automountServiceAccountToken"] is False  # the agent reads nothing from the API
+
+
+def test_each_node_joins_with_its_own_pods_token_not_a_shared_secret():
+    """Before: one Secret held every node's join token and every agent pod mounted it."""
+    spec = _pod("DaemonSet", "dabba-agent")["spec"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert not any("secret" in v for v in vols.values())  # no Secret at all
+    (src,) = vols["join-token"]["projected"]["sources"]
+    assert src["serviceAccountToken"] == {
+        "audience": "dabbawala-join", "expirationSeconds": 600, "path": "join-token"
+    }  # fmt: skip
+    tmpl = find("ConfigMap", "dabba-agent-config")["data"]["agent.yaml.in"]
+    cfg = cfgmod.parse(tmpl.replace("@NODE_NAME@", "w").replace("@NODE_IP@", "10.0.0.2"), "a")
+    assert cfg.control.token_file == "/var/run/secrets/dabbawala/join-token"
+    mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["/var/run/secrets/dabbawala"]["name"] == "join-token"
+    (c,) = _pod("Deployment", "dabba-control")["spec"]["containers"]
+    assert "--join-service-account=dabbawala-system/dabba-agent" in c["args"]
+    from agent.control.attest import AUDIENCE
+
+    assert AUDIENCE == "dabbawala-join"
 
 
 def _pod(kind, name) -> dict:

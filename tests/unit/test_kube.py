@@ -188,3 +188,79 @@ def test_a_failed_istio_list_keeps_the_last_good_state_only_a_missing_crd_is_non
     # and the API server going away keeps what was last good
     a.close()
     assert src.poll() is False and src.state.version == 2 and src.last_error
+
+
+AGENT_SA = "system:serviceaccount:dabbawala-system:dabba-agent"
+
+
+def _jwt(n: int) -> str:
+    return f"eyJhbGciOiJSUzI1NiJ9.eyJuIjo{n}fQ.c2lnbmF0dXJl"  # the shape only: the API checks
+
+
+def test_a_node_joins_with_its_agent_pods_token_and_only_as_its_own_node(api, tmp_path):
+    """Before: every node's init container mounted every node's join token (one Secret), so a
+    compromised node could join as any other. Now a node may join with its agent pod's
+    ServiceAccount token, which the API server (here its stand-in, through the real client)
+    binds to a pod on one node: joining as any other node, with another account's token, for
+    another audience, or with a token whose pod is gone, is refused."""
+    import asyncio
+
+    from agent.control.server import ControlConfig, ControlServer
+    from agent.errors import DabbaError
+    from agent.node.control_client import join
+
+    a, kubeconfig = api
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "dabba-agent-x1", "namespace": "dabbawala-system", "uid": "u-1"},
+           "spec": {"nodeName": "node-b", "containers": [{"name": "agent", "image": "x"}]}}  # fmt: skip
+    objs = a.objects
+    objs["pods"] = objs["pods"] + [pod]
+    objs["tokenreviews"] = {
+        _jwt(1): {"username": AGENT_SA, "audiences": ["dabbawala-join"],
+                  "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}},
+        _jwt(2): {"username": "system:serviceaccount:shop:web", "audiences": ["dabbawala-join"],
+                  "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}},
+        _jwt(3): {"username": AGENT_SA, "audiences": ["other"],
+                  "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}},
+        # an older cluster: no node claim, the bound pod says where it runs
+        _jwt(4): {"username": AGENT_SA, "audiences": ["dabbawala-join"],
+                  "extra": {"authentication.kubernetes.io/pod-name": ["dabba-agent-x1"],
+                            "authentication.kubernetes.io/pod-uid": ["u-1"]}},
+        _jwt(5): {"username": AGENT_SA, "audiences": ["dabbawala-join"],
+                  "extra": {"authentication.kubernetes.io/pod-name": ["dabba-agent-x1"],
+                            "authentication.kubernetes.io/pod-uid": ["u-old"]}},
+    }  # fmt: skip
+    cfg = ControlConfig(
+        state_dir=str(tmp_path / "state"), registry_dir="", listen="127.0.0.1:0",
+        join_listen="127.0.0.1:0", server_names=["127.0.0.1"], source="kubernetes",
+        kubeconfig=kubeconfig, kube_list_s=3600,
+        join_service_account="dabbawala-system/dabba-agent",
+    )  # fmt: skip
+    loop = asyncio.new_event_loop()
+    srv = ControlServer(cfg)
+    loop.run_until_complete(srv.start())
+    try:
+
+        def try_join(node, token):
+            try:
+                loop.run_until_complete(
+                    join(f"127.0.0.1:{srv.join_port}", srv.cp.ca.bundle_pem(), node, token, "")
+                )
+                return "joined"
+            except DabbaError as e:
+                return str(e)
+
+        assert try_join("node-a", _jwt(1)) == "joined"
+        assert try_join("node-a", _jwt(1)) == "joined"  # a token is not used up by a join
+        assert "runs on node 'node-a', not 'node-b'" in try_join("node-b", _jwt(1))
+        assert "not the agent's" in try_join("node-a", _jwt(2))
+        assert "invalid bearer token" in try_join("node-a", _jwt(3))  # another audience
+        assert "invalid bearer token" in try_join("node-a", _jwt(9))  # unknown
+        assert try_join("node-b", _jwt(4)) == "joined"  # via the pod: it runs on node-b
+        assert "is gone" in try_join("node-b", _jwt(5))
+        assert any(r == "POST /apis/authentication.k8s.io/v1/tokenreviews" for r in a.requests)
+        # one-time tokens keep working beside it
+        assert try_join("node-c", srv.cp.tokens.create("node-c", 60)) == "joined"
+    finally:
+        loop.run_until_complete(srv.stop())
+        loop.close()
