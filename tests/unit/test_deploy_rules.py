@@ -20,7 +20,7 @@ def test_rules_are_valid(promtool):
         [promtool, "check", "rules", "dabba-rules.yaml"], cwd=RULES, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 9 rules found" in r.stdout
+    assert "SUCCESS: 10 rules found" in r.stdout
 
 
 def test_alerts_fire_when_they_should_and_only_then(promtool):

@@ -264,3 +264,37 @@ def test_a_node_joins_with_its_agent_pods_token_and_only_as_its_own_node(api, tm
     finally:
         loop.run_until_complete(srv.stop())
         loop.close()
+
+
+def test_hostile_kubernetes_objects_never_take_the_list_down(objs):
+    """Istio objects and pods of any shape (hypothesis): translate() always returns a state; each
+    object it cannot honour is named in a warning; nothing it keeps has a name that is not a
+    Kubernetes name; every policy it keeps is a valid one or a fail-closed stand-in."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agent.control import validate
+
+    pods, svcs, slices, authz, pa = objs
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12),
+                     st.sampled_from(["..", "CUSTOM", "DENY", "STRICT", "caf\u00e9", "a/b"]))  # fmt: skip
+    value = st.recursive(
+        leaf,
+        lambda i: st.one_of(st.lists(i, max_size=3), st.dictionaries(st.text(max_size=8), i, max_size=3)),
+        max_leaves=10,
+    )  # fmt: skip
+    meta = st.fixed_dictionaries({"name": value, "namespace": value})
+    obj = st.fixed_dictionaries(
+        {"apiVersion": st.just("security.istio.io/v1"), "metadata": meta, "spec": value}
+    )
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+    @given(st.lists(obj, max_size=3), st.lists(obj, max_size=3))
+    def check(bad_authz, bad_pa):
+        st_ = translate(pods, svcs, slices, authz + bad_authz, pa + bad_pa)
+        for p in [*st_.authz.values(), *st_.peerauth.values()]:
+            assert validate.namespace_error(p.namespace) is None, p
+            assert validate.name_error(p.name) is None, p
+
+    check()
