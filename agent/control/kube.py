@@ -39,7 +39,7 @@ from .. import log
 from ..errors import DabbaError
 from . import model as m
 from . import validate
-from .registry import RegistryError, parse_text
+from .registry import FAIL_CLOSED, RegistryError, fail_closed, parse_text
 
 _log = log.get("kube")
 
@@ -140,26 +140,6 @@ def _istio_doc(obj: dict, kind: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _fail_closed(kind: str, obj: dict, why: str):
-    """What stands for an Istio object we cannot honour: DENY everything it selects
-    (AuthorizationPolicy) or STRICT (PeerAuthentication). None when it names no namespace
-    we could place it in (then it can select no workload either)."""
-    md = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    name, ns = md.get("name"), md.get("namespace", "default")
-    if validate.name_error(name) or validate.namespace_error(ns):
-        return None
-    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-    sel = spec.get("selector")
-    labels = sel.get("matchLabels") if isinstance(sel, dict) else None
-    if not isinstance(labels, dict) or any(validate.label_error(k, v) for k, v in labels.items()):
-        labels = None  # no selector we can read: the whole namespace (closed, not open)
-    origin = f"k8s:{kind}/{ns}/{name}"
-    if kind == "AuthorizationPolicy":
-        rule = m.Rule(l7_fields=(f"refused by the control plane: {why}",))
-        return m.AuthorizationPolicy(name, ns, "DENY", labels, (rule,), origin)
-    return m.PeerAuthentication(name, ns, "STRICT", labels, {}, origin)
-
-
 def translate(pods, services, slices, authz: list[dict], peerauth: list[dict]) -> m.State:
     """Kubernetes objects -> one registry State. An object we cannot honour is refused on its
     own (a warning naming it and why) and what it selects fails closed (the module docstring)."""
@@ -186,16 +166,14 @@ def translate(pods, services, slices, authz: list[dict], peerauth: list[dict]) -
             try:
                 parse_text(_istio_doc(o, kind), where, st, st.warnings.append)
             except (RegistryError, yaml.YAMLError) as e:
-                sub = _fail_closed(kind, o, str(e).removeprefix(where).lstrip(":0123456789 "))
+                why = str(e).removeprefix(where).lstrip(":0123456789 ")
+                sub = fail_closed(kind, o, why, where)
                 if sub is None:
                     st.warnings.append(f"{e}; ignored: it names no namespace a workload can be in")
                     continue
-                effect = (
-                    "every connection to what it selects is denied"
-                    if kind == "AuthorizationPolicy"
-                    else "what it selects is STRICT"
+                st.warnings.append(
+                    f"{e}; refused on its own, and {FAIL_CLOSED[kind]} (fail closed)"
                 )
-                st.warnings.append(f"{e}; refused on its own, and {effect} (fail closed)")
                 table[sub.key] = sub
     return st
 

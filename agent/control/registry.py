@@ -58,6 +58,15 @@ class RegistryError(DabbaError):
     """An invalid document: the message starts with file:line."""
 
 
+class UnsupportedError(RegistryError):
+    """A document valid for Istio that we cannot honour (action CUSTOM, a source field such as
+    serviceAccounts): refused on its own, what it selects fails closed (fail_closed())."""
+
+
+# Istio source fields (AuthorizationPolicy) that are valid there and not supported here
+UNSUPPORTED_SOURCE = {"serviceAccounts", "notServiceAccounts"}
+
+
 class _Doc:
     """A YAML document with its node tree, for line numbers."""
 
@@ -79,6 +88,9 @@ class _Doc:
 
     def fail(self, keys: tuple, msg: str):
         raise RegistryError(f"{self.at(*keys)}: {msg}")
+
+    def unsupported(self, keys: tuple, msg: str):
+        raise UnsupportedError(f"{self.at(*keys)}: {msg}")
 
 
 def _str_map(doc: _Doc, v, keys: tuple, what: str) -> dict[str, str]:
@@ -265,7 +277,7 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
     if action not in ACTIONS:
         doc.fail(("spec", "action"), f"action {action!r:.40} is not one of {', '.join(ACTIONS)}")
     if action == "CUSTOM":
-        doc.fail(
+        doc.unsupported(
             ("spec", "action"), "action CUSTOM (external authorization) is not supported at L4"
         )
     rules = []
@@ -281,6 +293,8 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
             if not isinstance(src, dict):
                 doc.fail((*rk, "from", j), "each from entry needs a source mapping")
             sk = (*rk, "from", j, "source")
+            for k in sorted(UNSUPPORTED_SOURCE & set(src)):
+                doc.unsupported((*sk, k), f"source.{k} is not supported here")
             _only(doc, src, m.L4_SOURCE | m.L7_SOURCE, sk, "source")
             l7 += [f"from.source.{k}" for k in src if k in m.L7_SOURCE]
             sources.append(
@@ -407,18 +421,53 @@ def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]
                 ("apiVersion",), f"{kind} needs apiVersion {' or '.join(KINDS[kind])}, not {api!r}"
             )
         _only(doc, value, {"apiVersion", "kind", "metadata", "spec"}, (), kind)
-        if kind == "Workload":
-            obj, table = parse_workload(doc), state.workloads
-        elif kind == "Service":
-            obj, table = parse_service(doc), state.services
-        elif kind == "AuthorizationPolicy":
-            obj, table = parse_authz(doc, warn), state.authz
-        else:
-            obj, table = parse_peerauth(doc), state.peerauth
+        try:
+            if kind == "Workload":
+                obj, table = parse_workload(doc), state.workloads
+            elif kind == "Service":
+                obj, table = parse_service(doc), state.services
+            elif kind == "AuthorizationPolicy":
+                obj, table = parse_authz(doc, warn), state.authz
+            else:
+                obj, table = parse_peerauth(doc), state.peerauth
+        except UnsupportedError as e:
+            # valid for Istio, not for us: this object alone is refused, and fails closed
+            obj = fail_closed(kind, value, str(e), doc.at())
+            if obj is None:
+                raise
+            table = state.authz if kind == "AuthorizationPolicy" else state.peerauth
+            warn(f"{e}; {kind} {obj.key} refused on its own: {FAIL_CLOSED[kind]} (fail closed)")
         if obj.key in table:
             doc.fail(("metadata", "name"), f"{kind} {obj.key} is defined twice")
         table[obj.key] = obj
     _check_ips(state)
+
+
+FAIL_CLOSED = {
+    "AuthorizationPolicy": "every connection to what it selects is denied",
+    "PeerAuthentication": "what it selects is STRICT",
+}
+
+
+def fail_closed(kind: str, obj: dict, why: str, origin: str):
+    """What stands for an Istio object we cannot honour: DENY everything it selects
+    (AuthorizationPolicy) or STRICT (PeerAuthentication); None when it names no namespace we
+    could place it in (then it can select no workload either) or is of another kind."""
+    if kind not in FAIL_CLOSED:
+        return None
+    md = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name, ns = md.get("name"), md.get("namespace", "default")
+    if validate.name_error(name) or validate.namespace_error(ns):
+        return None
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    sel = spec.get("selector")
+    labels = sel.get("matchLabels") if isinstance(sel, dict) else None
+    if not isinstance(labels, dict) or any(validate.label_error(k, v) for k, v in labels.items()):
+        labels = None  # no selector we can read: the whole namespace (closed, not open)
+    if kind == "AuthorizationPolicy":
+        rule = m.Rule(l7_fields=(f"refused by the control plane: {why}",))
+        return m.AuthorizationPolicy(name, ns, "DENY", labels, (rule,), origin)
+    return m.PeerAuthentication(name, ns, "STRICT", labels, {}, origin)
 
 
 def _check_ips(state: m.State) -> None:

@@ -108,7 +108,7 @@ def test_an_istio_object_we_cannot_honour_is_refused_on_its_own_and_fails_closed
     for name, why in (
         ("sometimes", "action 'SOMETIMES' is not one of"),
         ("ext-authz", "action CUSTOM (external authorization) is not supported"),
-        ("by-sa", "unknown field 'serviceAccounts'"),
+        ("by-sa", "source.serviceAccounts is not supported here"),
     ):
         (warning,) = [w for w in st.warnings if f"k8s:AuthorizationPolicy/shop/{name}:" in w]
         assert why in warning and "every connection to what it selects is denied" in warning

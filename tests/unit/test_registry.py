@@ -296,3 +296,47 @@ def test_a_policy_in_the_old_root_namespace_is_refused_with_what_to_do(tmp_path)
     # which keeps the old meaning
     st = load_dir(str(tmp_path), root="dabba-system")
     assert st.peer_mode(st.workloads["shop/web"]) == "STRICT"
+
+
+UNSUPPORTED = """\
+apiVersion: dabbawala.io/v1
+kind: Workload
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {node: n1, ip: 10.0.0.1}
+---
+apiVersion: dabbawala.io/v1
+kind: Workload
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {node: n1, ip: 10.0.0.2}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, action: CUSTOM, provider: {name: opa}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-sa, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{source: {serviceAccounts: [front/sleep]}}]
+"""
+
+
+def test_a_valid_istio_object_we_cannot_honour_is_refused_alone_and_fails_closed(tmp_path):
+    """Before: one such object (action CUSTOM, source.serviceAccounts) rejected the whole
+    registry, so no later change was taken and the control plane could not start."""
+    from agent.ztunnel.policy import Request, evaluate
+
+    write(tmp_path, "a.yaml", UNSUPPORTED)
+    st = load_dir(str(tmp_path))  # no error: the rest stands
+    assert sorted(st.workloads) == ["shop/db", "shop/web"]
+    assert [w for w in st.warnings if "a.yaml:14" in w and "action CUSTOM" in w]
+    assert [w for w in st.warnings if "a.yaml:22" in w and "source.serviceAccounts" in w]
+    for key, app in (("shop/ext", "web"), ("shop/by-sa", "db")):
+        p = st.authz[key]
+        assert (p.action, p.selector) == ("DENY", {"app": app})
+        w = st.workloads[f"shop/{app}"]
+        d = evaluate(list(st.authz.values()), w, Request("10.0.0.9", w.ip, 80, "x"))
+        assert not d.allowed and "refused by the control plane" in d.reason, d
