@@ -370,19 +370,30 @@ def restart_keeps_connections() -> None:
     )
 
 
-def dabba_programs(vm: str) -> list[str]:
+def dabba_programs(vm: str, lsm_id: int | None = None) -> list[str]:
+    """Names of dabba's programs in the kernel; family.c's LSM program (named after its hook
+    by bcc) is found by its id (lsm_id, read from its pin) and listed as lsm/socket_create."""
     progs = json.loads(ssh(vm, "bpftool -j prog show").stdout)
-    # family.c's LSM program is named by its hook (bcc), cut to the kernel's 15 characters
-    mine = ("dabba_", "lsm__socket_cre")
-    return sorted(p.get("name", "") for p in progs if p.get("name", "").startswith(mine))
+    return sorted(
+        "lsm/socket_create" if p.get("id") == lsm_id else p.get("name", "")
+        for p in progs
+        if p.get("name", "").startswith("dabba_") or p.get("id") == lsm_id
+    )
+
+
+def lsm_program_id(vm: str) -> int | None:
+    r = ssh(vm, "bpftool -j prog show pinned /sys/fs/bpf/dabba/*/progs/lsm__socket_create",
+            check=False)  # fmt: skip
+    return json.loads(r.stdout).get("id") if r.returncode == 0 and r.stdout.strip() else None
 
 
 def uninstall_cleanly() -> None:
     """`dabba uninstall systemd` on node1: units gone, programs detached and unpinned."""
     vm = "node1"
-    before = dabba_programs(vm)
+    lsm_id = lsm_program_id(vm)
+    before = dabba_programs(vm, lsm_id)
     check(f"{vm}: dabba's programs loaded before uninstall, the LSM one too",
-          len(before) >= 5 and "lsm__socket_cre" in before, before)  # fmt: skip
+          len(before) >= 5 and "lsm/socket_create" in before, before)  # fmt: skip
     out = ssh(vm, "dabba uninstall systemd", timeout=180).stdout
     log(f"{vm}: dabba uninstall systemd said: {out.strip()}")
     r = ssh(vm, "systemctl list-unit-files 'dabba-*' --no-legend; ls /etc/systemd/system")
@@ -397,8 +408,9 @@ def uninstall_cleanly() -> None:
     ]  # fmt: skip
     check(f"{vm}: no dabba program attached to any cgroup", attached == [], attached)
     # the kernel frees a program once its last link, pin and descriptor are gone (after RCU)
-    left = wait(lambda: dabba_programs(vm) == [] or None, 30, "the kernel to free the programs")
-    check(f"{vm}: no dabba program left in the kernel", left, dabba_programs(vm))
+    left = wait(lambda: dabba_programs(vm, lsm_id) == [] or None, 30,
+                "the kernel to free the programs")  # fmt: skip
+    check(f"{vm}: no dabba program left in the kernel", left, dabba_programs(vm, lsm_id))
     r = ssh(vm, "test -f /etc/dabba/agent.yaml && test -d /var/lib/dabba && echo kept")
     check(f"{vm}: config and state kept without --purge", r.stdout.strip() == "kept", r.stdout)
 
