@@ -65,6 +65,16 @@ def _mtime(path: str) -> int:
         return 0
 
 
+def _roots(bundle_pem: bytes) -> set[bytes]:
+    """The roots of a trust bundle, as DER."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if not bundle_pem:
+        return set()
+    return {c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(bundle_pem)}
+
+
 def _enrolled(path: str) -> dict[int, str]:
     """The agent's enrolled.json: {cgroup id: namespace/name}; {} when there is none yet."""
     try:
@@ -222,7 +232,7 @@ class Tunnel:
             if os.path.exists(svid):
                 ids.set(w.spiffe_id, svid, svid)
         old_policies, old_modes = self.state.policies, _modes(self.state)
-        old_revoked = self.state.revoked
+        old_revoked, old_bundle = self.state.revoked, self.state.bundle
         self.node_addrs = set(node_addresses())
         self.state, self._stamp = st, stamp
         if self._listening:
@@ -245,8 +255,11 @@ class Tunnel:
             if self.pool is None or self.pool.bundle_pem != st.bundle
             else self.pool
         )
-        if bundle_changed or not st.revoked <= old_revoked:
-            self._drop_untrusted(old_pool, bundle_changed)
+        # a root added (a rotation's first phase) leaves every connection trusted; a root
+        # removed (retired) or a node revoked does not
+        root_retired = bundle_changed and not _roots(old_bundle) <= _roots(st.bundle)
+        if root_retired or not st.revoked <= old_revoked:
+            self._drop_untrusted(old_pool, root_retired)
         _log.info(
             "state loaded",
             fields={
@@ -258,11 +271,11 @@ class Tunnel:
         )
         return True
 
-    def _drop_untrusted(self, old_pool, bundle_changed: bool) -> None:
-        """After the trust bundle or the revoked nodes changed: close every HBONE connection,
-        either way, whose peer certificate no current root signed (a retired root's) or belongs
-        to a revoked node, at once. After a new bundle, the old pool's other connections take
-        no new flow and close when their flows end."""
+    def _drop_untrusted(self, old_pool, root_retired: bool) -> None:
+        """After a root was retired or a node revoked: close every HBONE connection, either
+        way, whose peer certificate no current root signed (a retired root's) or belongs to a
+        revoked node, at once. After a retirement, the old pool's other connections take no new
+        flow and close when their flows end."""
         bundle = self.state.bundle
         old = list(old_pool.conns.values()) if old_pool and old_pool is not self.pool else []
         sides = [*(self.listener.conns if self.listener else ()), *old,
@@ -274,8 +287,8 @@ class Tunnel:
                 continue
             sslobj = tr.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            retired_root = bundle_changed and not hbone.signed_by_any(der, bundle)
-            if retired_root or self._is_revoked(hbone.peer_serial(sslobj)):
+            untrusted = root_retired and not hbone.signed_by_any(der, bundle)
+            if untrusted or self._is_revoked(hbone.peer_serial(sslobj)):
                 tr.abort()
                 closed += 1
             elif c in old:
