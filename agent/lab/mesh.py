@@ -209,6 +209,7 @@ def node_config(
     tunnel_workers="1",
     tunnel_service=False,
     host_addresses=False,
+    max_connections: int | None = None,
 ) -> str:
     """Write node's join token and agent config; returns the config path.
 
@@ -223,6 +224,8 @@ def node_config(
         "workloads"
     ] = []  # the control plane says which workloads exist; cgroups come from the registry
     cfg["capture"]["enabled"] = capture
+    if max_connections is not None:  # per workload (the default: a quarter of the map)
+        cfg["capture"]["max_connections"] = max_connections
     if capture:  # capture needs a tunnel: the agent runs one, or it is a service of its own
         cfg["tunnel"]["run"] = not tunnel_service
         cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"
@@ -305,6 +308,7 @@ def up(
     env: dict | None = None,
     host_addresses: bool = False,
     source: str = "files",
+    max_connections: int | None = None,
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
     tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
@@ -320,8 +324,9 @@ def up(
     procs["control"] = start_control(lab, workload_ttl, node_ttl, source)
     for n in lab.nodes:
         path = node_config(
-            lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses
-        )
+            lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses,
+            max_connections,
+        )  # fmt: skip
         procs[n.name] = start_agent(lab, n.name, path, env)
         if capture and tunnel_service:
             procs[f"{n.name}-tunnel"] = start_tunnel(lab, n.name, path, env)

@@ -80,8 +80,8 @@ CONTROL_HIGH = 1 << 20
 MAX_QUEUED_CONTROL = 1000
 MAX_UNSENT = 64 << 20
 # CONNECT requests whose upstream connect is still running, per connection: more are refused
-# (REFUSED_STREAM) before any connect starts
-MAX_PENDING_OPENS = 256
+# (REFUSED_STREAM, which a client may retry: RFC 9113 §8.7) before any connect starts
+MAX_PENDING_OPENS = 1024
 # streams a peer resets, per connection, in RESET_WINDOW seconds: more closes the connection
 # ("rapid reset", CVE-2023-44487)
 MAX_RESETS, RESET_WINDOW = 2000, 10.0
@@ -91,6 +91,8 @@ SNI_SUFFIX = "hbone.dabba"
 
 class HboneError(Exception):
     """A flow could not be opened; the message says why (identity, refusal, connect)."""
+
+    refused_stream = False  # the peer refused the stream before acting on it: safe to retry
 
 
 # ---- identities and TLS --------------------------------------------------------------------------
@@ -395,6 +397,20 @@ class H2Connection(asyncio.Protocol):
                 self.transport.write(out)
         if self.transport:
             self.transport.abort()
+
+    def drain(self, deadline: float) -> None:
+        """Take no new flow (GOAWAY to the peer), let the open ones finish, and close the
+        connection after deadline seconds at most."""
+        with contextlib.suppress(Exception):
+            self.h2.close_connection()
+            self._write()
+        if isinstance(self, ClientConnection):
+            self.retire()
+        if self.transport is not None:
+            tr = self.transport
+            asyncio.get_running_loop().call_later(
+                deadline, lambda: None if tr.is_closing() else tr.abort()
+            )
 
     def _check_unsent(self, answers: int) -> bool:
         """After queueing answers (PING/SETTINGS acks): True when the peer floods us."""
@@ -810,6 +826,9 @@ class ClientConnection(H2Connection):
             asyncio.get_running_loop().call_later(1.0, self._close_if_done)
 
     def handle(self, ev):
+        if isinstance(ev, h2.events.ConnectionTerminated):  # GOAWAY: no new flow on it
+            self.retire()
+            return
         if isinstance(ev, h2.events.ResponseReceived):
             fut = self.waiting.pop(ev.stream_id, None)
             headers = dict(ev.headers)
@@ -819,7 +838,9 @@ class ClientConnection(H2Connection):
         if isinstance(ev, h2.events.StreamReset):
             fut = self.waiting.pop(ev.stream_id, None)
             if fut and not fut.done():
-                fut.set_exception(HboneError(f"peer reset the CONNECT (error {ev.error_code})"))
+                err = HboneError(f"peer reset the CONNECT (error {ev.error_code})")
+                err.refused_stream = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                fut.set_exception(err)
         super().handle(ev)
 
     def connection_lost(self, exc):
@@ -877,7 +898,7 @@ class Pool:
     def _fresh(self, c: ClientConnection, src_id: str) -> bool:
         """Whether a pooled connection may carry a new flow: open, younger than max_age, and
         made with the client certificate the node holds now (a renewal replaces it)."""
-        if c.closed.done() or not c.transport or c.transport.is_closing():
+        if c.closed.done() or c.retiring or not c.transport or c.transport.is_closing():
             return False
         if time.monotonic() - c.opened_at > self.max_age:
             return False

@@ -65,6 +65,9 @@ def _mtime(path: str) -> int:
         return 0
 
 
+RETIRED_ROOT_DRAIN = 10.0  # s a connection a retired root authenticated may finish its flows
+
+
 def _roots(bundle_pem: bytes) -> set[bytes]:
     """The roots of a trust bundle, as DER."""
     from cryptography import x509
@@ -273,9 +276,10 @@ class Tunnel:
 
     def _drop_untrusted(self, old_pool, root_retired: bool) -> None:
         """After a root was retired or a node revoked: close every HBONE connection, either
-        way, whose peer certificate no current root signed (a retired root's) or belongs to a
-        revoked node, at once. After a retirement, the old pool's other connections take no new
-        flow and close when their flows end."""
+        way, whose peer certificate belongs to a revoked node (at once) or no current root
+        signed (a retired root's: no new flow, the open ones get RETIRED_ROOT_DRAIN seconds).
+        After a retirement, the old pool's other connections take no new flow and close when
+        their flows end."""
         bundle = self.state.bundle
         old = list(old_pool.conns.values()) if old_pool and old_pool is not self.pool else []
         sides = [*(self.listener.conns if self.listener else ()), *old,
@@ -287,9 +291,11 @@ class Tunnel:
                 continue
             sslobj = tr.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            untrusted = root_retired and not hbone.signed_by_any(der, bundle)
-            if untrusted or self._is_revoked(hbone.peer_serial(sslobj)):
-                tr.abort()
+            if self._is_revoked(hbone.peer_serial(sslobj)):
+                tr.abort()  # a revoked node: at once
+                closed += 1
+            elif root_retired and not hbone.signed_by_any(der, bundle):
+                c.drain(RETIRED_ROOT_DRAIN)  # its open flows end, within seconds
                 closed += 1
             elif c in old:
                 c.retire()
@@ -678,12 +684,22 @@ class Tunnel:
             self.stats["no_node"] += 1
             return False
         try:
-            conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
-            stream = await conn.connect(
-                f"{dst.ip}:{port}",
-                timeout=self.cfg.connect_timeout,
-                source=src_ip,
-            )
+            for attempt in range(4):
+                conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
+                try:
+                    stream = await conn.connect(
+                        f"{dst.ip}:{port}",
+                        timeout=self.cfg.connect_timeout,
+                        source=src_ip,
+                    )
+                    break
+                except hbone.HboneError as e:
+                    # REFUSED_STREAM: the peer took no action (too many opens at once on this
+                    # connection): safe to try again, shortly
+                    if not e.refused_stream or attempt == 3:
+                        raise
+                    self.stats["hbone_refused_stream_retries"] += 1
+                    await asyncio.sleep(0.05 * (attempt + 1))
         except hbone.HboneError as e:
             if " 403" in str(e):
                 raise _Denied(str(e)) from None

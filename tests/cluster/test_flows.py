@@ -455,7 +455,7 @@ def test_a_real_prometheus_scrapes_the_node(flab, procs, tmp_path):
             x for g in groups for x in g["rules"] if x.get("lastEvaluation", "").startswith("2")
         ]
 
-    wait_for(lambda: len(rules()) == 8, 20, interval=0.5, what="the rules to be evaluated")
+    wait_for(lambda: len(rules()) == 10, 20, interval=0.5, what="the rules to be evaluated")
     assert all(x["health"] == "ok" and x["state"] == "inactive" for x in rules()), rules()
     # every expression of deploy/'s Grafana dashboard is valid PromQL and names only series the
     # node exports

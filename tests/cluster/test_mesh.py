@@ -377,6 +377,7 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
         return True
 
     failures = requests = 0
+    failed, phase = [], "before"
 
     def request():
         nonlocal failures, requests
@@ -396,7 +397,9 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
             check=False,
         )
         requests += 1
-        failures += r.stdout != "200"
+        if r.stdout != "200":
+            failures += 1
+            failed.append((phase, r.returncode, r.stdout, r.stderr.strip()[-200:]))
 
     src, dst_pod = L.pod("n1-p1"), dst
     old_svid = str(tmp_path / "old-svid.pem")  # n1-p1's certificate from the old root
@@ -415,6 +418,7 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
         time.sleep(1)
         request()
         # phase 1 (trust) now, phase 2 (sign) after 5 s
+        phase = "rotating"
         subprocess.run(
             [*dabba, "rotate", "--state-dir", state, "--overlap", "5s"],
             check=True,
@@ -434,6 +438,7 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
         held = L.popen("n1", old_root_client("hold"), stdout=subprocess.PIPE, text=True)
         procs.append(held)
         assert _line(held, 30) == "open"
+        phase = "retired"
         subprocess.run([*dabba, "retire", "--state-dir", state], check=True, capture_output=True)
         wait_for(lambda: len(roots()) == 1, 10, what="the one-root bundle")
         for _ in range(5):
@@ -443,5 +448,5 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
         assert r.stdout.split()[0] == "refused", r.stdout  # and refuses a new one
     finally:
         srv.kill()
-    assert failures == 0 and requests >= 12
+    assert failures == 0 and requests >= 12, failed
     assert _status(L, "n1")["control"]["failures"] == 0

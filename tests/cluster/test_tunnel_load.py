@@ -18,7 +18,8 @@ from tests.conftest import mesh_lab, tunnel_stats, wait_for, wait_port
 
 @pytest.fixture(scope="module")
 def llab():
-    yield from mesh_lab("ld", 2, 2, capture=True)
+    # ten thousand open flows from one pod: above the default per-workload limit (4,096)
+    yield from mesh_lab("ld", 2, 2, capture=True, max_connections=20_000)
 
 
 def _tunnel_pid(L, node) -> int:
