@@ -266,6 +266,10 @@ class ControlSync:
                 await self._sign(
                     stub, w, "root rotation" if signer_changed and info else "new workload"
                 )
+        if signer_changed and self.node_cert is not None:
+            # the node's own certificate too: once the old root is retired, one it signed
+            # would lock this node out of the control plane (no renewal without a valid one)
+            await self._renew_node(stub)
         _log.info(
             "applied snapshot",
             fields={

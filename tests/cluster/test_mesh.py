@@ -431,6 +431,20 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
             request()
             time.sleep(0.5)
         assert len(roots()) == 2 and reissued("n1") and reissued("n2")
+
+        def node_reissued(node):  # before: only workload certificates were, so after the
+            # retirement a node's own (old root) certificate locked it out of the control plane
+            with open(os.path.join(labmod.STATE_DIR, L.name, node, "identity", "node-chain.pem"),
+                      "rb") as f:  # fmt: skip
+                leaf = x509.load_pem_x509_certificate(f.read())
+            try:
+                leaf.verify_directly_issued_by(roots()[-1])
+            except Exception:
+                return False
+            return True
+
+        wait_for(lambda: node_reissued("n1") and node_reissued("n2"), 15,
+                 what="the nodes' own certificates from the new root")  # fmt: skip
         for _ in range(5):
             request()
         # a connection made with the old root's certificate, held open across the retirement
