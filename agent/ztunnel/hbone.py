@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
 import ssl
 import struct
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -42,11 +40,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
-from cryptography import x509
 
 from .. import log
-from ..control import ca as camod
 from ..control import validate
+from .tls import client_context, peer_identity, peer_serial, sni_for
 
 _log = log.get("hbone")
 
@@ -67,7 +64,6 @@ def _cheap_raw_data_repr(data) -> str:
 
 hyperframe.frame._raw_data_repr = _cheap_raw_data_repr
 
-MAX_HANDSHAKES = 256  # TLS handshakes in progress at once on the HBONE listener
 MAX_STREAMS = 100_000  # per connection; descriptors are the real bound
 WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
 MAX_FRAME = 256 * 1024
@@ -86,117 +82,12 @@ MAX_PENDING_OPENS = 1024
 # ("rapid reset", CVE-2023-44487)
 MAX_RESETS, RESET_WINDOW = 2000, 10.0
 TCP_HIGH_WATER = 4 * 1024 * 1024
-SNI_SUFFIX = "hbone.dabba"
 
 
 class HboneError(Exception):
     """A flow could not be opened; the message says why (identity, refusal, connect)."""
 
     refused_stream = False  # the peer refused the stream before acting on it: safe to retry
-
-
-# ---- identities and TLS --------------------------------------------------------------------------
-
-
-def sni_for(spiffe_id: str) -> str:
-    """spiffe://td/ns/N/sa/S -> S.N.hbone.dabba (a host name the server maps back)."""
-    parts = spiffe_id.removeprefix("spiffe://").split("/")
-    return f"{parts[4]}.{parts[2]}.{SNI_SUFFIX}"
-
-
-def identity_from_sni(name: str, trust_domain: str) -> str | None:
-    if not name or not name.endswith("." + SNI_SUFFIX):
-        return None
-    sa, _, ns = name[: -len(SNI_SUFFIX) - 1].partition(".")
-    ident = camod.spiffe_id(trust_domain, ns, sa)
-    return ident if validate.workload_identity(ident, trust_domain) else None
-
-
-def peer_serial(sslobj) -> str | None:
-    """The serial (hex, as the control plane records it) of the peer's certificate."""
-    der = sslobj.getpeercert(binary_form=True) if sslobj else None
-    return format(x509.load_der_x509_certificate(der).serial_number, "x") if der else None
-
-
-def peer_identity(sslobj) -> str | None:
-    der = sslobj.getpeercert(binary_form=True) if sslobj else None
-    if not der:
-        return None
-    ids = camod.spiffe_ids_of(x509.load_der_x509_certificate(der))
-    return ids[0] if len(ids) == 1 else None
-
-
-def _base_context(purpose) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(
-        ssl.PROTOCOL_TLS_SERVER if purpose == "server" else ssl.PROTOCOL_TLS_CLIENT
-    )
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = False  # SPIFFE IDs are checked instead, after the handshake
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
-def client_context(chain_file: str, key_file: str, bundle_pem: bytes) -> ssl.SSLContext:
-    ctx = _base_context("client")
-    ctx.load_verify_locations(cadata=bundle_pem.decode())
-    ctx.load_cert_chain(chain_file, key_file)
-    return ctx
-
-
-def signed_by_any(der: bytes | None, bundle_pem: bytes) -> bool:
-    """Whether a leaf certificate (DER) carries the signature of one of the bundle's roots.
-
-    For what the TLS stack cannot do once a connection is up: tell whether it was verified
-    against a root that has since been retired. A leaf signed by an intermediate (a plug-in
-    CA) is not signed by a root itself: False, so such connections are renewed too."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if not der:
-        return False
-    leaf = x509.load_der_x509_certificate(der)
-    for root in x509.load_pem_x509_certificates(bundle_pem):
-        if root.subject != leaf.issuer:
-            continue
-        try:
-            root.public_key().verify(
-                leaf.signature,
-                leaf.tbs_certificate_bytes,
-                ec.ECDSA(leaf.signature_hash_algorithm),
-            )
-            return True
-        except Exception:  # noqa: BLE001 (another key, another algorithm: not this root)
-            continue
-    return False
-
-
-class ServerIdentities:
-    """The inbound side's certificates: one TLS context per local workload identity, chosen by SNI."""
-
-    def __init__(self, trust_domain: str, bundle_pem: bytes):
-        self.trust_domain = trust_domain
-        self.bundle_pem = bundle_pem
-        self.contexts: dict[str, ssl.SSLContext] = {}
-        self.default = _base_context("server")
-        self.default.load_verify_locations(cadata=bundle_pem.decode())
-        self.default.sni_callback = self._pick
-
-    def set(self, spiffe_id: str, chain_file: str, key_file: str) -> None:
-        ctx = _base_context("server")
-        ctx.load_verify_locations(cadata=self.bundle_pem.decode())
-        ctx.load_cert_chain(chain_file, key_file)
-        self.contexts[spiffe_id] = ctx
-
-    def _pick(self, sslobj, name, _ctx):
-        ident = identity_from_sni(name, self.trust_domain)
-        ctx = self.contexts.get(ident) if ident else None
-        if ctx is None:
-            _log.warning(
-                "inbound TLS for an identity this node does not hold", fields={"sni": name}
-            )
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        sslobj.context = ctx
-        return None
 
 
 POOL_MAX_AGE = 3600.0  # a pooled HBONE connection takes no new flow after this (s): well below
@@ -958,152 +849,6 @@ class Pool:
             raise HboneError(f"peer {node[0]}:{node[1]} ({got}) holds a revoked node's certificate")
         conn.opened_at, conn.cert_stamp = time.monotonic(), stamp
         return conn
-
-
-class Listener:
-    """The HBONE listener: accepts, then runs each TLS handshake itself so refusals are counted.
-
-    ``refused`` counts failed handshakes by kind (no_client_cert, unknown_ca,
-    expired, bad_certificate, timeout, protocol); each is logged with the peer
-    and OpenSSL's reason. A handshake that stalls is cut after
-    handshake_timeout. Running out of descriptors pauses accepting briefly
-    instead of failing.
-    """
-
-    def __init__(self, sock: socket.socket, factory, ctx: ssl.SSLContext, handshake_timeout: float):
-        self.sock = sock
-        self.sockets = [sock]
-        self.factory = factory
-        self.ctx = ctx
-        self.handshake_timeout = handshake_timeout
-        self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
-        self.refused: dict[str, int] = {}
-        self.conns = weakref.WeakSet()  # server connections, for the admin view
-        self._log_window, self._logged, self._suppressed = 0.0, 0, 0
-        self.accepted = 0
-        self.handshaking = 0
-        self._task = asyncio.ensure_future(self._accept())
-
-    async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(self.sock)
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    _log.error(f"HBONE accept paused for 0.5 s: {e.strerror}")
-                    await asyncio.sleep(0.5)
-                    continue
-                raise
-            self.accepted += 1
-            asyncio.ensure_future(self._handshake(conn, addr))
-
-    def _refuse(self, kind: str) -> None:
-        self.refused[kind] = self.refused.get(kind, 0) + 1
-
-    def _make(self):
-        c = self.factory()
-        c.on_refused = self._refuse
-        self.conns.add(c)
-        return c
-
-    async def _handshake(self, conn: socket.socket, addr) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.handshake_timeout
-        self.handshaking += 1
-        acquired = False
-        try:
-            # asyncio gives every TLS connection a 256 KiB buffer: bound how many handshakes
-            # run at once, so 10,000 stalled clients cost sockets, not gigabytes. The
-            # timeout counts from accept, queueing included.
-            await asyncio.wait_for(self._slots.acquire(), deadline - loop.time())
-            acquired = True
-            await loop.connect_accepted_socket(
-                self._make,
-                conn,
-                ssl=self.ctx,
-                ssl_handshake_timeout=max(0.1, deadline - loop.time()),
-            )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
-            kind = refusal_kind(e)
-            self._refuse(kind)
-            now = time.monotonic()
-            if now - self._log_window >= 1.0:
-                if self._suppressed:
-                    _log.warning(
-                        f"{self._suppressed} more HBONE handshakes refused in the last second",
-                        fields={"refused": dict(self.refused)},
-                    )
-                self._log_window, self._logged, self._suppressed = now, 0, 0
-            if self._logged < 5:  # a flood of bad clients must not flood the log
-                self._logged += 1
-                _log.warning(
-                    "HBONE handshake refused",
-                    fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
-                )
-            else:
-                self._suppressed += 1
-            with contextlib.suppress(OSError):
-                conn.close()
-        finally:
-            self.handshaking -= 1
-            if acquired:
-                self._slots.release()
-
-    def close(self) -> None:
-        self._task.cancel()
-        self.sock.close()
-
-
-def _reason(e: BaseException) -> str:
-    return (
-        getattr(e, "verify_message", None)
-        or getattr(e, "reason", None)
-        or str(e)
-        or type(e).__name__
-    )
-
-
-def refusal_kind(e: BaseException) -> str:
-    """A short, bounded name for why a TLS handshake failed (a metric label)."""
-    text = f"{getattr(e, 'reason', '')} {getattr(e, 'verify_message', '')} {e}".lower()
-    if "did_not_return_a_certificate" in text or "certificate required" in text:
-        return "no_client_cert"
-    if "expired" in text:
-        return "expired"
-    if (
-        "unknown ca" in text
-        or "local issuer" in text
-        or "self-signed" in text
-        or "self signed" in text
-    ):
-        return "unknown_ca"
-    if "certificate" in text:
-        return "bad_certificate"
-    if isinstance(e, TimeoutError) or "taking longer" in text or "timed out" in text:
-        return "timeout"
-    if isinstance(e, ConnectionError | EOFError):
-        return "closed_by_peer"
-    return "protocol"
-
-
-def serve(
-    sock: socket.socket,
-    identities: ServerIdentities,
-    on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
-    handshake_timeout: float = 10.0,
-    vouch: Callable[[str, str, str], bool] | None = None,
-    revoked: Callable[[str | None], bool] | None = None,
-) -> Listener:
-    """Serve HBONE on a listening socket (listeners.py); on_connect(authority, client id,
-    client ip) returns a connected TcpSide or a refusal. client ip: the Forwarded address when
-    vouch(address, client id, peer address) says it is the client's, else the peer's."""
-    return Listener(
-        sock,
-        lambda: ServerConnection(identities.trust_domain, on_connect, vouch, revoked),
-        identities.default,
-        handshake_timeout,
-    )
 
 
 async def dial_tcp(host: str, port: int, timeout: float = 5.0) -> TcpSide:

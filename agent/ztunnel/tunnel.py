@@ -45,7 +45,7 @@ from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
 from ..control.store import ENROLLED_FILE
 from ..node.addresses import node_addresses, refused_destination
-from . import admin, handoff, hbone, lb, listeners
+from . import admin, handoff, hbone, inbound, lb, listeners, tls
 from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
@@ -146,7 +146,7 @@ class Tunnel:
         self.capture = CaptureReader(cfg.maps_dir)
         self.splicer = Splicer(cfg.maps_dir)
         self.pool: hbone.Pool | None = None
-        self.identities: hbone.ServerIdentities | None = None
+        self.identities: tls.ServerIdentities | None = None
         self.lb = lb.Balancer(cfg.lb)
         self.metrics = TunnelMetrics(self)
         self.workers = Workers(self)
@@ -154,7 +154,7 @@ class Tunnel:
         self.facts = FactsSender(cfg.state_dir, self.stats)
         self._stamp = None
         self._listening = False
-        self.listener: hbone.Listener | None = None
+        self.listener: inbound.Listener | None = None
         self.listen_socks: list[socket.socket] = []  # outbound, HBONE (workers inherit them)
         # tunops.c on our cgroup (the agent attaches it): without it the guard and plain.c
         # cannot tell our connections to local workloads from a host process's, and plain.c
@@ -229,7 +229,7 @@ class Tunnel:
         st.nodes = {n.name: n.address for n in snap.nodes}
         st.revoked = frozenset(snap.revoked_serials)
         st.policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
-        ids = hbone.ServerIdentities(st.trust_domain, st.bundle)
+        ids = tls.ServerIdentities(st.trust_domain, st.bundle)
         for w in st.by_cgroup.values():
             svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
             if os.path.exists(svid):
@@ -291,10 +291,10 @@ class Tunnel:
                 continue
             sslobj = tr.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            if self._is_revoked(hbone.peer_serial(sslobj)):
+            if self._is_revoked(tls.peer_serial(sslobj)):
                 tr.abort()  # a revoked node: at once
                 closed += 1
-            elif root_retired and not hbone.signed_by_any(der, bundle):
+            elif root_retired and not tls.signed_by_any(der, bundle):
                 c.drain(RETIRED_ROOT_DRAIN)  # its open flows end, within seconds
                 closed += 1
             elif c in old:
@@ -1026,7 +1026,7 @@ class Tunnel:
             fields={"outbound": ls.getsockname(), "hbone": hb.getsockname()},
         )
         _raise_nofile()
-        inbound = self.listener = hbone.serve(
+        hbone_in = self.listener = inbound.serve(
             hb,
             self.identities,
             self._inbound,
@@ -1126,7 +1126,7 @@ class Tunnel:
                 lsock.close()  # its map entry goes with it (a successor's replaced it already)
             self.plain.clear()
             ls.close()
-            inbound.close()
+            hbone_in.close()
             for srv in servers:
                 srv.close()
             receiver.close()

@@ -365,16 +365,18 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
         with open(bundle, "rb") as f:
             return x509.load_pem_x509_certificates(f.read())
 
+    def from_new_root(chain_path):
+        with open(chain_path, "rb") as f:
+            leaf = x509.load_pem_x509_certificate(f.read())
+        try:
+            leaf.verify_directly_issued_by(roots()[-1])
+        except Exception:
+            return False
+        return True
+
     def reissued(node):
         d = os.path.join(labmod.STATE_DIR, L.name, node, "certs", "default")
-        for pod in os.listdir(d):
-            with open(os.path.join(d, pod, "chain.pem"), "rb") as f:
-                leaf = x509.load_pem_x509_certificate(f.read())
-            try:
-                leaf.verify_directly_issued_by(roots()[-1])
-            except Exception:
-                return False
-        return True
+        return all(from_new_root(os.path.join(d, pod, "chain.pem")) for pod in os.listdir(d))
 
     failures = requests = 0
     failed, phase = [], "before"
@@ -434,14 +436,9 @@ def test_root_rotation_under_traffic_has_no_failed_connection(shortlab, procs, t
 
         def node_reissued(node):  # before: only workload certificates were, so after the
             # retirement a node's own (old root) certificate locked it out of the control plane
-            with open(os.path.join(labmod.STATE_DIR, L.name, node, "identity", "node-chain.pem"),
-                      "rb") as f:  # fmt: skip
-                leaf = x509.load_pem_x509_certificate(f.read())
-            try:
-                leaf.verify_directly_issued_by(roots()[-1])
-            except Exception:
-                return False
-            return True
+            return from_new_root(
+                os.path.join(labmod.STATE_DIR, L.name, node, "identity", "node-chain.pem")
+            )
 
         wait_for(lambda: node_reissued("n1") and node_reissued("n2"), 15,
                  what="the nodes' own certificates from the new root")  # fmt: skip

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from agent.control import ca as camod
-from agent.ztunnel import hbone, listeners
+from agent.ztunnel import hbone, inbound, listeners, tls
 
 TD = "cluster.local"
 CLIENT = camod.spiffe_id(TD, "front", "sleep")
@@ -50,7 +50,7 @@ async def _echo_server():
 
 async def _setup(ca, files, decide=None):
     echo, echo_port = await _echo_server()
-    ids = hbone.ServerIdentities(TD, ca.bundle_pem())
+    ids = tls.ServerIdentities(TD, ca.bundle_pem())
     ids.set(SERVER, *files[SERVER])
     seen = []
 
@@ -61,7 +61,7 @@ async def _setup(ca, files, decide=None):
         host, port = authority.rsplit(":", 1)
         return await hbone.dial_tcp(host, int(port))
 
-    srv = hbone.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect)
+    srv = inbound.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect)
     port = srv.sockets[0].getsockname()[1]
     pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident])
     return echo, echo_port, ids, srv, port, pool, seen
@@ -197,9 +197,9 @@ def test_garbage_after_handshake_closes_that_connection_only(pki):
 
     async def go():
         echo, echo_port, _, srv, port, pool, _ = await _setup(ca, files)
-        ctx = hbone.client_context(*files[CLIENT], ca.bundle_pem())
+        ctx = tls.client_context(*files[CLIENT], ca.bundle_pem())
         r, w = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname=hbone.sni_for(SERVER)
+            "127.0.0.1", port, ssl=ctx, server_hostname=tls.sni_for(SERVER)
         )
         # preface, empty SETTINGS, then DATA on stream 0: a connection error (RFC 9113 §6.1)
         preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -375,9 +375,9 @@ def test_signed_by_any_tells_a_retired_roots_leaf(pki, tmp_path):
     other = camod.CA.load_or_create(str(tmp_path / "other"), TD)
     with open(files[CLIENT][0], "rb") as f:
         der = x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER)
-    assert hbone.signed_by_any(der, ca.bundle_pem())
-    assert not hbone.signed_by_any(der, other.bundle_pem())
-    assert not hbone.signed_by_any(None, ca.bundle_pem())
+    assert tls.signed_by_any(der, ca.bundle_pem())
+    assert not tls.signed_by_any(der, other.bundle_pem())
+    assert not tls.signed_by_any(None, ca.bundle_pem())
 
 
 def test_certificates_of_a_revoked_node_are_refused_both_ways(pki):
@@ -393,7 +393,7 @@ def test_certificates_of_a_revoked_node_are_refused_both_ways(pki):
 
     async def go():
         echo, echo_port = await _echo_server()
-        ids = hbone.ServerIdentities(TD, ca.bundle_pem())
+        ids = tls.ServerIdentities(TD, ca.bundle_pem())
         ids.set(SERVER, *files[SERVER])
         revoked = {serial(CLIENT)}
 
@@ -401,7 +401,7 @@ def test_certificates_of_a_revoked_node_are_refused_both_ways(pki):
             host, port = authority.rsplit(":", 1)
             return await hbone.dial_tcp(host, int(port))
 
-        srv = hbone.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect,
+        srv = inbound.serve(listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect,
                           revoked=lambda s: s in revoked)  # fmt: skip
         port = srv.sockets[0].getsockname()[1]
         pool = hbone.Pool(TD, ca.bundle_pem(), lambda ident: files[ident])

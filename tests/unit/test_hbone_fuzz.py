@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.control import ca as camod
-from agent.ztunnel import hbone, listeners
+from agent.ztunnel import hbone, inbound, listeners, tls
 from tests.unit.test_hbone import CLIENT, SERVER, TD, _issue
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -58,7 +58,7 @@ class _Server:
                 w.close()
 
             self.echo = await asyncio.start_server(echo, "127.0.0.1", 0)
-            ids = hbone.ServerIdentities(TD, self.bundle)
+            ids = tls.ServerIdentities(TD, self.bundle)
             ids.set(SERVER, *self.files[SERVER])
 
             async def on_connect(authority, client_id, client_ip):
@@ -66,7 +66,7 @@ class _Server:
                 host, port = authority.rsplit(":", 1)
                 return await hbone.dial_tcp(host, int(port), timeout=1)
 
-            self.listener = hbone.serve(
+            self.listener = inbound.serve(
                 listeners.bind(("127.0.0.1", 0), "HBONE"), ids, on_connect, handshake_timeout=1
             )
             self.port = self.listener.sock.getsockname()[1]
@@ -84,7 +84,7 @@ class _Server:
         ctx.load_cert_chain(*self.files[CLIENT])
         ctx.set_alpn_protocols(["h2"])
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        return ctx.wrap_socket(raw, server_hostname=hbone.sni_for(SERVER))
+        return ctx.wrap_socket(raw, server_hostname=tls.sni_for(SERVER))
 
     def live(self) -> int:
         """Open HBONE server connections (h2 state machines) in the loop."""
