@@ -123,9 +123,12 @@ def _print_lab(L, output):
         click.echo(
             f"{n.name:<8}{n.ip:<16}{n.pod_cidr:<16}{n.gateway:<14}/sys/fs/bpf/dabba/{n.bpf_node}"
         )
-    click.echo(f"\n{'POD':<20}{'NODE':<8}{'IP':<14}{'NAMESPACE':<12}SERVICE ACCOUNT")
+    click.echo(f"\n{'POD':<20}{'NODE':<8}{'IP':<14}{'IPV6':<16}{'NAMESPACE':<12}SERVICE ACCOUNT")
     for p in L.pods:
-        click.echo(f"{p.name:<20}{p.node:<8}{p.ip:<14}{p.namespace:<12}{p.service_account}")
+        click.echo(
+            f"{p.name:<20}{p.node:<8}{p.ip:<14}{p.ip6 or '-':<16}{p.namespace:<12}"
+            f"{p.service_account}"
+        )
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})
@@ -716,16 +719,19 @@ def tunnel():
     """The node tunnel (started and supervised by the agent)."""
 
 
-def _check_source(source: str) -> None:
-    """The tunnel's source address must be an IPv4 address of this node (its namespace)."""
+def _check_source(source: str, version: int = 4) -> None:
+    """The tunnel's source address must be an address of this node (its namespace), of IP
+    version 4 (--source) or 6 (--source6)."""
     import ipaddress
     import socket
 
     try:
-        ipaddress.IPv4Address(source)
+        ok = ipaddress.ip_address(source).version == version
     except ValueError:
-        raise DabbaError(f"tunnel source {source!r} is not an IPv4 address") from None
-    with socket.socket() as s:
+        ok = False
+    if not ok:
+        raise DabbaError(f"tunnel source {source!r} is not an IPv{version} address") from None
+    with socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET) as s:
         try:
             s.bind((source, 0))
         except OSError as e:
@@ -748,6 +754,11 @@ def _check_source(source: str) -> None:
 @click.option("--state-dir", help="the agent's state folder (snapshot.pb, certs/)")
 @click.option("--maps", "maps_dir", help="the node's pinned maps folder")
 @click.option("--outbound", help="IP:PORT where captured connections arrive (15001)")
+@click.option(
+    "--outbound6",
+    help="[IPv6]:PORT where captured native IPv6 connections arrive (default: none, or the "
+    "config's tunnel.address6)",
+)
 @click.option("--inbound", help="IP:PORT for HBONE (15008)")
 @click.option("--registry-only", is_flag=True, help="refuse destinations outside the mesh")
 @click.option(
@@ -795,10 +806,18 @@ def _check_source(source: str) -> None:
     "plaintext steering know as the tunnel's [default: the config's first tunnel_addresses, "
     "else the --outbound address]",
 )
+@click.option(
+    "--source6",
+    default=None,
+    help="IPv6 source address of IPv6 connections to this node's workloads [default: the "
+    "config's first IPv6 tunnel_addresses, else the --outbound6 address]",
+)
 @click.option("--worker", default=0, hidden=True, type=int)
 def tunnel_run(
     config_path,
     source,
+    source6,
+    outbound6,
     workers,
     worker,
     loop_kind,
@@ -830,6 +849,7 @@ def tunnel_run(
 
     os.umask(DAEMON_UMASK)
     source = source or ""  # "": the outbound listener's address
+    source6 = source6 or ""
     if config_path:
         from .node import config as cfgmod
 
@@ -846,7 +866,10 @@ def tunnel_run(
         inbound = inbound or ac.tunnel.inbound or f"{ac.control.node_address}:15008"
         drain = ac.tunnel.drain if drain is None else drain
         workers = workers or ac.tunnel.workers
-        source = source or ac.tunnel_addresses[0]
+        source = source or ac.tunnel_source(4)
+        if ac.tunnel.address6:
+            outbound6 = outbound6 or f"[{ac.tunnel.address6}]:{ac.tunnel.port}"
+            source6 = source6 or ac.tunnel_source(6)
     missing = [
         f
         for f, v in (
@@ -864,12 +887,15 @@ def tunnel_run(
     workers = workers or "1"
     if source:
         _check_source(source)
+    if source6:
+        _check_source(source6, 6)
 
     cfg = TunnelConfig(
         node=node,
         state_dir=state_dir,
         maps_dir=maps_dir,
         outbound=parse_hostport(outbound),
+        outbound6=parse_hostport(outbound6, 6) if outbound6 else None,
         inbound=parse_hostport(inbound),
         registry_only=registry_only,
         drain=drain,
@@ -880,6 +906,7 @@ def tunnel_run(
         argv=[a for a in sys.argv[1:] if a != "--worker"] if worker == 0 else [],
         lb=LbConfig(eject_after, eject_time, max_ejected, retries),
         source=source,
+        source6=source6,
     )
 
     async def run():

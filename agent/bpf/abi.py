@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import ipaddress
 import socket
 import struct
 
@@ -68,6 +69,7 @@ STAT_COUNT = 23  # DABBA_ST_MAX
 
 TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
 TUN_SK_HBONE = 1
+TUN_SK_OUTBOUND6 = 2
 
 CFG_PASS_NON_TCP = 0x1  # DABBA_CFG_PASS_NON_TCP
 
@@ -101,9 +103,35 @@ class Workload(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class Ip6(ctypes.Structure):
+    """struct dabba_ip6 { __u32 w[4]; }: IPv6 as it is, IPv4 as IPv4-mapped (network order)."""
+
+    _fields_ = [("w", ctypes.c_uint32 * 4)]
+
+
+def ip6_key(addr: str) -> bytes:
+    """An address of either family as struct dabba_ip6's bytes: IPv6 as it is, IPv4 as
+    IPv4-mapped."""
+    a = ipaddress.ip_address(addr)
+    if a.version == 4:
+        a = ipaddress.IPv6Address(f"::ffff:{a}")
+    return a.packed
+
+
+def ip6(addr: str) -> Ip6:
+    return Ip6.from_buffer_copy(ip6_key(addr))
+
+
+def ip6_str(a: Ip6) -> str:
+    """Inverse of ip6(): IPv4-mapped addresses come back as IPv4."""
+    v6 = ipaddress.IPv6Address(bytes(a))
+    return str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else str(v6)
+
+
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
-    __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad; };"""
+    __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad;
+    struct dabba_ip6 tunnel_ip6; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
@@ -114,37 +142,41 @@ class Config(ctypes.Structure):
         ("hbone_port", ctypes.c_uint16),
         ("max_open", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
+        ("tunnel_ip6", Ip6),
     ]
 
 
 class Capture(ctypes.Structure):
-    """struct dabba_capture { __u64 cgroup_id; __u64 cookie; __u32 orig_ip;
-    __u16 orig_port; __u16 _pad; };"""
+    """struct dabba_capture { __u64 cgroup_id; __u64 cookie; struct dabba_ip6 orig_ip;
+    __u16 orig_port; __u16 _pad; __u32 _pad2; };"""
 
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
         ("cookie", ctypes.c_uint64),
-        ("orig_ip", ctypes.c_uint32),
+        ("orig_ip", Ip6),
         ("orig_port", ctypes.c_uint16),
         ("_pad", ctypes.c_uint16),
+        ("_pad2", ctypes.c_uint32),
     ]
 
 
 class Tuple(ctypes.Structure):
-    """struct dabba_tuple { __u32 src_ip; __u32 dst_ip; __u16 src_port; __u16 dst_port; };"""
+    """struct dabba_tuple { struct dabba_ip6 src_ip; struct dabba_ip6 dst_ip; __u16 src_port;
+    __u16 dst_port; };"""
 
     _fields_ = [
-        ("src_ip", ctypes.c_uint32),
-        ("dst_ip", ctypes.c_uint32),
+        ("src_ip", Ip6),
+        ("dst_ip", Ip6),
         ("src_port", ctypes.c_uint16),
         ("dst_port", ctypes.c_uint16),
     ]
 
 
-class LpmV4(ctypes.Structure):
-    """struct dabba_lpm_v4 { __u32 prefixlen; __u32 ip; };"""
+class Lpm(ctypes.Structure):
+    """struct dabba_lpm { __u32 prefixlen; struct dabba_ip6 ip; }: an IPv4 CIDR as its
+    IPv4-mapped form (prefixlen + 96)."""
 
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("ip", ctypes.c_uint32)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("ip", Ip6)]
 
 
 MTLS_STRICT = 1  # DABBA_MTLS_STRICT
@@ -152,25 +184,9 @@ MTLS_PLAINTEXT = 2  # DABBA_MTLS_PLAINTEXT
 
 
 class IpPort(ctypes.Structure):
-    """struct dabba_ip_port { __u32 ip; __u16 port; __u16 _pad; };"""
+    """struct dabba_ip_port { struct dabba_ip6 ip; __u16 port; __u16 _pad; };"""
 
-    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
-
-
-class Ip6(ctypes.Structure):
-    """struct dabba_ip6 { __u32 w[4]; };"""
-
-    _fields_ = [("w", ctypes.c_uint32 * 4)]
-
-
-def ip6_key(addr: str) -> bytes:
-    """dabba_node_ip's key for an address: IPv6 as it is, IPv4 as IPv4-mapped."""
-    import ipaddress
-
-    a = ipaddress.ip_address(addr)
-    if a.version == 4:
-        a = ipaddress.IPv6Address(f"::ffff:{a}")
-    return a.packed
+    _fields_ = [("ip", Ip6), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
 
 
 class Pair(ctypes.Structure):
@@ -182,9 +198,9 @@ class Pair(ctypes.Structure):
 class Flow(ctypes.Structure):
     """struct dabba_flow (include/types.h): u64 cookie, cgroup_id, start_ns,
     last_ns, end_ns, bytes_sent, bytes_received, base_acked, base_received;
-    u32 segs_out, segs_in, retrans, srtt_us, src_ip, dst_ip, orig_ip;
+    u32 segs_out, segs_in, retrans, srtt_us; struct dabba_ip6 src_ip, dst_ip, orig_ip;
     u16 src_port, dst_port, orig_port; u8 direction, close, captured, seen,
-    last_state, refused."""
+    last_state, refused; u32 _pad."""
 
     _fields_ = [
         ("cookie", ctypes.c_uint64),
@@ -200,9 +216,9 @@ class Flow(ctypes.Structure):
         ("segs_in", ctypes.c_uint32),
         ("retrans", ctypes.c_uint32),
         ("srtt_us", ctypes.c_uint32),
-        ("src_ip", ctypes.c_uint32),
-        ("dst_ip", ctypes.c_uint32),
-        ("orig_ip", ctypes.c_uint32),
+        ("src_ip", Ip6),
+        ("dst_ip", Ip6),
+        ("orig_ip", Ip6),
         ("src_port", ctypes.c_uint16),
         ("dst_port", ctypes.c_uint16),
         ("orig_port", ctypes.c_uint16),
@@ -212,6 +228,7 @@ class Flow(ctypes.Structure):
         ("seen", ctypes.c_uint8),
         ("last_state", ctypes.c_uint8),
         ("refused", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint32),
     ]
 
 
@@ -220,7 +237,7 @@ MIRRORS = {
     "dabba_config": Config,
     "dabba_capture": Capture,
     "dabba_tuple": Tuple,
-    "dabba_lpm_v4": LpmV4,
+    "dabba_lpm": Lpm,
     "dabba_pair": Pair,
     "dabba_ip6": Ip6,
     "dabba_ip_port": IpPort,

@@ -30,13 +30,14 @@ class CaptureReader:
         self.map = Map.pinned(os.path.join(pin_maps_dir, names.MAP_CAP_TUPLE))
 
     def lookup(self, peer: tuple[str, int], local: tuple[str, int]) -> Captured | None:
-        """peer/local: getpeername()/getsockname() of the accepted socket."""
-        key = abi.Tuple(abi.ip_be(peer[0]), abi.ip_be(local[0]), peer[1], local[1])
+        """peer/local: getpeername()/getsockname() of the accepted socket, either family
+        (an IPv4-mapped address is the IPv4 one)."""
+        key = abi.Tuple(abi.ip6(peer[0]), abi.ip6(local[0]), peer[1], local[1])
         raw = self.map.lookup(key)
         if raw is None:
             return None
         c = abi.from_bytes(abi.Capture, raw)
-        return Captured(abi.ip_str(c.orig_ip), c.orig_port, c.cgroup_id, c.cookie)
+        return Captured(abi.ip6_str(c.orig_ip), c.orig_port, c.cgroup_id, c.cookie)
 
     def lookup_socket(self, sock) -> Captured | None:
         return self.lookup(sock.getpeername(), sock.getsockname())

@@ -19,8 +19,9 @@
  *    addresses: refused (EPERM), counted, and reported as a refused flow.
  *    Exclusions (operator's CIDRs and ports) go direct from the workload's
  *    own address, as without a mesh, but never to a mesh port.
- *  - native IPv6: refused. The mesh carries IPv4 (and IPv4-mapped) only;
- *    an IPv6 connection would leave in plaintext with no identity.
+ *  - native IPv6: captured like IPv4, to the tunnel's IPv6 listener
+ *    (dabba_config.tunnel_ip6), where the node's tunnel has one; refused
+ *    where it has none, never let through in plaintext with no identity.
  *  - non-TCP (UDP connect and unconnected sendmsg): only DNS (port 53) and
  *    loopback leave, unless the node's config lets non-TCP pass.
  *
@@ -74,76 +75,66 @@ static __always_inline struct dabba_config *capturing(struct bpf_sock_addr *ctx,
 	return cfg;
 }
 
-static __always_inline int is_node_ip(u32 w0, u32 w1, u32 w2, u32 w3)
+static __always_inline int is_node_ip(struct dabba_ip6 *a)
 {
-	struct dabba_ip6 a = {.w = {w0, w1, w2, w3}};
-	return dabba_node_ip.lookup(&a) != 0;
+	return dabba_node_ip.lookup(a) != 0;
 }
 
-/* The verdict on an IPv4 destination (network order) and port (host order). */
-static __always_inline enum verdict decide4(u32 ip, u16 port, u8 *why)
+/* An excluded destination: its CIDR (dabba_excl_net) or its port (dabba_excl_port). */
+static __always_inline int excluded(struct dabba_ip6 *a, u16 port)
 {
-	u32 h = bpf_ntohl(ip);
-	if ((h >> 24) == 127 || (h >> 24) == 0)
+	struct dabba_lpm net = {.prefixlen = 128, .ip = *a};
+	return dabba_excl_net.lookup(&net) || dabba_excl_port.lookup(&port);
+}
+
+/*
+ * The verdict on a destination of either family (IPv4 as IPv4-mapped) and port (host order).
+ * Native IPv6 is captured only where the tunnel has an IPv6 listener; else refused, never let
+ * through unmeshed.
+ */
+static __always_inline enum verdict decide(struct dabba_config *cfg, struct dabba_ip6 *a, u16 port,
+					   u8 *why)
+{
+	int v4 = dabba_is_v4mapped(a);
+	u32 h = bpf_ntohl(a->w[3]);
+	if (v4 && ((h >> 24) == 127 || (h >> 24) == 0))
 		return V_LOCAL;
+	if (!v4 && !a->w[0] && !a->w[1] && !a->w[2] && (!a->w[3] || a->w[3] == bpf_htonl(1)))
+		return V_LOCAL; /* :: and ::1 */
 	if (dabba_mesh_port.lookup(&port)) {
 		*why = DABBA_REFUSED_MESH_PORT;
 		return V_REFUSE;
 	}
-	struct dabba_lpm_v4 net = {.prefixlen = 32, .ip = ip};
-	if (dabba_excl_net.lookup(&net) || dabba_excl_port.lookup(&port))
+	if (excluded(a, port))
 		return V_DIRECT;
-	if ((h >> 16) == 0xa9fe) { /* 169.254.0.0/16 */
+	if (v4 ? (h >> 16) == 0xa9fe /* 169.254.0.0/16 */
+	       : (bpf_ntohl(a->w[0]) & 0xffc00000) == 0xfe800000 /* fe80::/10 */) {
 		*why = DABBA_REFUSED_LINK_LOCAL;
 		return V_REFUSE;
 	}
-	if (is_node_ip(0, 0, bpf_htonl(0xffff), ip)) {
+	if (is_node_ip(a)) {
 		*why = DABBA_REFUSED_NODE;
+		return V_REFUSE;
+	}
+	if (!v4 && dabba_ip_zero(&cfg->tunnel_ip6)) {
+		*why = DABBA_REFUSED_IPV6;
 		return V_REFUSE;
 	}
 	return V_CAPTURE;
 }
 
-/* The verdict on a native IPv6 destination (w: network order). */
-static __always_inline enum verdict decide6(u32 w0, u32 w1, u32 w2, u32 w3, u8 *why)
+/* An AF_INET6 socket's destination (user_ip6: IPv6, or IPv4-mapped for IPv4). */
+static __always_inline struct dabba_ip6 dest6(struct bpf_sock_addr *ctx)
 {
-	if (!w0 && !w1 && !w2 && (!w3 || w3 == bpf_htonl(1))) /* :: and ::1 */
-		return V_LOCAL;
-	if ((bpf_ntohl(w0) & 0xffc00000) == 0xfe800000)
-		*why = DABBA_REFUSED_LINK_LOCAL;
-	else if (is_node_ip(w0, w1, w2, w3))
-		*why = DABBA_REFUSED_NODE;
-	else
-		*why = DABBA_REFUSED_IPV6;
-	return V_REFUSE;
-}
-
-static __always_inline int is_v4mapped(u32 w0, u32 w1, u32 w2)
-{
-	return !w0 && !w1 && w2 == bpf_htonl(0xffff);
-}
-
-/* The verdict on an AF_INET6 socket's destination; *ip: its IPv4 address when IPv4-mapped, else 0.
- */
-static __always_inline enum verdict decide_ip6(struct bpf_sock_addr *ctx, u16 port, u8 *why,
-					       u32 *ip)
-{
-	u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
-	u32 w3 = ctx->user_ip6[3];
-	if (is_v4mapped(w0, w1, w2)) {
-		*ip = w3;
-		return decide4(w3, port, why);
-	}
-	*ip = 0;
-	return decide6(w0, w1, w2, w3, why);
+	return DABBA_CTX_IP6(ctx->user_ip6);
 }
 
 /*
  * A refused connect(): counted, and reported through the closed-flow ring
  * as a flow that never opened, so `dabba flows` shows who tried what.
- * ip is the IPv4 destination (0 for IPv6 ones).
  */
-static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16 port, u8 why)
+static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a, u16 port,
+				  u8 why)
 {
 	u64 now = bpf_ktime_get_ns();
 	struct dabba_flow f = {
@@ -152,8 +143,8 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16
 	    .start_ns = now,
 	    .last_ns = now,
 	    .end_ns = now,
-	    .dst_ip = ip,
-	    .orig_ip = ip,
+	    .dst_ip = *a,
+	    .orig_ip = *a,
 	    .dst_port = port,
 	    .orig_port = port,
 	    .direction = DABBA_DIR_OUTBOUND,
@@ -180,12 +171,13 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16
  * this connection was going, and letting it through uncaptured would send
  * it in plaintext. Refuse the connect() (EPERM) and count it.
  */
-static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, u32 ip, u16 port)
+static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a,
+				    u16 port)
 {
 	struct dabba_capture cap = {
 	    .cgroup_id = cg,
 	    .cookie = bpf_get_socket_cookie(ctx),
-	    .orig_ip = ip,
+	    .orig_ip = *a,
 	    .orig_port = port,
 	};
 	if (dabba_cap_ck.update(&cap.cookie, &cap) != 0)
@@ -240,12 +232,11 @@ static __always_inline int datagram(struct dabba_config *cfg, enum verdict v, u1
 #define CAPTURE 2 /* act(): rewrite the destination to the tunnel */
 
 /*
- * What connect4 and connect6 do with a verdict on an IPv4 destination ip
- * (0 for a native IPv6 one): the hook's return value (1 go on, 0 EPERM), or
- * CAPTURE once the destination is remembered.
+ * What connect4 and connect6 do with a verdict on destination a: the hook's return value
+ * (1 go on, 0 EPERM), or CAPTURE once the destination is remembered.
  */
 static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *cfg, u64 cg,
-			       enum verdict v, u8 why, u32 ip, u16 port)
+			       enum verdict v, u8 why, struct dabba_ip6 *a, u16 port)
 {
 	if (ctx->type != SOCK_STREAM)
 		return datagram(cfg, v, port);
@@ -258,11 +249,11 @@ static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *c
 		return 1;
 	}
 	if (v == V_REFUSE)
-		return refuse(ctx, cg, ip, port, why);
+		return refuse(ctx, cg, a, port, why);
 	if (!take_slot(ctx, cfg, cg))
-		return refuse(ctx, cg, ip, port, DABBA_REFUSED_LIMIT);
-	if (!remember(ctx, cg, ip, port))
-		return refuse(ctx, cg, ip, port, DABBA_REFUSED_CAP_FULL);
+		return refuse(ctx, cg, a, port, DABBA_REFUSED_LIMIT);
+	if (!remember(ctx, cg, a, port))
+		return refuse(ctx, cg, a, port, DABBA_REFUSED_CAP_FULL);
 	return CAPTURE;
 }
 
@@ -273,11 +264,10 @@ int dabba_connect4(struct bpf_sock_addr *ctx)
 	if (!cfg)
 		return 1;
 
-	u32 dst_ip = ctx->user_ip4;
-	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
+	struct dabba_ip6 a = dabba_v4(ctx->user_ip4);
+	u16 port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	enum verdict v = decide4(dst_ip, dst_port, &why);
-	int r = act(ctx, cfg, cg, v, why, dst_ip, dst_port);
+	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port);
 	if (r != CAPTURE)
 		return r;
 	ctx->user_ip4 = cfg->tunnel_ip;
@@ -292,16 +282,21 @@ int dabba_connect6(struct bpf_sock_addr *ctx)
 	if (!cfg)
 		return 1;
 
-	u16 dst_port = bpf_ntohs((u16)ctx->user_port);
+	struct dabba_ip6 a = dest6(ctx);
+	u16 port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	u32 ip = 0;
-	enum verdict v = decide_ip6(ctx, dst_port, &why, &ip);
-	int r = act(ctx, cfg, cg, v, why, ip, dst_port);
+	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port);
 	if (r != CAPTURE)
 		return r;
-	/* an IPv4-mapped destination (decide6 captures nothing): to the tunnel's listener, mapped
-	 */
-	ctx->user_ip6[3] = cfg->tunnel_ip;
+	if (dabba_is_v4mapped(&a)) {
+		/* to the tunnel's IPv4 listener, mapped: the connection goes over IPv4 */
+		ctx->user_ip6[3] = cfg->tunnel_ip;
+	} else {
+		DABBA_CTX32(ctx->user_ip6[0]) = cfg->tunnel_ip6.w[0];
+		DABBA_CTX32(ctx->user_ip6[1]) = cfg->tunnel_ip6.w[1];
+		DABBA_CTX32(ctx->user_ip6[2]) = cfg->tunnel_ip6.w[2];
+		DABBA_CTX32(ctx->user_ip6[3]) = cfg->tunnel_ip6.w[3];
+	}
 	ctx->user_port = bpf_htons(cfg->tunnel_port);
 	return 1;
 }
@@ -313,10 +308,10 @@ int dabba_sendmsg4(struct bpf_sock_addr *ctx)
 	struct dabba_config *cfg = capturing(ctx, &cg);
 	if (!cfg)
 		return 1;
-	u32 ip = ctx->user_ip4;
+	struct dabba_ip6 a = dabba_v4(ctx->user_ip4);
 	u16 port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	return datagram(cfg, decide4(ip, port, &why), port);
+	return datagram(cfg, decide(cfg, &a, port, &why), port);
 }
 
 int dabba_sendmsg6(struct bpf_sock_addr *ctx)
@@ -325,8 +320,8 @@ int dabba_sendmsg6(struct bpf_sock_addr *ctx)
 	struct dabba_config *cfg = capturing(ctx, &cg);
 	if (!cfg)
 		return 1;
+	struct dabba_ip6 a = dest6(ctx);
 	u16 port = bpf_ntohs((u16)ctx->user_port);
 	u8 why = 0;
-	u32 ip = 0;
-	return datagram(cfg, decide_ip6(ctx, port, &why, &ip), port);
+	return datagram(cfg, decide(cfg, &a, port, &why), port);
 }

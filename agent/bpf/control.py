@@ -43,11 +43,14 @@ class DatapathControl:
         pass_non_tcp: bool = False,
         hbone_port: int = 0,
         max_open: int = 0,
+        tunnel_ip6: str = "",
     ) -> None:
         """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
         non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
         hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port.
-        max_open: captured connections one workload may hold open (connect.c); 0: no limit."""
+        max_open: captured connections one workload may hold open (connect.c); 0: no limit.
+        tunnel_ip6: the outbound listener's IPv6 address (port tunnel_port); empty: native IPv6
+        of the workloads is refused."""
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
@@ -59,6 +62,8 @@ class DatapathControl:
             flags,
             hbone_port,
             max_open,
+            0,
+            abi.ip6(tunnel_ip6) if tunnel_ip6 else abi.Ip6(),
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
@@ -187,10 +192,11 @@ class DatapathControl:
         nets = []
         for c in cidrs:
             try:
-                n = ipaddress.IPv4Network(c, strict=False)
+                n = ipaddress.ip_network(c, strict=False)
             except ValueError:
-                raise DabbaError(f"capture exclusion {c!r} is not an IPv4 CIDR") from None
-            nets.append(abi.LpmV4(n.prefixlen, abi.ip_be(str(n.network_address))))
+                raise DabbaError(f"capture exclusion {c!r} is not an IPv4 or IPv6 CIDR") from None
+            mapped = 96 if n.version == 4 else 0  # IPv4 as IPv4-mapped (include/types.h)
+            nets.append(abi.Lpm(n.prefixlen + mapped, abi.ip6(str(n.network_address))))
         for p in ports:
             if not 0 < int(p) < 65536:
                 raise DabbaError(f"capture exclusion port {p!r} is out of range")
@@ -198,12 +204,10 @@ class DatapathControl:
         self._replace_keys(names.MAP_EXCL_PORT, {int(p).to_bytes(2, "little") for p in ports})
 
     def set_tunnel_addrs(self, addrs: list[str]) -> None:
-        """Replace the addresses STRICT workloads accept connections from."""
+        """Replace the addresses STRICT workloads accept connections from (both families)."""
         from . import abi
 
-        self._replace_keys(
-            names.MAP_TUNNEL_ADDRS, {abi.ip_be(a).to_bytes(4, "little") for a in addrs}
-        )
+        self._replace_keys(names.MAP_TUNNEL_ADDRS, {abi.ip6_key(a) for a in addrs})
 
     def set_node_addrs(self, addrs: list[str]) -> None:
         """Replace the node's own addresses (both families): never a workload's destination."""
@@ -219,7 +223,7 @@ class DatapathControl:
         self._replace_keys(
             names.MAP_PORT_MTLS,
             {
-                bytes(abi.IpPort(abi.ip_be(ip), port, 0)): strict[mode == "STRICT"]
+                bytes(abi.IpPort(abi.ip6(ip), port, 0)): strict[mode == "STRICT"]
                 for (ip, port), mode in modes.items()
             },
         )

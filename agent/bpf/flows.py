@@ -73,9 +73,9 @@ class FlowRecord:
             direction=abi.Direction(f.direction).name.lower()
             if f.direction in (1, 2)
             else "unknown",
-            src=(abi.ip_str(f.src_ip), f.src_port),
-            dst=(abi.ip_str(f.dst_ip), f.dst_port),
-            orig_dst=(abi.ip_str(f.orig_ip), f.orig_port),
+            src=(abi.ip6_str(f.src_ip), f.src_port),
+            dst=(abi.ip6_str(f.dst_ip), f.dst_port),
+            orig_dst=(abi.ip6_str(f.orig_ip), f.orig_port),
             captured=bool(f.captured),
             bytes_sent=f.bytes_sent,
             bytes_received=f.bytes_received,

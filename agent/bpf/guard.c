@@ -12,12 +12,13 @@
  * keeps the per-packet cost at a socket state read. Drops are counted per
  * workload (dabba_guard_ct) and in total.
  *
- * Both families: the tunnel has no IPv6 address, so IPv6 (link-local
- * included) from anywhere but the workload itself is dropped. UDP to a
- * STRICT workload is plaintext too: only DNS (either port 53) and the
- * workload's own traffic pass. Loopback (127/8, ::1) and the workload's own
- * address as source are the workload talking to itself: such packets never
- * come from the wire (the kernel drops them as martians).
+ * Both families, the same rule: IPv6 (link-local included) from anywhere
+ * but a tunnel address, on a connection the tunnel opened, or the workload
+ * itself is dropped. UDP to a STRICT workload is plaintext too: only DNS
+ * (either port 53) and the workload's own traffic pass. Loopback (127/8,
+ * ::1) and the workload's own address as source are the workload talking to
+ * itself: such packets never come from the wire (the kernel drops them as
+ * martians).
  *
  * Per port (Istio's portLevelMtls): dabba_port_mtls overrides the
  * workload's mode for one of its ports, either way.
@@ -65,63 +66,90 @@ static __always_inline int is_dns(struct __sk_buff *skb, u32 l4)
  * address alone is the node's, shared by every host process on a host
  * install.
  */
-static __always_inline int from_tunnel(struct __sk_buff *skb, u32 saddr, u32 daddr, u32 l4)
+static __always_inline int from_tunnel(struct __sk_buff *skb, struct dabba_ip6 *saddr,
+				       struct dabba_ip6 *daddr, u32 l4)
 {
-	if (!dabba_tun_addr.lookup(&saddr))
+	if (!dabba_tun_addr.lookup(saddr))
 		return 0;
 	struct tcphdr th;
 	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) < 0)
 		return 0;
 	struct dabba_tuple t = {
-	    .src_ip = saddr,
-	    .dst_ip = daddr,
+	    .src_ip = *saddr,
+	    .dst_ip = *daddr,
 	    .src_port = bpf_ntohs(th.source),
 	    .dst_port = bpf_ntohs(th.dest),
 	};
 	return dabba_tun_conn.lookup(&t) != 0;
 }
 
-/* 1: the packet may reach the workload (from the tunnel, or from itself). */
-static __always_inline int admitted(struct __sk_buff *skb, int udp)
+/*
+ * A packet's source and destination (either family) and where its L4 header starts; 0 when it
+ * is not IP, or an IPv6 packet whose next header is not TCP or UDP (extension headers: not
+ * parsed, so never admitted as the tunnel's or as DNS).
+ */
+static __always_inline int addresses(struct __sk_buff *skb, struct dabba_ip6 *s,
+				     struct dabba_ip6 *d, u32 *l4, int *v6_plain)
 {
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ih;
 		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)) < 0)
 			return 0;
-		if ((bpf_ntohl(ih.saddr) >> 24) == 127 || ih.saddr == ih.daddr)
-			return 1;
-		if (udp)
-			return is_dns(skb, ih.ihl * 4);
-		return from_tunnel(skb, ih.saddr, ih.daddr, ih.ihl * 4);
+		*s = dabba_v4(ih.saddr);
+		*d = dabba_v4(ih.daddr);
+		*l4 = ih.ihl * 4;
+		return 1;
 	}
 	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ih;
 		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)) < 0)
 			return 0;
-		u32 s0 = ih.saddr.in6_u.u6_addr32[0], s1 = ih.saddr.in6_u.u6_addr32[1];
-		u32 s2 = ih.saddr.in6_u.u6_addr32[2], s3 = ih.saddr.in6_u.u6_addr32[3];
-		if (!s0 && !s1 && !s2 && s3 == bpf_htonl(1))
-			return 1;
-		if (s0 == ih.daddr.in6_u.u6_addr32[0] && s1 == ih.daddr.in6_u.u6_addr32[1] &&
-		    s2 == ih.daddr.in6_u.u6_addr32[2] && s3 == ih.daddr.in6_u.u6_addr32[3])
-			return 1;
-		/* extension headers before UDP: not DNS as far as we can tell */
-		if (udp)
-			return ih.nexthdr == IPPROTO_UDP && is_dns(skb, sizeof(ih));
-		return 0; /* the tunnel has no IPv6 address */
+		*s = dabba_v6(ih.saddr.in6_u.u6_addr32[0], ih.saddr.in6_u.u6_addr32[1],
+			      ih.saddr.in6_u.u6_addr32[2], ih.saddr.in6_u.u6_addr32[3]);
+		*d = dabba_v6(ih.daddr.in6_u.u6_addr32[0], ih.daddr.in6_u.u6_addr32[1],
+			      ih.daddr.in6_u.u6_addr32[2], ih.daddr.in6_u.u6_addr32[3]);
+		*l4 = sizeof(ih);
+		*v6_plain = ih.nexthdr == IPPROTO_TCP || ih.nexthdr == IPPROTO_UDP;
+		return 1;
 	}
-	return 1; /* not IP */
+	return 0;
+}
+
+/* 1: the packet may reach the workload (from the tunnel, or from itself). */
+static __always_inline int admitted(struct __sk_buff *skb, int udp)
+{
+	struct dabba_ip6 s = {}, d = {};
+	u32 l4 = 0;
+	int plain_l4 = 1;
+	if (!addresses(skb, &s, &d, &l4, &plain_l4))
+		return skb->protocol != bpf_htons(ETH_P_IP) &&
+		       skb->protocol != bpf_htons(ETH_P_IPV6);
+	if (dabba_is_loopback(&s) || dabba_ip_eq(&s, &d))
+		return 1;
+	if (!plain_l4)
+		return 0;
+	if (udp)
+		return is_dns(skb, l4);
+	return from_tunnel(skb, &s, &d, l4);
 }
 
 /* Is the socket's port STRICT: its own mode (dabba_port_mtls), else the workload's. */
 static __always_inline int strict_port(struct __sk_buff *skb, struct bpf_sock *sk, u32 flags)
 {
 	int strict = flags & DABBA_WL_STRICT;
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return strict;
 	struct dabba_ip_port k = {.port = (u16)sk->src_port};
-	if (bpf_skb_load_bytes(skb, offsetof(struct iphdr, daddr), &k.ip, sizeof(k.ip)) < 0)
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		u32 ip = 0;
+		if (bpf_skb_load_bytes(skb, offsetof(struct iphdr, daddr), &ip, sizeof(ip)) < 0)
+			return strict;
+		k.ip = dabba_v4(ip);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, offsetof(struct ipv6hdr, daddr), &k.ip, sizeof(k.ip)) <
+		    0)
+			return strict;
+	} else {
 		return strict;
+	}
 	u8 *mode = dabba_port_mtls.lookup(&k);
 	return mode ? *mode == DABBA_MTLS_STRICT : strict;
 }

@@ -2,13 +2,12 @@
 /*
  * Listener ownership: sk_lookup in the node's network namespace.
  *
- * Captured connections (to tunnel_ip:tunnel_port) and HBONE (any address,
- * hbone_port) go to the tunnel's own listening sockets, registered by the
- * tunnel in dabba_tun_sk, and to no other: not to a socket that joined the
- * port's reuseport group (NO_REUSEPORT), not to one bound to a more specific
- * address, not to one bound while the tunnel was down. Before this, a root
- * process in the node's namespace bound 15001 with SO_REUSEPORT and received
- * pods' captured connections in plaintext.
+ * Captured connections (to tunnel_ip:tunnel_port, and [tunnel_ip6]:tunnel_port) and HBONE (any
+ * address, hbone_port) go to the tunnel's own listening sockets, registered by the tunnel in
+ * dabba_tun_sk, and to no other: not to a socket that joined the port's reuseport group
+ * (NO_REUSEPORT), not to one bound to a more specific address, not to one bound while the tunnel
+ * was down. Before this, a root process in the node's namespace bound 15001 with SO_REUSEPORT and
+ * received pods' captured connections in plaintext.
  *
  * Fail closed: while the tunnel has no listener registered (it is
  * restarting), such connections are refused and counted.
@@ -24,6 +23,12 @@ static __always_inline void count(u32 stat)
 		*v += 1;
 }
 
+static __always_inline int local6_is(struct bpf_sk_lookup *ctx, struct dabba_ip6 *a)
+{
+	struct dabba_ip6 l = DABBA_CTX_IP6(ctx->local_ip6);
+	return dabba_ip_eq(&l, a);
+}
+
 int dabba_own_in(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != 6 /* TCP */)
@@ -36,6 +41,9 @@ int dabba_own_in(struct bpf_sk_lookup *ctx)
 	if (ctx->local_port == cfg->tunnel_port && ctx->family == 2 /* AF_INET */ &&
 	    ctx->local_ip4 == cfg->tunnel_ip)
 		key = TUN_SK_OUTBOUND;
+	else if (ctx->local_port == cfg->tunnel_port && ctx->family == 10 /* AF_INET6 */ &&
+		 !dabba_ip_zero(&cfg->tunnel_ip6) && local6_is(ctx, &cfg->tunnel_ip6))
+		key = TUN_SK_OUTBOUND6;
 	else if (cfg->hbone_port && ctx->local_port == cfg->hbone_port)
 		key = TUN_SK_HBONE; /* an IPv6 lookup cannot take it: refused below */
 	else

@@ -16,6 +16,11 @@
  * connection goes on to the workload's listener, where the ingress guard
  * drops it.
  *
+ * Both families: IPv6 plaintext is steered like IPv4 when the tunnel's
+ * listener is registered under the workload's IPv6 address; where it is
+ * not (the workload has no IPv6 address the mesh knows, a link-local
+ * destination), it is dropped and counted (DABBA_ST_PLAIN_V6_DROP).
+ *
  * Fail closed: if the tunnel has no listener for the workload (it is
  * restarting), the connection is refused, never let through unchecked.
  */
@@ -30,35 +35,21 @@ static __always_inline void count(u32 stat)
 		*v += 1;
 }
 
-/*
- * IPv6 TCP: the tunnel has no IPv6 listener, so IPv6 plaintext (link-local
- * included) cannot be checked and is dropped; the workload's own (::1, or
- * its own address) passes.
- */
-static __always_inline int plain_v6(struct bpf_sk_lookup *ctx)
-{
-	u32 s0 = ctx->remote_ip6[0], s1 = ctx->remote_ip6[1], s2 = ctx->remote_ip6[2];
-	u32 s3 = ctx->remote_ip6[3];
-	if (!s0 && !s1 && !s2 && s3 == bpf_htonl(1))
-		return SK_PASS;
-	if (s0 == ctx->local_ip6[0] && s1 == ctx->local_ip6[1] && s2 == ctx->local_ip6[2] &&
-	    s3 == ctx->local_ip6[3])
-		return SK_PASS;
-	count(DABBA_ST_PLAIN_V6_DROP);
-	return SK_DROP;
-}
-
 int dabba_plain_in(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != 6 /* TCP */)
 		return SK_PASS;
-	if (ctx->family == 10 /* AF_INET6 */)
-		return plain_v6(ctx);
-	if (ctx->family != 2 /* AF_INET */)
+	struct dabba_ip6 src, dst;
+	if (ctx->family == 2 /* AF_INET */) {
+		src = dabba_v4(ctx->remote_ip4);
+		dst = dabba_v4(ctx->local_ip4);
+	} else if (ctx->family == 10 /* AF_INET6 */) {
+		src = DABBA_CTX_IP6(ctx->remote_ip6);
+		dst = DABBA_CTX_IP6(ctx->local_ip6);
+	} else {
 		return SK_PASS;
-	u32 src = ctx->remote_ip4;
-	u32 dst = ctx->local_ip4;
-	if (src == dst || (bpf_ntohl(src) >> 24) == 127)
+	}
+	if (dabba_ip_eq(&src, &dst) || dabba_is_loopback(&src))
 		return SK_PASS; /* the workload talking to itself */
 	struct dabba_tuple t = {
 	    .src_ip = src,
@@ -76,9 +67,13 @@ int dabba_plain_in(struct bpf_sk_lookup *ctx)
 	}
 	if (mode && *mode == DABBA_MTLS_STRICT)
 		return SK_PASS; /* a STRICT port (portLevelMtls): the ingress guard drops it */
+	/*
+	 * The tunnel's 15006 listener in this namespace, registered under each of the workload's
+	 * addresses; one socket (dual-stack) serves both families. None: fail closed.
+	 */
 	struct bpf_sock *sk = (struct bpf_sock *)dabba_plain.lookup(&dst);
 	if (!sk) {
-		count(DABBA_ST_PLAIN_NO_TUNNEL);
+		count(ctx->family == 10 ? DABBA_ST_PLAIN_V6_DROP : DABBA_ST_PLAIN_NO_TUNNEL);
 		return SK_DROP;
 	}
 	/*

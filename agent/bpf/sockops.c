@@ -37,6 +37,21 @@ static __always_inline struct dabba_sk_owner *owner_of(struct bpf_sock_ops *skop
 	return dabba_sk_owner.sk_storage_get(sk, 0, 0);
 }
 
+/* The socket's own address and its peer's, either family (IPv4 as IPv4-mapped). */
+static __always_inline struct dabba_ip6 local_of(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return dabba_v4(skops->local_ip4);
+	return DABBA_CTX_IP6(skops->local_ip6);
+}
+
+static __always_inline struct dabba_ip6 remote_of(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return dabba_v4(skops->remote_ip4);
+	return DABBA_CTX_IP6(skops->remote_ip6);
+}
+
 static __always_inline void refresh(struct bpf_sock_ops *skops, struct dabba_flow *f)
 {
 	u64 sent = skops->bytes_acked - f->base_acked;
@@ -76,14 +91,14 @@ static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 	    .cookie = cookie,
 	    .cgroup_id = own->cgroup_id,
 	    .start_ns = bpf_ktime_get_ns(),
-	    .src_ip = skops->local_ip4,
-	    .dst_ip = skops->remote_ip4,
-	    .orig_ip = skops->remote_ip4,
+	    .src_ip = local_of(skops),
+	    .dst_ip = remote_of(skops),
 	    .src_port = (u16)skops->local_port,
 	    .dst_port = bpf_ntohl(skops->remote_port),
 	    .direction = direction,
 	    .last_state = direction == DABBA_DIR_OUTBOUND ? BPF_TCP_SYN_SENT : BPF_TCP_ESTABLISHED,
 	};
+	f.orig_ip = f.dst_ip;
 	f.orig_port = f.dst_port;
 
 	if (direction == DABBA_DIR_OUTBOUND) {
@@ -152,8 +167,8 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 	if (!f) {
 		/* a captured connection the full flow map did not take: its tuple still goes */
 		struct dabba_tuple t = {
-		    .src_ip = skops->local_ip4,
-		    .dst_ip = skops->remote_ip4,
+		    .src_ip = local_of(skops),
+		    .dst_ip = remote_of(skops),
 		    .src_port = (u16)skops->local_port,
 		    .dst_port = bpf_ntohl(skops->remote_port),
 		};
@@ -228,23 +243,18 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
 }
 
 /*
- * An AF_INET6 socket connected over IPv4 (an IPv4-mapped peer): its
- * local_ip4 and remote_ip4 are the IPv4 addresses, as the tunnel sees them,
- * so it is accounted exactly like an AF_INET one. Native IPv6 connections
- * of enrolled workloads are refused at connect() (connect.c); an accepted
- * one (loopback) is not accounted.
+ * TCP of both families. An AF_INET6 socket connected over IPv4 (an
+ * IPv4-mapped peer) has IPv4-mapped local_ip6 and remote_ip6: the addresses
+ * an AF_INET socket's are mapped to, so it is accounted exactly like one.
  */
-static __always_inline int ipv4_flow(struct bpf_sock_ops *skops)
+static __always_inline int ip_flow(struct bpf_sock_ops *skops)
 {
-	if (skops->family == AF_INET)
-		return 1;
-	return skops->family == AF_INET6 && !skops->remote_ip6[0] && !skops->remote_ip6[1] &&
-	       skops->remote_ip6[2] == bpf_htonl(0xffff);
+	return skops->family == AF_INET || skops->family == AF_INET6;
 }
 
 int dabba_sockops(struct bpf_sock_ops *skops)
 {
-	if (!ipv4_flow(skops))
+	if (!ip_flow(skops))
 		return 1;
 
 	switch (skops->op) {

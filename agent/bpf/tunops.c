@@ -20,14 +20,18 @@
 
 int dabba_tun_ops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	struct dabba_tuple t = {};
+	if (skops->family == AF_INET) {
+		t.src_ip = dabba_v4(skops->local_ip4);
+		t.dst_ip = dabba_v4(skops->remote_ip4);
+	} else if (skops->family == AF_INET6) {
+		t.src_ip = DABBA_CTX_IP6(skops->local_ip6);
+		t.dst_ip = DABBA_CTX_IP6(skops->remote_ip6);
+	} else {
 		return 1;
-	struct dabba_tuple t = {
-	    .src_ip = skops->local_ip4,
-	    .dst_ip = skops->remote_ip4,
-	    .src_port = (u16)skops->local_port,
-	    .dst_port = bpf_ntohl(skops->remote_port),
-	};
+	}
+	t.src_port = (u16)skops->local_port;
+	t.dst_port = bpf_ntohl(skops->remote_port);
 	u8 one = 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:

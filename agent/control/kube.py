@@ -29,6 +29,7 @@ own models (tests/unit/test_kube.py); the live list calls were not run.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ def workload_error(w: m.Workload) -> str | None:
         or validate.name_error(w.name, "pod name")
         or validate.name_error(w.service_account, "serviceAccountName")
         or validate.node_error(w.node)
+        or (None if w.ip else "the pod has no IPv4 address (IPv6-only pods are not meshed yet)")
         or next((e for k, v in w.labels.items() if (e := validate.label_error(k, v))), None)
     )
 
@@ -71,15 +73,32 @@ def workload_of(pod) -> m.Workload | None:
         return None
     if _get(pod, "spec", "host_network"):
         return None  # host-network pods share the node's identity and are not enrolled
+    ip, ip6 = pod_addresses(pod)
     return m.Workload(
         name=_get(pod, "metadata", "name"),
         namespace=_get(pod, "metadata", "namespace", default="default"),
         service_account=_get(pod, "spec", "service_account_name", default="default"),
         node=_get(pod, "spec", "node_name", default=""),
-        ip=_get(pod, "status", "pod_ip"),
+        ip=ip,
         labels=dict(_get(pod, "metadata", "labels", default={})),
         pod_uid=_get(pod, "metadata", "uid", default=""),
+        ip6=ip6,
     )
+
+
+def pod_addresses(pod) -> tuple[str, str]:
+    """(IPv4, IPv6) of a pod: status.podIPs (dual stack, either family first), else
+    status.podIP; "" for a family it has none of, or for what is no address."""
+    ips = [_get(p, "ip") for p in _get(pod, "status", "pod_i_ps", default=[]) or []]
+    ips.append(_get(pod, "status", "pod_ip"))
+    got = {4: "", 6: ""}
+    for text in ips:
+        try:
+            a = ipaddress.ip_address(str(text))
+        except ValueError:
+            continue
+        got[a.version] = got[a.version] or str(a)
+    return got[4], got[6]
 
 
 def _named_ports(slices, service: str, namespace: str) -> dict[str, int]:

@@ -57,6 +57,7 @@ class Workload:
     cgroup: str = ""  # its cgroup v2 folder on the node, when the registry knows it
     netns: str = ""  # its network namespace (a path on the node), when the registry knows it
     pod_uid: str = ""  # a Kubernetes pod's UID (the node finds cgroup and netns by it)
+    ip6: str = ""  # its IPv6 address on a dual-stack network ("" when it has none)
 
     def spiffe(self, trust_domain: str) -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"

@@ -167,7 +167,13 @@ def _spec(doc: _Doc) -> dict:
 def parse_workload(doc: _Doc) -> m.Workload:
     name, ns, labels = _meta(doc)
     s = _spec(doc)
-    _only(doc, s, {"serviceAccount", "node", "ip", "cgroup", "netns"}, ("spec",), "Workload spec")
+    _only(
+        doc,
+        s,
+        {"serviceAccount", "node", "ip", "ip6", "cgroup", "netns"},
+        ("spec",),
+        "Workload spec",
+    )
     for k in ("node", "ip"):
         if not s.get(k):
             doc.fail(("spec",), f"Workload {ns}/{name}: spec.{k} is required")
@@ -181,6 +187,12 @@ def parse_workload(doc: _Doc) -> m.Workload:
         doc.fail(
             ("spec", "ip"), f"Workload {ns}/{name}: spec.ip {s['ip']!r} is not an IPv4 address"
         )
+    ip6 = _str(doc, s.get("ip6"), ("spec", "ip6"), f"Workload {ns}/{name}: spec.ip6", "")
+    if ip6:
+        err = _ip6_error(ip6)
+        if err:
+            doc.fail(("spec", "ip6"), f"Workload {ns}/{name}: spec.ip6 {ip6!r} {err}")
+        ip6 = str(ipaddress.IPv6Address(ip6))
     paths = {}
     for k in ("cgroup", "netns"):
         v = paths[k] = _str(doc, s.get(k), ("spec", k), f"Workload {ns}/{name}: spec.{k}", "")
@@ -190,7 +202,22 @@ def parse_workload(doc: _Doc) -> m.Workload:
     err = validate.name_error(sa, "spec.serviceAccount")
     if err:
         doc.fail(("spec", "serviceAccount"), f"Workload {ns}/{name}: {err}")
-    return m.Workload(name, ns, sa, s["node"], s["ip"], labels, paths["cgroup"], paths["netns"])
+    return m.Workload(
+        name, ns, sa, s["node"], s["ip"], labels, paths["cgroup"], paths["netns"], ip6=ip6
+    )
+
+
+def _ip6_error(text: str) -> str:
+    """Why text cannot be a workload's IPv6 address; "" when it can."""
+    try:
+        a = ipaddress.IPv6Address(text)
+    except ValueError:
+        return "is not an IPv6 address"
+    if a.ipv4_mapped is not None or a.is_link_local or a.is_loopback or a.is_unspecified:
+        return "is not a routable IPv6 address (IPv4-mapped, link-local, loopback, unspecified)"
+    if a.is_multicast:
+        return "is a multicast address"
+    return ""
 
 
 def parse_service(doc: _Doc) -> m.Service:
@@ -473,9 +500,10 @@ def fail_closed(kind: str, obj: dict, why: str, origin: str):
 def _check_ips(state: m.State) -> None:
     seen: dict[str, str] = {}
     for w in state.workloads.values():
-        if w.ip in seen:
-            raise RegistryError(f"workloads {seen[w.ip]} and {w.key} have the same ip {w.ip}")
-        seen[w.ip] = w.key
+        for ip in filter(None, (w.ip, w.ip6)):
+            if ip in seen:
+                raise RegistryError(f"workloads {seen[ip]} and {w.key} have the same ip {ip}")
+            seen[ip] = w.key
 
 
 def load_dir(path: str, root: str = m.ROOT_NAMESPACE) -> m.State:

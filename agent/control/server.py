@@ -175,6 +175,7 @@ class ControlPlane:
                 service_account=w.service_account,
                 node=w.node,
                 ip=w.ip,
+                ip6=w.ip6,
                 labels=w.labels,
                 spiffe_id=w.spiffe(td),
                 mtls_mode=st.peer_mode(w),

@@ -39,6 +39,7 @@ from . import spec as specmod
 
 STATE_DIR = os.environ.get("DABBA_LAB_STATE", "/run/dabba/labs")
 CONTROL_IP = "10.10.0.1"  # on the lab bridge, in the lab's own namespace
+CONTROL_IP6 = "fd00:10::1"
 NETNS_DIR = "/run/netns"
 _log = log.get("lab")
 
@@ -54,6 +55,7 @@ class Pod:
     service_account: str = "default"
     labels: dict = field(default_factory=dict)
     uid: str = ""  # as a Kubernetes pod's (the lab's Kubernetes mode knows the pod by it)
+    ip6: str = ""  # dual stack: its IPv6 address ("" in a lab from before IPv6)
 
 
 def pod_uid(lab_name: str, pod: str) -> str:
@@ -73,6 +75,9 @@ class Node:
     cgroup: str  # the node cgroup (programs attach here)
     system_cgroup: str  # for the node's own processes
     bpf_node: str  # datapath node name: pins under <bpffs>/dabba/<bpf_node>
+    ip6: str = ""  # on the lab bridge, IPv6
+    gateway6: str = ""  # on cbr0, IPv6: where the node tunnel's IPv6 outbound listener is
+    pod_cidr6: str = ""
 
 
 @dataclass
@@ -294,6 +299,7 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
     _ip(
         "addr", "add", f"{CONTROL_IP}/24", "dev", "br0", ns=lab.netns
     )  # the control plane's address
+    _ip("-6", "addr", "add", f"{CONTROL_IP6}/64", "dev", "br0", "nodad", ns=lab.netns)
     _ip("link", "set", "br0", "up", ns=lab.netns)
     os.makedirs(os.path.join(lab.cgroup, "_control"))
     node_ips = {}
@@ -311,6 +317,9 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
             cgroup=cg,
             system_cgroup=os.path.join(cg, "_node"),
             bpf_node=bpf_node_name(lab.name, nname),
+            ip6=specmod.UNDERLAY6.format(host=10 + i),
+            gateway6=specmod.POD_SUPERNET6.format(node=i).replace("::/64", "::1"),
+            pod_cidr6=specmod.POD_SUPERNET6.format(node=i),
         )
         lab.nodes.append(node)
         _ip("netns", "add", ns)
@@ -318,16 +327,20 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
         _ip("link", "add", nname, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=lab.netns)
         _ip("link", "set", nname, "master", "br0", "up", ns=lab.netns)
         _ip("addr", "add", f"{nip}/24", "dev", "eth0", ns=ns)
+        _ip("-6", "addr", "add", f"{node.ip6}/64", "dev", "eth0", "nodad", ns=ns)
         _ip("link", "set", "eth0", "up", ns=ns)
         _ip("link", "add", "cbr0", "type", "bridge", ns=ns)
         _ip("addr", "add", f"{node.gateway}/24", "dev", "cbr0", ns=ns)
+        _ip("-6", "addr", "add", f"{node.gateway6}/64", "dev", "cbr0", "nodad", ns=ns)
         _ip("link", "set", "cbr0", "up", ns=ns)
         _sysctl(ns, "net.ipv4.ip_forward", "1")
+        _sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
         os.makedirs(node.system_cgroup)
     for node in lab.nodes:
         for other in lab.nodes:
             if other is not node:
                 _ip("route", "add", other.pod_cidr, "via", other.ip, ns=node.netns)
+                _ip("-6", "route", "add", other.pod_cidr6, "via", other.ip6, ns=node.netns)
     counters: dict[str, int] = {}
     for p in spec.pods:
         node = lab.node(p.node)
@@ -349,6 +362,7 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
             service_account=p.service_account,
             labels=dict(p.labels),
             uid=uid,
+            ip6=node.pod_cidr6.replace("::/64", f"::{10 + j:x}"),
         )
         lab.pods.append(pod)
         veth = f"v{j}"
@@ -369,8 +383,10 @@ def _create(lab: Lab, spec: specmod.ClusterSpec) -> None:
         )
         _ip("link", "set", veth, "master", "cbr0", "up", ns=node.netns)
         _ip("addr", "add", f"{pod.ip}/24", "dev", "eth0", ns=pod.netns)
+        _ip("-6", "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad", ns=pod.netns)
         _ip("link", "set", "eth0", "up", ns=pod.netns)
         _ip("route", "add", "default", "via", node.gateway, ns=pod.netns)
+        _ip("-6", "route", "add", "default", "via", node.gateway6, ns=pod.netns)
         os.makedirs(pod.cgroup)
 
 
@@ -474,8 +490,8 @@ def agent_config(lab: Lab, node_name: str, strict: tuple[str, ...] = ()) -> dict
         "pin_name": node.bpf_node,
         "cgroup": node.cgroup,
         "state_dir": os.path.join(STATE_DIR, lab.name, node.name),
-        "tunnel": {"address": node.gateway, "port": 15001},
-        "tunnel_addresses": [node.gateway],
+        "tunnel": {"address": node.gateway, "address6": node.gateway6, "port": 15001},
+        "tunnel_addresses": [node.gateway, node.gateway6],
         # the lab runs on whatever kernel the machine has: packet sockets are refused where it
         # can (the BPF LSM); elsewhere the agent says so (dabba status) instead of not starting
         "capture": {"packet_sockets": "refuse-where-able"},

@@ -53,7 +53,11 @@ def kube_objects(lab: Lab) -> dict:
                 "serviceAccountName": p.service_account,
                 "containers": [{"name": "app", "image": "lab"}],
             },
-            "status": {"phase": "Running", "podIP": p.ip},
+            "status": {
+                "phase": "Running",
+                "podIP": p.ip,
+                "podIPs": [{"ip": p.ip}, {"ip": p.ip6}],
+            },
         }
         for p in lab.pods
     ]
@@ -102,6 +106,7 @@ def registry_docs(lab: Lab) -> list[dict]:
                     "serviceAccount": p.service_account,
                     "node": p.node,
                     "ip": p.ip,
+                    "ip6": p.ip6,
                     "cgroup": p.cgroup,
                     "netns": f"/run/netns/{p.netns}",
                 },
@@ -233,8 +238,9 @@ def node_config(
             tunnel_workers if tunnel_workers == "auto" else int(tunnel_workers)
         )
     if host_addresses:
-        cfg["tunnel"]["address"] = lab.node(node).ip
-        cfg["tunnel_addresses"] = [lab.node(node).ip]
+        n = lab.node(node)
+        cfg["tunnel"]["address"], cfg["tunnel"]["address6"] = n.ip, n.ip6
+        cfg["tunnel_addresses"] = [n.ip, n.ip6]
     token = os.path.join(p["root"], f"{node}.token")
     with open(token, "w") as f:
         f.write(TokenStore(p["control"]).create(node, 3600) + "\n")

@@ -15,6 +15,9 @@ POD_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 
 UNDERLAY = ipaddress.ip_network("10.10.0.0/24")  # node addresses, on the lab bridge
 POD_SUPERNET = "10.20.{node}.0/24"  # one /24 per node
+# IPv6 (dual stack): the same plan, a /64 per node; the lab bridge's own /64 for nodes
+UNDERLAY6 = "fd00:10::{host}"
+POD_SUPERNET6 = "fd00:20:{node}::/64"
 MAX_NODES = 200
 MAX_PODS_PER_NODE = 200
 

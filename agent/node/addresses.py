@@ -74,3 +74,32 @@ def refused_destination(
 
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+def unmapped(ip: str) -> str:
+    """An address as the mesh names it: IPv4-mapped IPv6 (::ffff:a.b.c.d, what a dual-stack
+    socket reports for an IPv4 peer) as its IPv4 address, IPv6 compressed."""
+    a = ipaddress.ip_address(ip.split("%", 1)[0])
+    if a.version == 6 and a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    return str(a)
+
+
+def hostport(ip: str, port: int) -> str:
+    """ip:port, an IPv6 address in brackets ([fd00::1]:80), as in a URL or an HTTP authority."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """The (address, port) of "a.b.c.d:port" or "[v6]:port"; ValueError for anything else
+    (a name, a zone, a port out of range, an IPv6 address without brackets)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not address:port")
+    if "%" in host:
+        raise ValueError(f"{text!r} names a zone (one node's link)")
+    if host.startswith("[") and host.endswith("]"):
+        a = ipaddress.IPv6Address(host[1:-1])
+    else:
+        a = ipaddress.IPv4Address(host)
+    return str(a), int(port)

@@ -77,7 +77,7 @@ class Agent:
             cfg.keep_closed,
             lambda cg: self._by_key.get(self.workload_ids.get(cg, "")),
             self._by_ip.get,
-            lambda: {cfg.tunnel.address, *cfg.tunnel_addresses},
+            lambda: {cfg.tunnel.address, cfg.tunnel.address6, *cfg.tunnel_addresses} - {""},
         )
         self._flow_map: Map | None = None
         self._closed_new: list[FlowRecord] = []  # drained since closed.jsonl was last written
@@ -204,6 +204,7 @@ class Agent:
             pass_non_tcp=c.capture.non_tcp == "pass",
             hbone_port=self.hbone_port(),
             max_open=self.max_connections(),
+            tunnel_ip6=c.tunnel.address6,
         )
         if c.control is not None and c.tunnel.run:  # the tunnel will be our child, in our cgroup
             self.trust_tunnel("self")
@@ -374,7 +375,11 @@ class Agent:
             entries.append((key, cgroup, capture, w.mtls_mode == "STRICT"))
             if w.port_mtls:  # port 0: the workload's own mode, for the ports not listed
                 port_modes.update(
-                    {(w.ip, p): m for p, m in {0: w.mtls_mode, **w.port_mtls}.items()}
+                    {
+                        (ip, p): m
+                        for p, m in {0: w.mtls_mode, **w.port_mtls}.items()
+                        for ip in filter(None, (w.ip, w.ip6))
+                    }
                 )
             if capture and netns and plaintext_ports(w):
                 steer.append((key, netns))
@@ -382,7 +387,7 @@ class Agent:
         self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
         self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
         self._by_ip.clear()
-        self._by_ip.update({w.ip: w for w in snap.workloads})
+        self._by_ip.update({ip: w for w in snap.workloads for ip in (w.ip, w.ip6) if ip})
         self._enrol(entries)
         self.ctl.set_port_mtls(port_modes)
         self._steer(steer)
@@ -492,8 +497,12 @@ class Agent:
             "--workers",
             c.tunnel.workers,
             "--source",
-            c.tunnel_addresses[0],
+            c.tunnel_source(4),
         ]
+        if c.tunnel.address6:
+            argv += ["--outbound6", f"[{c.tunnel.address6}]:{c.tunnel.port}"]
+            if c.tunnel_source(6):
+                argv += ["--source6", c.tunnel_source(6)]
         delay = 1.0
         private_dir(c.state_dir)
         log_path = os.path.join(c.state_dir, "tunnel.log")

@@ -169,6 +169,7 @@ class AgentApi:
                     "workload": key,
                     "node": w.node,
                     "ip": w.ip,
+                    "ip6": w.ip6,
                     "identity": w.spiffe_id,
                     "mtls_mode": w.mtls_mode,
                     "labels": dict(w.labels),

@@ -11,6 +11,8 @@ A YAML file (``dabba agent run --config FILE``)::
     tunnel:
       address: 10.20.1.1          # the tunnel's outbound listener, where
       port: 15001                 # captured connect()s are sent
+      address6: fd00:20:1::1      # its IPv6 outbound listener (same port), for workloads'
+                                  # native IPv6; unset: their native IPv6 is refused (EPERM)
       mark: 0                     # SO_MARK of the tunnel's own sockets (never captured)
       run: false                  # start and supervise the tunnel (with control)
       inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
@@ -18,10 +20,11 @@ A YAML file (``dabba agent run --config FILE``)::
       workers: 1                  # tunnel processes on the same ports, or auto (as the load asks)
     tunnel_addresses: [10.20.1.1] # the tunnel's own sources: what STRICT and PERMISSIVE workloads
                                   # accept as the tunnel; the tunnel connects to this node's
-                                  # workloads from the first (default: [tunnel.address])
+                                  # workloads from the first of each family (default:
+                                  # [tunnel.address, tunnel.address6])
     capture:
       enabled: true               # false: account and guard only (until a tunnel runs)
-      exclude_cidrs: [127.0.0.0/8]  # destinations that bypass capture (they go direct, from
+      exclude_cidrs: [127.0.0.0/8]  # destinations (IPv4 or IPv6) that bypass capture (direct, from
       exclude_ports: []           # the workload's own address; never to a mesh port)
       non_tcp: dns                # dns: of UDP only DNS (port 53) and loopback leave; raw,
                                   # ping and other inet sockets are refused. pass: all non-TCP
@@ -91,6 +94,7 @@ class TunnelConfig:
     inbound: str = ""  # HBONE listener IP:PORT (default: control.node_address:15008)
     drain: float = 30.0  # seconds open flows may go on when the tunnel stops or is upgraded
     workers: str = "1"  # tunnel processes sharing the ports, or "auto"
+    address6: str = ""  # IPv6 outbound listener (same port); "": native IPv6 is refused
 
 
 @dataclass
@@ -160,13 +164,36 @@ class AgentConfig:
         self.pin_name = self.pin_name or self.node
         self.state_dir = self.state_dir or f"/run/dabba/{self.pin_name}"
         if not self.tunnel_addresses:
-            self.tunnel_addresses = [self.tunnel.address]
+            self.tunnel_addresses = [a for a in (self.tunnel.address, self.tunnel.address6) if a]
+
+    def tunnel_source(self, version: int) -> str:
+        """The first tunnel address of an IP version (4 or 6): where the tunnel connects to this
+        node's workloads from; "" when there is none."""
+        return next(
+            (a for a in self.tunnel_addresses if ipaddress.ip_address(a).version == version), ""
+        )
 
     def dump(self) -> dict:
         """Everything, as the admin API and --check print it (there are no secrets here)."""
         d = asdict(self)
         d.pop("source")
         return d
+
+
+def _ip6_field(value, err) -> str:
+    """tunnel.address6: "" when unset, else a routable IPv6 address (err(msg) raises)."""
+    if value in (None, ""):
+        return ""
+    try:
+        a = ipaddress.IPv6Address(str(value))
+    except ValueError:
+        raise err(f"tunnel.address6: {value!r} is not an IPv6 address") from None
+    if a.ipv4_mapped is not None or a.is_link_local or a.is_loopback or a.is_unspecified:
+        raise err(
+            f"tunnel.address6: {value!r} cannot be the tunnel's listener (IPv4-mapped, "
+            "link-local, loopback or unspecified: workloads' connections to it are refused)"
+        )
+    return str(a)
 
 
 def _err(path: str, node, msg: str) -> DabbaError:
@@ -273,7 +300,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
     )
     for k in t:
         need(
-            k in {"address", "port", "mark", "run", "inbound", "drain", "workers"},
+            k in {"address", "address6", "port", "mark", "run", "inbound", "drain", "workers"},
             ("tunnel", k),
             f"tunnel: unknown field {k!r}",
         )
@@ -285,18 +312,28 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         str(t.get("inbound", "")),
         float(drain),
         str(workers),
+        _ip6_field(
+            t.get("address6"), lambda msg: _err(path, _find(root, "tunnel", "address6"), msg)
+        ),
     )
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]
     for i, a in enumerate(tun_addrs):
         try:
-            ipaddress.IPv4Address(a)
+            tun_addrs[i] = str(ipaddress.ip_address(a))
         except ValueError:
             raise _err(
                 path,
                 _find(root, "tunnel_addresses", i),
-                f"tunnel_addresses: {a!r} is not an IPv4 address",
+                f"tunnel_addresses: {a!r} is not an IPv4 or IPv6 address",
             ) from None
+    if tunnel.address6:
+        need(
+            not tun_addrs or any(":" in a for a in tun_addrs),
+            ("tunnel_addresses",),
+            "tunnel_addresses: tunnel.address6 is set but no IPv6 address is listed: the "
+            "tunnel could not deliver IPv6 to STRICT workloads",
+        )
 
     c = doc.get("capture") or {}
     for k in c:
@@ -341,12 +378,12 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
     )
     for i, cidr in enumerate(cap.exclude_cidrs):
         try:
-            ipaddress.IPv4Network(cidr, strict=False)
+            ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise _err(
                 path,
                 _find(root, "capture", "exclude_cidrs", i),
-                f"capture.exclude_cidrs: {cidr!r} is not an IPv4 CIDR",
+                f"capture.exclude_cidrs: {cidr!r} is not an IPv4 or IPv6 CIDR",
             ) from None
     for i, p in enumerate(cap.exclude_ports):
         need(

@@ -43,6 +43,7 @@ import hyperframe.frame
 
 from .. import log
 from ..control import validate
+from ..node.addresses import split_hostport
 from .tls import client_context, peer_identity, peer_serial, sni_for
 
 _log = log.get("hbone")
@@ -501,27 +502,33 @@ class H2Connection(asyncio.Protocol):
 
 
 def _forwarded_for(value) -> str | None:
-    """The for= address of a Forwarded header (RFC 7239), when it is a plain IPv4 address."""
+    """The for= address of a Forwarded header (RFC 7239): a plain IPv4 address, or an IPv6
+    one in brackets (for="[fd00::1]"); None for anything else."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     for part in str(value).split(";"):
         k, _, v = part.strip().partition("=")
         if k.lower() == "for":
+            v = v.strip('"')
             try:
-                return str(ipaddress.IPv4Address(v.strip('"')))
+                if v.startswith("[") and v.endswith("]"):
+                    return str(ipaddress.IPv6Address(v[1:-1]))
+                return str(ipaddress.IPv4Address(v))
             except ValueError:
                 return None
     return None
 
 
-def _authority_ok(authority: str) -> bool:
-    """host:port with an IPv4 host and a port in range (HBONE names an address, never a name)."""
-    import ipaddress
+def forwarded(addr: str) -> str:
+    """A Forwarded header's value naming addr (RFC 7239: an IPv6 address quoted, bracketed)."""
+    return f'for="[{addr}]"' if ":" in addr else f"for={addr}"
 
-    host, _, port = authority.rpartition(":")
+
+def _authority_ok(authority: str) -> bool:
+    """ip:port or [ipv6]:port with a port in range (HBONE names an address, never a name)."""
     try:
-        ipaddress.IPv4Address(host)
-        return port.isdigit() and 0 < int(port) < 65536
+        split_hostport(authority)
+        return True
     except ValueError:
         return False
 
@@ -750,7 +757,7 @@ class ClientConnection(H2Connection):
         self.waiting[sid] = fut
         headers = [(":method", "CONNECT"), (":authority", authority)]
         if source:
-            headers.append(("forwarded", f"for={source}"))
+            headers.append(("forwarded", forwarded(source)))
         self.h2.send_headers(sid, headers)
         s = Stream(self, sid, authority)
         self.streams[sid] = s

@@ -1,4 +1,4 @@
-"""The tunnel's listening sockets (outbound 15001, HBONE 15008): the tunnel's alone.
+"""The tunnel's listening sockets (outbound 15001, on IPv6 too, HBONE 15008): the tunnel's alone.
 
 Before, every tunnel listener set SO_REUSEPORT so that workers and an
 upgrade's successor could bind the same ports; a root process in the node's
@@ -40,12 +40,26 @@ _log = log.get("listeners")
 
 ENV = "DABBA_TUNNEL_LISTEN_FDS"
 FILE = "tunnel.listeners"
-KINDS = ("outbound", "hbone")  # dabba_tun_sk keys 0 and 1 (abi.TUN_SK_*)
+KINDS = ("outbound", "hbone", "outbound6")  # in this order; dabba_tun_sk keys (abi.TUN_SK_*)
+_KEYS = {
+    "outbound": abi.TUN_SK_OUTBOUND,
+    "hbone": abi.TUN_SK_HBONE,
+    "outbound6": abi.TUN_SK_OUTBOUND6,
+}
+
+
+def kinds(outbound6: bool) -> tuple[str, ...]:
+    """The listeners of a tunnel: outbound and HBONE, and the IPv6 outbound one if it has one."""
+    return KINDS if outbound6 else KINDS[:2]
 
 
 def bind(addr: tuple[str, int], what: str) -> socket.socket:
-    """A listening socket on addr that no other socket can share (no SO_REUSEPORT)."""
-    s = socket.socket()
+    """A listening socket on addr (either family; IPv6 only for an IPv6 address) that no other
+    socket can share (no SO_REUSEPORT)."""
+    v6 = ":" in addr[0]
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+    if v6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only
     try:
         s.bind(addr)
@@ -63,40 +77,57 @@ def bind(addr: tuple[str, int], what: str) -> socket.socket:
     return s
 
 
-def acquire(state_dir: str, outbound: tuple[str, int], inbound: tuple[str, int]):
-    """(outbound socket, HBONE socket, how): inherited, borrowed or bound."""
-    want = {"outbound": outbound, "hbone": inbound}
+def acquire(
+    state_dir: str,
+    outbound: tuple[str, int],
+    inbound: tuple[str, int],
+    outbound6: tuple[str, int] | None = None,
+) -> tuple[list[socket.socket], str]:
+    """The listening sockets, in the order of kinds(), and how: inherited, borrowed or bound."""
+    want = {"outbound": outbound, "hbone": inbound, "outbound6": outbound6}
+    names_ = kinds(outbound6 is not None)
     fds = os.environ.get(ENV)
     if fds:
         socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
         for s in socks:
             s.setblocking(False)
-        return socks[0], socks[1], "inherited"
-    got = borrow(os.path.join(state_dir, FILE))
+        return socks, "inherited"
+    got = borrow(os.path.join(state_dir, FILE), names_)
     if got is not None:
-        if all(_same(s.getsockname(), want[k]) for k, s in zip(KINDS, got, strict=True)):
+        if all(_same(s.getsockname(), want[k]) for k, s in zip(names_, got, strict=True)):
             for s in got:
                 s.setblocking(False)
-            return got[0], got[1], "borrowed"
+            return got, "borrowed"
         _log.warning("the predecessor listens elsewhere; binding this tunnel's own addresses")
         for s in got:
             s.close()
-    return bind(outbound, "outbound"), bind(inbound, "HBONE"), "bound"
+    what = {"outbound": "outbound", "hbone": "HBONE", "outbound6": "IPv6 outbound"}
+    socks: list[socket.socket] = []
+    try:
+        for k in names_:
+            socks.append(bind(want[k], what[k]))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks, "bound"
 
 
 def _same(have: tuple, want: tuple[str, int]) -> bool:
-    return have[1] == want[1] and (want[0] in ("", "0.0.0.0") or have[0] == want[0])
+    return have[1] == want[1] and (want[0] in ("", "0.0.0.0", "::") or have[0] == want[0])
 
 
-def register(maps_dir: str, outbound: socket.socket, hbone: socket.socket) -> None:
-    """Put the sockets where own.c takes them from (dabba_tun_sk)."""
+def register(maps_dir: str, socks: list[socket.socket]) -> None:
+    """Put the sockets (in the order of kinds()) where own.c takes them from (dabba_tun_sk)."""
     with Map.pinned(os.path.join(maps_dir, names.MAP_TUN_SK)) as m:
-        for key, s in ((abi.TUN_SK_OUTBOUND, outbound), (abi.TUN_SK_HBONE, hbone)):
-            m.update(ctypes.c_uint32(key), ctypes.c_uint32(s.fileno()))
+        for kind, s in zip(KINDS, socks, strict=False):
+            m.update(ctypes.c_uint32(_KEYS[kind]), ctypes.c_uint32(s.fileno()))
 
 
-def borrow(path: str, timeout: float = 5.0) -> list[socket.socket] | None:
-    """The predecessor's listeners, or None when no tunnel lends any at path."""
+def borrow(
+    path: str, want: tuple[str, ...] = KINDS[:2], timeout: float = 5.0
+) -> list[socket.socket] | None:
+    """The predecessor's listeners, or None when no tunnel lends the ones in want at path."""
     c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     c.settimeout(timeout)
     try:
@@ -107,7 +138,7 @@ def borrow(path: str, timeout: float = 5.0) -> list[socket.socket] | None:
     finally:
         c.close()
     socks = [socket.socket(fileno=fd) for fd in fds]
-    if json.loads(msg or b"{}").get("listeners") != list(KINDS) or len(socks) != len(KINDS):
+    if json.loads(msg or b"{}").get("listeners") != list(want) or len(socks) != len(want):
         for s in socks:
             s.close()
         return None
@@ -120,6 +151,7 @@ class Lender:
     def __init__(self, state_dir: str, socks: list[socket.socket]):
         self.path = os.path.join(state_dir, FILE)
         self.socks = socks
+        self.kinds = list(KINDS[: len(socks)])
         self.sock = handoff.listen_unix(self.path)  # successors find us here from now on
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
 
@@ -134,7 +166,7 @@ class Lender:
                 return
             conn.settimeout(5)
             with contextlib.suppress(OSError):
-                msg = json.dumps({"listeners": list(KINDS)}).encode()
+                msg = json.dumps({"listeners": self.kinds}).encode()
                 socket.send_fds(conn, [msg], [s.fileno() for s in self.socks])
                 _log.info("listeners lent to a successor")
 

@@ -44,7 +44,13 @@ from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
 from ..control.store import ENROLLED_FILE
-from ..node.addresses import node_addresses, refused_destination
+from ..node.addresses import (
+    hostport,
+    node_addresses,
+    refused_destination,
+    split_hostport,
+    unmapped,
+)
 from . import admin, handoff, hbone, inbound, lb, listeners, tls
 from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
@@ -95,6 +101,7 @@ class TunnelConfig:
     maps_dir: str  # pinned maps of the node's datapath
     outbound: tuple[str, int]  # where connect4 sends captured connections
     inbound: tuple[str, int]  # HBONE listener
+    outbound6: tuple[str, int] | None = None  # where connect6 sends captured native IPv6
     registry_only: bool = False
     connect_timeout: float = 5.0
     handshake_timeout: float = 10.0  # inbound TLS handshakes that stall are cut after this
@@ -113,6 +120,9 @@ class TunnelConfig:
     # (a route's own choice, e.g. a veth's address, would be taken for a plaintext peer);
     # "": the outbound listener's address
     source: str = ""
+    # the same for IPv6 connections to this node's workloads; "": the IPv6 outbound listener's
+    # address, and without one this node's workloads are reached over IPv4 only
+    source6: str = ""
 
 
 @dataclass
@@ -132,7 +142,9 @@ class State:
 
 
 def _model(w: pb.Workload) -> m.Workload:
-    return m.Workload(w.name, w.namespace, w.service_account, w.node, w.ip, dict(w.labels))
+    return m.Workload(
+        w.name, w.namespace, w.service_account, w.node, w.ip, dict(w.labels), ip6=w.ip6
+    )
 
 
 class Tunnel:
@@ -140,6 +152,7 @@ class Tunnel:
         self.cfg = cfg
         src = cfg.source or cfg.outbound[0]
         self._source = "" if src == "0.0.0.0" else src  # of connections to local workloads
+        self._source6 = cfg.source6 or (cfg.outbound6[0] if cfg.outbound6 else "")
         self.state = State()
         # never a passthrough destination (the kernel refuses them first; see node/addresses.py)
         self.node_addrs = set(node_addresses())
@@ -155,7 +168,8 @@ class Tunnel:
         self._stamp = None
         self._listening = False
         self.listener: inbound.Listener | None = None
-        self.listen_socks: list[socket.socket] = []  # outbound, HBONE (workers inherit them)
+        # outbound, HBONE, IPv6 outbound (listeners.kinds()): workers inherit them
+        self.listen_socks: list[socket.socket] = []
         # tunops.c on our cgroup (the agent attaches it): without it the guard and plain.c
         # cannot tell our connections to local workloads from a host process's, and plain.c
         # would steer each of our deliveries back to our own 15006, again and again
@@ -215,6 +229,8 @@ class Tunnel:
         )
         for w in snap.workloads:
             st.by_ip[w.ip] = w
+            if w.ip6:
+                st.by_ip[w.ip6] = w
             st.workloads[f"{w.namespace}/{w.name}"] = w
             if w.node == self.cfg.node and w.cgroup:
                 with contextlib.suppress(OSError):
@@ -321,25 +337,28 @@ class Tunnel:
             if w.netns and plaintext_ports(w)
         }
         for key in list(self.plain):
-            if key not in want or self.plain[key][1] != want[key].ip:
-                ls, ip, task = self.plain.pop(key)
+            if key not in want or self.plain[key][1] != _plain_ips(want[key]):
+                ls, ips, task = self.plain.pop(key)
                 task.cancel()
-                with contextlib.suppress(OSError):
-                    self.plain_map.delete(ctypes.c_uint32(abi.ip_be(ip)))
+                for ip in ips:
+                    with contextlib.suppress(OSError):
+                        self.plain_map.delete(abi.ip6(ip))
                 ls.close()
         for key, w in want.items():
             if key in self.plain:
                 continue
+            ips = _plain_ips(w)
             try:
-                ls = _listener_in_netns(w.netns, ("127.0.0.1", self.cfg.plain_port))
-                self.plain_map.update(
-                    ctypes.c_uint32(abi.ip_be(w.ip)), ctypes.c_uint32(ls.fileno())
-                )
+                # one dual-stack socket for both of the workload's addresses (plain.c assigns it
+                # to IPv4 and IPv6 connections alike)
+                ls = _listener_in_netns(w.netns, self.cfg.plain_port)
+                for ip in ips:
+                    self.plain_map.update(abi.ip6(ip), ctypes.c_uint32(ls.fileno()))
             except OSError as e:
                 _log.error(f"no plaintext listener for {key} in {w.netns}: {e}")
                 continue
             task = asyncio.ensure_future(self._plain_accept(ls, key))
-            self.plain[key] = (ls, w.ip, task)
+            self.plain[key] = (ls, ips, task)
             _log.info("plaintext listener ready", fields={"workload": key, "netns": w.netns})
 
     async def _plain_accept(self, ls: socket.socket, key: str) -> None:
@@ -352,14 +371,15 @@ class Tunnel:
         """A plaintext peer outside the mesh: policy without identity, then the kernel splice."""
         try:
             dst_ip, port = sock.getsockname()[:2]
-            src_ip = sock.getpeername()[0]
+            src_ip = unmapped(sock.getpeername()[0])  # a dual-stack socket: IPv4 as mapped
+            dst_ip = unmapped(dst_ip)
         except OSError:
             return _reset(sock)
         dst = self.state.workloads.get(key)
-        if dst is None or mtls_mode(dst, port) == "STRICT" or dst.ip != dst_ip:
+        if dst is None or mtls_mode(dst, port) == "STRICT" or dst_ip not in _plain_ips(dst):
             self.stats["plain_denied"] += 1
             return _reset(sock)
-        d = self.decide(dst, None, src_ip, port)
+        d = self.decide(dst, None, src_ip, port, dst_ip)
         if not d.allowed:
             self.stats["plain_denied"] += 1
             _log.info(
@@ -367,7 +387,7 @@ class Tunnel:
                 fields={"src": src_ip, "dst": f"{key}:{port}", "reason": d.reason},
             )
             return _reset(sock)
-        up = await self._dial(dst_ip, port, local=True)
+        up = await self._dial(self._address_of(dst, ":" in dst_ip), port, local=True)
         if up is None:
             self.stats["connect_failed"] += 1
             return _reset(sock)
@@ -391,14 +411,15 @@ class Tunnel:
     def _report_inbound(self, up, src: dict, dst, port, path, security, d, labels, svc=None):
         """Tell the agent about the workload socket we connected to (the destination's end)."""
         try:
-            key = key_of(up.getpeername(), up.getsockname())
+            peer = up.getpeername()
+            key = key_of(peer, up.getsockname())
         except OSError:
             return  # already gone: the kernel's record says how it ended
         self.facts.send(
             key,
             "destination",
             src,
-            party(dst, port=port),
+            party(dst, ip=peer[0], port=port),  # the address it was reached at
             path=path,
             security=security,
             verdict="allow",
@@ -459,10 +480,29 @@ class Tunnel:
         w = self.state.by_ip.get(ip)
         return None, ([f"{w.namespace}/{w.name}"] if w else []), port
 
-    def decide(self, dst: pb.Workload, src_identity: str | None, src_ip: str, port: int):
+    def decide(
+        self,
+        dst: pb.Workload,
+        src_identity: str | None,
+        src_ip: str,
+        port: int,
+        dst_ip: str = "",
+    ):
+        """The destination's policy on a flow; dst_ip: the address it was reached at (the
+        workload's IPv4 address when not given)."""
         return evaluate(
-            self.state.policies, _model(dst), Request(src_ip, dst.ip, port, src_identity)
+            self.state.policies,
+            _model(dst),
+            Request(src_ip, dst_ip or dst.ip, port, src_identity),
         )
+
+    def _address_of(self, dst: pb.Workload, v6: bool) -> str:
+        """Where to reach dst: its IPv6 address for a flow that came as IPv6 (when it has one,
+        and, on this node, when this tunnel can deliver IPv6 from a source the guard knows),
+        else its IPv4 address."""
+        if v6 and dst.ip6 and (dst.node != self.cfg.node or self._source6):
+            return dst.ip6
+        return dst.ip
 
     # ---- outbound -------------------------------------------------------------------------------------------
     async def _accept_loop(self, ls: socket.socket) -> None:
@@ -501,6 +541,7 @@ class Tunnel:
         peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
         src_ip = peer[0]
         svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
+        v6 = ":" in cap.orig_ip  # native IPv6: the destination is reached over IPv6 too
         if self.identities is None or src.spiffe_id not in self.identities.contexts:
             # enrolled (captured and STRICT) before its certificate arrived: fail closed
             self.facts.send(
@@ -581,10 +622,15 @@ class Tunnel:
                 break
             tried.append(ep)
             dst = self.state.workloads[ep]
+            reached = self._address_of(dst, v6)
             # on this node we are the destination's enforcement point; across nodes its tunnel is
-            d = self.decide(dst, src.spiffe_id, src_ip, port) if dst.node == self.cfg.node else None
+            d = (
+                self.decide(dst, src.spiffe_id, src_ip, port, reached)
+                if dst.node == self.cfg.node
+                else None
+            )
             if d is not None and not d.allowed:
-                fact(party(dst, port=port), "denied", "deny", d.reason, policy=d.policy)
+                fact(party(dst, ip=reached, port=port), "denied", "deny", d.reason, policy=d.policy)
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied",
@@ -592,9 +638,14 @@ class Tunnel:
                 )
                 return _reset(sock)
             try:
-                done = await self._open(sock, src_ip, src, dst, port, ep, svc, d, fact)
+                done = await self._open(sock, src_ip, src, dst, port, ep, svc, d, fact, v6=v6)
             except _Denied as e:
-                fact(party(dst, port=port), "denied", "deny", f"denied by the destination: {e}")
+                fact(
+                    party(dst, ip=reached, port=port),
+                    "denied",
+                    "deny",
+                    f"denied by the destination: {e}",
+                )
                 self.stats["denied"] += 1
                 _log.info(
                     "connection denied by the destination",
@@ -637,14 +688,17 @@ class Tunnel:
         svc=None,
         decision=None,
         fact=None,
+        v6: bool = False,
     ) -> bool:
         """Connect the flow to dst; False when the connect failed (nothing was forwarded).
 
         decision: ours when dst is on this node; fact(dst, path, verdict, reason, ...)
-        reports the source side to the agent.
+        reports the source side to the agent. v6: the workload connected over native IPv6 (dst
+        is reached at its IPv6 address where it has one).
         """
+        addr = self._address_of(dst, v6)
         if dst.node == self.cfg.node:
-            up = await self._dial(dst.ip, port, local=True)
+            up = await self._dial(addr, port, local=True)
             if up is None:
                 return False
             self.lb.opened(ep)
@@ -656,7 +710,7 @@ class Tunnel:
             count_close = self._count_open(labels)
             d = decision
             fact(
-                party(dst, port=port),
+                party(dst, ip=addr, port=port),
                 "splice",
                 "allow",
                 d.reason,
@@ -688,7 +742,7 @@ class Tunnel:
                 conn = await self.pool.get(src.spiffe_id, dst.spiffe_id, (node_addr, HBONE_PORT))
                 try:
                     stream = await conn.connect(
-                        f"{dst.ip}:{port}",
+                        hostport(addr, port),
                         timeout=self.cfg.connect_timeout,
                         source=src_ip,
                     )
@@ -703,16 +757,16 @@ class Tunnel:
         except hbone.HboneError as e:
             if " 403" in str(e):
                 raise _Denied(str(e)) from None
-            _log.info(f"HBONE to {dst.ip}:{port} failed: {e}")
+            _log.info(f"HBONE to {hostport(addr, port)} failed: {e}")
             return False
         except TimeoutError:
-            _log.info(f"HBONE CONNECT to {dst.ip}:{port} timed out")
+            _log.info(f"HBONE CONNECT to {hostport(addr, port)} timed out")
             return False
         _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
         self.lb.opened(ep)
         labels = istio_labels("source", src, dst, svc, "mutual_tls")
         fact(
-            party(dst, port=port),
+            party(dst, ip=addr, port=port),
             "hbone",
             "allow",
             "allowed by the destination's tunnel",
@@ -735,11 +789,18 @@ class Tunnel:
                 "this tunnel's connections are not recognised (no tunops.c on its cgroup: see "
                 "the agent's log); refusing to deliver rather than loop through 15006",
             )
-        up = _tunnel_socket()
+        v6 = ":" in ip
+        source = self._source6 if v6 else self._source
+        if local and v6 and not source:
+            raise OSError(
+                errno.EADDRNOTAVAIL,
+                "this tunnel has no IPv6 source address (tunnel.address6) to deliver from",
+            )
+        up = _tunnel_socket(socket.AF_INET6 if v6 else socket.AF_INET)
         try:
-            if local and self._source:
+            if local and source:
                 up.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port at connect()
-                up.bind((self._source, 0))
+                up.bind((source, 0))
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(up, (ip, port)), self.cfg.connect_timeout
             )
@@ -753,7 +814,7 @@ class Tunnel:
         try:
             return await self._connect(ip, port, local)
         except (OSError, TimeoutError) as e:
-            _log.info(f"connect to {ip}:{port} failed: {e or 'timeout'}")
+            _log.info(f"connect to {hostport(ip, port)} failed: {e or 'timeout'}")
             return None
 
     def _adopted(self, p) -> None:
@@ -797,13 +858,12 @@ class Tunnel:
         return ok
 
     async def _inbound(self, authority: str, client_id: str | None, client_ip: str):
-        host, _, p = authority.rpartition(":")
-        port = int(p)
+        host, port = split_hostport(authority)  # checked by the HBONE server already
         dst = self.state.by_ip.get(host)
         if dst is None or dst.node != self.cfg.node:
             self.stats["inbound_unknown"] += 1
             return f"no workload {host} on node {self.cfg.node}"
-        d = self.decide(dst, client_id, client_ip, port)
+        d = self.decide(dst, client_id, client_ip, port, host)
         if not d.allowed:
             self.stats["inbound_denied"] += 1
             _log.info(
@@ -812,7 +872,7 @@ class Tunnel:
             return d.reason
         loop = asyncio.get_running_loop()
         try:
-            up = await self._connect(host, port, local=True)
+            up = await self._connect(self._address_of(dst, ":" in host), port, local=True)
         except (OSError, TimeoutError) as e:
             return f"connect to {authority} failed: {e}"
         _, side = await loop.connect_accepted_socket(hbone.TcpSide, up)
@@ -1018,12 +1078,18 @@ class Tunnel:
         while not self.reload():
             _log.info("waiting for the agent's snapshot", fields={"dir": self.cfg.state_dir})
             await asyncio.sleep(0.5)
-        ls, hb, how = listeners.acquire(self.cfg.state_dir, self.cfg.outbound, self.cfg.inbound)
-        self.listen_socks = [ls, hb]
-        listeners.register(self.cfg.maps_dir, ls, hb)
+        socks, how = listeners.acquire(
+            self.cfg.state_dir, self.cfg.outbound, self.cfg.inbound, self.cfg.outbound6
+        )
+        self.listen_socks = socks
+        hb, outbound = socks[1], [socks[0], *socks[2:]]
+        listeners.register(self.cfg.maps_dir, socks)
         _log.info(
             f"listeners {how}",
-            fields={"outbound": ls.getsockname(), "hbone": hb.getsockname()},
+            fields={
+                "outbound": [s.getsockname()[:2] for s in outbound],
+                "hbone": hb.getsockname(),
+            },
         )
         _raise_nofile()
         hbone_in = self.listener = inbound.serve(
@@ -1067,8 +1133,8 @@ class Tunnel:
         self._listening = True
         if main:
             self._sync_plain()
-        accept = asyncio.ensure_future(self._accept_loop(ls))
-        lender = listeners.Lender(self.cfg.state_dir, [ls, hb]) if main else None
+        accepts = [asyncio.ensure_future(self._accept_loop(s)) for s in outbound]
+        lender = listeners.Lender(self.cfg.state_dir, socks) if main else None
         receiver = handoff.Receiver(
             handoff.path_in(self.cfg.state_dir, self.cfg.worker),
             self.splicer,
@@ -1120,12 +1186,14 @@ class Tunnel:
             if lender is not None:
                 lender.close()
             self._listening = False
-            accept.cancel()
+            for accept in accepts:
+                accept.cancel()
             for lsock, _, task in self.plain.values():
                 task.cancel()
                 lsock.close()  # its map entry goes with it (a successor's replaced it already)
             self.plain.clear()
-            ls.close()
+            for s in outbound:
+                s.close()
             hbone_in.close()
             for srv in servers:
                 srv.close()
@@ -1182,8 +1250,14 @@ class Tunnel:
 _CLONE_NEWNET = 0x40000000
 
 
-def _listener_in_netns(netns: str, addr: tuple[str, int]) -> socket.socket:
-    """A listening socket created inside another network namespace (it stays there)."""
+def _plain_ips(w: pb.Workload) -> tuple[str, ...]:
+    """The addresses plain.c steers to a workload's 15006 listener."""
+    return (w.ip, w.ip6) if w.ip6 else (w.ip,)
+
+
+def _listener_in_netns(netns: str, port: int) -> socket.socket:
+    """A listening socket created inside another network namespace (it stays there): dual
+    stack (IPv6 any address, IPv4 as mapped), so one socket serves both families."""
     libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(netns, os.O_RDONLY)
@@ -1194,14 +1268,15 @@ def _listener_in_netns(netns: str, addr: tuple[str, int]) -> socket.socket:
         try:
             # No SO_REUSEPORT (nothing else joins it) and plain.c assigns this very socket;
             # a successor, while we still hold the port, takes any port: sk_lookup does not care
-            s = socket.socket()
+            s = socket.socket(socket.AF_INET6)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind(addr)
+                s.bind(("::", port))
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
-                s.bind((addr[0], 0))
+                s.bind(("::", 0))
             s.listen(4096)
             s.setblocking(False)
         finally:
@@ -1319,8 +1394,8 @@ def _couple(a: hbone.TcpSide, b: hbone.TcpSide) -> None:
     b.attach(_Half(b, a))
 
 
-def _tunnel_socket() -> socket.socket:
-    s = socket.socket()
+def _tunnel_socket(family: int = socket.AF_INET) -> socket.socket:
+    s = socket.socket(family)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
     s.setblocking(False)
     return s
@@ -1332,7 +1407,9 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    ipaddress.IPv4Address(host)
-    return host, int(port)
+def parse_hostport(text: str, version: int = 4) -> tuple[str, int]:
+    """IP:PORT (version 4) or [IPv6]:PORT (version 6); ValueError for anything else."""
+    host, port = split_hostport(text)
+    if ipaddress.ip_address(host).version != version:
+        raise ValueError(f"{text!r} is not an IPv{version} address and port")
+    return host, port

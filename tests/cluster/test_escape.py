@@ -139,7 +139,8 @@ BIND = (
     "import socket, sys\n"
     "for a in sys.argv[1:]:\n"
     "    host, port = a.rsplit(':', 1)\n"
-    "    s = socket.socket()\n"
+    "    host = host.strip('[]')\n"
+    "    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)\n"
     "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
     "    try:\n"
@@ -154,11 +155,15 @@ def test_the_running_tunnels_ports_cannot_be_shared(elab, procs):
     namespace joined 15001's group and took captured connections in plaintext."""
     L, _ = elab
     n1 = L.node("n1")
-    addrs = [f"{n1.gateway}:15001", "0.0.0.0:15001", f"{n1.ip}:15008", "0.0.0.0:15008"]
+    addrs = [f"{n1.gateway}:15001", "0.0.0.0:15001", f"{n1.ip}:15008", "0.0.0.0:15008",
+             f"[{n1.gateway6}]:15001", "[::]:15001"]  # fmt: skip
     r = L.run("n1", [sys.executable, "-c", BIND, *addrs])
     assert r.stdout.splitlines() == [f"{a} Address already in use" for a in addrs]
     ss = L.run("n1", ["ss", "-Hltn", "sport = :15001"]).stdout.splitlines()
-    assert len(ss) == 1  # one socket, shared by the tunnel's processes
+    # one socket per address (IPv4, IPv6), shared by the tunnel's processes
+    assert sorted(line.split()[3] for line in ss) == sorted(
+        [f"{n1.gateway}:15001", f"[{n1.gateway6}]:15001"]
+    ), ss
     status = _dabba_json("bpf", "status", "--node", n1.bpf_node)
     own = next(p for p in status["programs"] if p["name"] == "dabba_own_in")
     assert own["attached"] == 1  # and own.c holds the ports for it even while it restarts

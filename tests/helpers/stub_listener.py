@@ -35,7 +35,7 @@ def main():
     if a.register:
         from agent.ztunnel.listeners import register
 
-        register(a.maps, ls, ls)
+        register(a.maps, [ls, ls])
     host, port = ls.getsockname()[:2]
     print(json.dumps({"listening": f"{host}:{port}"}), flush=True)
     for _ in range(a.count):

@@ -89,8 +89,9 @@ def exchange(sock, args, server):
 
 
 def addr(s):
+    """IP:PORT or [IPv6]:PORT."""
     host, port = s.rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
 def main():
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--reset-after", type=float, help="server: wait, then reset")
     args = ap.parse_args()
     if args.role == "server":
-        ls = socket.socket()
+        ls = socket.socket(socket.AF_INET6 if ":" in addr(args.listen)[0] else socket.AF_INET)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(addr(args.listen))
         ls.listen(16)

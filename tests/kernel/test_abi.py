@@ -16,7 +16,7 @@ CASES = [
     (abi.Config, "connect.c", names.MAP_CFG, "Leaf"),
     (abi.Capture, "sockops.c", names.MAP_CAP_TUPLE, "Leaf"),
     (abi.Tuple, "sockops.c", names.MAP_CAP_TUPLE, "Key"),
-    (abi.LpmV4, "connect.c", names.MAP_EXCL_NET, "Key"),
+    (abi.Lpm, "connect.c", names.MAP_EXCL_NET, "Key"),
     (abi.Pair, "splice.c", names.MAP_PAIRS, "Leaf"),
     (abi.Flow, "sockops.c", names.MAP_FLOWS, "Leaf"),
     (abi.Ip6, "connect.c", names.MAP_NODE_IPS, "Key"),

@@ -113,7 +113,7 @@ def test_workload_enrolment_of_unknown_cgroup_via_agent_check(lab, tmp_path):
 
 def test_control_rejects_bad_exclusion(datapaths):
     ctl: DatapathControl = datapaths["n1"]
-    with pytest.raises(DabbaError, match="'10.0.0.0/33' is not an IPv4 CIDR"):
+    with pytest.raises(DabbaError, match="'10.0.0.0/33' is not an IPv4 or IPv6 CIDR"):
         ctl.set_exclusions(["10.0.0.0/33"], [])
 
 

@@ -19,9 +19,9 @@ def test_mirrors_have_no_implicit_padding():
         end = max(getattr(cls, f[0]).offset + getattr(cls, f[0]).size for f in cls._fields_)
         assert end == ctypes.sizeof(cls), cls.__name__
     assert (
-        ctypes.sizeof(abi.Flow) == 112
-        and ctypes.sizeof(abi.Capture) == 24
-        and ctypes.sizeof(abi.Tuple) == 12
+        ctypes.sizeof(abi.Flow) == 152
+        and ctypes.sizeof(abi.Capture) == 40
+        and ctypes.sizeof(abi.Tuple) == 36
     )
 
 
@@ -29,6 +29,15 @@ def test_ip_helpers_roundtrip_network_order():
     v = abi.ip_be("10.20.1.11")
     assert v.to_bytes(4, "little") == bytes([10, 20, 1, 11])
     assert abi.ip_str(v) == "10.20.1.11"
+
+
+def test_addresses_of_both_families_are_one_type():
+    # IPv4 as IPv4-mapped, in network order, and back as IPv4; IPv6 compressed
+    assert bytes(abi.ip6("10.20.1.11")) == bytes(10) + b"\xff\xff" + bytes([10, 20, 1, 11])
+    assert abi.ip6_str(abi.ip6("10.20.1.11")) == "10.20.1.11"
+    assert abi.ip6_str(abi.ip6("::ffff:10.20.1.11")) == "10.20.1.11"
+    assert bytes(abi.ip6("fd00:20:1::b"))[:4] == bytes([0xFD, 0, 0, 0x20])
+    assert abi.ip6_str(abi.ip6("fd00:20:1:0::b")) == "fd00:20:1::b"
 
 
 def test_flow_record_from_raw():
@@ -41,9 +50,9 @@ def test_flow_record_from_raw():
         end_ns=2,
         bytes_sent=10,
         bytes_received=20,
-        src_ip=abi.ip_be("10.0.0.1"),
-        dst_ip=abi.ip_be("10.0.0.2"),
-        orig_ip=abi.ip_be("10.0.0.3"),
+        src_ip=abi.ip6("10.0.0.1"),
+        dst_ip=abi.ip6("10.0.0.2"),
+        orig_ip=abi.ip6("fd00::3"),
         src_port=1234,
         dst_port=15001,
         orig_port=80,
@@ -53,7 +62,7 @@ def test_flow_record_from_raw():
     )
     r = FlowRecord.from_raw(bytes(f))
     assert (r.direction, r.close, r.captured) == ("outbound", "fin", True)
-    assert r.src == ("10.0.0.1", 1234) and r.orig_dst == ("10.0.0.3", 80)
+    assert r.src == ("10.0.0.1", 1234) and r.orig_dst == ("fd00::3", 80)
 
 
 def test_map_sizes_become_cflags():

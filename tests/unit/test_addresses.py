@@ -2,7 +2,14 @@
 
 import pytest
 
-from agent.node.addresses import MESH_PORTS, node_addresses, refused_destination
+from agent.node.addresses import (
+    MESH_PORTS,
+    hostport,
+    node_addresses,
+    refused_destination,
+    split_hostport,
+    unmapped,
+)
 
 NODE = {"10.10.0.11", "10.20.1.1", "fd00::11"}
 
@@ -49,3 +56,41 @@ def test_mesh_ports_are_istios():
 def test_node_addresses_include_loopback_of_both_families():
     addrs = node_addresses()
     assert "127.0.0.1" in addrs and addrs == sorted(set(addrs))
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("10.20.1.11:8080", ("10.20.1.11", 8080)),
+        ("[fd00:20:1::b]:8080", ("fd00:20:1::b", 8080)),
+        ("[fd00:20:1:0:0::b]:1", ("fd00:20:1::b", 1)),  # as the tunnels and the kernel print it
+    ],
+)
+def test_host_and_port_of_both_families(text, want):
+    assert split_hostport(text) == want
+    assert split_hostport(hostport(*want)) == want
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fd00::1:80",  # IPv6 without brackets: which colon is the port's?
+        "[10.0.0.1]:80",
+        "[fe80::1%eth0]:80",  # a zone names one node's link
+        "web.default:80",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "[fd00::1]",
+        "10.0.0.1",
+        "",
+    ],
+)
+def test_anything_else_is_no_host_and_port(text):
+    with pytest.raises(ValueError):
+        split_hostport(text)
+
+
+def test_a_dual_stack_sockets_ipv4_peer_is_named_as_ipv4():
+    assert unmapped("::ffff:10.20.1.11") == "10.20.1.11"
+    assert unmapped("fd00:20:1:0::b") == "fd00:20:1::b"
+    assert unmapped("10.20.1.11") == "10.20.1.11"

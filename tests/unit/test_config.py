@@ -33,6 +33,16 @@ def test_good_config_with_defaults():
     assert (w.namespace, w.service_account, w.capture, w.strict) == ("shop", "web-sa", True, True)
     assert w.spiffe_suffix == "ns/shop/sa/web-sa"
     assert "source" not in c.dump()
+    assert c.tunnel.address6 == "" and c.tunnel_source(6) == ""  # native IPv6: refused
+
+
+def test_dual_stack_tunnel_sources_default_to_both_listeners():
+    c = config.parse(
+        GOOD.replace("{address: 10.20.1.1}", "{address: 10.20.1.1, address6: 'fd00:20:1:0::1'}")
+    )
+    assert c.tunnel.address6 == "fd00:20:1::1"  # as the kernel and the tunnel print it
+    assert c.tunnel_addresses == ["10.20.1.1", "fd00:20:1::1"]
+    assert (c.tunnel_source(4), c.tunnel_source(6)) == ("10.20.1.1", "fd00:20:1::1")
 
 
 @pytest.mark.parametrize(
@@ -62,7 +72,28 @@ def test_good_config_with_defaults():
         (
             "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ncapture:\n  exclude_cidrs:\n    - 10.0.0.0/40\n",
             "a.yaml:6",
-            "not an IPv4 CIDR",
+            "'10.0.0.0/40' is not an IPv4 or IPv6 CIDR",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.1\n  address6: fe80::1\n",
+            "a.yaml:5",
+            "tunnel.address6: 'fe80::1' cannot be the tunnel's listener (IPv4-mapped, link-local",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.1\n  address6: 10.0.0.2\n",
+            "a.yaml:5",
+            "tunnel.address6: '10.0.0.2' is not an IPv6 address",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1, address6: 'fd00::1'}\n"
+            "tunnel_addresses: [10.0.0.1]\n",
+            "a.yaml:4",
+            "tunnel_addresses: tunnel.address6 is set but no IPv6 address is listed",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\ntunnel_addresses: [10.0.0.1, 'fd00::x']\n",
+            "a.yaml:4",
+            "tunnel_addresses: 'fd00::x' is not an IPv4 or IPv6 address",
         ),
         (
             "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nworkloads:\n  - name: a\n    cgroup: /a\n"

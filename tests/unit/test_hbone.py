@@ -433,3 +433,13 @@ def test_certificates_of_a_revoked_node_are_refused_both_ways(pki):
     assert refused_client is not None and counted == {"revoked": 1}, (refused_client, counted)
     assert "revoked node's certificate" in refused_server
     assert ok is not None  # lifted: the same client gets through
+
+
+def test_the_forwarded_client_address_of_both_families_round_trips():
+    from agent.ztunnel.hbone import _forwarded_for, forwarded
+
+    for addr in ("10.20.1.11", "fd00:20:1::b"):
+        assert _forwarded_for(forwarded(addr)) == addr
+    assert forwarded("fd00:20:1::b") == 'for="[fd00:20:1::b]"'  # RFC 7239 §6: quoted, bracketed
+    for bad in ("for=fd00::1", "for=web", 'for="[10.0.0.1]"', "by=10.0.0.1", "for=_hidden"):
+        assert _forwarded_for(bad) is None, bad

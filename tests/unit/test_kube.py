@@ -150,6 +150,28 @@ def test_a_pod_whose_names_are_not_kubernetes_names_is_left_out(objs):
     assert "is not a DNS-1123 label" in left[0] and "serviceAccountName" in left[2]
 
 
+def test_dual_stack_pods_get_both_addresses_and_ipv6_only_pods_are_left_out(objs):
+    """status.podIPs in either order gives the pod its IPv4 and IPv6 address; a pod with no
+    IPv4 address is not meshed (said, not silently half-meshed)."""
+    pods, svcs, slices, authz, pa = objs
+    import copy
+
+    from kubernetes.client import V1PodIP
+
+    v6first, v6only = copy.deepcopy(pods[0]), copy.deepcopy(pods[0])
+    v6first.metadata.name, v6only.metadata.name = "dual", "v6only"
+    v6first.status.pod_ip = "fd00:20:1::b"
+    v6first.status.pod_i_ps = [V1PodIP(ip="fd00:20:1::b"), V1PodIP(ip="10.20.1.99")]
+    v6only.status.pod_ip = "fd00:20:1::c"
+    v6only.status.pod_i_ps = [V1PodIP(ip="fd00:20:1::c")]
+    st = translate([v6first, v6only], svcs, slices, authz, pa)
+    w = st.workloads[f"{v6first.metadata.namespace}/dual"]
+    assert (w.ip, w.ip6) == ("10.20.1.99", "fd00:20:1::b")
+    assert f"{v6only.metadata.namespace}/v6only" not in st.workloads
+    left = [x for x in st.warnings if "v6only" in x]
+    assert len(left) == 1 and "the pod has no IPv4 address" in left[0], left
+
+
 @pytest.fixture
 def api(tmp_path):
     from agent.lab.kubeapi import KubeAPI

@@ -112,6 +112,24 @@ def test_l7_field_fails_safe_with_a_warning_naming_it(tmp_path):
             "spec.ip '10.1.1' is not an IPv4 address",
         ),
         (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec:\n  node: n1\n"
+            "  ip: 10.1.1.1\n  ip6: 10.1.1.2\n",
+            "x.yaml:7",
+            "spec.ip6 '10.1.1.2' is not an IPv6 address",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec:\n  node: n1\n"
+            "  ip: 10.1.1.1\n  ip6: 'fe80::1'\n",
+            "x.yaml:7",
+            "spec.ip6 'fe80::1' is not a routable IPv6 address",
+        ),
+        (
+            "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: a}\nspec:\n  node: n1\n"
+            "  ip: 10.1.1.1\n  ip6: '::ffff:10.1.1.1'\n",
+            "x.yaml:7",
+            "(IPv4-mapped, link-local, loopback, unspecified)",
+        ),
+        (
             "apiVersion: dabbawala.io/v1\nkind: Service\nmetadata: {name: s}\nspec:\n  vip: 10.96.0.1\n"
             "  ports: [{port: 99999}]\n",
             "x.yaml:6",
@@ -259,6 +277,15 @@ def test_duplicate_ip_is_refused(tmp_path):
         "metadata: {name: b}\nspec: {node: n1, ip: 10.0.0.1}\n",
     )
     with pytest.raises(RegistryError, match="same ip 10.0.0.1"):
+        load_dir(str(tmp_path))
+
+
+def test_a_dual_stack_workload_and_a_duplicate_ipv6_address(tmp_path):
+    doc = "apiVersion: dabbawala.io/v1\nkind: Workload\nmetadata: {name: %s}\nspec: {node: n1, ip: %s, ip6: '%s'}\n"
+    write(tmp_path, "a.yaml", doc % ("a", "10.0.0.1", "fd00:20:1:0::b"))
+    assert load_dir(str(tmp_path)).workloads["default/a"].ip6 == "fd00:20:1::b"  # compressed
+    write(tmp_path, "b.yaml", doc % ("b", "10.0.0.2", "fd00:20:1::b"))
+    with pytest.raises(RegistryError, match="same ip fd00:20:1::b"):
         load_dir(str(tmp_path))
 
 

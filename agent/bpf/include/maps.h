@@ -15,12 +15,13 @@
 
 #include "config.h"
 #include "types.h"
+#include "addr.h"
 
 #define DABBA_PIN(name) DABBA_PIN_MAPS #name
 
 BPF_TABLE_PINNED("array", u32, struct dabba_config, dabba_cfg, 1, DABBA_PIN(dabba_cfg));
 BPF_TABLE_PINNED("hash", u64, struct dabba_workload, dabba_wl, DABBA_WL_MAX, DABBA_PIN(dabba_wl));
-BPF_TABLE_PINNED("lpm_trie", struct dabba_lpm_v4, u8, dabba_excl_net, DABBA_EXCL_MAX,
+BPF_TABLE_PINNED("lpm_trie", struct dabba_lpm, u8, dabba_excl_net, DABBA_EXCL_MAX,
 		 DABBA_PIN(dabba_excl_net), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", u16, u8, dabba_excl_port, DABBA_EXCL_MAX, DABBA_PIN(dabba_excl_port));
 BPF_TABLE_PINNED("hash", u64, struct dabba_capture, dabba_cap_ck, DABBA_CAP_MAX,
@@ -30,7 +31,8 @@ BPF_TABLE_PINNED("hash", struct dabba_tuple, struct dabba_capture, dabba_cap_tp,
 BPF_TABLE_PINNED("hash", u64, struct dabba_flow, dabba_flows, DABBA_FLOW_MAX,
 		 DABBA_PIN(dabba_flows));
 BPF_TABLE_PINNED("percpu_array", u32, u64, dabba_stats, DABBA_ST_MAX, DABBA_PIN(dabba_stats));
-BPF_TABLE_PINNED("hash", u32, u8, dabba_tun_addr, DABBA_TUN_ADDR_MAX, DABBA_PIN(dabba_tun_addr));
+BPF_TABLE_PINNED("hash", struct dabba_ip6, u8, dabba_tun_addr, DABBA_TUN_ADDR_MAX,
+		 DABBA_PIN(dabba_tun_addr));
 /*
  * Connections the tunnel opened from a tunnel address, by 4-tuple
  * (tunops.c): the only ones the guard and the steering take as the tunnel's.
@@ -40,8 +42,8 @@ BPF_TABLE_PINNED("lru_hash", struct dabba_tuple, u8, dabba_tun_conn, DABBA_FLOW_
 /* Addresses of the node itself: never a destination of its workloads. */
 BPF_TABLE_PINNED("hash", struct dabba_ip6, u8, dabba_node_ip, DABBA_TUN_ADDR_MAX,
 		 DABBA_PIN(dabba_node_ip));
-/* Per-port PeerAuthentication modes of local workloads (portLevelMtls). */
-BPF_TABLE_PINNED("hash", struct dabba_ip_port, u8, dabba_port_mtls, DABBA_WL_MAX,
+/* Per-port PeerAuthentication modes of local workloads (portLevelMtls), by each address. */
+BPF_TABLE_PINNED("hash", struct dabba_ip_port, u8, dabba_port_mtls, 2 * DABBA_WL_MAX,
 		 DABBA_PIN(dabba_port_mtls));
 /* The mesh's own ports (15000, 15001, 15006, 15008): never a destination of its workloads. */
 BPF_TABLE_PINNED("hash", u16, u8, dabba_mesh_port, 16, DABBA_PIN(dabba_mesh_port));
@@ -96,24 +98,24 @@ BPF_ANNOTATE_KV_PAIR(dabba_splice, u64, int);
 
 /*
  * The tunnel's plaintext listener (15006) inside each PERMISSIVE or DISABLE
- * workload's network namespace, keyed by the workload's IPv4 address
- * (network order): where plain.c steers plaintext connections.
+ * workload's network namespace, keyed by each of the workload's addresses
+ * (struct dabba_ip6): where plain.c steers plaintext connections.
  */
 struct dabba_plain_table_t {
-	u32 key;
+	struct dabba_ip6 key;
 	int leaf;
-	int *(*lookup)(u32 *);
-	int (*update)(u32 *, int *);
-	int (*delete)(u32 *);
+	int *(*lookup)(struct dabba_ip6 *);
+	int (*update)(struct dabba_ip6 *, int *);
+	int (*delete)(struct dabba_ip6 *);
 	u32 max_entries;
 };
 __attribute__((section("maps/sockhash:" DABBA_PIN(
-    dabba_plain)))) struct dabba_plain_table_t dabba_plain = {.max_entries = DABBA_WL_MAX};
-BPF_ANNOTATE_KV_PAIR(dabba_plain, u32, int);
+    dabba_plain)))) struct dabba_plain_table_t dabba_plain = {.max_entries = 2 * DABBA_WL_MAX};
+BPF_ANNOTATE_KV_PAIR(dabba_plain, struct dabba_ip6, int);
 
 /*
- * The tunnel's own listening sockets in the node's network namespace: 0 its
- * outbound (capture) listener, 1 its HBONE listener. own.c gives every
+ * The tunnel's own listening sockets in the node's network namespace (TUN_SK_*):
+ * its outbound (capture) listeners, IPv4 and IPv6, and its HBONE listener. own.c gives every
  * connection to those ports to these sockets and no other.
  */
 struct dabba_tun_sk_table_t {
@@ -125,7 +127,7 @@ struct dabba_tun_sk_table_t {
 	u32 max_entries;
 };
 __attribute__((section("maps/sockhash:" DABBA_PIN(
-    dabba_tun_sk)))) struct dabba_tun_sk_table_t dabba_tun_sk = {.max_entries = 2};
+    dabba_tun_sk)))) struct dabba_tun_sk_table_t dabba_tun_sk = {.max_entries = 3};
 BPF_ANNOTATE_KV_PAIR(dabba_tun_sk, u32, int);
 
 /*

@@ -8,8 +8,10 @@
  * types bcc derives from this file. Fields are ordered by size so that no
  * struct has implicit padding.
  *
- * Addresses are IPv4 in network byte order (dabba_ip6: IPv6 or IPv4-mapped);
- * ports are in host byte order.
+ * Addresses are struct dabba_ip6 in network byte order: IPv6 as it is, IPv4 as
+ * IPv4-mapped (::ffff:a.b.c.d), so that one map, key or record serves both
+ * families (dabba_config.tunnel_ip and the IPv4 exclusions excepted); ports
+ * are in host byte order.
  */
 #ifndef DABBA_TYPES_H
 #define DABBA_TYPES_H
@@ -30,6 +32,15 @@ struct dabba_sk_owner {
 	__u64 cgroup_id;
 };
 
+/*
+ * An address of either family, in network order: IPv6 as it is, IPv4 as
+ * IPv4-mapped (::ffff:a.b.c.d). Also dabba_node_ip's key (the node's own
+ * addresses) and dabba_tun_addr's (the tunnel's sources).
+ */
+struct dabba_ip6 {
+	__u32 w[4];
+};
+
 /* dabba_config.flags */
 /* enrolled workloads' UDP, raw and other non-TCP sockets pass unmeshed (else: DNS only) */
 #define DABBA_CFG_PASS_NON_TCP 0x1
@@ -44,15 +55,9 @@ struct dabba_config {
 	__u16 hbone_port;  /* the tunnel's HBONE listener (own.c); 0: not owned */
 	__u32 max_open;	   /* captured connections one workload may hold open; 0: no limit */
 	__u32 _pad;
-};
-
-/*
- * dabba_node_ip: key. An address of the node itself, in network order: IPv6
- * as it is, IPv4 as IPv4-mapped (::ffff:a.b.c.d), so one map serves both
- * families.
- */
-struct dabba_ip6 {
-	__u32 w[4];
+	/* the outbound listener native IPv6 is rewritten to (its port: tunnel_port); all zero:
+	 * the tunnel has no IPv6 address, and native IPv6 is refused (DABBA_REFUSED_IPV6) */
+	struct dabba_ip6 tunnel_ip6;
 };
 
 /* Why the kernel refused a workload's connect() (dabba_flow.refused). */
@@ -61,7 +66,7 @@ enum dabba_refusal {
 	DABBA_REFUSED_LINK_LOCAL = 1, /* 169.254.0.0/16, fe80::/10: the node's link, not the mesh */
 	DABBA_REFUSED_NODE = 2,	      /* an address of the node itself (dabba_node_ip) */
 	DABBA_REFUSED_MESH_PORT = 3,  /* one of the mesh's own ports (dabba_mesh_port) */
-	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6: not meshed yet, so never sent around it */
+	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6, and the tunnel has no IPv6 address */
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 	DABBA_REFUSED_LIMIT = 6,      /* the workload holds max_open captured connections */
 };
@@ -73,7 +78,7 @@ enum dabba_refusal {
  * ports (written for workloads with port modes only). Value: DABBA_MTLS_*.
  */
 struct dabba_ip_port {
-	__u32 ip;
+	struct dabba_ip6 ip;
 	__u16 port;
 	__u16 _pad;
 };
@@ -81,16 +86,18 @@ struct dabba_ip_port {
 #define DABBA_MTLS_PLAINTEXT 2 /* PERMISSIVE or DISABLE: plaintext through the tunnel's 15006 */
 
 /* dabba_tun_sk: keys (own.c) */
-#define TUN_SK_OUTBOUND 0
-#define TUN_SK_HBONE	1
+#define TUN_SK_OUTBOUND	 0 /* tunnel_ip:tunnel_port */
+#define TUN_SK_HBONE	 1 /* any address, hbone_port (IPv4) */
+#define TUN_SK_OUTBOUND6 2 /* tunnel_ip6:tunnel_port */
 
 /* dabba_cap_ck (by socket cookie) and dabba_cap_tp (by 4-tuple): value. */
 struct dabba_capture {
-	__u64 cgroup_id; /* kernel-attested source workload (caller's cgroup) */
-	__u64 cookie;	 /* socket cookie of the workload's socket */
-	__u32 orig_ip;	 /* original destination */
+	__u64 cgroup_id;	  /* kernel-attested source workload (caller's cgroup) */
+	__u64 cookie;		  /* socket cookie of the workload's socket */
+	struct dabba_ip6 orig_ip; /* original destination */
 	__u16 orig_port;
 	__u16 _pad;
+	__u32 _pad2;
 };
 
 /*
@@ -99,16 +106,19 @@ struct dabba_capture {
  * workload (the tunnel's peer), dst is the tunnel's outbound listener.
  */
 struct dabba_tuple {
-	__u32 src_ip;
-	__u32 dst_ip;
+	struct dabba_ip6 src_ip;
+	struct dabba_ip6 dst_ip;
 	__u16 src_port;
 	__u16 dst_port;
 };
 
-/* dabba_excl_net: LPM trie key for excluded destination CIDRs. */
-struct dabba_lpm_v4 {
+/*
+ * dabba_excl_net: LPM trie key for excluded destination CIDRs, both families
+ * (an IPv4 CIDR as its IPv4-mapped form: prefixlen + 96).
+ */
+struct dabba_lpm {
 	__u32 prefixlen;
-	__u32 ip;
+	struct dabba_ip6 ip;
 };
 
 enum dabba_direction {
@@ -144,11 +154,11 @@ struct dabba_flow {
 	__u64 base_received;  /* tcp bytes_received at ESTABLISHED */
 	__u32 segs_out;
 	__u32 segs_in;
-	__u32 retrans; /* total retransmitted segments */
-	__u32 srtt_us; /* smoothed RTT, microseconds */
-	__u32 src_ip;  /* the workload socket's own address */
-	__u32 dst_ip;  /* its peer as connected (the tunnel when captured) */
-	__u32 orig_ip; /* original destination when captured, else dst_ip */
+	__u32 retrans;		  /* total retransmitted segments */
+	__u32 srtt_us;		  /* smoothed RTT, microseconds */
+	struct dabba_ip6 src_ip;  /* the workload socket's own address */
+	struct dabba_ip6 dst_ip;  /* its peer as connected (the tunnel when captured) */
+	struct dabba_ip6 orig_ip; /* original destination when captured, else dst_ip */
 	__u16 src_port;
 	__u16 dst_port;
 	__u16 orig_port;
@@ -158,6 +168,7 @@ struct dabba_flow {
 	__u8 seen;	/* DABBA_SEEN_* */
 	__u8 last_state;
 	__u8 refused; /* enum dabba_refusal: connect() refused in the kernel, never sent */
+	__u32 _pad;
 };
 
 /* dabba_pairs: value, keyed by a spliced socket's cookie. */
