@@ -245,6 +245,29 @@ MIRRORS = {
 }
 
 
+def map_layouts() -> dict[str, tuple[int, int]]:
+    """Key and value sizes of the maps user space reads or writes with these mirrors: a node
+    whose pinned maps have others was loaded by a dabbawala of another layout (see
+    loader.Datapath.check_layout)."""
+    from . import names
+
+    u8, u32, u64 = 1, 4, 8
+    return {
+        names.MAP_CFG: (u32, ctypes.sizeof(Config)),
+        names.MAP_WORKLOADS: (u64, ctypes.sizeof(Workload)),
+        names.MAP_EXCL_NET: (ctypes.sizeof(Lpm), u8),
+        names.MAP_CAP_COOKIE: (u64, ctypes.sizeof(Capture)),
+        names.MAP_CAP_TUPLE: (ctypes.sizeof(Tuple), ctypes.sizeof(Capture)),
+        names.MAP_FLOWS: (u64, ctypes.sizeof(Flow)),
+        names.MAP_TUNNEL_ADDRS: (ctypes.sizeof(Ip6), u8),
+        names.MAP_PAIRS: (u64, ctypes.sizeof(Pair)),
+        names.MAP_PLAIN: (ctypes.sizeof(Ip6), u32),
+        names.MAP_NODE_IPS: (ctypes.sizeof(Ip6), u8),
+        names.MAP_PORT_MTLS: (ctypes.sizeof(IpPort), u8),
+        names.MAP_TUN_CONN: (ctypes.sizeof(Tuple), u8),
+    }
+
+
 def ip_be(addr: str) -> int:
     """IPv4 text to the u32 the kernel stores (network byte order, read natively)."""
     return struct.unpack("=I", socket.inet_aton(addr))[0]

@@ -553,6 +553,8 @@ class Datapath:
         """
         self.check()
         existed = self.pins.exists()
+        if existed:
+            self.check_layout()
         for d in (self.pins.maps, self.pins.progs, self.pins.links):
             os.makedirs(d, exist_ok=True)
         reports: list[LoadReport] = []
@@ -576,6 +578,29 @@ class Datapath:
                 self.remove()
             raise
         return reports
+
+    def check_layout(self) -> None:
+        """Refuse to adopt pinned maps whose layout is not this dabbawala's (they were pinned by
+        another version: 12-byte 4-tuples before IPv6 was meshed, for one). Reading or writing
+        them with this version's types would corrupt what the kernel holds."""
+        from . import abi
+
+        for name, (key, value) in abi.map_layouts().items():
+            path = self.pins.map_path(name)
+            if not os.path.exists(path):
+                continue
+            with bpfsys.Map.pinned(path) as m:
+                have = (m.info.key_size, m.info.value_size)
+            if have != (key, value):
+                raise DabbaError(
+                    f"the datapath pinned for node {self.node} ({self.pins.root}) is from "
+                    f"another dabbawala version: map {name} has {have[0]}-byte keys and "
+                    f"{have[1]}-byte values, this version's have {key} and {value}; refusing "
+                    "to adopt it",
+                    hint=f"drain the node's workloads, then `dabba bpf unload --node {self.node}` "
+                    "and start the agent again: it loads this version's programs (nothing is "
+                    "captured in between)",
+                )
 
     def _ensure_one(self, prog: Program, cgroup_fd: int, compile_s: float | None) -> LoadReport:
         """Attach prog (pinned by now) unless it is attached already.

@@ -185,3 +185,32 @@ def test_a_program_the_verifier_refuses_is_named_with_the_verifiers_reason(
     assert "loading cgroup_skb/ingress program dabba_guard" in msg and str(src) in msg
     assert "the verifier said: invalid bpf_context access off=4096" in msg, msg
     assert not os.path.exists(dp.pins.root)
+
+
+def test_a_datapath_pinned_by_another_version_is_refused_not_adopted(lab):
+    """Before: the agent adopted whatever was pinned. After IPv6 was meshed (16-byte
+    addresses), a node loaded by the previous version has 12-byte 4-tuples in dabba_cap_tp: the
+    tunnel's lookups would have missed every capture record, and the agent's writes failed or
+    corrupted the maps. Now the agent refuses to adopt it and says how to reload."""
+    from agent.bpf import names
+    from agent.bpf import sys as bpfsys
+
+    node = unique("nl")
+    dp = Datapath(node, lab.node("n1").cgroup)
+    try:
+        os.makedirs(dp.pins.maps)
+        # dabba_cap_tp as the version before IPv6 pinned it: key 12, value 24 (hash = type 1)
+        fd = bpfsys.map_create(1, 12, 24, 16, names.MAP_CAP_TUPLE)
+        try:
+            bpfsys.obj_pin(fd, dp.pins.map_path(names.MAP_CAP_TUPLE))
+        finally:
+            os.close(fd)
+        with pytest.raises(DabbaError) as e:
+            dp.ensure()
+        msg = str(e.value)
+        assert "map dabba_cap_tp has 12-byte keys and 24-byte values" in msg, msg
+        assert "this version's have 36 and 40; refusing to adopt it" in msg, msg
+        assert f"dabba bpf unload --node {node}" in e.value.hint
+        assert not os.path.exists(dp.pins.progs)  # nothing loaded or attached over it
+    finally:
+        dp.remove()
