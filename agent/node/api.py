@@ -443,11 +443,6 @@ class AgentApi:
         yield CounterMetricFamily(
             "dabba_flows_closed", "Flows closed (kernel records)", a.table.closed_total
         )
-        yield CounterMetricFamily(
-            "dabba_spliced_bytes",
-            "Bytes the kernel moved between spliced sockets",
-            st.get("splice_bytes", 0),
-        )
         exp = GaugeMetricFamily(
             "dabba_certificate_expiry_timestamp_seconds",
             "When a workload's certificate expires (Unix time); alert on (this - time())",

@@ -1,16 +1,15 @@
 """Tunnel upgrade: hand spliced connections to a successor with SCM_RIGHTS.
 
-A spliced pair lives in the kernel (the SOCKHASH and the verdict program);
-the tunnel only holds its two descriptors and a little half-close state. So
-an upgrade need not drop it: the successor listens on a Unix socket in the
-node's state folder (``tunnel.handoff``) once it is ready, and the old
-tunnel, on SIGTERM, sends every pair over it -- one SOCK_SEQPACKET message
-per pair, its state as JSON and both descriptors as SCM_RIGHTS -- then
-closes its own copies. The sockets, their map entries and the bytes in
-flight never notice. (ztunnel drops these connections on an upgrade.)
+A spliced pair is two sockets and two pipes (ztunnel/splice.py); what is in flight sits in the
+kernel (the sockets' queues and the pipes), and the tunnel holds only the descriptors and a
+little half-close state. So an upgrade need not drop it: the successor listens on a Unix socket
+in the node's state folder (``tunnel.handoff``) once it is ready, and the old tunnel, on
+SIGTERM, sends every pair over it -- one SOCK_SEQPACKET message per pair, its state as JSON and
+its six descriptors as SCM_RIGHTS -- then closes its own copies. The sockets, the pipes and the
+bytes in them never notice. (ztunnel drops these connections on an upgrade.)
 
 The message protocol, one datagram each:
-  old -> new: {"pair": {...state...}} with 2 fds, repeated; then {"end": n}
+  old -> new: {"pair": {...state...}} with 6 fds, repeated; then {"end": n}
   new -> old: {"adopted": n} (or {"error": "..."})
 """
 
@@ -24,7 +23,7 @@ import socket
 import struct
 
 from .. import log
-from ..bpf.splice import Splicer
+from .splice import Splicer
 
 _log = log.get("handoff")
 
@@ -91,19 +90,18 @@ class Receiver:
         try:
             pid = peer_cred(conn)[0]
             while True:
-                msg, fds, _, _ = socket.recv_fds(conn, _MAX, 2)
+                msg, fds, _, _ = socket.recv_fds(conn, _MAX, self.splicer.FDS)
                 if not msg:
                     break
                 m = json.loads(msg)
                 if "end" in m:
                     conn.send(json.dumps({"adopted": n}).encode())
                     break
-                socks = [socket.socket(fileno=fd) for fd in fds]
-                if len(socks) != 2:
-                    for s in socks:
-                        s.close()
-                    raise ValueError(f"pair message with {len(socks)} descriptors")
-                p = self.splicer.adopt(m["pair"], socks[0], socks[1])
+                if len(fds) != self.splicer.FDS:
+                    for fd in fds:
+                        os.close(fd)
+                    raise ValueError(f"pair message with {len(fds)} descriptors")
+                p = self.splicer.adopt(m["pair"], fds)
                 if self.on_adopt is not None:
                     self.on_adopt(p)
                 n += 1

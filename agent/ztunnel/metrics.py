@@ -125,7 +125,14 @@ class TunnelMetrics:
             refused.add_metric([kind], v)
         yield refused
         yield GaugeMetricFamily(
-            "dabba_splice_pairs_active", "Connection pairs spliced by the kernel", pairs
+            "dabba_splice_pairs_active",
+            "Connection pairs the tunnel splices (splice(2) through pipes)",
+            pairs,
+        )
+        yield CounterMetricFamily(
+            "dabba_spliced_bytes",
+            "Bytes the tunnel moved between spliced connections, never copied to user space",
+            st.get("splice_bytes", 0),
         )
         yield GaugeMetricFamily(
             "dabba_tunnel_workers",

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from .. import log, systemd
 from ..bpf import abi, names
 from ..bpf.capture import CaptureReader
-from ..bpf.splice import Splicer, SpliceUnavailable
 from ..bpf.sys import Map
 from ..control import model as m
 from ..control.convert import policy_from_pb, root_of
@@ -55,6 +54,7 @@ from . import admin, handoff, hbone, inbound, lb, listeners, tls
 from .facts import FactsSender, key_of, party
 from .metrics import TunnelMetrics, istio_labels
 from .policy import Request, evaluate
+from .splice import Splicer
 from .workers import Workers
 
 _log = log.get("tunnel")
@@ -157,13 +157,13 @@ class Tunnel:
         # never a passthrough destination (the kernel refuses them first; see node/addresses.py)
         self.node_addrs = set(node_addresses())
         self.capture = CaptureReader(cfg.maps_dir)
-        self.splicer = Splicer(cfg.maps_dir)
+        self.stats = Counter()
+        self.splicer = Splicer(self.stats)
         self.pool: hbone.Pool | None = None
         self.identities: tls.ServerIdentities | None = None
         self.lb = lb.Balancer(cfg.lb)
         self.metrics = TunnelMetrics(self)
         self.workers = Workers(self)
-        self.stats = Counter()
         self.facts = FactsSender(cfg.state_dir, self.stats)
         self._stamp = None
         self._listening = False
@@ -830,8 +830,9 @@ class Tunnel:
         try:
             p = self.splicer.pair(down, up, on_close, meta)
             return lambda: self.splicer.kill(p, "policy")
-        except SpliceUnavailable:
-            # the client already half-closed: relay this one in user space
+        except OSError as e:
+            # no pipe to be had (the open-file limit): relay this one in user space
+            _log.warning(f"cannot splice, relaying in user space: {e}")
             self.stats["relayed"] += 1
             _, a = await loop.connect_accepted_socket(hbone.TcpSide, down)
             _, b = await loop.connect_accepted_socket(hbone.TcpSide, up)

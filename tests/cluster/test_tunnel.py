@@ -74,8 +74,7 @@ def test_same_node_is_spliced_with_exact_bytes(tlab, procs):
     L, _ = tlab
     dst = L.pod("n1-p2")
     http_server(L, procs, dst, 8081)
-    ctl = _ctl(L, "n1")
-    before = ctl.stats()["splice_bytes"]
+    before = tunnel_stats(L, "n1").get("splice_bytes", 0)
     r = L.run(
         "n1-p1",
         [
@@ -86,18 +85,17 @@ def test_same_node_is_spliced_with_exact_bytes(tlab, procs):
             "-o",
             "/dev/null",
             "-w",
-            "%{size_download} %{size_request}",
+            "%{size_download} %{size_request} %{size_header}",
             f"http://{dst.ip}:8081/",
         ],
     )
-    body, req = map(int, r.stdout.split())
+    body, req, headers = map(int, r.stdout.split())
     moved = wait_for(
-        lambda: (v := ctl.stats()["splice_bytes"] - before) > 0 and v, 5, what="splice bytes"
+        lambda: (v := tunnel_stats(L, "n1").get("splice_bytes", 0) - before) > 0 and v,
+        5,
+        what="splice bytes",
     )
-    assert (
-        moved > body
-    )  # the response (headers + body) and the request went through the kernel splice
-    assert moved >= body + req
+    assert moved == req + headers + body  # the request and the whole response, once each
 
 
 def test_policy_from_the_registry_denies_then_allows(tlab, procs):
@@ -280,13 +278,19 @@ def test_readiness_and_admin_endpoints(tlab):
     assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
 
 
+def _sysctl_max(name: str) -> int:
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
+
+
 def _io(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
 def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
-    """The tunnel reads no payload of a spliced flow, and an upgrade hands the flow over."""
+    """The tunnel copies no payload of a spliced flow to user space (splice(2)), and an upgrade
+    hands the flow over with every byte: what iperf3 sent is what its server received."""
     import json
 
     L, _ = tlab
@@ -294,8 +298,6 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     srv = L.popen("n1-p2", ["iperf3", "-s", "-1", "-J", "-p", "5301"], stdout=subprocess.DEVNULL)
     procs.append(srv)
     wait_for(lambda: L.run("n1-p2", ["ss", "-Hltn", "sport = :5301"]).stdout.strip(), 5)
-    ctl = _ctl(L, "n1")
-    before_bytes = ctl.stats()["splice_bytes"]
     old = mesh.agent_status(L, "n1")["tunnel"]
     cli = L.popen(
         "n1-p1",
@@ -305,16 +307,16 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     )
     procs.append(cli)
     time.sleep(2)
-    io0, b0 = _io(old["pid"]), ctl.stats()["splice_bytes"]
+    io0, b0 = _io(old["pid"]), tunnel_stats(L, "n1")["splice_bytes"]
     time.sleep(2)
-    io1, b1 = _io(old["pid"]), ctl.stats()["splice_bytes"]
+    io1, b1 = _io(old["pid"]), tunnel_stats(L, "n1")["splice_bytes"]
     moved = b1 - b0
     assert moved > 50_000_000, moved  # the flow runs at full speed in the kernel...
-    # ...while the tunnel makes (almost) no read/write calls and reads no payload
+    # ...while the tunnel copies no payload (splice(2) moves pages between socket and pipe)
     syscalls = (io1["syscr"] - io0["syscr"]) + (io1["syscw"] - io0["syscw"])
     chars = (io1["rchar"] - io0["rchar"]) + (io1["wchar"] - io0["wchar"])
-    print(f"spliced {moved} B in 2 s; tunnel syscalls {syscalls}, chars {chars}")
-    assert syscalls < 100 and chars < 64 * 1024
+    print(f"spliced {moved} B in 2 s; tunnel read/write syscalls {syscalls}, chars {chars}")
+    assert chars < 64 * 1024 + moved // 1000, (chars, moved)
     # upgrade in the middle of the flow
     r = subprocess.run(
         [
@@ -347,13 +349,15 @@ def test_same_node_iperf3_is_spliced_and_survives_a_tunnel_upgrade(tlab, procs):
     server = res["server_output_json"]
     iv = [x["sum"]["bytes"] for x in server["intervals"]]
     assert len(iv) >= 7 and min(iv[:7]) > 50_000_000, iv
-    received = server["end"]["sum_received"]["bytes"]
-    # Bytes the sender wrote beyond what the receiver counted by the end of the test wait in
-    # the kernel's redirect queue (sk_psock ingress_skb), which is unbounded: see the note
-    # in agent/bpf/splice.c. They are counted as redirected already.
+    # what the client wrote and the server had not counted when the test ended (it stops at
+    # its own end time) was in flight: at most the four sockets' buffers and the pipe between
+    # (the sockmap splice held gigabytes here: its redirect queue had no bound)
+    in_flight = res["end"]["sum_sent"]["bytes"] - server["end"]["sum_received"]["bytes"]
+    bound = 2 * _sysctl_max("tcp_rmem") + 2 * _sysctl_max("tcp_wmem") + (1 << 20)
+    assert 0 <= in_flight <= bound, (in_flight, bound)
     stats = tunnel_stats(L, "n1")
     assert stats["adopted"] >= 2  # iperf3's control and data connections
-    assert ctl.stats()["splice_bytes"] - before_bytes >= received
+    assert stats["splice_bytes"] > 0  # the successor moved the rest
     # the successor carries new connections too
     http_server(L, procs, dst, 8086)
     assert _curl(L, "n1-p1", f"http://{dst.ip}:8086/", "-o", "/dev/null").returncode == 0

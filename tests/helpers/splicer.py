@@ -1,4 +1,4 @@
-"""Accept one connection, connect to a target, hand both to the kernel splice.
+"""Accept one connection, connect to a target, splice both (agent/ztunnel/splice.py).
 
 Runs in a node's netns like the tunnel would. Prints JSON lines: when it
 paired the sockets, and at the end how the pair closed and how many bytes
@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, sys.argv[sys.argv.index("--repo") + 1])
 
-from agent.bpf.splice import Splicer  # noqa: E402
+from agent.ztunnel.splice import Splicer  # noqa: E402
 
 
 def rchar():
@@ -27,12 +27,11 @@ def rchar():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo")
-    ap.add_argument("--maps", required=True)
     ap.add_argument("--listen", required=True)
     ap.add_argument("--target", required=True)
     ap.add_argument("--delay", type=float, default=0.0, help="wait before pairing")
     a = ap.parse_args()
-    sp = Splicer(a.maps)
+    sp = Splicer()
     host, port = a.listen.rsplit(":", 1)
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,7 +47,12 @@ def main():
     print(json.dumps({"paired": True}), flush=True)
     sp.run(until=lambda: pair.closed, tick=0.05)
     read = rchar() - before
-    print(json.dumps({"closed": pair.reason, "rchar_while_paired": read}), flush=True)
+    done = {
+        "closed": pair.reason,
+        "rchar_while_paired": read,
+        "moved": sp.stats.get("splice_bytes", 0),
+    }
+    print(json.dumps(done), flush=True)
 
 
 if __name__ == "__main__":
