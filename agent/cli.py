@@ -1036,7 +1036,9 @@ _OUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), defa
 @click.option("--namespace", help="either end is in this namespace")
 @click.option("--service", help="the flow went to this service's VIP (name or namespace/name)")
 @click.option("--verdict", help="allow or deny")
-@click.option("--path", "path_", help="hbone, splice, passthrough, denied, failed or pending")
+@click.option(
+    "--path", "path_", help="hbone, splice, direct, passthrough, denied, failed or pending"
+)
 @click.option("--port", help="destination port")
 @click.option("--since", help="only flows open within this long: 30s, 5m, 2h")
 @click.option("--state", default="all", show_default=True, help="all, live or closed")

@@ -138,7 +138,8 @@ def run_demo(name: str, keep: bool) -> None:
             ops.flows(AgentClient(state), {}, "table", False, False)
         click.echo(
             "\n  Cross-node flows went over HBONE (mutual TLS 1.3, each pod's own SPIFFE identity);"
-            "\n  the same-node flow was spliced by the kernel (path splice), never leaving the node."
+            "\n  the same-node flow went straight through the kernel (path direct): the policy"
+            "\n  verdict was the kernel's own, compiled from the node's policies; no proxy."
             "\n  Both ends count the same bytes, in the kernel, whichever path a flow took."
         )
         step("where to look next")

@@ -268,6 +268,7 @@ def status(c: AgentClient, output: str) -> int:
         "non-TCP": n.get("proto_refused", 0),
         "packet socket": n.get("family_refused", 0),
         "connection limit": n.get("limit_refused", 0),
+        "policy": n.get("policy_refused", 0),
         "guard": n.get("guard_drop", 0),
         "plaintext IPv6": n.get("plain_v6_drop", 0),
         "tunnel down": n.get("plain_no_tunnel", 0) + n.get("own_no_tunnel", 0),

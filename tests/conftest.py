@@ -254,3 +254,24 @@ def read_json(proc, key: str, timeout: float = 30.0) -> dict:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_registry(lab, name: str, docs: list[dict]) -> None:
+    """Replace the lab registry's file <name>.yaml with docs (none: remove it), atomically."""
+    import yaml
+
+    from agent.lab import mesh
+
+    path = os.path.join(mesh.paths(lab)["registry"], f"{name}.yaml")
+    if not docs:
+        if os.path.exists(path):
+            os.unlink(path)
+        return
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+def spiffe(pod, trust_domain: str = "cluster.local") -> str:
+    """A lab pod's SPIFFE ID."""
+    return f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"

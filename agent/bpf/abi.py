@@ -63,9 +63,12 @@ class Stat(enum.IntEnum):
     FAMILY_REFUSED = 20
     LSM_FAILED = 21
     LIMIT_REFUSED = 22
+    DIRECT = 23
+    POLICY_REFUSED = 24
+    GUARD_DIRECT = 25
 
 
-STAT_COUNT = 23  # DABBA_ST_MAX
+STAT_COUNT = 26  # DABBA_ST_MAX
 
 TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
 TUN_SK_HBONE = 1
@@ -84,16 +87,18 @@ class Refusal(enum.IntEnum):
     IPV6 = 4
     CAP_FULL = 5
     LIMIT = 6
+    POLICY = 7
 
 
 REFUSAL_REASONS = {
     Refusal.LINK_LOCAL: "the destination is a link-local address (the node's link, not the mesh)",
     Refusal.NODE: "the destination is an address of the node itself",
     Refusal.MESH_PORT: "the destination is one of the mesh's own ports",
-    Refusal.IPV6: "the destination is an IPv6 address (the mesh carries IPv4 only; IPv6 is "
-    "never sent around it)",
+    Refusal.IPV6: "the destination is a native IPv6 address and this node's tunnel has none "
+    "(tunnel.address6): IPv6 is never sent around the mesh",
     Refusal.CAP_FULL: "the node's capture map was full",
     Refusal.LIMIT: "the workload holds its maximum of open connections (capture.max_connections)",
+    Refusal.POLICY: "denied by a same-node verdict",
 }
 
 
@@ -131,7 +136,7 @@ def ip6_str(a: Ip6) -> str:
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
     __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad;
-    struct dabba_ip6 tunnel_ip6; };"""
+    struct dabba_ip6 tunnel_ip6; __u32 verdict_gen; __u32 _pad2; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
@@ -143,6 +148,8 @@ class Config(ctypes.Structure):
         ("max_open", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
         ("tunnel_ip6", Ip6),
+        ("verdict_gen", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
     ]
 
 
@@ -200,7 +207,7 @@ class Flow(ctypes.Structure):
     last_ns, end_ns, bytes_sent, bytes_received, base_acked, base_received;
     u32 segs_out, segs_in, retrans, srtt_us; struct dabba_ip6 src_ip, dst_ip, orig_ip;
     u16 src_port, dst_port, orig_port; u8 direction, close, captured, seen,
-    last_state, refused; u32 _pad."""
+    last_state, refused; u32 rule."""
 
     _fields_ = [
         ("cookie", ctypes.c_uint64),
@@ -228,6 +235,39 @@ class Flow(ctypes.Structure):
         ("seen", ctypes.c_uint8),
         ("last_state", ctypes.c_uint8),
         ("refused", ctypes.c_uint8),
+        ("rule", ctypes.c_uint32),
+    ]
+
+
+CAPTURED_TUNNEL = 1  # dabba_flow.captured: DABBA_CAPTURED_*
+CAPTURED_DIRECT = 2
+
+
+class VerdictKey(ctypes.Structure):
+    """struct dabba_verdict_key { __u64 cgroup_id; struct dabba_ip6 dst; __u32 gen; __u16 port;
+    __u16 _pad; };"""
+
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("dst", Ip6),
+        ("gen", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+
+class Verdict(ctypes.Structure):
+    """struct dabba_verdict { __u32 rule; __u8 allow; __u8 _pad[3]; };"""
+
+    _fields_ = [("rule", ctypes.c_uint32), ("allow", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 3)]
+
+
+class Direct(ctypes.Structure):
+    """struct dabba_direct { __u64 cgroup_id; __u32 rule; __u32 _pad; };"""
+
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("rule", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
     ]
 
@@ -242,6 +282,9 @@ MIRRORS = {
     "dabba_ip6": Ip6,
     "dabba_ip_port": IpPort,
     "dabba_flow": Flow,
+    "dabba_verdict_key": VerdictKey,
+    "dabba_verdict": Verdict,
+    "dabba_direct": Direct,
 }
 
 
@@ -265,6 +308,9 @@ def map_layouts() -> dict[str, tuple[int, int]]:
         names.MAP_NODE_IPS: (ctypes.sizeof(Ip6), u8),
         names.MAP_PORT_MTLS: (ctypes.sizeof(IpPort), u8),
         names.MAP_TUN_CONN: (ctypes.sizeof(Tuple), u8),
+        names.MAP_VERDICT: (ctypes.sizeof(VerdictKey), ctypes.sizeof(Verdict)),
+        names.MAP_DIRECT: (ctypes.sizeof(Tuple), ctypes.sizeof(Direct)),
+        names.MAP_DIRECT_COOKIE: (u64, ctypes.sizeof(Direct)),
     }
 
 

@@ -22,6 +22,10 @@
  *  - native IPv6: captured like IPv4, to the tunnel's IPv6 listener
  *    (dabba_config.tunnel_ip6), where the node's tunnel has one; refused
  *    where it has none, never let through in plaintext with no identity.
+ *  - a workload of this node, where the agent compiled a verdict for the
+ *    caller, that address and port (dabba_verdicts): allowed, straight to it
+ *    through the kernel's TCP, no tunnel; denied, EPERM and a refused flow
+ *    naming the verdict. Without a verdict, the tunnel takes it as before.
  *  - non-TCP (UDP connect and unconnected sendmsg): only DNS (port 53) and
  *    loopback leave, unless the node's config lets non-TCP pass.
  *
@@ -133,8 +137,8 @@ static __always_inline struct dabba_ip6 dest6(struct bpf_sock_addr *ctx)
  * A refused connect(): counted, and reported through the closed-flow ring
  * as a flow that never opened, so `dabba flows` shows who tried what.
  */
-static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a, u16 port,
-				  u8 why)
+static __always_inline int refuse_rule(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a,
+				       u16 port, u8 why, u32 rule)
 {
 	u64 now = bpf_ktime_get_ns();
 	struct dabba_flow f = {
@@ -151,10 +155,13 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, struct dabb
 	    .close = DABBA_CLOSE_REFUSED,
 	    .last_state = BPF_TCP_CLOSE,
 	    .refused = why,
+	    .rule = rule,
 	};
 	if (dabba_flow_ev.ringbuf_output(&f, sizeof(f), 0) != 0)
 		count(DABBA_ST_RING_DROP, 1);
-	if (why == DABBA_REFUSED_IPV6)
+	if (why == DABBA_REFUSED_POLICY)
+		count(DABBA_ST_POLICY_REFUSED, 1);
+	else if (why == DABBA_REFUSED_IPV6)
 		count(DABBA_ST_V6_REFUSED, 1);
 	else if (why == DABBA_REFUSED_CAP_FULL)
 		count(DABBA_ST_CAP_FULL, 1);
@@ -163,6 +170,53 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, struct dabb
 	else
 		count(DABBA_ST_DST_REFUSED, 1);
 	return 0;
+}
+
+static __always_inline int refuse(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a, u16 port,
+				  u8 why)
+{
+	return refuse_rule(ctx, cg, a, port, why, 0);
+}
+
+/*
+ * The same-node verdict on a connection from workload cg to a (a workload of this node),
+ * port: the port's own entry, else the wildcard (port 0), in the generation in force. None:
+ * the tunnel decides (no generation yet, a destination left out, another node's address).
+ */
+static __always_inline struct dabba_verdict *verdict_of(struct dabba_config *cfg, u64 cg,
+							struct dabba_ip6 *a, u16 port)
+{
+	if (!cfg->verdict_gen)
+		return 0;
+	struct dabba_verdict_key k = {
+	    .cgroup_id = cg, .dst = *a, .gen = cfg->verdict_gen, .port = port};
+	struct dabba_verdict *v = dabba_verdicts.lookup(&k);
+	if (v)
+		return v;
+	k.port = 0;
+	return dabba_verdicts.lookup(&k);
+}
+
+/*
+ * A same-node connection the verdicts decide: allowed, it goes straight to its destination
+ * through the kernel's own TCP (no rewrite; sockops.c publishes its 4-tuple for the guard and
+ * the steering); denied, connect() fails with EPERM and the denial is reported with its rule.
+ * Returns the hook's value, or -1 when no verdict applies.
+ */
+static __always_inline int direct(struct bpf_sock_addr *ctx, struct dabba_config *cfg, u64 cg,
+				  struct dabba_ip6 *a, u16 port)
+{
+	struct dabba_verdict *v = verdict_of(cfg, cg, a, port);
+	if (!v)
+		return -1;
+	if (!v->allow)
+		return refuse_rule(ctx, cg, a, port, DABBA_REFUSED_POLICY, v->rule);
+	struct dabba_direct d = {.cgroup_id = cg, .rule = v->rule};
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	if (dabba_direct_ck.update(&cookie, &d) != 0)
+		return -1; /* cannot vouch for it: the tunnel takes it */
+	count(DABBA_ST_DIRECT, 1);
+	return 1;
 }
 
 /*
@@ -247,6 +301,11 @@ static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *c
 	if (v == V_DIRECT) {
 		count(DABBA_ST_EXCLUDED, 1);
 		return 1;
+	}
+	if (v == V_CAPTURE || (v == V_REFUSE && why == DABBA_REFUSED_IPV6)) {
+		int r = direct(ctx, cfg, cg, a, port);
+		if (r >= 0)
+			return r;
 	}
 	if (v == V_REFUSE)
 		return refuse(ctx, cg, a, port, why);

@@ -54,6 +54,7 @@ class DatapathControl:
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
+        gen = self.config().verdict_gen  # the verdicts in force stay in force
         cfg = abi.Config(
             abi.ip_be(tunnel_ip),
             tunnel_port,
@@ -64,9 +65,50 @@ class DatapathControl:
             max_open,
             0,
             abi.ip6(tunnel_ip6) if tunnel_ip6 else abi.Ip6(),
+            gen,
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
+
+    def config(self):
+        """The node's runtime config as the kernel holds it (all zero before configure())."""
+        from . import abi
+
+        with self.dp.open_map(names.MAP_CFG) as m:
+            raw = m.lookup(abi.ctypes.c_uint32(0))
+        return abi.from_bytes(abi.Config, raw) if raw else abi.Config()
+
+    def set_verdicts(self, entries: dict[tuple[int, str, int], tuple[int, bool]]) -> int:
+        """Replace the same-node verdicts, atomically: (source cgroup id, destination address,
+        port or 0) -> (rule, allowed). The new generation is written whole, then put in force
+        with one update of the config (a connect() reads it once), then the old one goes; a
+        connect() racing the switch finds either generation whole, or no entry (the tunnel
+        decides it). An empty table puts generation 0 in force: no verdicts. Returns the
+        generation now in force."""
+        from . import abi
+
+        cur = self.config()
+        old = cur.verdict_gen
+        new = 0 if not entries else (old % 0xFFFFFFFF) + 1
+        with self.dp.open_map(names.MAP_VERDICT) as m:
+            try:
+                for (cg, ip, port), (rule, allowed) in entries.items():
+                    m.update(
+                        abi.VerdictKey(cg, abi.ip6(ip), new, port, 0),
+                        abi.Verdict(rule, 1 if allowed else 0),
+                    )
+            except OSError:  # the map is full: the generation in force stays, whole
+                for k in list(m.keys()):
+                    if abi.from_bytes(abi.VerdictKey, k).gen == new:
+                        m.delete(k)
+                raise
+            cur.verdict_gen = new
+            with self.dp.open_map(names.MAP_CFG) as c:
+                c.update(abi.ctypes.c_uint32(0), cur)
+            for k in list(m.keys()):
+                if abi.from_bytes(abi.VerdictKey, k).gen != new:
+                    m.delete(k)
+        return new
 
     def enrol(self, cgroup_path: str, workload_id: int, flags: int) -> int:
         """Enrol the workload whose cgroup is cgroup_path; returns its cgroup id."""

@@ -59,6 +59,8 @@ class FlowRecord:
     refused: str = (
         ""  # why the kernel refused the connect() (abi.REFUSAL_REASONS); "" if it did not
     )
+    direct: bool = False  # a same-node verdict let it go straight to its destination
+    rule: int = 0  # the agent's index of that verdict (or of the one that refused it)
 
     @property
     def duration(self) -> float:
@@ -76,7 +78,7 @@ class FlowRecord:
             src=(abi.ip6_str(f.src_ip), f.src_port),
             dst=(abi.ip6_str(f.dst_ip), f.dst_port),
             orig_dst=(abi.ip6_str(f.orig_ip), f.orig_port),
-            captured=bool(f.captured),
+            captured=f.captured == abi.CAPTURED_TUNNEL,
             bytes_sent=f.bytes_sent,
             bytes_received=f.bytes_received,
             segs_out=f.segs_out,
@@ -90,6 +92,8 @@ class FlowRecord:
             else str(f.close),
             state=_TCP_STATES.get(f.last_state, str(f.last_state)),
             refused=abi.REFUSAL_REASONS.get(f.refused, f"refusal {f.refused}") if f.refused else "",
+            direct=f.captured == abi.CAPTURED_DIRECT,
+            rule=f.rule,
         )
 
     def as_dict(self) -> dict:

@@ -4,7 +4,8 @@
  *
  * For workloads whose peer authentication is STRICT, a TCP connection may
  * only be opened by the node tunnel (from an address in dabba_tun_addr, on a
- * connection tunops.c saw the tunnel open):
+ * connection tunops.c saw the tunnel open) or by a workload of this node
+ * that a same-node verdict let connect directly (dabba_direct, sockops.c):
  * anything else would be plaintext that bypassed mutual TLS. The guard
  * checks segments addressed to a listening socket (the SYN, and the ACK
  * completing the handshake), so no connection from elsewhere is ever
@@ -60,27 +61,40 @@ static __always_inline int is_dns(struct __sk_buff *skb, u32 l4)
 	return uh.source == bpf_htons(DNS_PORT) || uh.dest == bpf_htons(DNS_PORT);
 }
 
-/*
- * A TCP segment from the tunnel: from a tunnel address *and* of a
- * connection the tunnel itself opened (tunops.c recorded its 4-tuple). The
- * address alone is the node's, shared by every host process on a host
- * install.
- */
-static __always_inline int from_tunnel(struct __sk_buff *skb, struct dabba_ip6 *saddr,
-				       struct dabba_ip6 *daddr, u32 l4)
+/* A TCP segment's 4-tuple (src: the sender); 0 when its header cannot be read. */
+static __always_inline int tuple_of(struct __sk_buff *skb, struct dabba_ip6 *saddr,
+				    struct dabba_ip6 *daddr, u32 l4, struct dabba_tuple *t)
 {
-	if (!dabba_tun_addr.lookup(saddr))
-		return 0;
 	struct tcphdr th;
 	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) < 0)
 		return 0;
-	struct dabba_tuple t = {
-	    .src_ip = *saddr,
-	    .dst_ip = *daddr,
-	    .src_port = bpf_ntohs(th.source),
-	    .dst_port = bpf_ntohs(th.dest),
-	};
-	return dabba_tun_conn.lookup(&t) != 0;
+	t->src_ip = *saddr;
+	t->dst_ip = *daddr;
+	t->src_port = bpf_ntohs(th.source);
+	t->dst_port = bpf_ntohs(th.dest);
+	return 1;
+}
+
+/*
+ * A TCP segment from the tunnel: from a tunnel address *and* of a connection the tunnel itself
+ * opened (tunops.c recorded its 4-tuple). The address alone is the node's, shared by every
+ * host process on a host install. Or of a same-node connection a verdict let go direct
+ * (connect.c): its client published the 4-tuple (sockops.c). A segment with a forged source
+ * address (a raw socket) has no such entry, unless it copies a connection that is being
+ * opened this very moment, whose handshake it cannot complete.
+ */
+static __always_inline int from_tunnel_or_direct(struct __sk_buff *skb, struct dabba_ip6 *saddr,
+						 struct dabba_ip6 *daddr, u32 l4)
+{
+	struct dabba_tuple t = {};
+	if (!tuple_of(skb, saddr, daddr, l4, &t))
+		return 0;
+	if (dabba_tun_addr.lookup(saddr) && dabba_tun_conn.lookup(&t))
+		return 1;
+	if (!dabba_direct.lookup(&t))
+		return 0;
+	count(DABBA_ST_GUARD_DIRECT, 1);
+	return 1;
 }
 
 /*
@@ -130,7 +144,7 @@ static __always_inline int admitted(struct __sk_buff *skb, int udp)
 		return 0;
 	if (udp)
 		return is_dns(skb, l4);
-	return from_tunnel(skb, &s, &d, l4);
+	return from_tunnel_or_direct(skb, &s, &d, l4);
 }
 
 /* Is the socket's port STRICT: its own mode (dabba_port_mtls), else the workload's. */

@@ -31,6 +31,9 @@ MAP_PORT_MTLS = "dabba_port_mtls"
 MAP_TUN_CONN = "dabba_tun_conn"
 MAP_CAP_OPEN = "dabba_cap_open"
 MAP_WL_OPEN = "dabba_wl_open"
+MAP_VERDICT = "dabba_verdicts"
+MAP_DIRECT = "dabba_direct"
+MAP_DIRECT_COOKIE = "dabba_direct_ck"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -55,6 +58,9 @@ ALL_MAPS = (
     MAP_TUN_CONN,
     MAP_CAP_OPEN,
     MAP_WL_OPEN,
+    MAP_VERDICT,
+    MAP_DIRECT,
+    MAP_DIRECT_COOKIE,
 )
 
 # programs (function names in the .c files)

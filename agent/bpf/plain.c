@@ -59,6 +59,11 @@ int dabba_plain_in(struct bpf_sk_lookup *ctx)
 	};
 	if (dabba_tun_addr.lookup(&src) && dabba_tun_conn.lookup(&t))
 		return SK_PASS; /* the tunnel delivering an allowed connection (tunops.c) */
+	if (dabba_direct.lookup(&t)) {
+		count(DABBA_ST_GUARD_DIRECT);
+		return SK_PASS; /* a same-node connection a verdict allowed (connect.c, sockops.c)
+				 */
+	}
 	struct dabba_ip_port port = {.ip = dst, .port = (u16)ctx->local_port};
 	u8 *mode = dabba_port_mtls.lookup(&port);
 	if (!mode) {

@@ -79,6 +79,7 @@ int dabba_sock_gone(struct bpf_sock *sk)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(sk);
 	dabba_cap_ck.delete(&cookie);
+	dabba_direct_ck.delete(&cookie); /* a direct connect() that never reached the SYN */
 	u64 *cg = dabba_cap_open.lookup(&cookie);
 	if (!cg)
 		return 1;

@@ -5,6 +5,8 @@
  * For sockets of enrolled workloads (tagged by sock.c):
  *  - at connect() of a captured connection, publish the capture record
  *    under the 4-tuple the tunnel sees on its accepted socket (dabba_cap_tp);
+ *    of a direct one (a same-node verdict allowed it, connect.c), its 4-tuple
+ *    in dabba_direct, the proof the guard and the steering admit it by;
  *  - keep one flow record per socket in dabba_flows, its counters refreshed
  *    on every segment the socket sends (data or ACK), so live flows can be
  *    listed from the map;
@@ -107,6 +109,23 @@ static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 		 * leaves, so it is there when the tunnel accepts.
 		 */
 		struct dabba_capture *cap = dabba_cap_ck.lookup(&cookie);
+		struct dabba_direct *dir = cap ? 0 : dabba_direct_ck.lookup(&cookie);
+		if (dir) {
+			/*
+			 * Straight to a workload of this node (connect.c): its 4-tuple is the
+			 * proof the guard and the steering admit it by, until it closes.
+			 */
+			struct dabba_tuple t = {
+			    .src_ip = f.src_ip,
+			    .dst_ip = f.dst_ip,
+			    .src_port = f.src_port,
+			    .dst_port = f.dst_port,
+			};
+			dabba_direct.update(&t, dir);
+			f.captured = DABBA_CAPTURED_DIRECT;
+			f.rule = dir->rule;
+			dabba_direct_ck.delete(&cookie);
+		}
 		if (cap) {
 			struct dabba_tuple t = {
 			    .src_ip = f.src_ip,
@@ -118,12 +137,24 @@ static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 				count(DABBA_ST_TUPLE_FULL, 1);
 			f.orig_ip = cap->orig_ip;
 			f.orig_port = cap->orig_port;
-			f.captured = 1;
+			f.captured = DABBA_CAPTURED_TUNNEL;
 			dabba_cap_ck.delete(&cookie);
 		}
 	} else {
 		f.base_acked = skops->bytes_acked;
 		f.base_received = skops->bytes_received;
+		/* the accepting end of a direct connection: its client published the 4-tuple */
+		struct dabba_tuple t = {
+		    .src_ip = f.dst_ip,
+		    .dst_ip = f.src_ip,
+		    .src_port = f.dst_port,
+		    .dst_port = f.src_port,
+		};
+		struct dabba_direct *dir = dabba_direct.lookup(&t);
+		if (dir) {
+			f.captured = DABBA_CAPTURED_DIRECT;
+			f.rule = dir->rule;
+		}
 	}
 
 	if (dabba_flows.insert(&f.cookie, &f) != 0) {
@@ -173,6 +204,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 		    .dst_port = bpf_ntohl(skops->remote_port),
 		};
 		dabba_cap_tp.delete(&t);
+		dabba_direct.delete(&t);
 		return;
 	}
 
@@ -195,7 +227,10 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 		    .src_port = f->src_port,
 		    .dst_port = f->dst_port,
 		};
-		dabba_cap_tp.delete(&t);
+		if (f->captured == DABBA_CAPTURED_TUNNEL)
+			dabba_cap_tp.delete(&t);
+		else if (f->direction == DABBA_DIR_OUTBOUND)
+			dabba_direct.delete(&t); /* its proof goes with the client's socket */
 	}
 	if (dabba_flow_ev.ringbuf_output(f, sizeof(*f), 0) != 0)
 		count(DABBA_ST_RING_DROP, 1);

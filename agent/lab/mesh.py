@@ -215,6 +215,7 @@ def node_config(
     tunnel_service=False,
     host_addresses=False,
     max_connections: int | None = None,
+    same_node: str = "direct",
 ) -> str:
     """Write node's join token and agent config; returns the config path.
 
@@ -231,6 +232,7 @@ def node_config(
     cfg["capture"]["enabled"] = capture
     if max_connections is not None:  # per workload (the default: a quarter of the map)
         cfg["capture"]["max_connections"] = max_connections
+    cfg["capture"]["same_node"] = same_node  # direct (the kernel decides) or tunnel
     if capture:  # capture needs a tunnel: the agent runs one, or it is a service of its own
         cfg["tunnel"]["run"] = not tunnel_service
         cfg["tunnel"]["inbound"] = f"{lab.node(node).ip}:15008"
@@ -315,6 +317,7 @@ def up(
     host_addresses: bool = False,
     source: str = "files",
     max_connections: int | None = None,
+    same_node: str = "direct",
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
     tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
@@ -331,7 +334,7 @@ def up(
     for n in lab.nodes:
         path = node_config(
             lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses,
-            max_connections,
+            max_connections, same_node,
         )  # fmt: skip
         procs[n.name] = start_agent(lab, n.name, path, env)
         if capture and tunnel_service:

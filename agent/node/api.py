@@ -416,7 +416,8 @@ class AgentApi:
         drops.add_metric(["socket_family"], st.get("family_refused", 0))
         drops.add_metric(["connection_limit"], st.get("limit_refused", 0))
         drops.add_metric(["plaintext_ipv6"], st.get("plain_v6_drop", 0))
-        drops.add_metric(["policy"], a.table.denied)
+        # denied by policy: by a tunnel, and by a same-node verdict in the kernel
+        drops.add_metric(["policy"], a.table.denied + st.get("policy_refused", 0))
         yield drops
         full = CounterMetricFamily(
             "dabba_bpf_map_full",

@@ -33,6 +33,10 @@ A YAML file (``dabba agent run --config FILE``)::
       max_connections: 4096       # captured connections one workload may hold open (more are
                                   # refused, EPERM, counted); default: a quarter of
                                   # maps.captures, so one workload leaves the others 3/4
+      same_node: direct           # direct: a connection between two workloads of this node
+                                  # goes straight through the kernel when the node's compiled
+                                  # policy verdicts allow it (refused, EPERM, when they deny);
+                                  # tunnel: through the tunnel, as across nodes
       packet_sockets: refuse      # workloads' packet (AF_PACKET) and other non-IP network
                                   # sockets: refused in the kernel (BPF LSM, lsm/socket_create).
                                   # refuse: where this kernel cannot (no "bpf" in lsm=), the
@@ -118,9 +122,11 @@ class CaptureConfig:
     non_tcp: str = "dns"  # "dns" | "pass" (see the module docstring)
     packet_sockets: str = "refuse"  # "refuse" | "refuse-where-able" (the module docstring)
     max_connections: int | None = None  # per workload; None: maps.captures // 4
+    same_node: str = "direct"  # "direct" | "tunnel" (see the module docstring)
 
 
 NON_TCP_MODES = ("dns", "pass")
+SAME_NODE_MODES = ("direct", "tunnel")
 PACKET_SOCKET_MODES = ("refuse", "refuse-where-able")
 
 
@@ -346,6 +352,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
                 "non_tcp",
                 "packet_sockets",
                 "max_connections",
+                "same_node",
             },
             ("capture", k),
             f"capture: unknown field {k!r}",
@@ -357,6 +364,12 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         str(c.get("non_tcp", "dns")),
         str(c.get("packet_sockets", "refuse")),
         c.get("max_connections"),
+        str(c.get("same_node", "direct")),
+    )
+    need(
+        cap.same_node in SAME_NODE_MODES,
+        ("capture", "same_node"),
+        f"capture.same_node: {cap.same_node!r} is not one of {', '.join(SAME_NODE_MODES)}",
     )
     need(
         cap.max_connections is None

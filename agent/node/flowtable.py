@@ -27,7 +27,7 @@ from ..errors import DabbaError
 from ..ztunnel.facts import key_of
 from ..ztunnel.metrics import ISTIO_LABELS, istio_labels
 
-PATHS = ("hbone", "splice", "passthrough", "denied", "failed", "pending")
+PATHS = ("hbone", "splice", "direct", "passthrough", "denied", "failed", "pending")
 VERDICTS = ("allow", "deny")
 SORTS = ("bytes", "duration", "rtt", "start")
 STATES = ("all", "live", "closed")
@@ -192,7 +192,9 @@ class FlowTable:
         describe: Callable[[int], object],
         by_ip: Callable[[str], object],
         tunnel_addrs: Callable[[], set],
+        decision: Callable[[int], object] = lambda _rule: None,
     ):
+        self.decision = decision  # a same-node verdict's Decision, by the rule in the record
         self.lock = threading.Lock()
         self.describe, self.by_ip, self.tunnel_addrs = describe, by_ip, tunnel_addrs
         self.facts: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -281,6 +283,17 @@ class FlowTable:
             path, security, verdict = "denied", "none", "deny"
             reason = f"refused in the kernel: {rec.refused}"
             policy, service = "", ""
+            d = self.decision(rec.rule) if rec.rule else None
+            if d is not None:  # a same-node verdict: which policy, which rule
+                reason, policy = f"refused in the kernel: {d.reason}", d.policy or ""
+        elif rec.direct:  # same node, straight through the kernel's TCP: no tunnel
+            peer_ip, peer_port = rec.dst
+            peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
+            src, dst = (me, peer) if out else (peer, me)
+            path, security, verdict = "direct", "node_local", "allow"
+            d = self.decision(rec.rule)
+            reason = d.reason if d is not None else "allowed by a same-node verdict"
+            policy, service = (d.policy or "") if d is not None else "", ""
         else:
             peer_ip, peer_port = rec.orig_dst if out else rec.dst
             peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
@@ -339,7 +352,9 @@ class FlowTable:
             src = self.describe(rec.cgroup_id)
         else:
             dst = self.describe(rec.cgroup_id)
-        return istio_labels(v["reporter"], src, dst, None, "none")
+        return istio_labels(
+            v["reporter"], src, dst, None, "node_local" if v["path"] == "direct" else "none"
+        )
 
     def _account(self, rec: FlowRecord, v: dict, final: bool) -> None:
         before = self.seen.get(rec.cookie, (0, 0, 0))

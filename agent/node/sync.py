@@ -64,7 +64,12 @@ class ControlSync:
         token_file: str,
         state_dir: str,
         apply: Callable[[pb.Snapshot, dict[str, CertInfo]], None],
+        before_write: Callable[[pb.Snapshot, dict[str, CertInfo]], None] | None = None,
     ):
+        # before_write(snapshot, certs): what must be in force before the tunnel reads the new
+        # snapshot (the kernel's same-node verdicts: no window where the tunnel holds a new
+        # policy and the kernel the old one)
+        self.before_write = before_write
         self.node, self.address = node, address
         self.control_addr, self.join_addr = control_addr, join_addr
         self.ca_file, self.token_file = ca_file, token_file
@@ -253,6 +258,11 @@ class ControlSync:
         if snap.trust_bundle_pem:
             self.store.save_bundle(snap.trust_bundle_pem)
             self._bundle = snap.trust_bundle_pem
+        if self.before_write is not None:
+            try:
+                self.before_write(snap, dict(self.certs))
+            except Exception as e:  # the snapshot still goes to the tunnel
+                _log.error(f"before the snapshot went to the tunnel: {e}")
         atomic_write(self.snapshot_path, snap.SerializeToString())
         self.snapshot = snap
         local = {f"{w.namespace}/{w.name}": w for w in self._local(snap)}

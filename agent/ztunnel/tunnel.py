@@ -43,6 +43,7 @@ from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode, plaintext_ports
 from ..control.proto import control_pb2 as pb
 from ..control.store import ENROLLED_FILE
+from ..netns import entered
 from ..node.addresses import (
     hostport,
     node_addresses,
@@ -1248,9 +1249,6 @@ class Tunnel:
                     c.transport.close()
 
 
-_CLONE_NEWNET = 0x40000000
-
-
 def _plain_ips(w: pb.Workload) -> tuple[str, ...]:
     """The addresses plain.c steers to a workload's 15006 listener."""
     return (w.ip, w.ip6) if w.ip6 else (w.ip,)
@@ -1259,34 +1257,25 @@ def _plain_ips(w: pb.Workload) -> tuple[str, ...]:
 def _listener_in_netns(netns: str, port: int) -> socket.socket:
     """A listening socket created inside another network namespace (it stays there): dual
     stack (IPv6 any address, IPv4 as mapped), so one socket serves both families."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(netns, os.O_RDONLY)
+    with entered(netns):
+        # No SO_REUSEPORT (nothing else joins it) and plain.c assigns this very socket;
+        # a successor, while we still hold the port, takes any port: sk_lookup does not care
+        s = socket.socket(socket.AF_INET6)
     try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            # No SO_REUSEPORT (nothing else joins it) and plain.c assigns this very socket;
-            # a successor, while we still hold the port, takes any port: sk_lookup does not care
-            s = socket.socket(socket.AF_INET6)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("::", port))
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE:
-                    raise
-                s.bind(("::", 0))
-            s.listen(4096)
-            s.setblocking(False)
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:  # never stay in the workload's namespace
-                os.abort()
-        return s
-    finally:
-        os.close(own)
-        os.close(target)
+            s.bind(("::", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            s.bind(("::", 0))
+        s.listen(4096)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def _raise_nofile() -> None:

@@ -204,7 +204,8 @@ def test_unrecognised_tunnel_connections_are_refused_not_looped_and_the_agent_he
     instead, and the agent attaches tunops.c again within 5 s."""
     L, agents = elab
     n1 = L.node("n1")
-    src, dst = L.pod("n1-p1"), L.pod("n1-p2")
+    # from the other node: n1's tunnel delivers it (a same-node flow goes direct, no tunnel)
+    src, dst = L.pod("n2-p1"), L.pod("n1-p2")
     http_server(L, procs, dst, 8085)
     url = f"http://{dst.ip}:8085/"
     assert _curl(L, src.name, url, "-o", "/dev/null").returncode == 0

@@ -26,7 +26,7 @@ TD = "cluster.local"
 
 @pytest.fixture(scope="module")
 def flab():
-    yield from mesh_lab("fl", 2, 2, capture=True)
+    yield from mesh_lab("fl", 2, 2, capture=True, same_node="tunnel")  # the tunnel's paths
 
 
 def dabba(*args, check=True):

@@ -14,9 +14,7 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from agent.lab import mesh
 from tests.conftest import (
     cgroup_procs,
     helper,
@@ -24,8 +22,10 @@ from tests.conftest import (
     mesh_lab,
     popen_in_cgroup,
     read_json,
+    spiffe,
     tunnel_stats,
     wait_for,
+    write_registry,
 )
 
 MARKER = "ipv6-plaintext-marker-51c9"
@@ -35,10 +35,6 @@ TD = "cluster.local"
 @pytest.fixture(scope="module")
 def slab():
     yield from mesh_lab("six", 2, 2, capture=True)
-
-
-def _spiffe(p) -> str:
-    return f"spiffe://{TD}/ns/{p.namespace}/sa/{p.service_account}"
 
 
 def _flows(L, node: str, port: int) -> list[dict]:
@@ -107,42 +103,32 @@ def test_ipv6_across_nodes_is_mutual_tls_with_identities_and_exact_bytes(slab, p
 
     f = wait_for(flow, 10, what="the client's flow on n1")
     assert (f["src"]["ip"], f["dst"]["ip"], f["dst"]["port"]) == (client.ip6, server.ip6, 9600)
-    assert (f["src"]["identity"], f["dst"]["identity"]) == (_spiffe(client), _spiffe(server))
+    assert (f["src"]["identity"], f["dst"]["identity"]) == (spiffe(client), spiffe(server))
     assert (f["path"], f["security"]) == ("hbone", "mutual_tls"), f
     assert (f["bytes_to_dst"], f["bytes_to_src"]) == (100_000, 3_333), f
     g = wait_for(lambda: (fs := _flows(L, "n2", 9600)) and fs[0], 10, what="the flow on n2")
     assert (g["src"]["identity"], g["dst"]["ip"], g["path"]) == (
-        _spiffe(client), server.ip6, "hbone")  # fmt: skip
+        spiffe(client), server.ip6, "hbone")  # fmt: skip
     assert (g["bytes_to_dst"], g["bytes_to_src"]) == (100_000, 3_333), g
 
 
-def test_ipv6_on_the_same_node_goes_through_the_tunnel_with_exact_bytes(slab, procs):
+def test_ipv6_on_the_same_node_goes_direct_with_exact_bytes(slab, procs):
+    """Same node, native IPv6: the kernel's verdict lets it go straight to the destination."""
     L, _ = slab
     before = tunnel_stats(L, "n1").get("splice", 0)
     got, srv = _xfer(L, procs, "n1-p1", "n1-p2", 9601, send=2_000_000, answer=77)
     assert got is not None, srv
     assert (got["sent"], got["received"], srv["received"], srv["sent"]) == (
         2_000_000, 77, 2_000_000, 77)  # fmt: skip
-    assert srv["peer"][0] == L.node("n1").gateway6
-    assert tunnel_stats(L, "n1").get("splice", 0) == before + 1
+    assert srv["peer"][0] == L.pod("n1-p1").ip6  # the client itself: no tunnel on the way
+    assert tunnel_stats(L, "n1").get("splice", 0) == before
     f = wait_for(
-        lambda: [f for f in _flows(L, "n1", 9601) if f["src"]["workload"] == "default/n1-p1"],
+        lambda: [f for f in _flows(L, "n1", 9601) if f["reporter"] == "source"],
         10, what="the flow",
     )[0]  # fmt: skip
-    assert (f["dst"]["ip"], f["path"], f["security"]) == (L.pod("n1-p2").ip6, "splice",
+    assert (f["dst"]["ip"], f["path"], f["security"]) == (L.pod("n1-p2").ip6, "direct",
                                                           "node_local"), f  # fmt: skip
     assert (f["bytes_to_dst"], f["bytes_to_src"]) == (2_000_000, 77), f
-
-
-def _write(L, name: str, docs: list[dict]) -> None:
-    path = os.path.join(mesh.paths(L)["registry"], f"{name}.yaml")
-    if not docs:
-        if os.path.exists(path):
-            os.unlink(path)
-        return
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump_all(docs, f, sort_keys=False)
-    os.replace(path + ".tmp", path)
 
 
 def _dump(L, node: str) -> dict:
@@ -196,14 +182,14 @@ def test_an_ipv6_ip_block_admits_ipv6_and_only_ipv6(slab, procs):
         },
     }
     try:
-        _write(L, "v6-block", [policy])
+        write_registry(L, "v6-block", [policy])
         wait_for(lambda: {p["name"] for p in _dump(L, "n2")["policies"]} == {"default/n2-p1-v6-only"},
                  15, what="the policy on n2")  # fmt: skip
         assert _connects(L, "n1-p1", f"[{dst.ip6}]", 8082)
         assert not _connects(L, "n1-p1", dst.ip, 8081)  # 10.20.1.11: not in the block
         assert not _connects(L, "n2-p2", f"[{dst.ip6}]", 8082)  # fd00:20:2::c: not in it
     finally:
-        _write(L, "v6-block", [])
+        write_registry(L, "v6-block", [])
         wait_for(lambda: not _dump(L, "n2")["policies"], 15, what="no policy on n2")
     assert _connects(L, "n1-p1", dst.ip, 8081)
 
@@ -243,7 +229,7 @@ def test_ipv6_plaintext_from_the_node_is_steered_when_permissive_and_dropped_whe
     assert _host_connects(L, "n2", host, 8083, source=n2.gateway6)  # the tunnel's own address
     assert tunnel_stats(L, "n2").get("plain_inbound", 0) == before + 2  # both through 15006
     try:
-        _write(L, "v6-strict", [_peer_auth("n2-p2", "STRICT")])
+        write_registry(L, "v6-strict", [_peer_auth("n2-p2", "STRICT")])
         wait_for(lambda: {w["name"]: w["mtls_mode"] for w in _dump(L, "n2")["local_workloads"]}
                  .get("n2-p2") == "STRICT", 15, what="n2-p2 STRICT")  # fmt: skip
         time.sleep(1.5)  # the agent re-enrols it with the guard's flag on its next snapshot
@@ -255,7 +241,7 @@ def test_ipv6_plaintext_from_the_node_is_steered_when_permissive_and_dropped_whe
         assert _connects(L, "n1-p1", host, 8083)  # mutual TLS through the tunnels: fine
         assert _connects(L, "n2-p1", host, 8083)  # and from its own node's pods
     finally:
-        _write(L, "v6-strict", [])
+        write_registry(L, "v6-strict", [])
 
 
 def test_ipv6_the_mesh_cannot_carry_is_still_refused(slab, procs):

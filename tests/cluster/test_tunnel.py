@@ -22,7 +22,8 @@ MARKER = "dabbawala-plaintext-marker-7f3a"
 
 @pytest.fixture(scope="module")
 def tlab():
-    yield from mesh_lab("u", 2, 2, capture=True)
+    # the tunnel's own same-node path (splice, upgrade hand-over): the kernel's is test_same_node's
+    yield from mesh_lab("u", 2, 2, capture=True, same_node="tunnel")
 
 
 def _ctl(L, node):

@@ -16,7 +16,7 @@ from tests.conftest import mesh_lab, tunnel_stats, wait_for, wait_port
 
 @pytest.fixture(scope="module")
 def wlab():
-    yield from mesh_lab("wk", 2, 2, capture=True, tunnel_workers="2")
+    yield from mesh_lab("wk", 2, 2, capture=True, tunnel_workers="2", same_node="tunnel")
 
 
 def test_two_workers_share_the_load_and_report_as_one(wlab, procs, tmp_path):

@@ -21,6 +21,9 @@ CASES = [
     (abi.Flow, "sockops.c", names.MAP_FLOWS, "Leaf"),
     (abi.Ip6, "connect.c", names.MAP_NODE_IPS, "Key"),
     (abi.IpPort, "guard.c", names.MAP_PORT_MTLS, "Key"),
+    (abi.VerdictKey, "connect.c", names.MAP_VERDICT, "Key"),
+    (abi.Verdict, "connect.c", names.MAP_VERDICT, "Leaf"),
+    (abi.Direct, "sockops.c", names.MAP_DIRECT, "Leaf"),
 ]
 
 

@@ -49,4 +49,9 @@
 #define DABBA_TUN_ADDR_MAX 256
 #endif
 
+/* Same-node verdicts (dabba_verdicts), every generation in flight. */
+#ifndef DABBA_VERDICT_MAX
+#define DABBA_VERDICT_MAX 65536
+#endif
+
 #endif /* DABBA_CONFIG_H */

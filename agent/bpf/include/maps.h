@@ -54,6 +54,13 @@ BPF_TABLE_PINNED("hash", u64, u64, dabba_guard_ct, DABBA_WL_MAX, DABBA_PIN(dabba
  */
 BPF_TABLE_PINNED("hash", u64, u64, dabba_cap_open, DABBA_CAP_MAX, DABBA_PIN(dabba_cap_open));
 BPF_TABLE_PINNED("hash", u64, u64, dabba_wl_open, DABBA_WL_MAX, DABBA_PIN(dabba_wl_open));
+/* Same-node verdicts (connect.c), and the connections they let go direct (sockops.c). */
+BPF_TABLE_PINNED("hash", struct dabba_verdict_key, struct dabba_verdict, dabba_verdicts,
+		 DABBA_VERDICT_MAX, DABBA_PIN(dabba_verdicts), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u64, struct dabba_direct, dabba_direct_ck, DABBA_CAP_MAX,
+		 DABBA_PIN(dabba_direct_ck));
+BPF_TABLE_PINNED("lru_hash", struct dabba_tuple, struct dabba_direct, dabba_direct, DABBA_FLOW_MAX,
+		 DABBA_PIN(dabba_direct));
 BPF_TABLE_PINNED("hash", u64, struct dabba_pair, dabba_pairs, DABBA_SPLICE_MAX,
 		 DABBA_PIN(dabba_pairs));
 /*

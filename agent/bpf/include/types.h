@@ -58,6 +58,10 @@ struct dabba_config {
 	/* the outbound listener native IPv6 is rewritten to (its port: tunnel_port); all zero:
 	 * the tunnel has no IPv6 address, and native IPv6 is refused (DABBA_REFUSED_IPV6) */
 	struct dabba_ip6 tunnel_ip6;
+	/* the generation of dabba_verdicts in force (same-node verdicts); 0: none, the tunnel
+	 * decides every connection */
+	__u32 verdict_gen;
+	__u32 _pad2;
 };
 
 /* Why the kernel refused a workload's connect() (dabba_flow.refused). */
@@ -69,6 +73,39 @@ enum dabba_refusal {
 	DABBA_REFUSED_IPV6 = 4,	      /* native IPv6, and the tunnel has no IPv6 address */
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 	DABBA_REFUSED_LIMIT = 6,      /* the workload holds max_open captured connections */
+	DABBA_REFUSED_POLICY = 7,     /* a same-node verdict (dabba_verdicts) denies it */
+};
+
+/*
+ * dabba_verdicts: key. A same-node verdict, compiled by the agent from the Istio
+ * AuthorizationPolicy set (agent/node/verdicts.py): the source workload (cgroup id), the
+ * destination workload's address, the port (0: every port without an entry of its own), and
+ * the generation it belongs to (dabba_config.verdict_gen is the one in force).
+ */
+struct dabba_verdict_key {
+	__u64 cgroup_id;
+	struct dabba_ip6 dst;
+	__u32 gen;
+	__u16 port;
+	__u16 _pad;
+};
+
+/* dabba_verdicts: value. */
+struct dabba_verdict {
+	__u32 rule; /* the agent's index of the decision (policy, rule, reason), from 1 */
+	__u8 allow;
+	__u8 _pad[3];
+};
+
+/*
+ * dabba_direct_ck (by socket cookie, from connect() to TCP_CONNECT_CB) and dabba_direct (by
+ * the client's 4-tuple, until it closes): a same-node connection a verdict let go straight to
+ * its destination. The guard and the plaintext steering admit it by its 4-tuple.
+ */
+struct dabba_direct {
+	__u64 cgroup_id; /* the source workload */
+	__u32 rule;	 /* the verdict that allowed it */
+	__u32 _pad;
 };
 
 /*
@@ -164,12 +201,16 @@ struct dabba_flow {
 	__u16 orig_port;
 	__u8 direction; /* enum dabba_direction */
 	__u8 close;	/* enum dabba_close */
-	__u8 captured;	/* 1 when connect() was redirected to the tunnel */
+	__u8 captured;	/* DABBA_CAPTURED_*: to the tunnel, direct, or 0 (neither) */
 	__u8 seen;	/* DABBA_SEEN_* */
 	__u8 last_state;
 	__u8 refused; /* enum dabba_refusal: connect() refused in the kernel, never sent */
-	__u32 _pad;
+	__u32 rule;   /* the same-node verdict of a direct or policy-refused connect(), else 0 */
 };
+
+/* dabba_flow.captured */
+#define DABBA_CAPTURED_TUNNEL 1 /* connect() was redirected to the tunnel */
+#define DABBA_CAPTURED_DIRECT 2 /* a same-node verdict let it go straight to its destination */
 
 /* dabba_pairs: value, keyed by a spliced socket's cookie. */
 struct dabba_pair {
@@ -205,6 +246,9 @@ enum dabba_stat {
 	DABBA_ST_LSM_FAILED,	 /* lsm/socket_create could not be loaded or attached (set by the
 				    agent; the load is not tried again until the pins go) */
 	DABBA_ST_LIMIT_REFUSED,	 /* connect() refused: the workload holds max_open connections */
+	DABBA_ST_DIRECT, /* connect() went straight to a workload of this node (a verdict) */
+	DABBA_ST_POLICY_REFUSED, /* connect() refused by a same-node verdict */
+	DABBA_ST_GUARD_DIRECT,	 /* connections the guard or the steering admitted as direct */
 	DABBA_ST_MAX,
 };
 
