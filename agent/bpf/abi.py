@@ -196,12 +196,6 @@ class IpPort(ctypes.Structure):
     _fields_ = [("ip", Ip6), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
 
 
-class Pair(ctypes.Structure):
-    """struct dabba_pair { __u64 peer; __u64 bytes; };"""
-
-    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
-
-
 class Flow(ctypes.Structure):
     """struct dabba_flow (include/types.h): u64 cookie, cgroup_id, start_ns,
     last_ns, end_ns, bytes_sent, bytes_received, base_acked, base_received;
@@ -278,7 +272,6 @@ MIRRORS = {
     "dabba_capture": Capture,
     "dabba_tuple": Tuple,
     "dabba_lpm": Lpm,
-    "dabba_pair": Pair,
     "dabba_ip6": Ip6,
     "dabba_ip_port": IpPort,
     "dabba_flow": Flow,
@@ -303,7 +296,6 @@ def map_layouts() -> dict[str, tuple[int, int]]:
         names.MAP_CAP_TUPLE: (ctypes.sizeof(Tuple), ctypes.sizeof(Capture)),
         names.MAP_FLOWS: (u64, ctypes.sizeof(Flow)),
         names.MAP_TUNNEL_ADDRS: (ctypes.sizeof(Ip6), u8),
-        names.MAP_PAIRS: (u64, ctypes.sizeof(Pair)),
         names.MAP_PLAIN: (ctypes.sizeof(Ip6), u32),
         names.MAP_NODE_IPS: (ctypes.sizeof(Ip6), u8),
         names.MAP_PORT_MTLS: (ctypes.sizeof(IpPort), u8),

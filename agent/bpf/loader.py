@@ -18,7 +18,6 @@ no second attachment. bcc is imported only when something must be compiled.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import time
@@ -95,7 +94,7 @@ class MapSizes:
     captures: int = 16384
     flows: int = 65536
     ring_pages: int = 64
-    splice: int = 16384
+    splice: int = 16384  # no map uses it since the sockmap splice went; kept for old configs
     exclusions: int = 256
     tunnel_addrs: int = 256
 
@@ -107,7 +106,6 @@ class MapSizes:
             f"-DDABBA_CAP_MAX={self.captures}",
             f"-DDABBA_FLOW_MAX={self.flows}",
             f"-DDABBA_RING_PAGES={self.ring_pages}",
-            f"-DDABBA_SPLICE_MAX={self.splice}",
             f"-DDABBA_EXCL_MAX={self.exclusions}",
             f"-DDABBA_TUN_ADDR_MAX={self.tunnel_addrs}",
         ]
@@ -259,42 +257,6 @@ class GuardProgram(Program):
     attach_type = bpfsys.BPF_CGROUP_INET_INGRESS
 
 
-class SpliceProgram(Program):
-    """sk_skb stream verdict on the dabba_splice SOCKHASH (splice.c).
-
-    Attached to the map, not to a cgroup: the attachment lives as long as
-    the pinned map, so it needs no link (sockmap links need kernel 6.10).
-    """
-
-    source = "splice.c"
-    function = names.PROG_SPLICE
-    hook = "sk_skb/stream_verdict"
-    prog_type = PROG_SK_SKB
-    attach_type = bpfsys.BPF_SK_SKB_STREAM_VERDICT
-
-    def attach(self, prog_fd: int, target_fd: int) -> None:
-        bpfsys.prog_attach(prog_fd, target_fd, self.attach_type, f"{self.hook} {self.function}")
-
-    def attached(self, target_fd: int, prog_id: int) -> int:
-        try:
-            return super().attached(target_fd, prog_id)
-        except bpfsys.BPFError as e:
-            if e.errno != errno.EINVAL:  # kernels before 5.19 cannot query a sockmap
-                raise
-            return -1  # unknown
-
-    def detach(self, target_fd: int | None) -> None:
-        if target_fd is not None and os.path.exists(self.prog_pin):
-            fd = bpfsys.obj_get(self.prog_pin)
-            try:
-                bpfsys.prog_detach(fd, target_fd, self.attach_type, self.hook)
-            except bpfsys.BPFError:
-                pass
-            finally:
-                os.close(fd)
-        super().detach(target_fd)
-
-
 class PlainProgram(Program):
     """sk_lookup: plaintext to a PERMISSIVE workload goes to the tunnel's 15006 (plain.c).
 
@@ -389,7 +351,6 @@ CGROUP_PROGRAMS = (
     GuardProgram,
 )
 ALL_PROGRAMS = CGROUP_PROGRAMS + (
-    SpliceProgram,
     PlainProgram,
     OwnProgram,
     TunnelOpsProgram,
@@ -612,11 +573,7 @@ class Datapath:
         fd = bpfsys.obj_get(prog.prog_pin)
         try:
             info = bpfsys.prog_info(fd)
-            if isinstance(prog, SpliceProgram):
-                with self.open_map(names.MAP_SPLICE) as sockhash:
-                    if prog.attached(sockhash.fd, info.id) != 1:
-                        prog.attach(fd, sockhash.fd)
-            elif isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram):
+            if isinstance(prog, PlainProgram | OwnProgram | TunnelOpsProgram):
                 pass  # attached elsewhere (steer_plaintext, own_listeners, trust_tunnel_cgroup)
             elif isinstance(prog, FamilyProgram):
                 if not os.path.exists(prog.link_pin):
@@ -688,15 +645,8 @@ class Datapath:
         """Detach every program and remove every pin of the node. Idempotent."""
         if not self.pins.exists():
             return
-        sockhash = None
-        with contextlib.suppress(OSError):
-            sockhash = bpfsys.obj_get(self.pins.map_path(names.MAP_SPLICE))
-        try:
-            for prog in self.programs:
-                prog.detach(sockhash)
-        finally:
-            if sockhash is not None:
-                os.close(sockhash)
+        for prog in self.programs:
+            prog.detach(None)
         shutil.rmtree(self.pins.root, ignore_errors=True)
         # bpffs refuses rmtree's rmdir on non-empty dirs only if files remain
         for d in (self.pins.links, self.pins.progs, self.pins.maps, self.pins.root):
@@ -710,9 +660,6 @@ class Datapath:
         cg = None
         with contextlib.suppress(OSError):
             cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        sockhash = None
-        with contextlib.suppress(OSError):
-            sockhash = bpfsys.obj_get(self.pins.map_path(names.MAP_SPLICE))
         try:
             for prog in self.programs:
                 ps = ProgramStatus(prog.function, prog.hook, os.path.exists(prog.prog_pin))
@@ -727,7 +674,7 @@ class Datapath:
                     finally:
                         os.close(fd)
                     ps.id, ps.tag, ps.loaded_at = info.id, info.tag, info.load_time_ns / 1e9
-                    target = sockhash if isinstance(prog, SpliceProgram) else cg
+                    target = cg
                     if isinstance(prog, PlainProgram):
                         ps.attached = prog.netns_links()  # one per steered workload namespace
                     elif isinstance(prog, OwnProgram | TunnelOpsProgram | FamilyProgram):
@@ -748,7 +695,6 @@ class Datapath:
 
                 st.counters = DatapathControl(self).stats()
         finally:
-            for fd in (cg, sockhash):
-                if fd is not None:
-                    os.close(fd)
+            if cg is not None:
+                os.close(cg)
         return st

@@ -20,8 +20,6 @@ MAP_FLOW_EVENTS = "dabba_flow_ev"
 MAP_STATS = "dabba_stats"
 MAP_TUNNEL_ADDRS = "dabba_tun_addr"
 MAP_GUARD_COUNT = "dabba_guard_ct"
-MAP_PAIRS = "dabba_pairs"
-MAP_SPLICE = "dabba_splice"
 MAP_PLAIN = "dabba_plain"
 MAP_SK_OWNER = "dabba_sk_owner"
 MAP_NODE_IPS = "dabba_node_ip"
@@ -47,8 +45,6 @@ ALL_MAPS = (
     MAP_STATS,
     MAP_TUNNEL_ADDRS,
     MAP_GUARD_COUNT,
-    MAP_PAIRS,
-    MAP_SPLICE,
     MAP_PLAIN,
     MAP_SK_OWNER,
     MAP_NODE_IPS,
@@ -71,7 +67,6 @@ PROG_CONNECT6 = "dabba_connect6"
 PROG_SENDMSG4 = "dabba_sendmsg4"
 PROG_SENDMSG6 = "dabba_sendmsg6"
 PROG_SOCKOPS = "dabba_sockops"
-PROG_SPLICE = "dabba_verdict"
 PROG_GUARD = "dabba_guard"
 PROG_PLAIN = "dabba_plain_in"
 PROG_OWN = "dabba_own_in"
@@ -88,7 +83,6 @@ for _n in ALL_MAPS + (
     PROG_SENDMSG4,
     PROG_SENDMSG6,
     PROG_SOCKOPS,
-    PROG_SPLICE,
     PROG_GUARD,
     PROG_PLAIN,
     PROG_OWN,

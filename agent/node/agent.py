@@ -111,7 +111,8 @@ class Agent:
         if not f.sockmap:
             raise DabbaError(
                 "the kernel cannot create a SOCKHASH map: sockmap support is missing",
-                hint="the splice needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG (5.10+)",
+                hint="the plaintext steering and the tunnel's own listeners are SOCKHASH maps "
+                "(CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG, 5.10+)",
             )
         notes.append(
             f"kernel {f.kernel}: BTF {'yes' if f.btf else 'no'}, sockmap yes, "

@@ -17,7 +17,6 @@ CASES = [
     (abi.Capture, "sockops.c", names.MAP_CAP_TUPLE, "Leaf"),
     (abi.Tuple, "sockops.c", names.MAP_CAP_TUPLE, "Key"),
     (abi.Lpm, "connect.c", names.MAP_EXCL_NET, "Key"),
-    (abi.Pair, "splice.c", names.MAP_PAIRS, "Leaf"),
     (abi.Flow, "sockops.c", names.MAP_FLOWS, "Leaf"),
     (abi.Ip6, "connect.c", names.MAP_NODE_IPS, "Key"),
     (abi.IpPort, "guard.c", names.MAP_PORT_MTLS, "Key"),

@@ -34,11 +34,6 @@
 #define DABBA_RING_PAGES 64
 #endif
 
-/* Spliced sockets (two per spliced connection). */
-#ifndef DABBA_SPLICE_MAX
-#define DABBA_SPLICE_MAX 16384
-#endif
-
 /* Capture exclusions: destination CIDRs and destination ports. */
 #ifndef DABBA_EXCL_MAX
 #define DABBA_EXCL_MAX 256

@@ -61,8 +61,6 @@ BPF_TABLE_PINNED("hash", u64, struct dabba_direct, dabba_direct_ck, DABBA_CAP_MA
 		 DABBA_PIN(dabba_direct_ck));
 BPF_TABLE_PINNED("lru_hash", struct dabba_tuple, struct dabba_direct, dabba_direct, DABBA_FLOW_MAX,
 		 DABBA_PIN(dabba_direct));
-BPF_TABLE_PINNED("hash", u64, struct dabba_pair, dabba_pairs, DABBA_SPLICE_MAX,
-		 DABBA_PIN(dabba_pairs));
 /*
  * Socket-local storage: the workload cgroup id of every socket an enrolled
  * workload creates (sock.c). sockops runs in softirq context where the
@@ -88,20 +86,6 @@ struct dabba_flow_ev_table_t {
 __attribute__((section(
     "maps/ringbuf:" DABBA_PIN(dabba_flow_ev)))) struct dabba_flow_ev_table_t dabba_flow_ev = {
     .max_entries = DABBA_RING_PAGES * PAGE_SIZE};
-
-struct dabba_splice_table_t {
-	u64 key;
-	int leaf;
-	int (*update)(u64 *, int *);
-	int (*delete)(u64 *);
-	int (*sock_hash_update)(void *, void *, u64);
-	int (*msg_redirect_hash)(void *, void *, u64);
-	int (*sk_redirect_hash)(void *, void *, u64);
-	u32 max_entries;
-};
-__attribute__((section("maps/sockhash:" DABBA_PIN(
-    dabba_splice)))) struct dabba_splice_table_t dabba_splice = {.max_entries = DABBA_SPLICE_MAX};
-BPF_ANNOTATE_KV_PAIR(dabba_splice, u64, int);
 
 /*
  * The tunnel's plaintext listener (15006) inside each PERMISSIVE or DISABLE

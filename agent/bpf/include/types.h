@@ -212,26 +212,20 @@ struct dabba_flow {
 #define DABBA_CAPTURED_TUNNEL 1 /* connect() was redirected to the tunnel */
 #define DABBA_CAPTURED_DIRECT 2 /* a same-node verdict let it go straight to its destination */
 
-/* dabba_pairs: value, keyed by a spliced socket's cookie. */
-struct dabba_pair {
-	__u64 peer;  /* cookie of the socket its bytes go to */
-	__u64 bytes; /* bytes redirected to the peer so far */
-};
-
 /* dabba_stats: per-CPU counters, indexed by this enum. */
 enum dabba_stat {
-	DABBA_ST_CAPTURED = 0,	  /* connect() redirected to the tunnel */
-	DABBA_ST_EXCLUDED,	  /* enrolled, but destination excluded */
-	DABBA_ST_CAP_FULL,	  /* dabba_cap_ck full: connect() refused */
-	DABBA_ST_TUPLE_FULL,	  /* dabba_cap_tp full: tunnel cannot resolve */
-	DABBA_ST_FLOW_OPENED,	  /* flow records created */
-	DABBA_ST_FLOW_CLOSED,	  /* flow records closed */
-	DABBA_ST_FLOW_FULL,	  /* dabba_flows full: flow not accounted */
-	DABBA_ST_RING_DROP,	  /* closed-flow ring full: record lost */
-	DABBA_ST_GUARD_DROP,	  /* ingress guard drops, all workloads */
-	DABBA_ST_SPLICE_BYTES,	  /* bytes moved by the splice */
-	DABBA_ST_SPLICE_PASS,	  /* splice segments without a peer (passed up) */
-	DABBA_ST_PLAIN_STEERED,	  /* plaintext connections steered to the tunnel's 15006 */
+	DABBA_ST_CAPTURED = 0,	/* connect() redirected to the tunnel */
+	DABBA_ST_EXCLUDED,	/* enrolled, but destination excluded */
+	DABBA_ST_CAP_FULL,	/* dabba_cap_ck full: connect() refused */
+	DABBA_ST_TUPLE_FULL,	/* dabba_cap_tp full: tunnel cannot resolve */
+	DABBA_ST_FLOW_OPENED,	/* flow records created */
+	DABBA_ST_FLOW_CLOSED,	/* flow records closed */
+	DABBA_ST_FLOW_FULL,	/* dabba_flows full: flow not accounted */
+	DABBA_ST_RING_DROP,	/* closed-flow ring full: record lost */
+	DABBA_ST_GUARD_DROP,	/* ingress guard drops, all workloads */
+	DABBA_ST_SPLICE_BYTES,	/* unused (the sockmap splice's bytes; the tunnel counts its own) */
+	DABBA_ST_SPLICE_PASS,	/* unused (the sockmap splice's segments without a peer) */
+	DABBA_ST_PLAIN_STEERED, /* plaintext connections steered to the tunnel's 15006 */
 	DABBA_ST_PLAIN_NO_TUNNEL, /* ...refused: no 15006 listener for that workload (fail closed)
 				   */
 	DABBA_ST_LOCAL, /* connect() to loopback or unspecified: stays in the caller's netns */
