@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import json
 import os
 import signal
@@ -37,9 +36,9 @@ from ..errors import DabbaError
 from . import addresses, pods
 from .config import AgentConfig
 from .flowtable import FlowTable
+from .samenode import SameNode
 
 _log = log.get("agent")
-VERDICT_MAX = 65536  # DABBA_VERDICT_MAX (include/config.h)
 
 HBONE_PORT = 15008
 
@@ -76,20 +75,13 @@ class Agent:
         self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
         self._by_ip: dict[str, object] = {}
         self._netns: dict[str, str] = {}  # namespace/name -> its network namespace (a path)
-        # same-node verdicts (verdicts.py): what the kernel holds, and every decision a rule
-        # index ever named (flow records carry the index; indexes are never reused)
-        self._verdicts: dict | None = None
-        self._rule_ids: dict[tuple, int] = {}
-        self.rules: dict[int, object] = {}
-        self.verdict_gen = 0
-        self.verdicts_left_out: dict[str, str] = {}
-        self.direct_reset = 0  # direct flows a policy change ended (SOCK_DESTROY)
+        self.same_node = SameNode(self)
         self.table = FlowTable(
             cfg.keep_closed,
             lambda cg: self._by_key.get(self.workload_ids.get(cg, "")),
             self._by_ip.get,
             lambda: {cfg.tunnel.address, cfg.tunnel.address6, *cfg.tunnel_addresses} - {""},
-            self.rules.get,
+            self.same_node.rules.get,
         )
         self._flow_map: Map | None = None
         self._closed_new: list[FlowRecord] = []  # drained since closed.jsonl was last written
@@ -406,127 +398,7 @@ class Agent:
         self._enrol(entries)
         self.ctl.set_port_mtls(port_modes)
         self._steer(steer)
-        self._sync_verdicts(snap, certs)
-
-    # ---- same-node verdicts ----------------------------------------------------------------
-    def _rule_id(self, d) -> int:
-        """The index a flow record names a decision by: a hash of the decision, so that an
-        agent restarted under open flows names their decisions as the one before did."""
-        import zlib
-
-        k = (d.allowed, d.reason, d.policy, d.rule, d.origin)
-        if k not in self._rule_ids:
-            i = zlib.crc32(repr(k).encode()) or 1
-            while i in self.rules:  # a collision: the next free one
-                i = (i % 0xFFFFFFFF) + 1
-            self._rule_ids[k] = i
-            self.rules[i] = d
-        return self._rule_ids[k]
-
-    def _sync_verdicts(self, snap, certs) -> None:
-        """Compile the node's policies into same-node verdicts (verdicts.py) for its enrolled,
-        capturing workloads that hold their certificate, put them in force (one generation,
-        atomically), then end the direct flows they no longer allow."""
-        from ..control.convert import policy_from_pb, root_of
-        from ..control.model import Workload
-        from .verdicts import Endpoint, compile_verdicts
-
-        cap = self.cfg.capture
-        policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
-        entries: dict = {}
-        left_out: dict[str, str] = {}
-        if cap.enabled and cap.same_node == "direct":
-            local = []
-            for cg, key in self.workload_ids.items():
-                w = self._by_key.get(key)
-                if w is None or key not in certs or w.node != self.cfg.node:
-                    continue  # held workloads keep the tunnel, which refuses them, saying why
-                model = Workload(
-                    w.name, w.namespace, w.service_account, w.node, w.ip, dict(w.labels),
-                    ip6=w.ip6,
-                )  # fmt: skip
-                local.append(Endpoint(cg, model, w.spiffe_id))
-            # half the map: the generation in force and the next one are both in it, briefly
-            c = compile_verdicts(policies, local, limit=VERDICT_MAX // 2)
-            left_out = c.left_out
-            for k, rule in c.entries.items():
-                d = c.rules[rule - 1]
-                entries[k] = (self._rule_id(d), d.allowed)
-        if left_out != self.verdicts_left_out:
-            for what, why in left_out.items():
-                _log.warning(
-                    f"same-node connections to {what} go through the tunnel: {why}",
-                )
-            self.verdicts_left_out = left_out
-        if entries == self._verdicts:
-            return
-        try:
-            self.verdict_gen = self.ctl.set_verdicts(entries)
-        except OSError as e:
-            _log.error(f"same-node verdicts not updated, the last ones stay in force: {e}")
-            return
-        self._verdicts = entries
-        _log.info(
-            "same-node verdicts in force",
-            fields={"generation": self.verdict_gen, "verdicts": len(entries)},
-        )
-        self._recheck_direct(policies)
-
-    def _recheck_direct(self, policies) -> int:
-        """End each established direct flow the policies deny now: SOCK_DESTROY on the client's
-        socket, in its namespace (its peer gets a reset). A flow the verdicts no longer cover
-        (a left-out destination) is checked by evaluate() all the same."""
-        from ..control.model import Workload
-        from ..ztunnel.policy import Request, evaluate
-        from .destroy import destroy
-
-        ended = 0
-        for rec in self.live_records():
-            if not rec.direct or rec.direction != "outbound" or rec.end is not None:
-                continue
-            key = self.workload_ids.get(rec.cgroup_id, "")
-            src, dst = self._by_key.get(key), self._by_ip.get(rec.dst[0])
-            if src is None or dst is None:
-                allowed, why = False, "one of its workloads is gone"
-            else:
-                model = Workload(
-                    dst.name, dst.namespace, dst.service_account, dst.node, dst.ip,
-                    dict(dst.labels), ip6=dst.ip6,
-                )  # fmt: skip
-                d = evaluate(policies, model, Request(rec.src[0], rec.dst[0], rec.dst[1],
-                                                      src.spiffe_id))  # fmt: skip
-                allowed, why = d.allowed, d.reason
-            if allowed:
-                continue
-            # the destination's end first: its client sees a reset (ECONNRESET), as from a
-            # tunnel that ends a flow; the client's own end when the destination's is not found
-            ends = []
-            if dst is not None:
-                ends.append((self._netns.get(f"{dst.namespace}/{dst.name}", ""), rec.dst, rec.src))
-            ends.append((self._netns.get(key, ""), rec.src, rec.dst))
-            try:
-                for i, (netns, local, peer) in enumerate(ends):
-                    try:
-                        if not netns:
-                            raise OSError(errno.ENOENT, "its network namespace is unknown")
-                        destroy(netns, local, peer)
-                        break
-                    except OSError:
-                        if i == len(ends) - 1:
-                            raise
-            except OSError as e:
-                _log.error(
-                    "a direct flow the policy now denies could not be ended",
-                    fields={"src": key, "dst": f"{rec.dst[0]}:{rec.dst[1]}", "error": str(e)},
-                )
-                continue
-            ended += 1
-            _log.info(
-                "established direct flow ended: policy now denies it",
-                fields={"src": key, "dst": f"{rec.dst[0]}:{rec.dst[1]}", "reason": why},
-            )
-        self.direct_reset += ended
-        return ended
+        self.same_node.sync(snap, certs)
 
     def _find_pod(self, key: str, uid: str) -> tuple[str, str]:
         """A pod's cgroup (below the agent's cgroup) and netns, found by its UID; ("", "")
@@ -730,13 +602,7 @@ class Agent:
             "load": [r.__dict__ for r in self.load_reports],
             "workloads": self.workload_ids,
             "stats": self.ctl.stats(),
-            "same_node": {
-                "mode": self.cfg.capture.same_node if self.cfg.capture.enabled else "off",
-                "generation": self.verdict_gen,
-                "verdicts": len(self._verdicts or {}),
-                "left_out": self.verdicts_left_out,
-                "direct_flows_reset": self.direct_reset,
-            },
+            "same_node": self.same_node.status(),
             "closed_kept": len(self.closed),
             "control": self.sync.status() if self.sync else None,
             "tunnel": {
@@ -803,7 +669,7 @@ class Agent:
                 c.token_file,
                 self.cfg.state_dir,
                 self.apply_snapshot,
-                before_write=self._sync_verdicts,
+                before_write=self.same_node.sync,
             )
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
         self._drain_thread = drain
