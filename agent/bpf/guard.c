@@ -61,6 +61,30 @@ static __always_inline int is_dns(struct __sk_buff *skb, u32 l4)
 	return uh.source == bpf_htons(DNS_PORT) || uh.dest == bpf_htons(DNS_PORT);
 }
 
+/*
+ * A direct connection's verdict, again, at its SYN and its handshake's last ACK: the
+ * connect() was allowed, but a policy may have changed since (a SYN retransmitted after the
+ * switch). Denied now: not admitted. No verdict now (the destination left to the tunnel, or
+ * none in force): the connect-time one stands.
+ */
+static __always_inline int still_allowed(struct dabba_direct *dir, struct dabba_tuple *t)
+{
+	u32 zero = 0;
+	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
+	if (!cfg || !cfg->verdict_gen)
+		return 1;
+	struct dabba_verdict_key k = {.cgroup_id = dir->cgroup_id,
+				      .dst = t->dst_ip,
+				      .gen = cfg->verdict_gen,
+				      .port = t->dst_port};
+	struct dabba_verdict *v = dabba_verdicts.lookup(&k);
+	if (!v) {
+		k.port = 0;
+		v = dabba_verdicts.lookup(&k);
+	}
+	return !v || v->allow;
+}
+
 /* A TCP segment's 4-tuple (src: the sender); 0 when its header cannot be read. */
 static __always_inline int tuple_of(struct __sk_buff *skb, struct dabba_ip6 *saddr,
 				    struct dabba_ip6 *daddr, u32 l4, struct dabba_tuple *t)
@@ -91,7 +115,8 @@ static __always_inline int from_tunnel_or_direct(struct __sk_buff *skb, struct d
 		return 0;
 	if (dabba_tun_addr.lookup(saddr) && dabba_tun_conn.lookup(&t))
 		return 1;
-	if (!dabba_direct.lookup(&t))
+	struct dabba_direct *dir = dabba_direct.lookup(&t);
+	if (!dir || !still_allowed(dir, &t))
 		return 0;
 	count(DABBA_ST_GUARD_DIRECT, 1);
 	return 1;

@@ -35,6 +35,34 @@ static __always_inline void count(u32 stat)
 		*v += 1;
 }
 
+static __always_inline int refused_now(void)
+{
+	count(DABBA_ST_POLICY_REFUSED);
+	return SK_DROP;
+}
+
+/*
+ * A direct connection's verdict, again (guard.c has the same; bcc rewrites map calls only in
+ * a program's own file, so they cannot share a header).
+ */
+static __always_inline int still_allowed(struct dabba_direct *dir, struct dabba_tuple *t)
+{
+	u32 zero = 0;
+	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
+	if (!cfg || !cfg->verdict_gen)
+		return 1;
+	struct dabba_verdict_key k = {.cgroup_id = dir->cgroup_id,
+				      .dst = t->dst_ip,
+				      .gen = cfg->verdict_gen,
+				      .port = t->dst_port};
+	struct dabba_verdict *v = dabba_verdicts.lookup(&k);
+	if (!v) {
+		k.port = 0;
+		v = dabba_verdicts.lookup(&k);
+	}
+	return !v || v->allow;
+}
+
 int dabba_plain_in(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != 6 /* TCP */)
@@ -59,7 +87,10 @@ int dabba_plain_in(struct bpf_sk_lookup *ctx)
 	};
 	if (dabba_tun_addr.lookup(&src) && dabba_tun_conn.lookup(&t))
 		return SK_PASS; /* the tunnel delivering an allowed connection (tunops.c) */
-	if (dabba_direct.lookup(&t)) {
+	struct dabba_direct *dir = dabba_direct.lookup(&t);
+	if (dir) {
+		if (!still_allowed(dir, &t))
+			return refused_now(); /* a policy change since its connect() denies it */
 		count(DABBA_ST_GUARD_DIRECT);
 		return SK_PASS; /* a same-node connection a verdict allowed (connect.c, sockops.c)
 				 */

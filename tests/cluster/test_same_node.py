@@ -286,3 +286,59 @@ def test_strict_takes_direct_connections_and_drops_forged_syns(dlab, procs):
         write_registry(L, "strict", [])
         wait_for(lambda: _mode(L, "n1-p2") != "STRICT", 15, what="n1-p2 back to PERMISSIVE")
     assert tunnel_stats(L, "n1").get("splice", 0) == 0  # no same-node flow went through it
+
+
+CONNECT = r"""
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected", flush=True)
+except TimeoutError:
+    print("timeout", flush=True)
+except OSError as e:
+    print("error", errno.errorcode.get(e.errno, e.errno), flush=True)
+"""
+
+
+def test_a_syn_sent_again_after_a_policy_change_is_judged_again(dlab, procs):
+    """Before: a direct connection was judged at connect() only. Its first SYN lost, the
+    verdict changed to deny, and its retransmitted SYN went through (the agent, stopped here,
+    would have ended it; while it runs it does, but only if it sees the flow in time). Now the
+    steering and the guard judge the SYN again against the verdicts in force."""
+    from agent.bpf import abi, names
+    from agent.bpf.control import DatapathControl, cgroup_id
+    from agent.bpf.loader import Datapath
+
+    L, agents = dlab
+    client, server, n1 = L.pod("n1-p1"), L.pod("n1-p2"), L.node("n1")
+    _server(L, procs, server.name, 9708, "--send", "1")
+    ctl = DatapathControl(Datapath(n1.bpf_node, n1.cgroup))
+    with ctl.dp.open_map(names.MAP_VERDICT) as m:
+        gen = ctl.config().verdict_gen
+        keep = {}
+        for k, v in m.items():
+            key, val = abi.from_bytes(abi.VerdictKey, k), abi.from_bytes(abi.Verdict, v)
+            if key.gen == gen:
+                keep[(key.cgroup_id, abi.ip6_str(key.dst), key.port)] = (val.rule, bool(val.allow))
+    drop = ["INPUT", "-p", "tcp", "--dport", "9708", "--syn", "-j", "DROP"]
+    L.run(server.name, ["iptables", "-I", *drop])  # the first SYN is lost
+    agents["n1"].send_signal(signal.SIGSTOP)  # the agent we started: no recheck of its own
+    before = _stats(L)
+    try:
+        cli = L.popen(client.name, [sys.executable, "-c", CONNECT, server.ip, "9708", "6"],
+                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(cli)
+        wait_for(lambda: _stats(L)["direct"] > before["direct"], 5, what="the direct connect()")
+        deny = {**keep, (cgroup_id(client.cgroup), server.ip, 9708): (1, False)}
+        ctl.set_verdicts(deny)  # the policy changes while the SYN is in flight
+        L.run(server.name, ["iptables", "-D", *drop])  # the retransmitted SYNs get there
+        out = cli.communicate(timeout=20)[0].strip()
+    finally:
+        L.run(server.name, ["iptables", "-D", *drop], check=False)
+        ctl.set_verdicts(keep)
+        agents["n1"].send_signal(signal.SIGCONT)
+    # the retransmitted SYN is refused (the steering's drop: TCP answers a reset), not taken
+    assert out == "error ECONNREFUSED", out
+    assert _stats(L)["policy_refused"] > before["policy_refused"]
