@@ -43,10 +43,6 @@ _F_GETPIPE_SZ = 1032
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
-class SpliceUnavailable(DabbaError):
-    """Kept for callers of the sockmap splice: splice(2) takes a socket in any state."""
-
-
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:

@@ -639,7 +639,9 @@ class Tunnel:
                 )
                 return _reset(sock)
             try:
-                done = await self._open(sock, src_ip, src, dst, port, ep, svc, d, fact, v6=v6)
+                done = await self._open(
+                    sock, src_ip, src, dst, port, ep, svc, d, fact, addr=reached
+                )
             except _Denied as e:
                 fact(
                     party(dst, ip=reached, port=port),
@@ -689,15 +691,15 @@ class Tunnel:
         svc=None,
         decision=None,
         fact=None,
-        v6: bool = False,
+        addr: str = "",
     ) -> bool:
         """Connect the flow to dst; False when the connect failed (nothing was forwarded).
 
         decision: ours when dst is on this node; fact(dst, path, verdict, reason, ...)
-        reports the source side to the agent. v6: the workload connected over native IPv6 (dst
-        is reached at its IPv6 address where it has one).
+        reports the source side to the agent. addr: dst's address to reach it at
+        (_address_of; its IPv4 one when not given).
         """
-        addr = self._address_of(dst, v6)
+        addr = addr or dst.ip
         if dst.node == self.cfg.node:
             up = await self._dial(addr, port, local=True)
             if up is None:
