@@ -247,6 +247,24 @@ def status(c: AgentClient, output: str) -> int:
     else:
         con.print("  control     none (workloads from the config file)")
     con.print(f"  workloads   {st['workloads']['enrolled']} enrolled")
+    sn, ks = st.get("same_node"), st.get("kernel_services")
+    if sn:
+        how = (
+            f"in the kernel (verdicts generation {sn['generation']}: {sn['verdicts']})"
+            if sn["mode"] == "direct"
+            else f"{sn['mode']}" + (f" ({sn['kernel_lacks']})" if sn.get("kernel_lacks") else "")
+        )
+        con.print(f"  same node   {how}, {sn['direct_flows_reset']} direct flows ended by policy")
+    if ks:
+        con.print(
+            "  services    "
+            + (
+                f"{ks['service_ports']} VIP ports resolved in the kernel"
+                if not ks["why_tunnel"]
+                else f"resolved by the tunnel ({ks['why_tunnel']})"
+            )
+            + (f", {len(ks['left_out'])} left to the tunnel" if ks["left_out"] else "")
+        )
     cert = st["certificates"]
     if cert["soonest"]:
         s = cert["soonest"]
@@ -269,6 +287,7 @@ def status(c: AgentClient, output: str) -> int:
         "packet socket": n.get("family_refused", 0),
         "connection limit": n.get("limit_refused", 0),
         "policy": n.get("policy_refused", 0),
+        "service without endpoint": n.get("svc_no_endpoint", 0),
         "guard": n.get("guard_drop", 0),
         "plaintext IPv6": n.get("plain_v6_drop", 0),
         "tunnel down": n.get("plain_no_tunnel", 0) + n.get("own_no_tunnel", 0),
@@ -351,7 +370,12 @@ def services(c: AgentClient, output: str) -> None:
     if output == "json":
         return _dump(doc, "json")
     rows = [
-        {**s, "ports": [f"{p['port']}->{p['target_port']}" for p in s["ports"]]}
+        {
+            **s,
+            "ports": [f"{p['port']}->{p['target_port']}" for p in s["ports"]],
+            "resolved_by": s.get("resolved_by", "tunnel")
+            + (f" ({s['why_tunnel']})" if s.get("why_tunnel") else ""),
+        }
         for s in doc["services"]
     ]
     _console().print(
@@ -362,6 +386,7 @@ def services(c: AgentClient, output: str) -> None:
                 ("VIP", "vip"),
                 ("PORTS", "ports"),
                 ("LB", "lb_policy"),
+                ("RESOLVED BY", "resolved_by"),
                 ("ENDPOINTS", "endpoints"),
             ],
         )

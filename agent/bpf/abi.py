@@ -66,9 +66,14 @@ class Stat(enum.IntEnum):
     DIRECT = 23
     POLICY_REFUSED = 24
     GUARD_DIRECT = 25
+    SVC_RESOLVED = 26
+    SVC_NO_ENDPOINT = 27
+    LB_FAILED = 28
+    LB_EJECTED = 29
+    LB_EJECT_LIMIT = 30
 
 
-STAT_COUNT = 26  # DABBA_ST_MAX
+STAT_COUNT = 31  # DABBA_ST_MAX
 
 TUN_SK_OUTBOUND = 0  # dabba_tun_sk keys
 TUN_SK_HBONE = 1
@@ -88,6 +93,7 @@ class Refusal(enum.IntEnum):
     CAP_FULL = 5
     LIMIT = 6
     POLICY = 7
+    NO_ENDPOINT = 8
 
 
 REFUSAL_REASONS = {
@@ -99,6 +105,7 @@ REFUSAL_REASONS = {
     Refusal.CAP_FULL: "the node's capture map was full",
     Refusal.LIMIT: "the workload holds its maximum of open connections (capture.max_connections)",
     Refusal.POLICY: "denied by a same-node verdict",
+    Refusal.NO_ENDPOINT: "the service has no endpoint for this port (ECONNREFUSED)",
 }
 
 
@@ -136,7 +143,8 @@ def ip6_str(a: Ip6) -> str:
 class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
     __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad;
-    struct dabba_ip6 tunnel_ip6; __u32 verdict_gen; __u32 _pad2; };"""
+    struct dabba_ip6 tunnel_ip6; __u32 verdict_gen; __u16 eject_after; __u16 max_ejected_pct;
+    __u32 eject_ms; __u32 _pad2; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
@@ -149,21 +157,25 @@ class Config(ctypes.Structure):
         ("_pad", ctypes.c_uint32),
         ("tunnel_ip6", Ip6),
         ("verdict_gen", ctypes.c_uint32),
+        ("eject_after", ctypes.c_uint16),
+        ("max_ejected_pct", ctypes.c_uint16),
+        ("eject_ms", ctypes.c_uint32),
         ("_pad2", ctypes.c_uint32),
     ]
 
 
 class Capture(ctypes.Structure):
     """struct dabba_capture { __u64 cgroup_id; __u64 cookie; struct dabba_ip6 orig_ip;
-    __u16 orig_port; __u16 _pad; __u32 _pad2; };"""
+    struct dabba_ip6 svc_ip; __u16 orig_port; __u16 svc_port; __u32 _pad; };"""
 
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
         ("cookie", ctypes.c_uint64),
         ("orig_ip", Ip6),
+        ("svc_ip", Ip6),
         ("orig_port", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint16),
-        ("_pad2", ctypes.c_uint32),
+        ("svc_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint32),
     ]
 
 
@@ -266,6 +278,48 @@ class Direct(ctypes.Structure):
     ]
 
 
+class SvcKey(ctypes.Structure):
+    """struct dabba_svc_key { struct dabba_ip6 vip; __u16 port; __u16 _pad; };"""
+
+    _fields_ = [("vip", Ip6), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+
+
+LB_POLICIES = {"round_robin": 0, "least_connections": 1, "random": 2}  # DABBA_LB_*
+SVC_EP_MAX = 64  # DABBA_SVC_EP_MAX
+
+
+class Svc(ctypes.Structure):
+    """struct dabba_svc { __u32 id; __u32 rr; __u16 count; __u16 target_port; __u8 policy;
+    __u8 _pad[3]; };"""
+
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("rr", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("target_port", ctypes.c_uint16),
+        ("policy", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class SvcSlot(ctypes.Structure):
+    """struct dabba_svc_slot { __u32 id; __u32 slot; };"""
+
+    _fields_ = [("id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class EpState(ctypes.Structure):
+    """struct dabba_ep_state { __u64 active; __u64 ejected_until; __u32 failures;
+    __u32 ejections; };"""
+
+    _fields_ = [
+        ("active", ctypes.c_uint64),
+        ("ejected_until", ctypes.c_uint64),
+        ("failures", ctypes.c_uint32),
+        ("ejections", ctypes.c_uint32),
+    ]
+
+
 MIRRORS = {
     "dabba_workload": Workload,
     "dabba_config": Config,
@@ -278,6 +332,10 @@ MIRRORS = {
     "dabba_verdict_key": VerdictKey,
     "dabba_verdict": Verdict,
     "dabba_direct": Direct,
+    "dabba_svc_key": SvcKey,
+    "dabba_svc": Svc,
+    "dabba_svc_slot": SvcSlot,
+    "dabba_ep_state": EpState,
 }
 
 
@@ -303,6 +361,9 @@ def map_layouts() -> dict[str, tuple[int, int]]:
         names.MAP_VERDICT: (ctypes.sizeof(VerdictKey), ctypes.sizeof(Verdict)),
         names.MAP_DIRECT: (ctypes.sizeof(Tuple), ctypes.sizeof(Direct)),
         names.MAP_DIRECT_COOKIE: (u64, ctypes.sizeof(Direct)),
+        names.MAP_SVC: (ctypes.sizeof(SvcKey), ctypes.sizeof(Svc)),
+        names.MAP_SVC_EP: (ctypes.sizeof(SvcSlot), ctypes.sizeof(Ip6)),
+        names.MAP_LB_EP: (ctypes.sizeof(IpPort), ctypes.sizeof(EpState)),
     }
 
 

@@ -21,6 +21,10 @@ class Captured:
     orig_port: int
     cgroup_id: int  # the source workload's cgroup: set by the kernel, not the workload
     cookie: int  # socket cookie of the workload's socket
+    # the service whose VIP the kernel resolved, orig_ip being the endpoint it chose (port 0:
+    # none, orig_ip is what the workload asked for)
+    svc_ip: str = ""
+    svc_port: int = 0
 
 
 class CaptureReader:
@@ -37,7 +41,8 @@ class CaptureReader:
         if raw is None:
             return None
         c = abi.from_bytes(abi.Capture, raw)
-        return Captured(abi.ip6_str(c.orig_ip), c.orig_port, c.cgroup_id, c.cookie)
+        svc = (abi.ip6_str(c.svc_ip), c.svc_port) if c.svc_port else ("", 0)
+        return Captured(abi.ip6_str(c.orig_ip), c.orig_port, c.cgroup_id, c.cookie, *svc)
 
     def lookup_socket(self, sock) -> Captured | None:
         return self.lookup(sock.getpeername(), sock.getsockname())

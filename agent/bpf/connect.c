@@ -29,6 +29,14 @@
  *  - non-TCP (UDP connect and unconnected sendmsg): only DNS (port 53) and
  *    loopback leave, unless the node's config lets non-TCP pass.
  *
+ * A service's VIP and port (dabba_svc) is resolved first, to one of its endpoints (round
+ * robin, least connections or random, ejected endpoints skipped), and the connection is then
+ * decided as one to that endpoint: direct when a same-node verdict allows it, else captured
+ * with the endpoint chosen and the service named for the tunnel. A service without endpoints
+ * is refused with ECONNREFUSED, as a kube-proxy REJECT is. Every socket whose destination was
+ * resolved or rewritten keeps what it asked for (dabba_sk_peer): getpeername() gives that back
+ * (peer.c), and sockops keeps the chosen endpoint's load and health (sockops.c).
+ *
  * Never touched: workloads that are not enrolled, the tunnel's own sockets
  * (its cgroup is not enrolled, and its sockets carry tunnel_mark).
  */
@@ -53,7 +61,8 @@ static __always_inline void count(u32 stat, u64 n)
 		*v += n;
 }
 
-#define DNS_PORT 53
+#define DNS_PORT     53
+#define ECONNREFUSED 111
 
 /* What the capture does with one destination. */
 enum verdict {
@@ -226,7 +235,7 @@ static __always_inline int direct(struct bpf_sock_addr *ctx, struct dabba_config
  * it in plaintext. Refuse the connect() (EPERM) and count it.
  */
 static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, struct dabba_ip6 *a,
-				    u16 port)
+				    u16 port, struct dabba_peer *svc)
 {
 	struct dabba_capture cap = {
 	    .cgroup_id = cg,
@@ -234,6 +243,10 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, u64 cg, struct da
 	    .orig_ip = *a,
 	    .orig_port = port,
 	};
+	if (svc->ep_port) { /* a service's endpoint, chosen here: the tunnel is told the service */
+		cap.svc_ip = svc->asked;
+		cap.svc_port = svc->asked_port;
+	}
 	if (dabba_cap_ck.update(&cap.cookie, &cap) != 0)
 		return 0;
 	count(DABBA_ST_CAPTURED, 1);
@@ -283,6 +296,128 @@ static __always_inline int datagram(struct dabba_config *cfg, enum verdict v, u1
 	return 0;
 }
 
+/*
+ * One endpoint of svc by its policy, into *out. The endpoints are taken in turn from the
+ * service's round-robin cursor (random: from a random one), ejected ones skipped: round robin
+ * and random take the first one not ejected, least connections the one with the fewest open
+ * connections (the first of equals in that turn). When every endpoint is ejected, the one in
+ * turn is tried rather than none. Returns 0 when the set is not whole (the agent writes every
+ * endpoint's state with its slot, before the entry points at the set).
+ */
+static __always_inline int pick(struct dabba_svc *svc, struct dabba_ip6 *out)
+{
+	u64 now = bpf_ktime_get_ns();
+	u32 n = svc->count, id = svc->id;
+	u32 start = svc->rr;
+	if (svc->policy == DABBA_LB_RANDOM)
+		start = bpf_get_prandom_u32();
+	else
+		__sync_fetch_and_add(&svc->rr, 1); /* bcc's target has no fetching atomics: two
+						      racing connect()s may take the same turn */
+	start %= n;
+	int lc = svc->policy == DABBA_LB_LEAST_CONN;
+	u32 best = start;
+	u64 fewest = ~0ULL;
+	for (u32 j = 0; j < DABBA_SVC_EP_MAX; j++) {
+		/* opaque to clang, so that the loop keeps the constant bound the verifier needs */
+		asm volatile("" : "+r"(j));
+		if (j >= n)
+			break;
+		u32 slot = (start + j) % n;
+		struct dabba_svc_slot s = {.id = id, .slot = slot};
+		struct dabba_ip6 *ip = dabba_svc_ep.lookup(&s);
+		if (!ip)
+			return 0;
+		struct dabba_ip_port k = {.ip = *ip, .port = svc->target_port};
+		struct dabba_ep_state *st = dabba_lb_ep.lookup(&k);
+		if (!st)
+			return 0;
+		if (st->ejected_until > now)
+			continue;
+		if (!lc) {
+			best = slot;
+			break;
+		}
+		if (st->active < fewest) {
+			fewest = st->active;
+			best = slot;
+		}
+	}
+	struct dabba_svc_slot s = {.id = id, .slot = best};
+	struct dabba_ip6 *ip = dabba_svc_ep.lookup(&s);
+	if (!ip)
+		return 0;
+	*out = *ip;
+	return 1;
+}
+
+#define NO_ENDPOINT (-1)
+
+/*
+ * connect() to a service's VIP and port (dabba_svc): *a and *port become the endpoint chosen
+ * and its target port, and *svc what getpeername() and sockops need. Returns 1 resolved, 0 not
+ * a service, NO_ENDPOINT when it has none.
+ */
+static __always_inline int resolve(struct dabba_ip6 *a, u16 *port, struct dabba_peer *svc)
+{
+	struct dabba_svc_key k = {.vip = *a, .port = *port};
+	svc->asked = *a;
+	svc->asked_port = *port;
+	struct dabba_ip6 ep = {};
+	struct dabba_svc *s = dabba_svc.lookup(&k);
+	if (!s)
+		return 0;
+	if (!s->count)
+		return NO_ENDPOINT;
+	if (!pick(s, &ep))
+		return NO_ENDPOINT;
+	svc->ep = ep;
+	svc->ep_port = s->target_port;
+	svc->svc_id = s->id;
+	svc->svc_count = s->count;
+	*a = ep;
+	*port = s->target_port;
+	count(DABBA_ST_SVC_RESOLVED, 1);
+	return 1;
+}
+
+/* A service without endpoints: ECONNREFUSED, reported as a refused flow to its VIP. */
+static __always_inline int no_endpoint(struct bpf_sock_addr *ctx, u64 cg, struct dabba_peer *svc)
+{
+	refuse(ctx, cg, &svc->asked, svc->asked_port, DABBA_REFUSED_NO_ENDPOINT);
+	count(DABBA_ST_SVC_NO_ENDPOINT, 1);
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/*
+ * Keep what the socket asked for and where it goes (to, to_port) for getpeername() (peer.c)
+ * and sockops; best effort: without it, getpeername() gives the address connected to, and the
+ * endpoint's load and health miss this connection.
+ */
+static __always_inline void keep_peer(struct bpf_sock_addr *ctx, struct dabba_peer *p,
+				      struct dabba_ip6 *to, u16 to_port)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct dabba_peer *st = dabba_sk_peer.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return;
+	p->to = *to;
+	p->to_port = to_port;
+	*st = *p;
+}
+
+/* An AF_INET6 socket's destination set to a (IPv4 as IPv4-mapped, so over IPv4). */
+static __always_inline void set_dest6(struct bpf_sock_addr *ctx, struct dabba_ip6 *a)
+{
+	DABBA_CTX32(ctx->user_ip6[0]) = a->w[0];
+	DABBA_CTX32(ctx->user_ip6[1]) = a->w[1];
+	DABBA_CTX32(ctx->user_ip6[2]) = a->w[2];
+	DABBA_CTX32(ctx->user_ip6[3]) = a->w[3];
+}
+
 #define CAPTURE 2 /* act(): rewrite the destination to the tunnel */
 
 /*
@@ -290,7 +425,8 @@ static __always_inline int datagram(struct dabba_config *cfg, enum verdict v, u1
  * (1 go on, 0 EPERM), or CAPTURE once the destination is remembered.
  */
 static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *cfg, u64 cg,
-			       enum verdict v, u8 why, struct dabba_ip6 *a, u16 port)
+			       enum verdict v, u8 why, struct dabba_ip6 *a, u16 port,
+			       struct dabba_peer *svc)
 {
 	if (ctx->type != SOCK_STREAM)
 		return datagram(cfg, v, port);
@@ -311,7 +447,7 @@ static __always_inline int act(struct bpf_sock_addr *ctx, struct dabba_config *c
 		return refuse(ctx, cg, a, port, why);
 	if (!take_slot(ctx, cfg, cg))
 		return refuse(ctx, cg, a, port, DABBA_REFUSED_LIMIT);
-	if (!remember(ctx, cg, a, port))
+	if (!remember(ctx, cg, a, port, svc))
 		return refuse(ctx, cg, a, port, DABBA_REFUSED_CAP_FULL);
 	return CAPTURE;
 }
@@ -325,13 +461,25 @@ int dabba_connect4(struct bpf_sock_addr *ctx)
 
 	struct dabba_ip6 a = dabba_v4(ctx->user_ip4);
 	u16 port = bpf_ntohs((u16)ctx->user_port);
+	struct dabba_peer svc = {};
+	int lb = ctx->type == SOCK_STREAM ? resolve(&a, &port, &svc) : 0;
+	if (lb == NO_ENDPOINT || (lb && !dabba_is_v4mapped(&a)))
+		return no_endpoint(ctx, cg, &svc);
 	u8 why = 0;
-	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port);
-	if (r != CAPTURE)
-		return r;
-	ctx->user_ip4 = cfg->tunnel_ip;
-	ctx->user_port = bpf_htons(cfg->tunnel_port);
-	return 1;
+	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port, &svc);
+	if (r == CAPTURE) {
+		struct dabba_ip6 to = dabba_v4(cfg->tunnel_ip);
+		keep_peer(ctx, &svc, &to, cfg->tunnel_port);
+		ctx->user_ip4 = cfg->tunnel_ip;
+		ctx->user_port = bpf_htons(cfg->tunnel_port);
+		return 1;
+	}
+	if (r && lb) { /* straight to the endpoint chosen */
+		keep_peer(ctx, &svc, &a, port);
+		ctx->user_ip4 = a.w[3];
+		ctx->user_port = bpf_htons(port);
+	}
+	return r;
 }
 
 int dabba_connect6(struct bpf_sock_addr *ctx)
@@ -343,21 +491,27 @@ int dabba_connect6(struct bpf_sock_addr *ctx)
 
 	struct dabba_ip6 a = dest6(ctx);
 	u16 port = bpf_ntohs((u16)ctx->user_port);
+	struct dabba_peer svc = {};
+	int lb = ctx->type == SOCK_STREAM ? resolve(&a, &port, &svc) : 0;
+	if (lb == NO_ENDPOINT)
+		return no_endpoint(ctx, cg, &svc);
 	u8 why = 0;
-	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port);
-	if (r != CAPTURE)
-		return r;
-	if (dabba_is_v4mapped(&a)) {
-		/* to the tunnel's IPv4 listener, mapped: the connection goes over IPv4 */
-		ctx->user_ip6[3] = cfg->tunnel_ip;
-	} else {
-		DABBA_CTX32(ctx->user_ip6[0]) = cfg->tunnel_ip6.w[0];
-		DABBA_CTX32(ctx->user_ip6[1]) = cfg->tunnel_ip6.w[1];
-		DABBA_CTX32(ctx->user_ip6[2]) = cfg->tunnel_ip6.w[2];
-		DABBA_CTX32(ctx->user_ip6[3]) = cfg->tunnel_ip6.w[3];
+	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port, &svc);
+	if (r == CAPTURE) {
+		/* to the tunnel's IPv4 listener, mapped, for IPv4: the connection goes over IPv4 */
+		struct dabba_ip6 to =
+		    dabba_is_v4mapped(&a) ? dabba_v4(cfg->tunnel_ip) : cfg->tunnel_ip6;
+		keep_peer(ctx, &svc, &to, cfg->tunnel_port);
+		set_dest6(ctx, &to);
+		ctx->user_port = bpf_htons(cfg->tunnel_port);
+		return 1;
 	}
-	ctx->user_port = bpf_htons(cfg->tunnel_port);
-	return 1;
+	if (r && lb) { /* straight to the endpoint chosen */
+		keep_peer(ctx, &svc, &a, port);
+		set_dest6(ctx, &a);
+		ctx->user_port = bpf_htons(port);
+	}
+	return r;
 }
 
 /* Unconnected UDP (sendto): the same rule as a UDP connect(). */

@@ -9,6 +9,7 @@ tunnel's cgroup). The programs and their pins themselves are loader.py's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 from ..errors import DabbaError
@@ -44,13 +45,15 @@ class DatapathControl:
         hbone_port: int = 0,
         max_open: int = 0,
         tunnel_ip6: str = "",
+        eject: tuple[int, float, float] = (3, 30.0, 0.5),
     ) -> None:
         """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
         non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
         hbone_port: the tunnel's HBONE port, owned by own.c like tunnel_ip:tunnel_port.
         max_open: captured connections one workload may hold open (connect.c); 0: no limit.
         tunnel_ip6: the outbound listener's IPv6 address (port tunnel_port); empty: native IPv6
-        of the workloads is refused."""
+        of the workloads is refused. eject: services' outlier ejection in the kernel (consecutive
+        failed connects, base seconds, most of a service's endpoints out)."""
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
@@ -66,6 +69,9 @@ class DatapathControl:
             0,
             abi.ip6(tunnel_ip6) if tunnel_ip6 else abi.Ip6(),
             gen,
+            eject[0],
+            round(eject[2] * 100),
+            round(eject[1] * 1000),
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)
@@ -109,6 +115,131 @@ class DatapathControl:
                 if abi.from_bytes(abi.VerdictKey, k).gen != new:
                     m.delete(k)
         return new
+
+    def set_services(self, want: dict[tuple[str, int], tuple[str, int, list[str]]]) -> int:
+        """Replace the services the kernel resolves (connect.c): (VIP, port) -> (lb policy,
+        target port, endpoint addresses). A service whose endpoints change gets its new set
+        written whole under a new id before its entry points at it (one update), and the old
+        set goes after: a connect() finds either set whole. An unchanged service keeps its
+        entry and its round-robin turn. Endpoints no service has any more lose their load and
+        health. Returns how many (VIP, port) entries are in force."""
+        import time
+
+        from . import abi
+
+        def ip_of(b: bytes) -> str:
+            return abi.ip6_str(abi.from_bytes(abi.Ip6, b))
+
+        with (
+            self.dp.open_map(names.MAP_SVC) as svcs,
+            self.dp.open_map(names.MAP_SVC_EP) as slots,
+            self.dp.open_map(names.MAP_LB_EP) as states,
+        ):
+            have: dict[tuple[str, int], abi.Svc] = {}
+            for k in list(svcs.keys()):
+                key = abi.from_bytes(abi.SvcKey, k)
+                raw = svcs.lookup(key)
+                if raw:
+                    have[(ip_of(bytes(key.vip)), key.port)] = abi.from_bytes(abi.Svc, raw)
+            sets: dict[int, dict[int, str]] = {}
+            for k in list(slots.keys()):
+                sk = abi.from_bytes(abi.SvcSlot, k)
+                raw = slots.lookup(sk)
+                if raw:
+                    sets.setdefault(sk.id, {})[sk.slot] = ip_of(raw)
+            next_id = max([*sets, *(v.id for v in have.values()), 0]) + 1
+            in_force: set[int] = set()  # the sets the entries point at once we are done
+            for (vip, port), (policy, target, eps) in want.items():
+                eps = eps[: abi.SVC_EP_MAX]
+                cur = have.get((vip, port))
+                code = abi.LB_POLICIES[policy]
+                if (
+                    cur is not None
+                    and (cur.count, cur.target_port, cur.policy) == (len(eps), target, code)
+                    and [sets.get(cur.id, {}).get(i) for i in range(cur.count)] == eps
+                ):
+                    in_force.add(cur.id)
+                    continue
+                sid, next_id = next_id, next_id + 1
+                for i, ip in enumerate(eps):
+                    # its state first: connect() takes a set whose endpoint has none for torn
+                    try:
+                        states.update(
+                            abi.IpPort(abi.ip6(ip), target, 0), abi.EpState(), bpfsys.BPF_NOEXIST
+                        )
+                    except bpfsys.BPFError as e:
+                        if e.errno != errno.EEXIST:
+                            raise
+                        # known already: its load and health stay
+                    slots.update(abi.SvcSlot(sid, i), abi.ip6(ip))
+                svcs.update(
+                    abi.SvcKey(abi.ip6(vip), port, 0),
+                    abi.Svc(sid, cur.rr if cur else 0, len(eps), target, code),
+                )
+                in_force.add(sid)
+            for vip, port in have:
+                if (vip, port) not in want:
+                    svcs.delete(abi.SvcKey(abi.ip6(vip), port, 0))
+            # a connect() that read an entry just replaced is still picking from its old set
+            # for a few microseconds: the old sets go a little later
+            if any(sid not in in_force for sid in sets):
+                time.sleep(0.05)
+            for sid, members in sets.items():
+                if sid not in in_force:
+                    for i in members:
+                        slots.delete(abi.SvcSlot(sid, i))
+            keep = {(abi.ip6_key(ip), t) for _, t, eps in want.values() for ip in eps}
+            for k in list(states.keys()):
+                ipp = abi.from_bytes(abi.IpPort, k)
+                if (bytes(ipp.ip), ipp.port) not in keep:
+                    states.delete(ipp)
+        return len(want)
+
+    def services(self) -> dict[tuple[str, int], dict]:
+        """The services the kernel resolves, with each endpoint's load and health as sockops
+        keeps them: (VIP, port) -> {policy, target_port, endpoints: [{ip, active, failures,
+        ejected_s}]}."""
+        import time
+
+        from . import abi
+
+        policies = {v: k for k, v in abi.LB_POLICIES.items()}
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = {}
+        with (
+            self.dp.open_map(names.MAP_SVC) as svcs,
+            self.dp.open_map(names.MAP_SVC_EP) as slots,
+            self.dp.open_map(names.MAP_LB_EP) as states,
+        ):
+            for k in list(svcs.keys()):
+                key = abi.from_bytes(abi.SvcKey, k)
+                raw = svcs.lookup(key)
+                if not raw:
+                    continue
+                v = abi.from_bytes(abi.Svc, raw)
+                eps = []
+                for i in range(v.count):
+                    ip = slots.lookup(abi.SvcSlot(v.id, i))
+                    if not ip:
+                        continue
+                    st_raw = states.lookup(
+                        abi.IpPort(abi.from_bytes(abi.Ip6, ip), v.target_port, 0)
+                    )
+                    st = abi.from_bytes(abi.EpState, st_raw) if st_raw else abi.EpState()
+                    eps.append(
+                        {
+                            "ip": abi.ip6_str(abi.from_bytes(abi.Ip6, ip)),
+                            "active": st.active,
+                            "failures": st.failures,
+                            "ejected_s": round(max(st.ejected_until - now, 0) / 1e9, 1),
+                        }
+                    )
+                out[(abi.ip6_str(key.vip), key.port)] = {
+                    "policy": policies.get(v.policy, str(v.policy)),
+                    "target_port": v.target_port,
+                    "endpoints": eps,
+                }
+        return out
 
     def enrol(self, cgroup_path: str, workload_id: int, flags: int) -> int:
         """Enrol the workload whose cgroup is cgroup_path; returns its cgroup id."""

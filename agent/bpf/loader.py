@@ -237,6 +237,26 @@ class Sendmsg6Program(CaptureProgram):
     attach_type = bpfsys.BPF_CGROUP_UDP6_SENDMSG
 
 
+class PeerProgram(Program):
+    """cgroup/getpeername4: a resolved or captured socket's peer is what it asked for (peer.c)."""
+
+    source = "peer.c"
+    function = names.PROG_PEER4
+    hook = "cgroup/getpeername4"
+    prog_type = PROG_CGROUP_SOCK_ADDR
+    expected_attach = bpfsys.BPF_CGROUP_INET4_GETPEERNAME
+    attach_type = bpfsys.BPF_CGROUP_INET4_GETPEERNAME
+
+
+class Peer6Program(PeerProgram):
+    """cgroup/getpeername6: the same for AF_INET6 sockets (peer.c)."""
+
+    function = names.PROG_PEER6
+    hook = "cgroup/getpeername6"
+    expected_attach = bpfsys.BPF_CGROUP_INET6_GETPEERNAME
+    attach_type = bpfsys.BPF_CGROUP_INET6_GETPEERNAME
+
+
 class FlowProgram(Program):
     """sockops: flow records and the tunnel's 4-tuple lookup (sockops.c)."""
 
@@ -347,6 +367,8 @@ CGROUP_PROGRAMS = (
     Capture6Program,
     Sendmsg4Program,
     Sendmsg6Program,
+    PeerProgram,
+    Peer6Program,
     FlowProgram,
     GuardProgram,
 )

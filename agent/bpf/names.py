@@ -32,6 +32,10 @@ MAP_WL_OPEN = "dabba_wl_open"
 MAP_VERDICT = "dabba_verdicts"
 MAP_DIRECT = "dabba_direct"
 MAP_DIRECT_COOKIE = "dabba_direct_ck"
+MAP_SVC = "dabba_svc"
+MAP_SVC_EP = "dabba_svc_ep"
+MAP_LB_EP = "dabba_lb_ep"
+MAP_SK_PEER = "dabba_sk_peer"
 
 ALL_MAPS = (
     MAP_CFG,
@@ -57,6 +61,10 @@ ALL_MAPS = (
     MAP_VERDICT,
     MAP_DIRECT,
     MAP_DIRECT_COOKIE,
+    MAP_SVC,
+    MAP_SVC_EP,
+    MAP_LB_EP,
+    MAP_SK_PEER,
 )
 
 # programs (function names in the .c files)
@@ -71,6 +79,8 @@ PROG_GUARD = "dabba_guard"
 PROG_PLAIN = "dabba_plain_in"
 PROG_OWN = "dabba_own_in"
 PROG_TUN_OPS = "dabba_tun_ops"
+PROG_PEER4 = "dabba_peer4"
+PROG_PEER6 = "dabba_peer6"
 # bcc names an LSM program lsm__<hook> and finds the hook by that name (family.c);
 # the kernel keeps "lsm__socket_cre", the pin keeps the whole name.
 PROG_FAMILY = "lsm__socket_create"
@@ -87,5 +97,7 @@ for _n in ALL_MAPS + (
     PROG_PLAIN,
     PROG_OWN,
     PROG_TUN_OPS,
+    PROG_PEER4,
+    PROG_PEER6,
 ):
     assert len(_n) <= 15 and _n.startswith(PREFIX), _n

@@ -11,7 +11,10 @@
  *    on every segment the socket sends (data or ACK), so live flows can be
  *    listed from the map;
  *  - at close, finish the record, send it to user space through the ring
- *    buffer and delete every entry the flow had.
+ *    buffer and delete every entry the flow had;
+ *  - for a connection to a service endpoint the capture chose (connect.c, dabba_sk_peer): the
+ *    endpoint's open connections (least connections) and consecutive failed connects, and its
+ *    ejection once it failed eject_after times in a row (dabba_lb_ep).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -122,6 +125,13 @@ static __always_inline void on_open(struct bpf_sock_ops *skops, u8 direction)
 			    .dst_port = f.dst_port,
 			};
 			dabba_direct.update(&t, dir);
+			/* to a service's endpoint: the record keeps the VIP asked for */
+			struct bpf_sock *sk = skops->sk;
+			struct dabba_peer *p = sk ? dabba_sk_peer.sk_storage_get(sk, 0, 0) : 0;
+			if (p && p->ep_port) {
+				f.orig_ip = p->asked;
+				f.orig_port = p->asked_port;
+			}
 			f.captured = DABBA_CAPTURED_DIRECT;
 			f.rule = dir->rule;
 			dabba_direct_ck.delete(&cookie);
@@ -238,12 +248,115 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, u32 old_state)
 	dabba_flows.delete(&cookie);
 }
 
+/* ---- services: the chosen endpoint's load and health (connect.c picks by them) ---- */
+
+static __always_inline struct dabba_peer *lb_peer(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	struct dabba_peer *p = dabba_sk_peer.sk_storage_get(sk, 0, 0);
+	return p && p->ep_port ? p : 0;
+}
+
+/* The endpoint's state, created on first use. */
+static __always_inline struct dabba_ep_state *lb_state(struct dabba_ip6 *ip, u16 port)
+{
+	struct dabba_ip_port k = {.ip = *ip, .port = port};
+	struct dabba_ep_state *st = dabba_lb_ep.lookup(&k);
+	if (st)
+		return st;
+	struct dabba_ep_state zero = {};
+	dabba_lb_ep.insert(&k, &zero); /* another CPU may have inserted it first: either is it */
+	return dabba_lb_ep.lookup(&k);
+}
+
+/* Established: one more open connection; its consecutive failures end, and, once out of an
+ * ejection, the backoff too. */
+static __always_inline void lb_established(struct bpf_sock_ops *skops)
+{
+	struct dabba_peer *p = lb_peer(skops);
+	if (!p || p->counted)
+		return;
+	struct dabba_ep_state *st = lb_state(&p->ep, p->ep_port);
+	if (!st)
+		return;
+	__sync_fetch_and_add(&st->active, 1);
+	p->counted = 1;
+	st->failures = 0;
+	if (st->ejected_until <= bpf_ktime_get_ns())
+		st->ejections = 0;
+}
+
+/*
+ * A connect that never established: one more consecutive failure; at eject_after of them the
+ * endpoint is ejected for eject_ms, doubled on each ejection in a row (at most 10x), unless
+ * max_ejected_pct of its service's endpoints would then be out (they stay in; counted).
+ */
+static __always_inline void lb_failed(struct dabba_peer *p)
+{
+	struct dabba_ep_state *st = lb_state(&p->ep, p->ep_port);
+	if (!st)
+		return;
+	count(DABBA_ST_LB_FAILED, 1);
+	__sync_fetch_and_add(&st->failures, 1);
+	u32 failures = st->failures;
+	u32 zero = 0;
+	struct dabba_config *cfg = dabba_cfg.lookup(&zero);
+	u64 now = bpf_ktime_get_ns();
+	if (!cfg || !cfg->eject_after || failures < cfg->eject_after || st->ejected_until > now)
+		return;
+	u32 n = p->svc_count, out = 0;
+	for (u32 i = 0; i < DABBA_SVC_EP_MAX; i++) {
+		asm volatile(
+		    ""
+		    : "+r"(i)); /* keeps the constant bound the verifier needs (connect.c) */
+		if (i >= n)
+			break;
+		struct dabba_svc_slot s = {.id = p->svc_id, .slot = i};
+		struct dabba_ip6 *ip = dabba_svc_ep.lookup(&s);
+		if (!ip || dabba_ip_eq(ip, &p->ep))
+			continue;
+		struct dabba_ip_port k = {.ip = *ip, .port = p->ep_port};
+		struct dabba_ep_state *o = dabba_lb_ep.lookup(&k);
+		if (o && o->ejected_until > now)
+			out++;
+	}
+	if ((out + 1) * 100 > (u32)cfg->max_ejected_pct * n) {
+		count(DABBA_ST_LB_EJECT_LIMIT, 1);
+		return;
+	}
+	u32 times = st->ejections >= 4 ? 10 : 1 << st->ejections; /* 1, 2, 4, 8, then 10 */
+	st->ejected_until = now + (u64)cfg->eject_ms * 1000000ULL * times;
+	st->ejections++;
+	st->failures = 0;
+	count(DABBA_ST_LB_EJECTED, 1);
+}
+
+/* Closed: an open connection less, or a failed connect. */
+static __always_inline void lb_closed(struct bpf_sock_ops *skops, u32 old_state)
+{
+	struct dabba_peer *p = lb_peer(skops);
+	if (!p)
+		return;
+	if (p->counted) {
+		struct dabba_ip_port k = {.ip = p->ep, .port = p->ep_port};
+		struct dabba_ep_state *st = dabba_lb_ep.lookup(&k);
+		if (st && st->active)
+			__sync_fetch_and_sub(&st->active, 1);
+		p->counted = 0;
+	} else if (old_state == BPF_TCP_SYN_SENT) {
+		lb_failed(p);
+	}
+}
+
 static __always_inline void on_state(struct bpf_sock_ops *skops)
 {
 	u32 old_state = skops->args[0];
 	u32 new_state = skops->args[1];
 
 	if (new_state == BPF_TCP_CLOSE) {
+		lb_closed(skops, old_state);
 		on_close(skops, old_state);
 		return;
 	}
@@ -295,8 +408,13 @@ int dabba_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		on_open(skops, DABBA_DIR_OUTBOUND);
+		/* to a service endpoint: its close, or its failed connect, must be seen */
+		if (lb_peer(skops))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							     BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		lb_established(skops);
 		on_active_established(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:

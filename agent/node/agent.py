@@ -37,6 +37,7 @@ from . import addresses, pods
 from .config import AgentConfig
 from .flowtable import FlowTable
 from .samenode import SameNode
+from .services import KernelServices
 
 _log = log.get("agent")
 
@@ -73,15 +74,18 @@ class Agent:
         self._last = None
         self._pods: dict[str, tuple[str, str]] = {}  # the last snapshot's pods: (cgroup, netns)
         self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
+        self._svc_by_vip: dict[str, object] = {}  # the snapshot's services by VIP
         self._by_ip: dict[str, object] = {}
         self._netns: dict[str, str] = {}  # namespace/name -> its network namespace (a path)
         self.same_node = SameNode(self)
+        self.kernel_services = KernelServices(self)
         self.table = FlowTable(
             cfg.keep_closed,
             lambda cg: self._by_key.get(self.workload_ids.get(cg, "")),
             self._by_ip.get,
             lambda: {cfg.tunnel.address, cfg.tunnel.address6, *cfg.tunnel_addresses} - {""},
             self.same_node.rules.get,
+            lambda ip: self._svc_by_vip.get(ip),
         )
         self._flow_map: Map | None = None
         self._closed_new: list[FlowRecord] = []  # drained since closed.jsonl was last written
@@ -210,6 +214,7 @@ class Agent:
             hbone_port=self.hbone_port(),
             max_open=self.max_connections(),
             tunnel_ip6=c.tunnel.address6,
+            eject=(c.services.eject_after, c.services.eject_time, c.services.max_ejected),
         )
         if c.control is not None and c.tunnel.run:  # the tunnel will be our child, in our cgroup
             self.trust_tunnel("self")
@@ -393,12 +398,19 @@ class Agent:
         self._last = (snap, certs)
         self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
         self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
+        self._svc_by_vip = {s.vip: s for s in snap.services}
         self._by_ip.clear()
         self._by_ip.update({ip: w for w in snap.workloads for ip in (w.ip, w.ip6) if ip})
         self._enrol(entries)
         self.ctl.set_port_mtls(port_modes)
         self._steer(steer)
+        self._kernel_sync(snap, certs)
+
+    def _kernel_sync(self, snap, certs) -> None:
+        """What the kernel decides itself: same-node verdicts, then services (a VIP resolved to a
+        local endpoint goes direct only where a verdict allows it)."""
         self.same_node.sync(snap, certs)
+        self.kernel_services.sync(snap, certs)
 
     def _find_pod(self, key: str, uid: str) -> tuple[str, str]:
         """A pod's cgroup (below the agent's cgroup) and netns, found by its UID; ("", "")
@@ -603,6 +615,7 @@ class Agent:
             "workloads": self.workload_ids,
             "stats": self.ctl.stats(),
             "same_node": self.same_node.status(),
+            "kernel_services": self.kernel_services.status(),
             "closed_kept": len(self.closed),
             "control": self.sync.status() if self.sync else None,
             "tunnel": {
@@ -669,7 +682,7 @@ class Agent:
                 c.token_file,
                 self.cfg.state_dir,
                 self.apply_snapshot,
-                before_write=self.same_node.sync,
+                before_write=self._kernel_sync,
             )
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
         self._drain_thread = drain

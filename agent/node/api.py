@@ -181,15 +181,26 @@ class AgentApi:
 
     def services(self) -> tuple[int, object]:
         snap = self._snap()
+        ks = self.a.kernel_services
+        try:
+            held = self.a.ctl.services()  # what connect() resolves, with the endpoints' state
+        except OSError:
+            held = {}
         out = []
         for s in snap.services if snap else []:
+            key = f"{s.namespace}/{s.name}"
+            kernel = {p.port: held[(s.vip, p.port)] for p in s.ports if (s.vip, p.port) in held}
             out.append(
                 {
-                    "service": f"{s.namespace}/{s.name}",
+                    "service": key,
                     "vip": s.vip,
                     "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
                     "lb_policy": s.lb_policy or "round_robin",
                     "endpoints": list(s.endpoints),
+                    # who picks the endpoint: the kernel at connect(), or the tunnel (and why)
+                    "resolved_by": "kernel" if kernel else "tunnel",
+                    "why_tunnel": "" if kernel else ks.left_out.get(key, ks.why_tunnel()),
+                    "kernel": {str(port): v for port, v in kernel.items()},
                 }
             )
         return 200, {"node": self.a.cfg.node, "services": out}
@@ -334,8 +345,18 @@ class AgentApi:
             if soonest and soonest[1] <= 0:
                 problems.append(f"certificate of {soonest[0]} expired")
         st = a.ctl.stats()
+        same = a.same_node.status()
+        if same["kernel_lacks"]:
+            warnings.append(f"same-node connections go through the tunnel: {same['kernel_lacks']}")
+        ks = a.kernel_services
         return 200, {
             "node": a.cfg.node,
+            "same_node": same,
+            "kernel_services": {
+                "service_ports": len(ks.services or {}),
+                "left_out": ks.left_out,
+                "why_tunnel": ks.why_tunnel(),
+            },
             "healthy": not problems,
             "problems": problems,
             "warnings": warnings,

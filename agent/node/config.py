@@ -42,6 +42,10 @@ A YAML file (``dabba agent run --config FILE``)::
                                   # refuse: where this kernel cannot (no "bpf" in lsm=), the
                                   # agent does not start. refuse-where-able: it starts anyway
                                   # and says so (for nodes whose workloads hold no CAP_NET_RAW).
+    services:                     # services resolved in the kernel (capture.same_node: direct)
+      eject_after: 3              # consecutive failed connects that eject an endpoint
+      eject_time: 30              # seconds out, doubled on each ejection in a row (at most 10x)
+      max_ejected: 0.5            # the most of a service's endpoints ever out at once
     control:                      # optional: workloads, policies and certificates
       address: 10.10.0.1:15012    # from the control plane (mutual TLS)
       join_address: 10.10.0.1:15013  # where the one-time join token is used (TLS)
@@ -125,6 +129,15 @@ class CaptureConfig:
     same_node: str = "direct"  # "direct" | "tunnel" (see the module docstring)
 
 
+@dataclass
+class ServicesConfig:
+    """Outlier ejection of services' endpoints, in the kernel and in the tunnel alike."""
+
+    eject_after: int = 3
+    eject_time: float = 30.0
+    max_ejected: float = 0.5
+
+
 NON_TCP_MODES = ("dns", "pass")
 SAME_NODE_MODES = ("direct", "tunnel")
 PACKET_SOCKET_MODES = ("refuse", "refuse-where-able")
@@ -160,6 +173,7 @@ class AgentConfig:
     state_dir: str = ""
     tunnel_addresses: list[str] = field(default_factory=list)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
     maps: MapSizes = field(default_factory=MapSizes)
     keep_closed: int = DEFAULT_KEEP_CLOSED
     workloads: list[WorkloadConfig] = field(default_factory=list)
@@ -234,6 +248,7 @@ _TOP = {
     "tunnel",
     "tunnel_addresses",
     "capture",
+    "services",
     "maps",
     "flows",
     "workloads",
@@ -405,6 +420,36 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
             f"capture.exclude_ports: {p} out of range",
         )
 
+    sv = doc.get("services") or {}
+    for k in sv:
+        need(
+            k in ServicesConfig.__dataclass_fields__,
+            ("services", k),
+            f"services: unknown field {k!r} (known: eject_after, eject_time, max_ejected)",
+        )
+    services = ServicesConfig(
+        sv.get("eject_after", 3), sv.get("eject_time", 30.0), sv.get("max_ejected", 0.5)
+    )
+    need(
+        isinstance(services.eject_after, int) and not isinstance(services.eject_after, bool)
+        and 0 <= services.eject_after <= 65535,
+        ("services", "eject_after"),
+        f"services.eject_after: {services.eject_after!r} is not a whole number from 0 "
+        "(0: never eject) to 65535",
+    )  # fmt: skip
+    need(
+        isinstance(services.eject_time, int | float) and not isinstance(services.eject_time, bool)
+        and 0 < services.eject_time <= 3600,
+        ("services", "eject_time"),
+        f"services.eject_time: {services.eject_time!r} is not a number of seconds in (0, 3600]",
+    )  # fmt: skip
+    need(
+        isinstance(services.max_ejected, int | float)
+        and not isinstance(services.max_ejected, bool) and 0 <= services.max_ejected <= 1,
+        ("services", "max_ejected"),
+        f"services.max_ejected: {services.max_ejected!r} is not a share from 0 to 1",
+    )  # fmt: skip
+
     m = doc.get("maps") or {}
     known = set(MapSizes.__dataclass_fields__)
     for k, v in m.items():
@@ -486,6 +531,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         state_dir=str(doc.get("state_dir", "")),
         tunnel_addresses=tun_addrs,
         capture=cap,
+        services=services,
         maps=sizes,
         keep_closed=keep,
         workloads=workloads,

@@ -56,3 +56,19 @@ def destroy(netns: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
             raise OSError(-code, f"destroy {src} -> {dst}: {os.strerror(-code)}")
         return
     raise OSError(errno.EPROTO, f"destroy {src} -> {dst}: unexpected netlink reply {kind}")
+
+
+def supported() -> str:
+    """Whether this kernel can end a socket from outside (CONFIG_INET_DIAG_DESTROY): "" when
+    it can, else why not. Asks it to destroy a socket that does not exist, in our own
+    namespace: ENOENT means it would have."""
+    try:
+        destroy("/proc/self/ns/net", ("127.0.0.1", 1), ("127.0.0.1", 1))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return ""
+        return (
+            "this kernel cannot end a socket from outside (SOCK_DESTROY over inet_diag: "
+            f"CONFIG_INET_DIAG_DESTROY): {os.strerror(e.errno or 0)}"
+        )
+    return ""

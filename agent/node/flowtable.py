@@ -193,8 +193,10 @@ class FlowTable:
         by_ip: Callable[[str], object],
         tunnel_addrs: Callable[[], set],
         decision: Callable[[int], object] = lambda _rule: None,
+        service_of: Callable[[str], object] = lambda _ip: None,
     ):
         self.decision = decision  # a same-node verdict's Decision, by the rule in the record
+        self.service_of = service_of  # a Service by its VIP (direct flows the kernel resolved)
         self.lock = threading.Lock()
         self.describe, self.by_ip, self.tunnel_addrs = describe, by_ip, tunnel_addrs
         self.facts: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -204,6 +206,10 @@ class FlowTable:
         self.sent: collections.Counter = collections.Counter()  # istio labels -> response bytes
         self.received: collections.Counter = collections.Counter()  # -> request bytes
         self.retrans: collections.Counter = collections.Counter()  # (dst wl, dst ns) -> segments
+        # connections of flows no tunnel carried (direct): the tunnel counts its own
+        self.conns_opened: collections.Counter = collections.Counter()  # istio labels -> count
+        self.conns_closed: collections.Counter = collections.Counter()
+        self.counted_open: set[int] = set()  # cookies of direct flows counted as opened
         self.rtt: dict[tuple, list] = {}  # (dst wl, dst ns) -> [bucket counts..., sum, count]
         self.denied = 0
         self.facts_received = 0
@@ -293,7 +299,9 @@ class FlowTable:
             path, security, verdict = "direct", "node_local", "allow"
             d = self.decision(rec.rule)
             reason = d.reason if d is not None else "allowed by a same-node verdict"
-            policy, service = (d.policy or "") if d is not None else "", ""
+            policy = (d.policy or "") if d is not None else ""
+            svc = self.service_of(rec.orig_dst[0]) if out and rec.orig_dst != rec.dst else None
+            service = f"{svc.namespace}/{svc.name}" if svc is not None else ""
         else:
             peer_ip, peer_port = rec.orig_dst if out else rec.dst
             peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
@@ -352,8 +360,11 @@ class FlowTable:
             src = self.describe(rec.cgroup_id)
         else:
             dst = self.describe(rec.cgroup_id)
+        svc = None
+        if v["service"]:
+            svc = self.service_of(rec.orig_dst[0])
         return istio_labels(
-            v["reporter"], src, dst, None, "node_local" if v["path"] == "direct" else "none"
+            v["reporter"], src, dst, svc, "node_local" if v["path"] == "direct" else "none"
         )
 
     def _account(self, rec: FlowRecord, v: dict, final: bool) -> None:
@@ -364,6 +375,13 @@ class FlowTable:
         else:
             self.seen[rec.cookie] = now
         labels = self._labels(rec, v)
+        if labels is not None and v["path"] == "direct":
+            if rec.cookie not in self.counted_open:
+                self.counted_open.add(rec.cookie)
+                self.conns_opened[labels] += 1
+            if final:
+                self.counted_open.discard(rec.cookie)
+                self.conns_closed[labels] += 1
         d_up, d_down, d_re = (max(a - b, 0) for a, b in zip(now, before, strict=True))
         if labels is not None:
             if d_up:
@@ -390,6 +408,7 @@ class FlowTable:
 
         with self.lock:
             sent, received = dict(self.sent), dict(self.received)
+            opened, closed = dict(self.conns_opened), dict(self.conns_closed)
             retrans, rtt = dict(self.retrans), {k: list(h) for k, h in self.rtt.items()}
         for name, data, doc in (
             ("istio_tcp_sent_bytes", sent, "Bytes sent during response (destination to source)"),
@@ -401,6 +420,18 @@ class FlowTable:
         ):
             m = CounterMetricFamily(
                 name, doc + ", from the kernel's flow records", labels=ISTIO_LABELS
+            )
+            for k, v in data.items():
+                m.add_metric(k, v)
+            yield m
+        for name, data, doc in (
+            ("istio_tcp_connections_opened", opened, "TCP connections opened"),
+            ("istio_tcp_connections_closed", closed, "TCP connections closed"),
+        ):
+            m = CounterMetricFamily(
+                name,
+                doc + ", of flows no tunnel carried (same node, direct; the tunnel counts its own)",
+                labels=ISTIO_LABELS,
             )
             for k, v in data.items():
                 m.add_metric(k, v)

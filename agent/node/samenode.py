@@ -24,11 +24,26 @@ class SameNode:
         self.generation = 0
         self.left_out: dict[str, str] = {}
         self.reset = 0  # direct flows a policy change ended
+        self._lacks: str | None = None  # why this kernel cannot run the direct path
+
+    def kernel_lacks(self) -> str:
+        """Why this kernel cannot run the same-node path ("" when it can). Direct flows must be
+        ended when a policy change denies them (no proxy holds them): without SOCK_DESTROY they
+        could not be, so same-node connections keep the tunnel's path, which can."""
+        if self._lacks is None:
+            from .destroy import supported
+
+            self._lacks = supported()
+            if self._lacks:
+                _log.warning(f"same-node connections go through the tunnel: {self._lacks}")
+        return self._lacks
 
     def status(self) -> dict:
         cap = self.a.cfg.capture
+        lacks = self.kernel_lacks() if cap.enabled and cap.same_node == "direct" else ""
         return {
-            "mode": cap.same_node if cap.enabled else "off",
+            "mode": ("tunnel" if lacks else cap.same_node) if cap.enabled else "off",
+            "kernel_lacks": lacks,
             "generation": self.generation,
             "verdicts": len(self.verdicts or {}),
             "left_out": self.left_out,
@@ -61,7 +76,7 @@ class SameNode:
         policies = [policy_from_pb(p, root_of(snap)) for p in snap.policies]
         entries: dict = {}
         left_out: dict[str, str] = {}
-        if cap.enabled and cap.same_node == "direct":
+        if cap.enabled and cap.same_node == "direct" and not self.kernel_lacks():
             local = []
             for cg, key in self.a.workload_ids.items():
                 w = self.a._by_key.get(key)

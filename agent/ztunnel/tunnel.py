@@ -53,7 +53,7 @@ from ..node.addresses import (
 )
 from . import admin, handoff, hbone, inbound, lb, listeners, tls
 from .facts import FactsSender, key_of, party
-from .metrics import TunnelMetrics, istio_labels
+from .metrics import TunnelMetrics, istio_labels, merge_exposition
 from .policy import Request, evaluate
 from .splice import Splicer
 from .workers import Workers
@@ -541,7 +541,17 @@ class Tunnel:
             return _reset(sock)
         peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
         src_ip = peer[0]
-        svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
+        chosen = None  # a service's endpoint the kernel already chose (connect.c)
+        if cap.svc_port and cap.svc_ip in self.state.services:
+            svc, eps, port = self.resolve(cap.svc_ip, cap.svc_port)
+            w = self.state.by_ip.get(cap.orig_ip)
+            chosen = f"{w.namespace}/{w.name}" if w is not None else None
+            if chosen in eps:
+                eps, port = [chosen] + [e for e in eps if e != chosen], cap.orig_port
+            else:
+                chosen = None  # gone from our view meanwhile: we pick, as for any service
+        else:  # no service, or one we no longer know: the endpoint as the kernel resolved it
+            svc, eps, port = self.resolve(cap.orig_ip, cap.orig_port)
         v6 = ":" in cap.orig_ip  # native IPv6: the destination is reached over IPv6 too
         if self.identities is None or src.spiffe_id not in self.identities.contexts:
             # enrolled (captured and STRICT) before its certificate arrived: fail closed
@@ -562,7 +572,8 @@ class Tunnel:
             )
             return _reset(sock)
         me = party(src, ip=src_ip, port=peer[1])
-        orig = party(None, ip=cap.orig_ip, port=cap.orig_port, identity="")
+        asked = (cap.svc_ip, cap.svc_port) if cap.svc_port else (cap.orig_ip, cap.orig_port)
+        orig = party(None, ip=asked[0], port=asked[1], identity="")
 
         def fact(dst_party, path, verdict, reason, security="plaintext", labels=None, policy=""):
             self.facts.send(
@@ -618,7 +629,10 @@ class Tunnel:
         policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
         tried: list[str] = []
         for _ in range(1 + (self.lb.cfg.retries if svc else 0)):
-            ep = self.lb.pick(skey, policy, eps, tried) if svc else eps[0]
+            if chosen is not None and not tried:
+                ep = chosen
+            else:
+                ep = self.lb.pick(skey, policy, eps, tried) if svc else eps[0]
             if ep is None:
                 break
             tried.append(ep)
@@ -904,7 +918,7 @@ class Tunnel:
         try:
             status, body = await admin.get_unix(self._agent_sock(), "/metrics", timeout=3)
             if status == 200:
-                return 200, mine + body.decode()
+                return 200, merge_exposition(mine, body.decode())
             why = f"status {status}"
         except (OSError, TimeoutError, ValueError, IndexError) as e:
             why = str(e) or type(e).__name__

@@ -23,6 +23,10 @@ CASES = [
     (abi.VerdictKey, "connect.c", names.MAP_VERDICT, "Key"),
     (abi.Verdict, "connect.c", names.MAP_VERDICT, "Leaf"),
     (abi.Direct, "sockops.c", names.MAP_DIRECT, "Leaf"),
+    (abi.SvcKey, "connect.c", names.MAP_SVC, "Key"),
+    (abi.Svc, "connect.c", names.MAP_SVC, "Leaf"),
+    (abi.SvcSlot, "connect.c", names.MAP_SVC_EP, "Key"),
+    (abi.EpState, "sockops.c", names.MAP_LB_EP, "Leaf"),
 ]
 
 

@@ -110,7 +110,7 @@ def test_restart_keeps_connection_counting_and_attaches_once(lab, procs, tmp_pat
         assert r.returncode == 0, r.stderr
         progs = json.loads(r.stdout)["programs"]
         cgroup_progs = [p for p in progs if not p["elsewhere"]]
-        assert len(progs) == 12 and all(p["attached"] == 1 for p in cgroup_progs), progs
+        assert len(progs) == 14 and all(p["attached"] == 1 for p in cgroup_progs), progs
         # lsm/socket_create: attached once where the kernel runs BPF LSM, else not loaded
         (lsm,) = [p for p in progs if p["optional"]]
         assert lsm["attached"] == int(lsm["pinned"]), lsm

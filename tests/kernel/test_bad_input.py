@@ -209,7 +209,7 @@ def test_a_datapath_pinned_by_another_version_is_refused_not_adopted(lab):
             dp.ensure()
         msg = str(e.value)
         assert "map dabba_cap_tp has 12-byte keys and 24-byte values" in msg, msg
-        assert "this version's have 36 and 40; refusing to adopt it" in msg, msg
+        assert "this version's have 36 and 56; refusing to adopt it" in msg, msg
         assert f"dabba bpf unload --node {node}" in e.value.hint
         assert not os.path.exists(dp.pins.progs)  # nothing loaded or attached over it
     finally:

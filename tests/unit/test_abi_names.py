@@ -20,7 +20,7 @@ def test_mirrors_have_no_implicit_padding():
         assert end == ctypes.sizeof(cls), cls.__name__
     assert (
         ctypes.sizeof(abi.Flow) == 152
-        and ctypes.sizeof(abi.Capture) == 40
+        and ctypes.sizeof(abi.Capture) == 56
         and ctypes.sizeof(abi.Tuple) == 36
     )
 

@@ -122,6 +122,26 @@ def test_dual_stack_tunnel_sources_default_to_both_listeners():
             "a.yaml:5",
             "capture.packet_sockets: 'allow' is not one of refuse, refuse-where-able",
         ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nservices:\n  max_ejected: 2\n",
+            "a.yaml:5",
+            "services.max_ejected: 2 is not a share from 0 to 1",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nservices:\n  eject_after: x\n",
+            "a.yaml:5",
+            "services.eject_after: 'x' is not a whole number from 0 (0: never eject) to 65535",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nservices:\n  eject_time: 0\n",
+            "a.yaml:5",
+            "services.eject_time: 0 is not a number of seconds in (0, 3600]",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nservices:\n  retries: 2\n",
+            "a.yaml:5",
+            "services: unknown field 'retries'",
+        ),
         ("node: [1\n", "a.yaml:2", "not valid YAML"),
         ("- just\n- a list\n", "a.yaml", "must be a mapping"),
     ],

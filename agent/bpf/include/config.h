@@ -49,4 +49,12 @@
 #define DABBA_VERDICT_MAX 65536
 #endif
 
+/* Services' ports in the kernel (dabba_svc), and endpoint slots of every set in flight. */
+#ifndef DABBA_SVC_MAX
+#define DABBA_SVC_MAX 4096
+#endif
+#ifndef DABBA_SVC_EP_SLOTS
+#define DABBA_SVC_EP_SLOTS 65536
+#endif
+
 #endif /* DABBA_CONFIG_H */

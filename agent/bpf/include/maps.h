@@ -61,6 +61,16 @@ BPF_TABLE_PINNED("hash", u64, struct dabba_direct, dabba_direct_ck, DABBA_CAP_MA
 		 DABBA_PIN(dabba_direct_ck));
 BPF_TABLE_PINNED("lru_hash", struct dabba_tuple, struct dabba_direct, dabba_direct, DABBA_FLOW_MAX,
 		 DABBA_PIN(dabba_direct));
+/* Services in the kernel (connect.c): VIPs, their endpoint sets, endpoints' load and health. */
+BPF_TABLE_PINNED("hash", struct dabba_svc_key, struct dabba_svc, dabba_svc, DABBA_SVC_MAX,
+		 DABBA_PIN(dabba_svc));
+BPF_TABLE_PINNED("hash", struct dabba_svc_slot, struct dabba_ip6, dabba_svc_ep, DABBA_SVC_EP_SLOTS,
+		 DABBA_PIN(dabba_svc_ep), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct dabba_ip_port, struct dabba_ep_state, dabba_lb_ep,
+		 DABBA_SVC_EP_SLOTS, DABBA_PIN(dabba_lb_ep));
+/* What a socket's connect() asked for and where it went (getpeername, the endpoint's load). */
+BPF_TABLE_PINNED("sk_storage", int, struct dabba_peer, dabba_sk_peer, 0, DABBA_PIN(dabba_sk_peer),
+		 BPF_F_NO_PREALLOC);
 /*
  * Socket-local storage: the workload cgroup id of every socket an enrolled
  * workload creates (sock.c). sockops runs in softirq context where the

@@ -61,6 +61,12 @@ struct dabba_config {
 	/* the generation of dabba_verdicts in force (same-node verdicts); 0: none, the tunnel
 	 * decides every connection */
 	__u32 verdict_gen;
+	/* services in the kernel (connect.c, sockops.c): outlier ejection after eject_after
+	 * consecutive failed connects to an endpoint, for eject_ms (doubled on each ejection,
+	 * at most 10x), never more than max_ejected_pct of a service's endpoints at once */
+	__u16 eject_after;
+	__u16 max_ejected_pct;
+	__u32 eject_ms;
 	__u32 _pad2;
 };
 
@@ -74,6 +80,81 @@ enum dabba_refusal {
 	DABBA_REFUSED_CAP_FULL = 5,   /* the capture map was full */
 	DABBA_REFUSED_LIMIT = 6,      /* the workload holds max_open captured connections */
 	DABBA_REFUSED_POLICY = 7,     /* a same-node verdict (dabba_verdicts) denies it */
+	DABBA_REFUSED_NO_ENDPOINT = 8, /* a service (dabba_svc) with no endpoint: ECONNREFUSED */
+};
+
+/*
+ * Services in the kernel (connect.c), like Cilium's socket-level load balancing: connect() to
+ * a service's virtual IP and port is resolved to one of its endpoints before anything else
+ * is decided, and the connection is then exactly one to that endpoint (direct on this node
+ * when a verdict allows it, else through the tunnel, which is told the service).
+ *
+ * dabba_svc: key, a virtual IP and one of its ports (host order).
+ */
+struct dabba_svc_key {
+	struct dabba_ip6 vip;
+	__u16 port;
+	__u16 _pad;
+};
+
+/* dabba_svc.policy */
+#define DABBA_LB_ROUND_ROBIN 0
+#define DABBA_LB_LEAST_CONN  1
+#define DABBA_LB_RANDOM	     2
+
+/* At most this many endpoints per service in the kernel (the agent leaves bigger ones to the
+ * tunnel, saying so). */
+#define DABBA_SVC_EP_MAX 64
+
+/*
+ * dabba_svc: value. Its endpoints are dabba_svc_ep's (id, 0) .. (id, count - 1): the agent
+ * writes a new set under a new id, then this entry (one update, atomic), then removes the old
+ * set, so that a connect() finds either set whole.
+ */
+struct dabba_svc {
+	__u32 id;
+	__u32 rr; /* round-robin cursor, shared by the node's connect()s */
+	__u16 count;
+	__u16 target_port; /* the endpoints' port (host order) */
+	__u8 policy;	   /* DABBA_LB_* */
+	__u8 _pad[3];
+};
+
+/* dabba_svc_ep: key; the value is the endpoint's address (struct dabba_ip6). */
+struct dabba_svc_slot {
+	__u32 id;
+	__u32 slot;
+};
+
+/*
+ * dabba_lb_ep: value, by endpoint (struct dabba_ip_port: its address and target port). Its
+ * load and health as this node sees them: open connections (least connections) and
+ * consecutive failed connects (outlier ejection), kept by sockops.
+ */
+struct dabba_ep_state {
+	__u64 active;	     /* connections of this node's workloads open to it */
+	__u64 ejected_until; /* bpf_ktime_get_ns(); 0 or past: not ejected */
+	__u32 failures;	     /* consecutive connects that never established */
+	__u32 ejections;     /* in a row (the backoff); a success after the ejection resets it */
+};
+
+/*
+ * dabba_sk_peer: socket-local storage of a socket whose connect() the kernel resolved or
+ * rewrote. getpeername() gives back what the workload asked for (a VIP, or the destination
+ * the capture took to the tunnel), not where it went; sockops keeps the chosen endpoint's
+ * load and health.
+ */
+struct dabba_peer {
+	struct dabba_ip6 asked; /* the address connect() was given */
+	struct dabba_ip6 to;	/* where the connection went instead */
+	struct dabba_ip6 ep;	/* the service endpoint chosen (with ep_port 0: none) */
+	__u32 svc_id;		/* its service's endpoint set (dabba_svc.id) */
+	__u16 asked_port;
+	__u16 to_port;
+	__u16 ep_port;
+	__u16 svc_count; /* endpoints in that set */
+	__u8 counted;	 /* 1: established, counted in its endpoint's active connections */
+	__u8 _pad[7];
 };
 
 /*
@@ -131,10 +212,11 @@ struct dabba_ip_port {
 struct dabba_capture {
 	__u64 cgroup_id;	  /* kernel-attested source workload (caller's cgroup) */
 	__u64 cookie;		  /* socket cookie of the workload's socket */
-	struct dabba_ip6 orig_ip; /* original destination */
+	struct dabba_ip6 orig_ip; /* original destination (a service's: the endpoint chosen) */
+	struct dabba_ip6 svc_ip;  /* the service's VIP the kernel resolved, with svc_port != 0 */
 	__u16 orig_port;
-	__u16 _pad;
-	__u32 _pad2;
+	__u16 svc_port;
+	__u32 _pad;
 };
 
 /*
@@ -241,8 +323,13 @@ enum dabba_stat {
 				    agent; the load is not tried again until the pins go) */
 	DABBA_ST_LIMIT_REFUSED,	 /* connect() refused: the workload holds max_open connections */
 	DABBA_ST_DIRECT, /* connect() went straight to a workload of this node (a verdict) */
-	DABBA_ST_POLICY_REFUSED, /* connect() refused by a same-node verdict */
-	DABBA_ST_GUARD_DIRECT,	 /* connections the guard or the steering admitted as direct */
+	DABBA_ST_POLICY_REFUSED,  /* connect() refused by a same-node verdict */
+	DABBA_ST_GUARD_DIRECT,	  /* connections the guard or the steering admitted as direct */
+	DABBA_ST_SVC_RESOLVED,	  /* connect() to a service VIP resolved to an endpoint */
+	DABBA_ST_SVC_NO_ENDPOINT, /* ...refused: the service has no endpoint (ECONNREFUSED) */
+	DABBA_ST_LB_FAILED,	  /* connects to a service endpoint that never established */
+	DABBA_ST_LB_EJECTED,	  /* endpoints ejected (outlier detection) */
+	DABBA_ST_LB_EJECT_LIMIT,  /* ...not ejected: the service was at its ejection limit */
 	DABBA_ST_MAX,
 };
 
