@@ -13,8 +13,12 @@ Modes, each with its own pods in the same lab (same veths, bridge, kernel):
   TCP proxy for what is not HTTP;
 - ``sidecar-tcp``: the same Envoys with TCP proxy only (fair to an L4 tunnel);
 - ``dabba``: our agent and tunnel, eBPF capture.
-Pairs: ``cross-node`` (n1 to n2) and ``same-node`` (n1 to n1). Repetitions
-interleave the modes (A B C D A B C D ...), so machine noise hits all alike.
+Pairs: ``cross-node`` (n1 to n2) and ``same-node`` (n1 to n1), and
+``same-node-vip``: n1 to n1 through a service VIP, which dabbawala resolves in
+the kernel (``none`` and ``dabba`` only: without a mesh or kube-proxy in the lab
+there is no VIP, so ``none`` goes to the pod's address, the floor a VIP is held
+to). Repetitions interleave the modes (A B C D A B C D ...), so machine noise
+hits all alike.
 
 Scenarios:
 - ``latency``: bench/loadgen.py, 1 KiB responses from nginx, a fixed rate
@@ -55,7 +59,9 @@ from bench.datapath import rss_kib
 
 MODES = ("none", "sidecar", "sidecar-tcp", "dabba")
 SCENARIOS = ("latency", "bulk", "connrate", "memory")
-PAIRS = ("cross-node", "same-node")
+PAIRS = ("cross-node", "same-node", "same-node-vip")
+VIP_MODES = ("none", "dabba")  # the modes of the same-node-vip pair
+VIP = "10.96.0.80"  # dabba's service in front of its same-node server (n1-p2)
 POD_OF = {"dabba": (1, 2), "none": (3, 4), "sidecar": (5, 6), "sidecar-tcp": (7, 8)}
 VARIANT = {"sidecar": "http", "sidecar-tcp": "tcp"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +70,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pods_for(mode: str, pair: str) -> tuple[str, str]:
     c, s = POD_OF[mode]
     return f"n1-p{c}", (f"n2-p{s}" if pair == "cross-node" else f"n1-p{s}")
+
+
+def target(L, mode: str, pair: str, server: str) -> str:
+    """Where the client connects: dabba's VIP for the same-node-vip pair, else the server."""
+    return VIP if (pair, mode) == ("same-node-vip", "dabba") else L.pod(server).ip
+
+
+def cells_of(pairs, scenarios, conns, modes, repeat) -> list[tuple]:
+    """(repetition, pair, scenario, connections, mode) of one run, modes interleaved."""
+    out = []
+    for rep in range(repeat):
+        for pair in pairs:
+            for scen in ("latency", "bulk", "connrate"):
+                if scen not in scenarios:
+                    continue
+                for c in conns if scen == "latency" else [None]:
+                    for mode in modes:
+                        if pair != "same-node-vip" or mode in VIP_MODES:
+                            out.append((rep, pair, scen, c, mode))
+    return out
 
 
 class Progress:
@@ -109,12 +135,27 @@ class Bench:
             reg = os.path.join(mesh.paths(L)["registry"], "lab.yaml")
             with open(reg) as f:
                 docs = [d for d in yaml.safe_load_all(f) if d["metadata"]["name"] in keep]
+            vip_server = pods_for("dabba", "same-node-vip")[1]
+            for d in docs:
+                if d["metadata"]["name"] == vip_server:
+                    d["metadata"]["labels"] = {
+                        **(d["metadata"].get("labels") or {}),
+                        "bench": "vip",
+                    }
+            docs.append({
+                "apiVersion": "dabbawala.io/v1", "kind": "Service",
+                "metadata": {"name": "bench-vip", "namespace": "default"},
+                "spec": {"vip": VIP, "selector": {"bench": "vip"},
+                         "ports": [{"port": 8080, "targetPort": 8080},
+                                   {"port": 5501, "targetPort": 5501}]},
+            })  # fmt: skip
             with open(reg, "w") as f:
                 yaml.safe_dump_all(docs, f, sort_keys=False)  # only dabba's pods are in its mesh
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 st = [mesh.agent_status(L, n) for n in ("n1", "n2")]
-                if all(s and len(s["workloads"]) == len(keep) // 2 for s in st):
+                vip_held = st[0] and st[0].get("kernel_services", {}).get("service_ports") == 2
+                if all(s and len(s["workloads"]) == len(keep) // 2 for s in st) and vip_held:
                     break
                 time.sleep(0.2)
             for n in ("n1", "n2"):
@@ -165,7 +206,7 @@ class Bench:
         cpu0 = self.cpu(mode)
         r = L.run(
             c,
-            [sys.executable, "-m", "bench.loadgen", "--url", f"http://{L.pod(s).ip}:8080/",
+            [sys.executable, "-m", "bench.loadgen", "--url", f"http://{target(L, mode, pair, s)}:8080/",
              "--rate", str(self.a.rate), "--conns", str(conns),
              "--duration", str(self.a.duration), "--warmup", "1"],
             timeout=self.a.duration + 120, cwd=ROOT,
@@ -180,7 +221,8 @@ class Bench:
         c, s = pods_for(mode, pair)
         cpu0 = self.cpu(mode)
         r = L.run(
-            c, ["iperf3", "-c", L.pod(s).ip, "-p", "5501", "-t", str(self.a.duration), "-J"],
+            c, ["iperf3", "-c", target(L, mode, pair, s), "-p", "5501", "-t", str(self.a.duration),
+                "-J"],
             timeout=self.a.duration + 60,
         )  # fmt: skip
         end = json.loads(r.stdout)["end"]
@@ -197,7 +239,7 @@ class Bench:
         out = L.run(
             c,
             ["wrk", "-t", "2", "-c", "64", "-d", f"{max(1, round(self.a.duration))}s", "-H", "Connection: close",
-             "--timeout", "10s", f"http://{L.pod(s).ip}:8080/"],
+             "--timeout", "10s", f"http://{target(L, mode, pair, s)}:8080/"],
             timeout=self.a.duration + 60,
         ).stdout  # fmt: skip
         errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
@@ -324,15 +366,7 @@ def main(argv=None) -> int:
     b = Bench(a)
     name = f"bo{os.getpid() % 10000}"
     raw: dict[str, list] = {}
-    cells = []
-    for rep in range(a.repeat):
-        for pair in PAIRS:
-            for scen in ("latency", "bulk", "connrate"):
-                if scen not in a.scenarios:
-                    continue
-                for conns in a.conns if scen == "latency" else [None]:
-                    for mode in a.modes:
-                        cells.append((rep, pair, scen, conns, mode))
+    cells = cells_of(PAIRS, a.scenarios, a.conns, a.modes, a.repeat)
     prog = Progress(len(cells) + (2 if "memory" in a.scenarios else 0))
     started = time.time()
     try:

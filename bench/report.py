@@ -13,9 +13,13 @@ import json
 import os
 import sys
 
+PAIRS = ("cross-node", "same-node", "same-node-vip")  # bench/overhead.py's
+
 TARGETS = [
     # (what, scenario, pair, field, conns, compare, bound): compare "added" = (mode - none) /
-    # (sidecar - none), "ratio" = mode / sidecar; bound: ("<=", x) or (">=", x)
+    # (sidecar - none), "ratio" = mode / sidecar, "vs none" = mode / none; bound: ("<=", x) or
+    # (">=", x). The same-node-vip pair has no sidecar: its "added" is against the same-node
+    # pair's sidecar (what a sidecar mesh adds on the node)
     ("cross-node added latency p50", "latency", "cross-node", "p50_ms", 16, "added", ("<=", 0.8)),
     ("cross-node added latency p99", "latency", "cross-node", "p99_ms", 16, "added", ("<=", 0.8)),
     ("same-node added latency p50", "latency", "same-node", "p50_ms", 16, "added", ("<=", 0.1)),
@@ -26,6 +30,12 @@ TARGETS = [
     ("memory per node, 10 pods", "memory", None, "rss_mib", None, "ratio", ("<=", 0.1)),
     ("new connections/s cross-node", "connrate", "cross-node", "conns_per_s", None, "ratio",
      (">=", 2.0)),
+    ("same-node new connections/s vs no mesh", "connrate", "same-node", "conns_per_s", None,
+     "vs none", (">=", 0.8)),
+    ("same-node VIP new connections/s vs no mesh", "connrate", "same-node-vip", "conns_per_s",
+     None, "vs none", (">=", 0.8)),
+    ("same-node VIP added latency p50", "latency", "same-node-vip", "p50_ms", 16, "added",
+     ("<=", 0.05)),
 ]  # fmt: skip
 
 
@@ -60,8 +70,13 @@ def targets(doc) -> list[dict]:
     for what, scen, pair, field, conns, how, (op, bound) in TARGETS:
         pods = 10 if scen == "memory" else None
         d, s, n = (_get(doc, scen, pair, mo, field, conns, pods) for mo in MODES3)
+        if pair == "same-node-vip":  # no sidecar through a VIP: the same-node one
+            s = _get(doc, scen, "same-node", "sidecar", field, conns, pods)
         value = None
-        if d and s and d["median"] is not None and s["median"]:
+        if how == "vs none":
+            if d and n and d["median"] is not None and n["median"]:
+                value = d["median"] / n["median"]
+        elif d and s and d["median"] is not None and s["median"]:
             if how == "ratio":
                 value = d["median"] / s["median"]
             elif n and n["median"] is not None and s["median"] - n["median"] > 0:
@@ -99,7 +114,7 @@ def markdown(doc) -> str:
     lat = sorted({f["conns"] for f in doc["figures"] if f["scenario"] == "latency"})
     if lat:
         L += [f"## Latency at a fixed {c['rate']:g} requests/s (ms, from intended send time)", ""]
-        for pair in ("cross-node", "same-node"):
+        for pair in PAIRS:
             L += [f"### {pair}", "", "| conns | mode | p50 | p90 | p99 | p99.9 | added p50 | "
                   "added p99 | p99 vs sidecar | errors |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for conns in lat:
@@ -128,7 +143,7 @@ def markdown(doc) -> str:
         L += ["### Mesh CPU during the fixed-rate runs (cores per 1,000 requests/s, all mesh "
               "processes of both nodes)", "", "| pair | conns | " + " | ".join(modes) + " |",
               "|---|---|" + "---|" * len(modes)]  # fmt: skip
-        for pair in ("cross-node", "same-node"):
+        for pair in PAIRS:
             for conns in lat:
                 cells = [_fmt(_get(doc, "latency", pair, m, "mesh_cores_per_1k_rps", conns), 3)
                          for m in modes]  # fmt: skip
@@ -148,7 +163,7 @@ def markdown(doc) -> str:
             continue
         L += [f"## {title}", "", "| pair | " + " | ".join(modes) + " | dabba vs sidecar |",
               "|---|" + "---|" * (len(modes) + 1)]  # fmt: skip
-        for pair in ("cross-node", "same-node"):
+        for pair in PAIRS:
             vals = {mo: _get(doc, scen, pair, mo, field) for mo in modes}
             d, s = vals.get("dabba"), vals.get("sidecar")
             ratio = (
