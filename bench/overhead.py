@@ -231,7 +231,7 @@ class Bench:
         return {
             "gbps": gbps,
             "mesh_cores": cores,
-            "gbps_per_mesh_core": gbps / cores if cores > 0.01 else None,
+            "gbps_per_mesh_core": gbps / cores if cores >= 0.05 else None,  # else: idle noise
         }
 
     def connrate(self, L, mode, pair) -> dict:

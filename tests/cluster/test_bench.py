@@ -49,11 +49,11 @@ def test_bench_quick_produces_every_figure_report_and_plots(tmp_path):
                     if mode == "none" and field == "gbps_per_mesh_core":
                         assert f["median"] is None and f["n"] == 0  # no mesh, no mesh CPU
                     elif field == "gbps_per_mesh_core" and f["median"] is None:
-                        # the kernel's splice moved the bytes and the mesh processes used
-                        # 0.01 cores or less (a clock tick in 2 s): no per-core figure then
+                        # the kernel moved the bytes and the mesh processes used less than
+                        # 0.05 cores (idle noise): no per-core figure then
                         cores = figs[(scen, pair, mode, conns, "mesh_cores")]
                         assert pair.startswith("same-node") and mode == "dabba", (pair, mode)
-                        assert cores["median"] <= 0.01, (
+                        assert cores["median"] < 0.05, (
                             f,
                             cores,
                         )

@@ -5,6 +5,7 @@ established ones it denies. The tunnel takes no part: these tests stop it."""
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -342,3 +343,128 @@ def test_a_syn_sent_again_after_a_policy_change_is_judged_again(dlab, procs):
     # the retransmitted SYN is refused (the steering's drop: TCP answers a reset), not taken
     assert out == "error ECONNREFUSED", out
     assert _stats(L)["policy_refused"] > before["policy_refused"]
+
+
+def test_curl_wrk_1000_connections_and_iperf3_go_direct_with_the_tunnel_stopped(
+    dlab, procs, tmp_path
+):
+    """Real clients on the direct path with no proxy on the node: curl, wrk holding 1,000
+    connections at once, and iperf3, while the node's tunnel is stopped (SIGSTOP). Every
+    connection is a direct flow in `dabba flows`, and iperf3's bytes are the flow's bytes."""
+    from agent.lab import apps
+
+    L, _ = dlab
+    client, server = L.pod("n1-p1"), L.pod("n1-p2")
+    procs.append(apps.start_nginx(L, server.name, 8090, str(tmp_path / "nginx")))
+    procs.append(L.popen(server.name, ["iperf3", "-s", "-B", server.ip, "-p", "5509"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    for port in (8090, 5509):
+        wait_for(lambda p=port: L.run(server.name, ["ss", "-Hltn", f"sport = :{p}"]).stdout.strip(),
+                 10, what=f"port {port}")  # fmt: skip
+    pid = mesh.agent_status(L, "n1")["tunnel"]["pid"]
+    before = _stats(L)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = L.run(client.name, ["curl", "-sS", "--max-time", "5", f"http://{server.ip}:8090/"])
+        assert r.stdout == "x" * 1024
+        r = L.run(client.name, ["sh", "-c", "ulimit -n 8192 && wrk -t 2 -c 1000 -d 3s "
+                                f"--timeout 5s http://{server.ip}:8090/"], timeout=60)  # fmt: skip
+        assert "Socket errors" not in r.stdout and "Non-2xx" not in r.stdout, r.stdout
+        assert int(re.search(r"(\d+) requests in", r.stdout).group(1)) >= 1000, r.stdout
+        r = L.run(client.name, ["iperf3", "-c", server.ip, "-p", "5509", "-t", "2", "-J"],
+                  timeout=60)  # fmt: skip
+        sent = json.loads(r.stdout)["end"]["sum_sent"]["bytes"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    after = _stats(L)
+    assert after["captured"] == before["captured"]  # none went to the tunnel
+
+    def sources(port):
+        return [f for f in _flows(L, port) if f["reporter"] == "source"]
+
+    # every connection the kernel let go direct is a flow: curl's, wrk's 1,000 (and any it
+    # opened again), iperf3's control and data
+    n = after["direct"] - before["direct"]
+    wait_for(lambda: len(sources(8090)) >= 1001, 15, what="1,001 flows to nginx")
+    web, perf = sources(8090), sources(5509)
+    assert len(web) >= 1001 and len(perf) >= 2 and n >= len(web) + len(perf)
+    assert {(f["path"], f["security"]) for f in web + perf} == {("direct", "node_local")}
+    data = max(perf, key=lambda f: f["bytes_to_dst"])
+    # iperf3 opens its data connection with its 37-byte cookie, which sum_sent leaves out
+    assert data["path"] == "direct" and data["bytes_to_dst"] == sent + 37
+
+
+ECHO_SERVER = r"""
+import socket, sys, threading
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2])))
+ls.listen(64)
+print('{"listening": 1}', flush=True)
+def serve(c):
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        c.sendall(b)
+    c.shutdown(socket.SHUT_WR)
+    c.close()
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+ECHO_CLIENT = r"""
+import hashlib, json, os, socket, sys, threading
+ip, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+bad = []
+for i in range(n):
+    data = os.urandom(size)
+    s = socket.create_connection((ip, port), timeout=30)
+    def tx():
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=tx)
+    t.start()
+    h, got = hashlib.sha256(), 0
+    while b := s.recv(1 << 20):
+        h.update(b)
+        got += len(b)
+    t.join()
+    s.close()
+    if got != size or h.digest() != hashlib.sha256(data).digest():
+        bad.append((i, got))
+print(json.dumps({"n": n, "bad": bad}))
+"""
+
+
+def test_100_echo_transfers_of_16_mib_each_way_are_exact_while_other_traffic_runs(dlab, procs):
+    """The direct path is the kernel's own TCP: 100 same-node echo transfers of 16 MiB each way
+    come back with the same sha256 while a bulk transfer runs the other way, and each flow
+    counts exactly 16 MiB each way."""
+    L, _ = dlab
+    client, server = L.pod("n1-p1"), L.pod("n1-p2")
+    srv = L.popen(server.name, [sys.executable, "-c", ECHO_SERVER, server.ip, "9711"],
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    procs.append(srv)
+    read_json(srv, "listening")
+    procs.append(L.popen(client.name, ["iperf3", "-s", "-B", client.ip, "-p", "5510"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    wait_for(lambda: L.run(client.name, ["ss", "-Hltn", "sport = :5510"]).stdout.strip(), 10)
+    other = L.popen(server.name, ["iperf3", "-c", client.ip, "-p", "5510", "-t", "60"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    procs.append(other)
+    before = _stats(L)
+    size = 16 << 20
+    try:
+        r = L.run(client.name, [sys.executable, "-c", ECHO_CLIENT, server.ip, "9711", "100",
+                                str(size)], timeout=300)  # fmt: skip
+        assert other.poll() is None  # the other traffic ran all along
+    finally:
+        other.kill()
+    assert json.loads(r.stdout) == {"n": 100, "bad": []}
+    assert _stats(L)["direct"] - before["direct"] >= 100
+    fs = wait_for(lambda: len(f := [x for x in _flows(L, 9711) if x["reporter"] == "source"])
+                  == 100 and f, 15, what="100 echo flows")  # fmt: skip
+    assert {(f["path"], f["bytes_to_dst"], f["bytes_to_src"]) for f in fs} == {
+        ("direct", size, size)}  # fmt: skip
