@@ -1,0 +1,5 @@
+"""python -m agent.cli"""
+
+from . import main
+
+main()

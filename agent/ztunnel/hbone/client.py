@@ -1,0 +1,193 @@
+"""HBONE client (outbound): a connection to another node's tunnel as a source workload, and the
+pool that multiplexes flows as streams, one connection per (source identity, destination
+identity, node)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ... import log
+from ..tls import client_context, peer_serial, sni_for
+from .codec import POOL_MAX_AGE, H2Connection, HboneError, Stream, TcpSide, _mtime_ns, forwarded
+
+_log = log.get("hbone")
+
+
+class ClientConnection(H2Connection):
+    """Outbound: one TLS connection to a peer node's tunnel, carrying many flows."""
+
+    client_side = True
+
+    def __init__(self):
+        super().__init__()
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.opened_at = time.monotonic()
+        self.cert_stamp = 0  # mtime of the client certificate it was made with
+        self.retiring = False
+
+    def retire(self) -> None:
+        """Take no new flow (the pool has replaced it); close once its flows are done."""
+        self.retiring = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.retiring and not self.streams and not self.waiting and self.transport:
+            if not self.transport.is_closing():
+                with contextlib.suppress(Exception):
+                    self.h2.close_connection()
+                    self._write()
+                self.transport.close()
+        elif self.retiring and self.transport and not self.transport.is_closing():
+            asyncio.get_running_loop().call_later(1.0, self._close_if_done)
+
+    def handle(self, ev):
+        if isinstance(ev, h2.events.ConnectionTerminated):  # GOAWAY: no new flow on it
+            self.retire()
+            return
+        if isinstance(ev, h2.events.ResponseReceived):
+            fut = self.waiting.pop(ev.stream_id, None)
+            headers = dict(ev.headers)
+            if fut and not fut.done():
+                fut.set_result(headers)
+            return
+        if isinstance(ev, h2.events.StreamReset):
+            fut = self.waiting.pop(ev.stream_id, None)
+            if fut and not fut.done():
+                err = HboneError(f"peer reset the CONNECT (error {ev.error_code})")
+                err.refused_stream = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                fut.set_exception(err)
+        super().handle(ev)
+
+    def connection_lost(self, exc):
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(HboneError(f"HBONE connection lost: {exc or 'closed by peer'}"))
+        self.waiting.clear()
+        super().connection_lost(exc)
+
+    async def connect(
+        self, authority: str, timeout: float = 10.0, source: str | None = None
+    ) -> Stream:
+        """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
+        sid = self.h2.get_next_available_stream_id()
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[sid] = fut
+        headers = [(":method", "CONNECT"), (":authority", authority)]
+        if source:
+            headers.append(("forwarded", forwarded(source)))
+        self.h2.send_headers(sid, headers)
+        s = Stream(self, sid, authority)
+        self.streams[sid] = s
+        self._write()
+        headers = await asyncio.wait_for(fut, timeout)
+        if headers.get(":status") != "200":
+            self.streams.pop(sid, None)
+            raise HboneError(
+                f"CONNECT {authority} refused with {headers.get(':status')}: "
+                f"{headers.get('dabba-reason', '')}"
+            )
+        return s
+
+
+class Pool:
+    """Client connections keyed by (source identity, destination identity, node address)."""
+
+    def __init__(
+        self,
+        trust_domain: str,
+        bundle_pem: bytes,
+        cert_files: Callable[[str], tuple[str, str]],
+        max_age: float = POOL_MAX_AGE,
+        revoked: Callable[[str | None], bool] | None = None,
+    ):
+        self.revoked = revoked  # serial -> whether its node was revoked (Snapshot)
+        self.trust_domain = trust_domain
+        self.bundle_pem = bundle_pem
+        self.cert_files = cert_files  # source identity -> (chain file, key file)
+        self.max_age = max_age
+        self.conns: dict[tuple[str, str, str], ClientConnection] = {}
+        self.handshakes = 0
+        self.retired = 0  # connections replaced for their age or a renewed certificate
+        self._opening: dict[tuple[str, str, str], asyncio.Future] = {}
+
+    def _fresh(self, c: ClientConnection, src_id: str) -> bool:
+        """Whether a pooled connection may carry a new flow: open, younger than max_age, and
+        made with the client certificate the node holds now (a renewal replaces it)."""
+        if c.closed.done() or c.retiring or not c.transport or c.transport.is_closing():
+            return False
+        if time.monotonic() - c.opened_at > self.max_age:
+            return False
+        return _mtime_ns(self.cert_files(src_id)[0]) == c.cert_stamp
+
+    async def get(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
+        key = (src_id, dst_id, f"{node[0]}:{node[1]}")
+        c = self.conns.get(key)
+        if c is not None and self._fresh(c, src_id):
+            return c
+        if c is not None and not c.closed.done():
+            self.retired += 1
+            c.retire()
+        if key in self._opening:
+            return await asyncio.shield(self._opening[key])
+        fut = asyncio.get_running_loop().create_future()
+        self._opening[key] = fut
+        try:
+            c = await self._dial(src_id, dst_id, node)
+            self.conns[key] = c
+            fut.set_result(c)
+            return c
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self._opening[key]
+
+    async def _dial(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
+        chain, key = self.cert_files(src_id)
+        stamp = _mtime_ns(chain)
+        ctx = client_context(chain, key, self.bundle_pem)
+        loop = asyncio.get_running_loop()
+        try:
+            tr, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    ClientConnection, node[0], node[1], ssl=ctx, server_hostname=sni_for(dst_id)
+                ),
+                10,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            raise HboneError(f"TLS to {node[0]}:{node[1]} as {src_id} failed: {e}") from None
+        self.handshakes += 1
+        sslobj = tr.get_extra_info("ssl_object")
+        if sslobj.selected_alpn_protocol() != "h2":
+            tr.abort()
+            raise HboneError(f"peer {node[0]}:{node[1]} did not negotiate h2")
+        got = conn.peer_id
+        if got != dst_id:
+            tr.abort()
+            raise HboneError(
+                f"peer {node[0]}:{node[1]} proved {got or 'no SPIFFE identity'}, not {dst_id}: refused"
+            )
+        if self.revoked is not None and self.revoked(peer_serial(sslobj)):
+            tr.abort()
+            raise HboneError(f"peer {node[0]}:{node[1]} ({got}) holds a revoked node's certificate")
+        conn.opened_at, conn.cert_stamp = time.monotonic(), stamp
+        return conn
+
+
+async def dial_tcp(host: str, port: int, timeout: float = 5.0) -> TcpSide:
+    """A plain TCP connection to a workload, as the relay's other side."""
+    loop = asyncio.get_running_loop()
+    _, side = await asyncio.wait_for(loop.create_connection(TcpSide, host, port), timeout)
+    return side
