@@ -19,29 +19,53 @@ is paused while its stream's send window is closed. Half-close maps to
 END_STREAM; a reset on either side resets the other.
 """
 
-from .client import ClientConnection, Pool
+# every name the module had before it was split (tests and callers use them)
+from .client import ClientConnection, Pool, dial_tcp
 from .codec import (
+    CONTROL_HIGH,
+    MAX_FRAME,
     MAX_PENDING_OPENS,
+    MAX_QUEUED_CONTROL,
+    MAX_STREAMS,
     MAX_UNSENT,
+    POOL_MAX_AGE,
+    TCP_HIGH_WATER,
+    WINDOW,
+    H2Connection,
     HboneError,
     Stream,
     TcpSide,
     _authority_ok,
+    _cheap_raw_data_repr,
+    _forwarded_for,
+    _mtime_ns,
     forwarded,
     rst,
 )
 from .server import ServerConnection
 
 __all__ = [
-    "MAX_PENDING_OPENS",
-    "MAX_UNSENT",
+    "CONTROL_HIGH",
     "ClientConnection",
+    "H2Connection",
     "HboneError",
+    "MAX_FRAME",
+    "MAX_PENDING_OPENS",
+    "MAX_QUEUED_CONTROL",
+    "MAX_STREAMS",
+    "MAX_UNSENT",
+    "POOL_MAX_AGE",
     "Pool",
     "ServerConnection",
     "Stream",
+    "TCP_HIGH_WATER",
     "TcpSide",
+    "WINDOW",
     "_authority_ok",
+    "_cheap_raw_data_repr",
+    "_forwarded_for",
+    "_mtime_ns",
+    "dial_tcp",
     "forwarded",
     "rst",
 ]
