@@ -26,6 +26,9 @@ _TCP_STATES = {
 }
 
 
+_SRC, _DST, _ORIG = abi.Flow.src_ip.offset, abi.Flow.dst_ip.offset, abi.Flow.orig_ip.offset
+
+
 def mono_to_wall(ns: int) -> float:
     """bpf_ktime_get_ns() (CLOCK_MONOTONIC) to Unix time."""
     return time.time() - time.monotonic() + ns / 1e9
@@ -75,9 +78,9 @@ class FlowRecord:
             direction=abi.Direction(f.direction).name.lower()
             if f.direction in (1, 2)
             else "unknown",
-            src=(abi.ip6_str(f.src_ip), f.src_port),
-            dst=(abi.ip6_str(f.dst_ip), f.dst_port),
-            orig_dst=(abi.ip6_str(f.orig_ip), f.orig_port),
+            src=(abi.ip6_text(raw[_SRC : _SRC + 16]), f.src_port),
+            dst=(abi.ip6_text(raw[_DST : _DST + 16]), f.dst_port),
+            orig_dst=(abi.ip6_text(raw[_ORIG : _ORIG + 16]), f.orig_port),
             captured=f.captured == abi.CAPTURED_TUNNEL,
             bytes_sent=f.bytes_sent,
             bytes_received=f.bytes_received,

@@ -40,6 +40,9 @@ from .samenode import SameNode
 from .services import KernelServices
 
 _log = log.get("agent")
+# after a batch of closed flows, how long the ring gathers the next (at 30,000 closes/s, 300
+# records of the ring's 1,600 at the default 64 pages)
+DRAIN_BATCH_S = 0.01
 
 HBONE_PORT = 15008
 
@@ -739,11 +742,15 @@ class Agent:
         try:
             while not self.stop.is_set():
                 self._drain_beat = time.monotonic()
+                n = 0
                 for rec in src.closed(timeout_ms=200):
                     self.closed.append(rec)
                     self._closed_new.append(rec)
                     self.table.on_closed(rec)
+                    n += 1
                 self.table.tick()
+                if n:  # let the next ones gather: one wakeup per batch, not one per flow
+                    self.stop.wait(DRAIN_BATCH_S)
                 if time.monotonic() - last_status > 1.0:
                     self.write_status()
                     last_status = time.monotonic()

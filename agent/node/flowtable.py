@@ -235,13 +235,14 @@ class FlowTable:
             keep = collections.deque()
             while self.pending:
                 t, rec = self.pending.popleft()
-                fact = self.facts.get(key_of(rec.src, rec.dst))
+                key = key_of(rec.src, rec.dst)
+                fact = self.facts.get(key)
                 if fact is None and rec.captured and now - t < FACTS_WAIT:
                     keep.append((t, rec))
                     continue
                 v = self._view(rec, fact)
                 self._account(rec, v, final=True)
-                self.facts.pop(key_of(rec.src, rec.dst), None)
+                self.facts.pop(key, None)
                 self.closed.append(v)
                 self.closed_total += 1
                 self.denied += v["verdict"] == "deny" and not rec.refused  # policy denials

@@ -42,7 +42,7 @@ def istio_labels(reporter, src, dst, svc, security: str, flags: str = "-") -> tu
         return (getattr(x, attr, "") or default) if x is not None else default
 
     def lbl(x, key):
-        return dict(x.labels).get(key, "unknown") if x is not None else "unknown"
+        return x.labels.get(key, "unknown") if x is not None else "unknown"
 
     return (
         reporter,

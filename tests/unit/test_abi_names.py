@@ -67,3 +67,29 @@ def test_flow_record_from_raw():
 
 def test_map_sizes_become_cflags():
     assert "-DDABBA_FLOW_MAX=123" in MapSizes(flows=123).cflags()
+
+
+def test_ip6_str_writes_every_address_as_ipaddress_does():
+    """ip6_str uses inet_ntop (fast) and must write what ipaddress writes: IPv4-mapped as IPv4,
+    IPv6 compressed, ::a.b.c.d as ipaddress has it (glibc writes it otherwise)."""
+    import ipaddress
+    import random
+
+    rng = random.Random(7)
+
+    def want(b: bytes) -> str:
+        v6 = ipaddress.IPv6Address(b)
+        return str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else str(v6)
+
+    def sample() -> bytes:
+        kind = rng.randrange(5)
+        if kind == 0:  # IPv4-mapped
+            return bytes(10) + b"\xff\xff" + rng.randbytes(4)
+        if kind == 1:  # IPv4-compatible (::a.b.c.d) and other mostly-zero ones
+            return bytes(12) + rng.randbytes(4)
+        if kind == 2:  # runs of zero words in random places
+            return b"".join(rng.choice([b"\0\0", rng.randbytes(2)]) for _ in range(8))
+        return rng.randbytes(16)
+
+    for b in [bytes(16), bytes(15) + b"\x01", *(sample() for _ in range(20_000))]:
+        assert abi.ip6_str(abi.Ip6.from_buffer_copy(b)) == want(b), b.hex()
