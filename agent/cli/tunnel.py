@@ -73,11 +73,19 @@ def _check_source(source: str, version: int = 4) -> None:
 )
 @click.option("--connect-timeout", default=5.0, show_default=True, help="seconds per endpoint")
 @click.option(
-    "--eject-after", default=3, show_default=True, help="consecutive connect failures to eject"
+    "--eject-after",
+    type=int,
+    help="consecutive connect failures to eject (default: the config's services.eject_after, 3)",
 )
-@click.option("--eject-time", default=30.0, show_default=True, help="base ejection, seconds")
 @click.option(
-    "--max-ejected", default=0.5, show_default=True, help="most of a service's endpoints ejected"
+    "--eject-time",
+    type=float,
+    help="base ejection, seconds (default: the config's services.eject_time, 30)",
+)
+@click.option(
+    "--max-ejected",
+    type=float,
+    help="most of a service's endpoints ejected (default: the config's services.max_ejected, 0.5)",
 )
 @click.option(
     "--retries", default=2, show_default=True, help="other endpoints tried after a failed connect"
@@ -168,6 +176,10 @@ def tunnel_run(
         outbound = outbound or f"{ac.tunnel.address}:{ac.tunnel.port}"
         inbound = inbound or ac.tunnel.inbound or f"{ac.control.node_address}:15008"
         drain = ac.tunnel.drain if drain is None else drain
+        # the same outlier ejection as the kernel's, for the VIPs the tunnel resolves
+        eject_after = ac.services.eject_after if eject_after is None else eject_after
+        eject_time = ac.services.eject_time if eject_time is None else eject_time
+        max_ejected = ac.services.max_ejected if max_ejected is None else max_ejected
         workers = workers or ac.tunnel.workers
         source = source or ac.tunnel_source(4)
         if ac.tunnel.address6:
@@ -207,7 +219,12 @@ def tunnel_run(
         workers=_workers(workers),
         worker=worker,
         argv=[a for a in sys.argv[1:] if a != "--worker"] if worker == 0 else [],
-        lb=LbConfig(eject_after, eject_time, max_ejected, retries),
+        lb=LbConfig(
+            3 if eject_after is None else eject_after,
+            30.0 if eject_time is None else eject_time,
+            0.5 if max_ejected is None else max_ejected,
+            retries,
+        ),
         source=source,
         source6=source6,
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import urllib.parse
@@ -102,6 +103,8 @@ class Views:
                 "readiness": [self.cfg.inbound[0], self.cfg.readiness_port],
                 "admin": self.cfg.admin,
             },
+            # outlier ejection of the VIPs this tunnel resolves (the kernel's: dabba services)
+            "lb": dataclasses.asdict(self.lb.cfg),
             "local_workloads": [
                 {
                     "name": w.name,

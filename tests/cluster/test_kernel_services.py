@@ -249,6 +249,9 @@ def test_a_service_without_endpoints_is_refused_and_a_remote_endpoint_goes_over_
     r = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--node", f"{L.name}/n1"],
                        capture_output=True, text=True)  # fmt: skip
     assert "VIP ports resolved in the kernel" in r.stdout, r.stdout
+    # the tunnel ejects by the node config's services section too, as the kernel does
+    dump = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout)
+    assert dump["lb"] == {"eject_after": 3, "eject_time": 30.0, "max_ejected": 0.5, "retries": 2}
     assert "service without endpoint 1" in r.stdout, r.stdout
 
 
