@@ -390,8 +390,11 @@ def test_curl_wrk_1000_connections_and_iperf3_go_direct_with_the_tunnel_stopped(
     assert len(web) >= 1001 and len(perf) >= 2 and n >= len(web) + len(perf)
     assert {(f["path"], f["security"]) for f in web + perf} == {("direct", "node_local")}
     data = max(perf, key=lambda f: f["bytes_to_dst"])
-    # iperf3 opens its data connection with its 37-byte cookie, which sum_sent leaves out
-    assert data["path"] == "direct" and data["bytes_to_dst"] == sent + 37
+    # the flow counts what the server acknowledged: at most what iperf3 wrote plus the 37-byte
+    # cookie its data connection opens with (sum_sent leaves it out); iperf3 may end the
+    # connection with data still in flight (one run: 2.9 MB of 4.6 GB), so not exactly that.
+    # Exact counts on the direct path: the echo test below
+    assert data["path"] == "direct" and 0.99 * sent <= data["bytes_to_dst"] <= sent + 37
 
 
 ECHO_SERVER = r"""
