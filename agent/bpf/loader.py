@@ -93,7 +93,7 @@ class MapSizes:
     workloads: int = 4096
     captures: int = 16384
     flows: int = 65536
-    ring_pages: int = 64
+    ring_pages: int = 256  # 1 MiB: about 6,500 closed flows (1,000 connections ending at once)
     splice: int = 16384  # no map uses it since the sockmap splice went; kept for old configs
     exclusions: int = 256
     tunnel_addrs: int = 256

@@ -56,7 +56,7 @@ A YAML file (``dabba agent run --config FILE``)::
       workloads: 4096
       captures: 16384
       flows: 65536
-      ring_pages: 64
+      ring_pages: 256
       splice: 16384
     flows:
       keep_closed: 10000          # closed flows kept in memory for `dabba flows`

@@ -31,7 +31,7 @@
 
 /* Closed-flow ring buffer, in pages (a power of two). */
 #ifndef DABBA_RING_PAGES
-#define DABBA_RING_PAGES 64
+#define DABBA_RING_PAGES 256
 #endif
 
 /* Capture exclusions: destination CIDRs and destination ports. */
