@@ -1,11 +1,19 @@
-"""Flow records from the kernel: live ones from dabba_flows, closed ones from the ring."""
+"""Flow records from the kernel: live ones from dabba_flows, closed ones from the ring.
+
+The agent decodes every closed flow of its node (two per same-node connection, at tens of
+thousands a second under connection churn), so a record is decoded with one precompiled
+struct and kept as a tuple: no ctypes copy, no per-field objects, addresses from a cache.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import abi, names
 from .ringbuf import RingBuffer
@@ -24,18 +32,46 @@ _TCP_STATES = {
     10: "LISTEN",
     11: "CLOSING",
 }
+_DIRECTIONS = {d.value: d.name.lower() for d in abi.Direction}
+_CLOSES = {c.value: c.name.lower() for c in abi.Close}
 
 
-_SRC, _DST, _ORIG = abi.Flow.src_ip.offset, abi.Flow.dst_ip.offset, abi.Flow.orig_ip.offset
+def _struct_of(cls) -> struct.Struct:
+    """A struct.Struct reading exactly the fields of a ctypes mirror, at their offsets."""
+    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
+    fmt, at = "<", 0
+    for name, ctype in cls._fields_:
+        field = getattr(cls, name)
+        if field.offset > at:
+            fmt += f"{field.offset - at}x"
+        fmt += f"{field.size}s" if issubclass(ctype, ctypes.Structure) else codes[field.size]
+        at = field.offset + field.size
+    if at < ctypes.sizeof(cls):
+        fmt += f"{ctypes.sizeof(cls) - at}x"
+    s = struct.Struct(fmt)
+    assert s.size == ctypes.sizeof(cls), (fmt, s.size)
+    return s
 
 
-def mono_to_wall(ns: int) -> float:
-    """bpf_ktime_get_ns() (CLOCK_MONOTONIC) to Unix time."""
-    return time.time() - time.monotonic() + ns / 1e9
+_FLOW = _struct_of(abi.Flow)
+_ADDRS: dict[bytes, str] = {}  # 16 address bytes -> text (pods' addresses repeat)
 
 
-@dataclass(frozen=True)
-class FlowRecord:
+def _addr(b: bytes) -> str:
+    text = _ADDRS.get(b)
+    if text is None:
+        if len(_ADDRS) >= 1 << 16:
+            _ADDRS.clear()
+        text = _ADDRS[b] = abi.ip6_text(b)
+    return text
+
+
+def wall_offset() -> float:
+    """Add to a bpf_ktime_get_ns() time (CLOCK_MONOTONIC), in seconds, for Unix time."""
+    return time.time() - time.monotonic()
+
+
+class FlowRecord(NamedTuple):
     """One flow of an enrolled workload, as the kernel accounted it.
 
     Addresses are those of the workload's own socket: for a captured
@@ -59,9 +95,7 @@ class FlowRecord:
     end: float | None  # None while open
     close: str  # "open" | "fin" | "reset" | "refused" | "half"
     state: str
-    refused: str = (
-        ""  # why the kernel refused the connect() (abi.REFUSAL_REASONS); "" if it did not
-    )
+    refused: str = ""  # why the kernel refused the connect() (abi.REFUSAL_REASONS); "" if not
     direct: bool = False  # a same-node verdict let it go straight to its destination
     rule: int = 0  # the agent's index of that verdict (or of the one that refused it)
 
@@ -70,39 +104,69 @@ class FlowRecord:
         return (self.end or time.time()) - self.start
 
     @classmethod
-    def from_raw(cls, raw: bytes) -> FlowRecord:
-        f = abi.from_bytes(abi.Flow, raw)
-        return cls(
-            cookie=f.cookie,
-            cgroup_id=f.cgroup_id,
-            direction=abi.Direction(f.direction).name.lower()
-            if f.direction in (1, 2)
-            else "unknown",
-            src=(abi.ip6_text(raw[_SRC : _SRC + 16]), f.src_port),
-            dst=(abi.ip6_text(raw[_DST : _DST + 16]), f.dst_port),
-            orig_dst=(abi.ip6_text(raw[_ORIG : _ORIG + 16]), f.orig_port),
-            captured=f.captured == abi.CAPTURED_TUNNEL,
-            bytes_sent=f.bytes_sent,
-            bytes_received=f.bytes_received,
-            segs_out=f.segs_out,
-            segs_in=f.segs_in,
-            retrans=f.retrans,
-            srtt_us=f.srtt_us,
-            start=mono_to_wall(f.start_ns),
-            end=mono_to_wall(f.end_ns) if f.end_ns else None,
-            close=abi.Close(f.close).name.lower()
-            if f.close in abi.Close._value2member_map_
-            else str(f.close),
-            state=_TCP_STATES.get(f.last_state, str(f.last_state)),
-            refused=abi.REFUSAL_REASONS.get(f.refused, f"refusal {f.refused}") if f.refused else "",
-            direct=f.captured == abi.CAPTURED_DIRECT,
-            rule=f.rule,
+    def from_raw(cls, raw: bytes, wall: float | None = None) -> FlowRecord:
+        """A record from struct dabba_flow's bytes; wall: wall_offset(), given once per batch."""
+        (
+            cookie, cgroup_id, start_ns, _last, end_ns, sent, received, _ba, _br,
+            segs_out, segs_in, retrans, srtt_us, src_ip, dst_ip, orig_ip,
+            src_port, dst_port, orig_port, direction, close, captured, _seen, state, refused, rule,
+        ) = _FLOW.unpack_from(raw)  # fmt: skip
+        if wall is None:
+            wall = wall_offset()
+        # tuple.__new__ with the fields in order: without the generated __new__'s extra call
+        return _new(
+            cls,
+            (
+                cookie,
+                cgroup_id,
+                _DIRECTIONS.get(direction, "unknown"),
+                (_addr(src_ip), src_port),
+                (_addr(dst_ip), dst_port),
+                (_addr(orig_ip), orig_port),
+                captured == abi.CAPTURED_TUNNEL,
+                sent,
+                received,
+                segs_out,
+                segs_in,
+                retrans,
+                srtt_us,
+                wall + start_ns / 1e9,
+                wall + end_ns / 1e9 if end_ns else None,
+                _CLOSES.get(close) or str(close),
+                _TCP_STATES.get(state) or str(state),
+                (abi.REFUSAL_REASONS.get(refused) or f"refusal {refused}") if refused else "",
+                captured == abi.CAPTURED_DIRECT,
+                rule,
+            ),
         )
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = self._asdict()
         d["duration"] = self.duration
         return d
+
+    def json_line(self) -> str:
+        """json.dumps(self.as_dict()) and a newline, at a third of its cost (the agent writes
+        every closed flow to closed.jsonl). Text fields come from the kernel's fixed tables
+        and inet_ntop; the one free-form field is encoded by json."""
+        return _LINE % (
+            self.cookie, self.cgroup_id, self.direction, self.src[0], self.src[1],
+            self.dst[0], self.dst[1], self.orig_dst[0], self.orig_dst[1], _JSON[self.captured],
+            self.bytes_sent, self.bytes_received, self.segs_out, self.segs_in, self.retrans,
+            self.srtt_us, self.start, "null" if self.end is None else repr(self.end),
+            json.dumps(self.close), json.dumps(self.state), json.dumps(self.refused),
+            _JSON[self.direct], self.rule, self.duration,
+        )  # fmt: skip
+
+
+_new = tuple.__new__
+_JSON = {True: "true", False: "false"}
+_LINE = (
+    '{"cookie": %d, "cgroup_id": %d, "direction": "%s", "src": ["%s", %d], "dst": ["%s", %d], '
+    '"orig_dst": ["%s", %d], "captured": %s, "bytes_sent": %d, "bytes_received": %d, '
+    '"segs_out": %d, "segs_in": %d, "retrans": %d, "srtt_us": %d, "start": %r, "end": %s, '
+    '"close": %s, "state": %s, "refused": %s, "direct": %s, "rule": %d, "duration": %r}\n'
+)
 
 
 class FlowSource:
@@ -113,14 +177,16 @@ class FlowSource:
         self.ring = RingBuffer(Map.pinned(os.path.join(pin_maps_dir, names.MAP_FLOW_EVENTS)))
 
     def live(self) -> list[FlowRecord]:
-        return [FlowRecord.from_raw(v) for _, v in self.flows.items()]
+        wall = wall_offset()
+        return [FlowRecord.from_raw(v, wall) for _, v in self.flows.items()]
 
     def closed(self, timeout_ms: int = 0) -> Iterator[FlowRecord]:
         """Closed flows waiting in the ring (waits up to timeout_ms for the first)."""
         if timeout_ms:
             self.ring.poll(timeout_ms)
+        wall = wall_offset()
         for raw in self.ring.drain():
-            yield FlowRecord.from_raw(raw)
+            yield FlowRecord.from_raw(raw, wall)
 
     def close(self) -> None:
         self.ring.close()

@@ -305,6 +305,7 @@ class Agent:
             _log.info(
                 f"workload {key} is held (captured and STRICT) until the control plane speaks"
             )
+        self.table.invalidate()
 
     def _enrol(self, entries: list[tuple[str, str, bool, bool]]) -> None:
         """entries: (namespace/name, cgroup, capture, strict); everything else is unenrolled."""
@@ -416,6 +417,7 @@ class Agent:
         local endpoint goes direct only where a verdict allows it)."""
         self.same_node.sync(snap, certs)
         self.kernel_services.sync(snap, certs)
+        self.table.invalidate()  # flows' shapes are made again from the new workloads and rules
 
     def _find_pod(self, key: str, uid: str) -> tuple[str, str]:
         """A pod's cgroup (below the agent's cgroup) and netns, found by its UID; ("", "")
@@ -648,12 +650,12 @@ class Agent:
         if self._closed_lines >= 0 and self._closed_lines + len(new) <= 2 * self.closed.maxlen:
             if new:
                 with open(path, "a") as f:
-                    f.write("".join(json.dumps(r.as_dict()) + "\n" for r in new))
+                    f.write("".join(r.json_line() for r in new))
                 self._closed_lines += len(new)
             return
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write("".join(json.dumps(r.as_dict()) + "\n" for r in self.closed))
+            f.write("".join(r.json_line() for r in self.closed))
         os.replace(tmp, path)
         self._closed_lines = len(self.closed)
 
@@ -744,12 +746,12 @@ class Agent:
         try:
             while not self.stop.is_set():
                 self._drain_beat = time.monotonic()
-                n = 0
-                for rec in src.closed(timeout_ms=200):
-                    self.closed.append(rec)
-                    self._closed_new.append(rec)
-                    self.table.on_closed(rec)
-                    n += 1
+                recs = list(src.closed(timeout_ms=200))
+                n = len(recs)
+                if n:
+                    self.closed.extend(recs)
+                    self._closed_new.extend(recs)
+                    self.table.on_closed(*recs)
                 self.table.tick()
                 if 0 < n < DRAIN_BATCH_MAX:  # let the next ones gather: a wakeup per batch
                     self.stop.wait(DRAIN_BATCH_S)

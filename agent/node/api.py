@@ -119,8 +119,6 @@ class AgentApi:
         except DabbaError as e:
             return _err(400, e)
         views = flowtable.select(self._views(), f)
-        for v in views:
-            v.pop("_labels", None)
         return 200, {"node": self.a.cfg.node, "now": time.time(), "flows": views}
 
     @admin.with_query

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..bpf.flows import FlowRecord
 from ..errors import DabbaError
@@ -179,12 +181,35 @@ def summarize(views: list[dict]) -> list[dict]:
     return out
 
 
+class Shape(NamedTuple):
+    """What the flows of one kind share: who is at each end, the path, the verdict, the
+    metric labels. Shapes of flows without the tunnel's facts are cached by the record's
+    fields they depend on, so a closed flow costs a lookup, not a view; its view is made
+    when someone asks (render). A shape keeps the workloads of its time: a flow of a pod
+    since deleted still names it."""
+
+    me: dict  # the enrolled workload's end, without its address
+    peer: dict  # the other end; complete when peer_from is "fact"
+    peer_from: str  # "fact" | "dst" | "orig_dst": where the peer's address comes from
+    path: str
+    security: str
+    verdict: str
+    reason: str
+    policy: str
+    service: str
+    labels: tuple | None  # Istio labels, None where nothing is counted (denied, pending)
+    dkey: tuple  # (destination workload, namespace) for retransmits and RTT
+
+
 class FlowTable:
     """Live and recently closed flows of one node, and the byte counters derived from them.
 
     describe(cgroup_id) -> (workload pb or None), by_ip(ip) -> workload pb or None and
-    tunnel_addrs() -> set of the tunnel's IPs come from the agent's current snapshot.
+    tunnel_addrs() -> set of the tunnel's IPs come from the agent's current snapshot; the
+    agent calls invalidate() whenever they change.
     """
+
+    MAX_SHAPES = 1 << 16
 
     def __init__(
         self,
@@ -200,8 +225,12 @@ class FlowTable:
         self.lock = threading.Lock()
         self.describe, self.by_ip, self.tunnel_addrs = describe, by_ip, tunnel_addrs
         self.facts: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        self.closed: collections.deque[dict] = collections.deque(maxlen=max(keep_closed, 1))
+        # closed flows, rendered when asked
+        self.closed: collections.deque[tuple[FlowRecord, Shape]] = collections.deque(
+            maxlen=max(keep_closed, 1)
+        )
         self.pending: collections.deque[tuple[float, FlowRecord]] = collections.deque()
+        self.shapes: dict[tuple, Shape] = {}
         self.seen: dict[int, tuple] = {}  # cookie -> (bytes to dst, bytes to src, retrans) counted
         self.sent: collections.Counter = collections.Counter()  # istio labels -> response bytes
         self.received: collections.Counter = collections.Counter()  # -> request bytes
@@ -224,28 +253,37 @@ class FlowTable:
             while len(self.facts) > MAX_FACTS:
                 self.facts.popitem(last=False)
 
-    def on_closed(self, rec: FlowRecord) -> None:
+    def on_closed(self, *recs: FlowRecord) -> None:
+        t = time.monotonic()
         with self.lock:
-            self.pending.append((time.monotonic(), rec))
+            self.pending.extend(zip(itertools.repeat(t), recs))
+
+    def invalidate(self) -> None:
+        """The snapshot changed (workloads, services, verdicts, the tunnel's addresses): shapes
+        are made again from it. Shapes already given to closed flows stay theirs."""
+        with self.lock:
+            self.shapes = {}
 
     def tick(self) -> None:
         """Finalize closed records whose facts arrived (or that waited long enough)."""
         now = time.monotonic()
         with self.lock:
             keep = collections.deque()
-            while self.pending:
-                t, rec = self.pending.popleft()
-                key = key_of(rec.src, rec.dst)
-                fact = self.facts.get(key)
-                if fact is None and rec.captured and now - t < FACTS_WAIT:
-                    keep.append((t, rec))
-                    continue
-                v = self._view(rec, fact)
-                self._account(rec, v, final=True)
-                self.facts.pop(key, None)
-                self.closed.append(v)
+            facts, closed = self.facts, self.closed
+            for t, rec in self.pending:
+                fact = None
+                if rec.captured or not rec.direct:  # a direct flow has no tunnel to tell of it
+                    key = key_of(rec.src, rec.dst)
+                    fact = facts.pop(key, None)
+                    if fact is None and rec.captured and now - t < FACTS_WAIT:
+                        keep.append((t, rec))
+                        continue
+                sh = self._shape(rec, fact)
+                self._account(rec, sh, final=True)
+                closed.append((rec, sh))
                 self.closed_total += 1
-                self.denied += v["verdict"] == "deny" and not rec.refused  # policy denials
+                if sh.verdict == "deny" and not rec.refused:  # policy denials
+                    self.denied += 1
             self.pending = keep
 
     # ---- views -----------------------------------------------------------------------------
@@ -254,16 +292,18 @@ class FlowTable:
         out = []
         with self.lock:
             for rec in records:
-                v = self._view(rec, self.facts.get(key_of(rec.src, rec.dst)))
-                self._account(rec, v, final=False)
-                out.append(v)
+                sh = self._shape(rec, self.facts.get(key_of(rec.src, rec.dst)))
+                self._account(rec, sh, final=False)
+                out.append(render(rec, sh))
         return out
 
     def recent(self) -> list[dict]:
         with self.lock:
-            return list(self.closed)
+            closed = list(self.closed)
+        return [render(rec, sh) for rec, sh in closed]
 
-    def _party_of(self, w, ip: str, port: int | None, identity: str | None = None) -> dict:
+    @staticmethod
+    def _party_of(w, ip: str = "", port: int | None = None, identity: str | None = None) -> dict:
         return {
             "ip": ip,
             "port": port,
@@ -271,133 +311,146 @@ class FlowTable:
             "identity": identity if identity is not None else (w.spiffe_id if w else ""),
         }
 
-    def _view(self, rec: FlowRecord, fact: dict | None) -> dict:
+    def _shape(self, rec: FlowRecord, fact: dict | None) -> Shape:
         out = rec.direction == "outbound"
-        me_w = self.describe(rec.cgroup_id)
-        me = self._party_of(me_w, rec.src[0], rec.src[1])
-        if fact is not None:
-            src, dst = dict(fact["src"]), dict(fact["dst"])
-            if out:
-                src.update(ip=rec.src[0], port=rec.src[1])
-            else:
-                dst.update(ip=rec.src[0], port=rec.src[1])
-            path, security = fact["path"], fact["security"]
-            verdict, reason, policy = fact["verdict"], fact["reason"], fact.get("policy", "")
-            service = fact.get("service", "")
-        elif rec.refused:  # connect() refused in the kernel: nothing was sent
-            peer_ip, peer_port = rec.orig_dst
-            src, dst = me, self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
-            path, security, verdict = "denied", "none", "deny"
-            reason = f"refused in the kernel: {rec.refused}"
-            policy, service = "", ""
+        if fact is not None:  # the tunnel's word on this very socket: not shared
+            src, dst = fact["src"], fact["dst"]
+            me, peer = (src, dst) if out else (dst, src)
+            return self._make(
+                rec,
+                me,
+                peer,
+                "fact",
+                fact["path"],
+                fact["security"],
+                fact["verdict"],
+                fact["reason"],
+                fact.get("policy", ""),
+                fact.get("service", ""),
+                tuple(fact["labels"]) if fact.get("labels") else None,
+            )
+        if rec.refused:
+            key = ("refused", rec.cgroup_id, rec.orig_dst[0], rec.rule, rec.refused)
+        elif rec.direct:
+            vip = rec.orig_dst[0] if out and rec.orig_dst != rec.dst else ""
+            key = ("direct", rec.direction, rec.cgroup_id, rec.dst[0], rec.rule, vip)
+        else:
+            peer_ip = rec.orig_dst[0] if out else rec.dst[0]
+            key = ("other", rec.direction, rec.cgroup_id, peer_ip, rec.captured)
+        sh = self.shapes.get(key)
+        if sh is None:
+            if len(self.shapes) >= self.MAX_SHAPES:
+                self.shapes = {}
+            sh = self.shapes[key] = self._new_shape(rec, out)
+        return sh
+
+    def _new_shape(self, rec: FlowRecord, out: bool) -> Shape:
+        me = self._party_of(self.describe(rec.cgroup_id))
+        if rec.refused:  # connect() refused in the kernel: nothing was sent
+            peer_ip = rec.orig_dst[0]
+            reason, policy = f"refused in the kernel: {rec.refused}", ""
             d = self.decision(rec.rule) if rec.rule else None
             if d is not None:  # a same-node verdict: which policy, which rule
                 reason, policy = f"refused in the kernel: {d.reason}", d.policy or ""
-        elif rec.direct:  # same node, straight through the kernel's TCP: no tunnel
-            peer_ip, peer_port = rec.dst
-            peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
-            src, dst = (me, peer) if out else (peer, me)
-            path, security, verdict = "direct", "node_local", "allow"
+            peer = self._party_of(self.by_ip(peer_ip))
+            return self._make(rec, me, peer, "orig_dst", "denied", "none", "deny", reason, policy)
+        if rec.direct:  # same node, straight through the kernel's TCP: no tunnel
+            peer = self._party_of(self.by_ip(rec.dst[0]))
             d = self.decision(rec.rule)
             reason = d.reason if d is not None else "allowed by a same-node verdict"
             policy = (d.policy or "") if d is not None else ""
             svc = self.service_of(rec.orig_dst[0]) if out and rec.orig_dst != rec.dst else None
             service = f"{svc.namespace}/{svc.name}" if svc is not None else ""
-        else:
-            peer_ip, peer_port = rec.orig_dst if out else rec.dst
-            peer = self._party_of(self.by_ip(peer_ip), peer_ip, peer_port)
-            src, dst = (me, peer) if out else (peer, me)
-            via_tunnel = rec.captured or (not out and peer_ip in self.tunnel_addrs())
-            path = "pending" if via_tunnel else "passthrough"
-            security = "unknown" if via_tunnel else "plaintext"
-            verdict = "allow"
-            reason = (
-                "the tunnel's facts did not arrive"
-                if via_tunnel
-                else ("not captured: excluded or capture off" if out else "not through the tunnel")
+            return self._make(
+                rec, me, peer, "dst", "direct", "node_local", "allow", reason, policy, service
             )
-            policy, service = "", ""
-        for p in (src, dst):
-            p["namespace"] = p["workload"].split("/", 1)[0] if p["workload"] else ""
+        peer_ip = rec.orig_dst[0] if out else rec.dst[0]
+        peer = self._party_of(self.by_ip(peer_ip))
+        via_tunnel = rec.captured or (not out and peer_ip in self.tunnel_addrs())
+        reason = (
+            "the tunnel's facts did not arrive"
+            if via_tunnel
+            else ("not captured: excluded or capture off" if out else "not through the tunnel")
+        )
+        return self._make(
+            rec,
+            me,
+            peer,
+            "orig_dst" if out else "dst",
+            "pending" if via_tunnel else "passthrough",
+            "unknown" if via_tunnel else "plaintext",
+            "allow",
+            reason,
+        )
+
+    def _make(
+        self, rec, me, peer, peer_from, path, security, verdict, reason, policy="", service="",
+        labels=None,
+    ) -> Shape:  # fmt: skip
+        out = rec.direction == "outbound"
+        me = {**me, "namespace": me["workload"].split("/", 1)[0] if me["workload"] else ""}
+        peer = {**peer, "namespace": peer["workload"].split("/", 1)[0] if peer["workload"] else ""}
+        dst = peer if out else me
+        if labels is None and verdict != "deny" and path != "pending":
+            if peer_from == "fact":
+                peer_ip = peer["ip"]
+            else:
+                peer_ip = (rec.orig_dst if peer_from == "orig_dst" else rec.dst)[0]
+            me_w, peer_w = self.describe(rec.cgroup_id), self.by_ip(peer_ip)
+            labels = istio_labels(
+                "source" if out else "destination",
+                me_w if out else peer_w,
+                peer_w if out else me_w,
+                self.service_of(rec.orig_dst[0]) if service else None,
+                "node_local" if path == "direct" else "none",
+            )
+        dkey = (dst["workload"].split("/")[-1] or "unknown", dst["namespace"] or "unknown")
+        return Shape(
+            me, peer, peer_from, path, security, verdict, reason, policy, service, labels, dkey
+        )
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def _account(self, rec: FlowRecord, sh: Shape, final: bool) -> None:
+        out = rec.direction == "outbound"
         to_dst, to_src = (
             (rec.bytes_sent, rec.bytes_received) if out else (rec.bytes_received, rec.bytes_sent)
         )
-        return {
-            "id": rec.cookie,
-            "direction": rec.direction,
-            "reporter": "source" if out else "destination",
-            "src": src,
-            "dst": dst,
-            "service": service,
-            "path": path,
-            "security": security,
-            "verdict": verdict,
-            "reason": reason,
-            "policy": policy,
-            "bytes_sent": rec.bytes_sent,
-            "bytes_received": rec.bytes_received,
-            "bytes_to_dst": to_dst,
-            "bytes_to_src": to_src,
-            "segs_out": rec.segs_out,
-            "segs_in": rec.segs_in,
-            "retrans": rec.retrans,
-            "srtt_us": rec.srtt_us,
-            "start": rec.start,
-            "end": rec.end,
-            "duration": rec.duration,
-            "close": rec.close,
-            "state": rec.state,
-            "_labels": fact.get("labels") if fact else None,
-        }
-
-    # ---- metrics ---------------------------------------------------------------------------
-    def _labels(self, rec: FlowRecord, v: dict) -> tuple | None:
-        if v["_labels"]:
-            return tuple(v["_labels"])
-        if v["verdict"] == "deny" or v["path"] == "pending":
-            return None
-        src, dst = self.by_ip(v["src"]["ip"]), self.by_ip(v["dst"]["ip"])
-        if rec.direction == "outbound":
-            src = self.describe(rec.cgroup_id)
-        else:
-            dst = self.describe(rec.cgroup_id)
-        svc = None
-        if v["service"]:
-            svc = self.service_of(rec.orig_dst[0])
-        return istio_labels(
-            v["reporter"], src, dst, svc, "node_local" if v["path"] == "direct" else "none"
-        )
-
-    def _account(self, rec: FlowRecord, v: dict, final: bool) -> None:
-        before = self.seen.get(rec.cookie, (0, 0, 0))
-        now = (v["bytes_to_dst"], v["bytes_to_src"], rec.retrans)
         if final:
-            self.seen.pop(rec.cookie, None)
+            before = self.seen.pop(rec.cookie, None)
         else:
-            self.seen[rec.cookie] = now
-        labels = self._labels(rec, v)
-        if labels is not None and v["path"] == "direct":
-            if rec.cookie not in self.counted_open:
-                self.counted_open.add(rec.cookie)
-                self.conns_opened[labels] += 1
-            if final:
-                self.counted_open.discard(rec.cookie)
-                self.conns_closed[labels] += 1
-        d_up, d_down, d_re = (max(a - b, 0) for a, b in zip(now, before, strict=True))
+            before = self.seen.get(rec.cookie)
+            self.seen[rec.cookie] = (to_dst, to_src, rec.retrans)
+        if before is not None:
+            d_up, d_down, d_re = (
+                max(to_dst - before[0], 0),
+                max(to_src - before[1], 0),
+                max(rec.retrans - before[2], 0),
+            )
+        else:
+            d_up, d_down, d_re = to_dst, to_src, rec.retrans
+        labels = sh.labels
         if labels is not None:
+            if sh.path == "direct":
+                counted = rec.cookie in self.counted_open
+                if not counted:
+                    self.conns_opened[labels] += 1
+                    if not final:
+                        self.counted_open.add(rec.cookie)
+                elif final:
+                    self.counted_open.discard(rec.cookie)
+                if final:
+                    self.conns_closed[labels] += 1
             if d_up:
                 self.received[labels] += d_up
             if d_down:
                 self.sent[labels] += d_down
-        dkey = (
-            v["dst"]["workload"].split("/")[-1] or "unknown",
-            v["dst"]["namespace"] or "unknown",
-        )
         if d_re:
-            self.retrans[dkey] += d_re
+            self.retrans[sh.dkey] += d_re
         if final and rec.srtt_us:
             # one slot per bucket, the overflow slot, then the sum and the count
-            h = self.rtt.setdefault(dkey, [0] * (len(RTT_BUCKETS) + 1) + [0.0, 0])
+            h = self.rtt.get(sh.dkey)
+            if h is None:
+                h = self.rtt[sh.dkey] = [0] * (len(RTT_BUCKETS) + 1) + [0.0, 0]
             s = rec.srtt_us / 1e6
             h[bisect.bisect_left(RTT_BUCKETS, s)] += 1
             h[-2] += s
@@ -454,3 +507,44 @@ class FlowTable:
             buckets.append(("+Inf", acc))
             h.add_metric(list(k), buckets, counts[-2])
         yield h
+
+
+def render(rec: FlowRecord, sh: Shape) -> dict:
+    """The view of one flow (what `dabba flows` shows): its record in its shape."""
+    out = rec.direction == "outbound"
+    me = {**sh.me, "ip": rec.src[0], "port": rec.src[1]}
+    if sh.peer_from == "fact":
+        peer = dict(sh.peer)
+    else:
+        ip, port = rec.orig_dst if sh.peer_from == "orig_dst" else rec.dst
+        peer = {**sh.peer, "ip": ip, "port": port}
+    src, dst = (me, peer) if out else (peer, me)
+    to_dst, to_src = (
+        (rec.bytes_sent, rec.bytes_received) if out else (rec.bytes_received, rec.bytes_sent)
+    )
+    return {
+        "id": rec.cookie,
+        "direction": rec.direction,
+        "reporter": "source" if out else "destination",
+        "src": src,
+        "dst": dst,
+        "service": sh.service,
+        "path": sh.path,
+        "security": sh.security,
+        "verdict": sh.verdict,
+        "reason": sh.reason,
+        "policy": sh.policy,
+        "bytes_sent": rec.bytes_sent,
+        "bytes_received": rec.bytes_received,
+        "bytes_to_dst": to_dst,
+        "bytes_to_src": to_src,
+        "segs_out": rec.segs_out,
+        "segs_in": rec.segs_in,
+        "retrans": rec.retrans,
+        "srtt_us": rec.srtt_us,
+        "start": rec.start,
+        "end": rec.end,
+        "duration": rec.duration,
+        "close": rec.close,
+        "state": rec.state,
+    }

@@ -121,17 +121,12 @@ def test_a_closed_record_waits_for_late_facts_then_goes_without_them():
 
 
 def test_a_connect_the_kernel_refused_is_a_denied_flow_with_its_reason_not_a_policy_denial():
-    from dataclasses import replace
-
     from agent.bpf import abi
 
     t = table()
     why = abi.REFUSAL_REASONS[abi.Refusal.NODE]
-    r = replace(
-        rec(6, "outbound", ("0.0.0.0", 0), ("10.0.0.254", 22), captured=False, end=time.time()),
-        close="refused",
-        refused=why,
-    )
+    r = rec(6, "outbound", ("0.0.0.0", 0), ("10.0.0.254", 22), captured=False, end=time.time())
+    r = r._replace(close="refused", refused=why)
     t.on_closed(r)
     t.tick()  # nothing to wait for: no facts come for a connect that never left
     (v,) = t.recent()
@@ -160,7 +155,7 @@ def test_rtt_histogram_and_retransmits_per_destination():
     t = table()
     for i, srtt in enumerate((80, 400, 3000)):
         r = rec(10 + i, "outbound", ("10.0.0.1", 41000 + i), ("10.0.0.2", 80), captured=False)
-        t.on_closed(FlowRecord(**{**r.__dict__, "end": time.time(), "srtt_us": srtt, "retrans": i}))
+        t.on_closed(r._replace(end=time.time(), srtt_us=srtt, retrans=i))
     t.tick()
     fams = {f.name: f for f in t.collect()}
     samples = {
@@ -230,3 +225,76 @@ def test_select_and_summary():
     r = rows[("front/web", "back/api", "hbone")]
     assert (r["flows"], r["open"], r["bytes_to_dst"], r["bytes_to_src"]) == (2, 1, 30, 3)
     assert rows[("front/web", "back/db", "denied")]["denied"] == 1
+
+
+def direct(cookie, direction, src, dst, orig=None, end=None, **kw):
+    return rec(cookie, direction, src, dst, orig, end=end, captured=False, **kw)._replace(
+        direct=True, rule=1
+    )
+
+
+def test_direct_flows_count_each_connection_once_whether_seen_live_or_only_closed():
+    verdict = SimpleNamespace(reason="allowed: no policy selects api", policy="")
+    svc = SimpleNamespace(name="api", namespace="back")
+    t = FlowTable(100, BY_CG.get, BY_IP.get, set, {1: verdict}.get, {"10.96.0.9": svc}.get)
+    cli, srv, vip = ("10.0.0.1", 40001), ("10.0.0.2", 8080), ("10.96.0.9", 80)
+    live = direct(1, "outbound", cli, srv, orig=vip, sent=10, recv=20)
+    (v,) = t.live([live])
+    assert (v["path"], v["security"], v["service"]) == ("direct", "node_local", "back/api")
+    assert v["dst"] == {
+        "ip": "10.0.0.2",
+        "port": 8080,
+        "workload": "back/api",
+        "identity": API.spiffe_id,
+        "namespace": "back",
+    }
+    t.on_closed(
+        live._replace(end=time.time(), bytes_sent=15, bytes_received=25)
+    )  # the same connection, closed
+    t.on_closed(direct(2, "inbound", srv, cli, end=time.time(), sent=25, recv=15))  # its far end
+    t.tick()
+    out = istio_labels("source", WEB, API, svc, "node_local")
+    inn = istio_labels("destination", WEB, API, None, "node_local")
+    assert t.conns_opened == {out: 1, inn: 1} and t.conns_closed == {out: 1, inn: 1}
+    assert (t.received[out], t.sent[out], t.received[inn], t.sent[inn]) == (15, 25, 15, 25)
+    assert [v["reason"] for v in t.recent()] == [verdict.reason] * 2
+    assert not t.counted_open and not t.seen  # nothing kept for closed flows
+
+
+def test_a_closed_flow_keeps_the_workloads_of_its_time_and_new_ones_see_the_new_snapshot():
+    by_ip = dict(BY_IP)
+    t = FlowTable(100, BY_CG.get, by_ip.get, set, {1: None}.get)
+    cli, srv = ("10.0.0.1", 40001), ("10.0.0.2", 8080)
+    t.on_closed(direct(1, "outbound", cli, srv, end=time.time()))
+    t.tick()
+    by_ip["10.0.0.2"] = SimpleNamespace(
+        name="api-v2", namespace="back", spiffe_id="spiffe://td/ns/back/sa/api-v2", labels={}
+    )
+    t.invalidate()  # the agent does so on every snapshot
+    t.on_closed(direct(2, "outbound", cli, srv, end=time.time()))
+    t.tick()
+    assert [v["dst"]["workload"] for v in t.recent()] == ["back/api", "back/api-v2"]
+    assert [k[6] for k in t.conns_closed] == ["api", "api-v2"]  # destination_workload
+
+
+def test_a_records_json_line_is_json_dumps_of_it():
+    import json
+
+    now = time.time()
+    records = [
+        rec(1, "outbound", ("10.0.0.1", 1), ("10.0.0.2", 2), sent=1 << 40, end=now),
+        rec(2, "inbound", ("fd00::1", 3), ("fd00::2", 4), srtt_us=0),  # open: end None
+        rec(3, "outbound", ("0.0.0.0", 0), ("10.0.0.9", 22), end=now)._replace(
+            close="refused", refused='a reason with "quotes" and \\ a backslash'
+        ),
+        direct(4, "outbound", ("10.0.0.1", 5), ("10.0.0.2", 6), end=now, retrans=3),
+    ]
+    for r in records:
+        line = r.json_line()
+        assert line.endswith("\n") and line.count("\n") == 1
+        got, want = json.loads(line), json.loads(json.dumps(r.as_dict()))
+        if r.end is None:  # an open flow's duration runs on
+            assert 0 <= want["duration"] - got["duration"] < 1
+            got["duration"] = want["duration"]
+        assert got == want, r
+        assert list(json.loads(line)) == [*r._fields, "duration"]
