@@ -149,6 +149,7 @@ class Outbound:
         skey = f"{svc.namespace}/{svc.name}" if svc else eps[0]
         policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
         tried: list[str] = []
+        why: list[str] = []  # each failed endpoint's reason
         for _ in range(1 + (self.lb.cfg.retries if svc else 0)):
             if chosen is not None and not tried:
                 ep = chosen
@@ -175,7 +176,7 @@ class Outbound:
                 return _reset(sock)
             try:
                 done = await self._open(
-                    sock, src_ip, src, dst, port, ep, svc, d, fact, addr=reached
+                    sock, src_ip, src, dst, port, ep, svc, d, fact, addr=reached, why=why
                 )
             except _Denied as e:
                 fact(
@@ -197,7 +198,13 @@ class Outbound:
             if svc:
                 self.lb.failed(skey, ep, eps)
         self.stats["connect_failed"] += 1
-        fact(orig, "failed", "allow", f"no endpoint could be connected (tried {', '.join(tried)})")
+        fact(
+            orig,
+            "failed",
+            "allow",
+            f"no endpoint could be connected (tried {', '.join(tried)})"
+            + (f": {'; '.join(why)}" if why else ""),
+        )
         _log.info(
             "no endpoint could be connected, reset",
             fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}", "tried": tried},
@@ -227,8 +234,10 @@ class Outbound:
         decision=None,
         fact=None,
         addr: str = "",
+        why: list[str] | None = None,
     ) -> bool:
-        """Connect the flow to dst; False when the connect failed (nothing was forwarded).
+        """Connect the flow to dst; False when the connect failed (nothing was forwarded), and
+        then why, appended to why.
 
         decision: ours when dst is on this node; fact(dst, path, verdict, reason, ...)
         reports the source side to the agent. addr: dst's address to reach it at
@@ -238,6 +247,7 @@ class Outbound:
         if dst.node == self.cfg.node:
             up = await self._dial(addr, port, local=True)
             if up is None:
+                _say(why, f"{hostport(addr, port)}: connect failed")
                 return False
             self.lb.opened(ep)
             self.stats["splice"] += 1
@@ -274,6 +284,7 @@ class Outbound:
         node_addr = self.state.nodes.get(dst.node)
         if not node_addr:
             self.stats["no_node"] += 1
+            _say(why, f"{hostport(addr, port)}: node {dst.node} has no known address")
             return False
         try:
             for attempt in range(4):
@@ -296,9 +307,11 @@ class Outbound:
             if " 403" in str(e):
                 raise _Denied(str(e)) from None
             _log.info(f"HBONE to {hostport(addr, port)} failed: {e}")
+            _say(why, f"{hostport(addr, port)}: {e}")
             return False
         except TimeoutError:
             _log.info(f"HBONE CONNECT to {hostport(addr, port)} timed out")
+            _say(why, f"{hostport(addr, port)}: HBONE CONNECT timed out")
             return False
         _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
         self.lb.opened(ep)
@@ -445,3 +458,8 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def _say(why: list[str] | None, reason: str) -> None:
+    if why is not None:
+        why.append(reason)
