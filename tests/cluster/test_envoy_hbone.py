@@ -7,16 +7,15 @@ refuses a server whose SPIFFE ID is not the one it requires, and our tunnel refu
 whose certificate comes from another CA."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from agent.control import ca as camod
 from agent.lab import mesh
 from bench import sidecar
+from tests.cluster.envoy_peer import Envoy, client_config
 from tests.conftest import helper, mesh_lab, read_json, spiffe, wait_for
 
 TD = "cluster.local"
@@ -25,91 +24,6 @@ TD = "cluster.local"
 @pytest.fixture(scope="module")
 def elab():
     yield from mesh_lab("eh", 2, 1, capture=True)
-
-
-def _envoy_config(files: dict, listen_port: int, node_ip: str, authority: str, sni: str,
-                  want_san: str, admin_port: int) -> dict:  # fmt: skip
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},  # fmt: skip
-        "static_resources": {
-            "listeners": [{
-                "name": "hbone_out",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.tcp_proxy",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                        "stat_prefix": "hbone",
-                        "cluster": "hbone",
-                        "tunneling_config": {"hostname": authority},
-                    },
-                }]}],
-            }],
-            "clusters": [{
-                "name": "hbone",
-                "connect_timeout": "5s",
-                "type": "STATIC",
-                "load_assignment": {"cluster_name": "hbone", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": node_ip,
-                                                                 "port_value": 15008}}}}]}]},
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }
-                },
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                        "sni": sni,
-                        "common_tls_context": {
-                            "alpn_protocols": ["h2"],
-                            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
-                                           "tls_maximum_protocol_version": "TLSv1_3"},
-                            "tls_certificates": [{
-                                "certificate_chain": {"filename": files["chain"]},
-                                "private_key": {"filename": files["key"]},
-                            }],
-                            "validation_context": {
-                                "trusted_ca": {"filename": files["ca"]},
-                                "match_typed_subject_alt_names": [
-                                    {"san_type": "URI", "matcher": {"exact": want_san}}],
-                            },
-                        },
-                    },
-                },
-            }],
-        },
-    }  # fmt: skip
-
-
-class Envoy:
-    """One Envoy in a lab namespace, tunnelling 127.0.0.1:port to authority over HBONE."""
-
-    def __init__(self, L, procs, where, workdir, files, port, node_ip, authority, sni, want_san):
-        os.makedirs(workdir, exist_ok=True)
-        conf = os.path.join(workdir, "envoy.yaml")
-        with open(conf, "w") as f:
-            yaml.safe_dump(_envoy_config(files, port, node_ip, authority, sni, want_san,
-                                         port + 1), f)  # fmt: skip
-        self.L, self.where, self.port = L, where, port
-        self.p = L.popen(where, [sidecar.envoy_binary(), "-c", conf, "--concurrency", "1",
-                                 "--base-id", str(port), "-l", os.environ.get("ENVOY_LOG", "warning"),
-                                 "--log-path", os.path.join(workdir, "envoy.log"), "--file-flush-interval-msec", "100"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        procs.append(self.p)
-        wait_for(lambda: L.run(where, ["ss", "-Hltn", f"sport = :{port}"]).stdout.strip(), 30,
-                 what="envoy's listener")  # fmt: skip
-
-    def stat(self, name: str) -> int:
-        r = self.L.run(self.where, ["curl", "-s", f"http://127.0.0.1:{self.port + 1}/stats"])
-        for line in r.stdout.splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return 0
 
 
 def _issue(ca, workdir, pod) -> dict:
@@ -129,8 +43,8 @@ def test_envoy_is_an_hbone_client_of_our_tunnel_with_exact_bytes_and_identities(
     procs.append(srv)
     read_json(srv, "listening")
     sni = f"{dst.service_account}.{dst.namespace}.hbone.dabba"
-    env = Envoy(L, procs, "n2", str(tmp_path / "envoy"), files, 18000, n1.ip,
-                f"{dst.ip}:9800", sni, spiffe(dst))  # fmt: skip
+    conf = client_config(files, 18000, n1.ip, f"{dst.ip}:9800", sni, spiffe(dst))
+    env = Envoy(L, procs, "n2", str(tmp_path / "envoy"), conf, 18000, 18001)
     r = L.run("n2", [*helper("xfer"), "client", "--connect", "127.0.0.1:18000",
                      "--send", "1234567"], timeout=60)  # fmt: skip
     got, s = json.loads(r.stdout.strip().splitlines()[-1]), read_json(srv, "received")
@@ -161,8 +75,8 @@ def test_envoy_refuses_the_wrong_server_identity_and_we_refuse_a_foreign_ca(elab
     files = _issue(ca, str(tmp_path / "ok"), client_pod)
     sni = f"{dst.service_account}.{dst.namespace}.hbone.dabba"
     # Envoy requires another workload's identity: the handshake with our tunnel fails on its side
-    wrong = Envoy(L, procs, "n2", str(tmp_path / "wrong"), files, 18010, n1.ip,
-                  f"{dst.ip}:9801", sni, spiffe(client_pod))  # fmt: skip
+    conf = client_config(files, 18010, n1.ip, f"{dst.ip}:9801", sni, spiffe(client_pod))
+    wrong = Envoy(L, procs, "n2", str(tmp_path / "wrong"), conf, 18010, 18011)
     r = L.run("n2", [*helper("xfer"), "client", "--connect", "127.0.0.1:18010", "--send", "10"],
               check=False, timeout=60)  # fmt: skip
     got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
@@ -174,8 +88,8 @@ def test_envoy_refuses_the_wrong_server_identity_and_we_refuse_a_foreign_ca(elab
     foreign = _issue(other, str(tmp_path / "foreign"), client_pod)
     foreign["ca"] = files["ca"]  # it trusts our root, so only our side can refuse
     before = _refused(L).get("unknown_ca", 0)
-    Envoy(L, procs, "n2", str(tmp_path / "foreign"), foreign, 18020, n1.ip, f"{dst.ip}:9801",
-          sni, spiffe(dst))  # fmt: skip
+    conf = client_config(foreign, 18020, n1.ip, f"{dst.ip}:9801", sni, spiffe(dst))
+    Envoy(L, procs, "n2", str(tmp_path / "foreign"), conf, 18020, 18021)
     r = L.run("n2", [*helper("xfer"), "client", "--connect", "127.0.0.1:18020", "--send", "10"],
               check=False, timeout=60)  # fmt: skip
     got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
