@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from agent.lab import apps, mesh
 from agent.lab import lab as labmod
 from bench.datapath import rss_kib
-from tests.conftest import mesh_lab, tunnel_stats, wait_for, wait_port
+from tests.conftest import helper, mesh_lab, tunnel_stats, wait_for, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,45 @@ def test_wrk_with_1000_connections(llab, procs, tmp_path, dst):
             15,
             what=f"{node} flows released",
         )
+
+
+def test_5000_cross_node_connections_of_one_request_each_succeed_and_are_released(
+    llab, procs, tmp_path
+):
+    """Every connection opens an HBONE stream on n1 and a delivery on n2; after the last one,
+    nothing of any of them is left on either node: no relayed side, no enforced flow, no open
+    stream, no live kernel flow."""
+    L, _ = llab
+    n = 5_000
+    dst = L.pod("n2-p2")
+    procs.append(apps.start_nginx(L, dst.name, 8081, str(tmp_path / "nginx")))
+    wait_port(L, dst.name, dst.ip, 8081)
+    before = {node: tunnel_stats(L, node) for node in ("n1", "n2")}
+    r = L.run("n1-p2", [*helper("oneshot"), dst.ip, "8081", str(n), "32"], timeout=300)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"{n} connections of one request each, cross-node: {got['conns_per_s']:.0f}/s")
+    assert (got["ok"], got["failed"]) == (n, 0), got
+    after = {node: tunnel_stats(L, node) for node in ("n1", "n2")}
+    assert after["n1"]["hbone"] - before["n1"].get("hbone", 0) == n  # each one its own stream
+    assert after["n2"]["inbound"] - before["n2"].get("inbound", 0) == n
+    for node in ("n1", "n2"):
+        wait_for(
+            lambda node=node: (st := tunnel_stats(L, node))["relayed_sides"] == 0
+            and st["enforced_flows"] == 0
+            and not _connections(L, node)["open_streams"],
+            15,
+            what=f"every flow released on {node}",
+        )
+    flows = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "flows", "--node", f"{L.name}/n1", "--port", "8081",
+         "--state", "live", "-o", "json"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert json.loads(flows)["flows"] == []
+
+
+def _connections(L, node) -> dict:
+    r = L.run(node, ["curl", "-s", "--max-time", "5", "http://127.0.0.1:15000/connections"])
+    return json.loads(r.stdout)
 
 
 def test_iperf3_across_nodes_and_a_files_sha256_both_paths(llab, procs, tmp_path):
