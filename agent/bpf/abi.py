@@ -123,7 +123,20 @@ class Ip6(ctypes.Structure):
 
 def ip6_key(addr: str) -> bytes:
     """An address of either family as struct dabba_ip6's bytes: IPv6 as it is, IPv4 as
-    IPv4-mapped."""
+    IPv4-mapped. inet_pton first (the tunnel converts two per new flow); ipaddress for what it
+    refuses, which then raises ValueError naming the address."""
+    try:
+        if ":" in addr:
+            return socket.inet_pton(socket.AF_INET6, addr)
+        b = socket.inet_pton(socket.AF_INET, addr)
+        if socket.inet_ntop(socket.AF_INET, b) != addr:  # leading zeros: ipaddress decides
+            return _slow(addr)
+        return _V4_MAPPED + b
+    except OSError:
+        return _slow(addr)
+
+
+def _slow(addr: str) -> bytes:
     a = ipaddress.ip_address(addr)
     if a.version == 4:
         a = ipaddress.IPv6Address(f"::ffff:{a}")

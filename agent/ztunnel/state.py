@@ -100,6 +100,7 @@ class State:
     bundle: bytes = b""
     by_ip: dict[str, pb.Workload] = field(default_factory=dict)
     by_cgroup: dict[int, pb.Workload] = field(default_factory=dict)  # local workloads
+    local_by_id: dict[str, pb.Workload] = field(default_factory=dict)  # the same by SPIFFE ID
     services: dict[str, pb.Service] = field(default_factory=dict)  # by VIP
     nodes: dict[str, str] = field(default_factory=dict)
     policies: list[m.AuthorizationPolicy] = field(default_factory=list)
@@ -118,7 +119,7 @@ class Snapshot:
 
     # ---- state ------------------------------------------------------------------------------------
     def _cert_files(self, spiffe_id: str) -> tuple[str, str]:
-        w = next((w for w in self.state.by_cgroup.values() if w.spiffe_id == spiffe_id), None)
+        w = self.state.local_by_id.get(spiffe_id)
         if w is None:
             raise hbone.HboneError(f"no local workload holds {spiffe_id}")
         svid = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "svid.pem")
@@ -174,6 +175,7 @@ class Snapshot:
             w = st.workloads.get(key)
             if w is not None and w.node == self.cfg.node:
                 st.by_cgroup[cg] = w
+        st.local_by_id = {w.spiffe_id: w for w in st.by_cgroup.values()}
         st.services = {s.vip: s for s in snap.services}
         st.nodes = {n.name: n.address for n in snap.nodes}
         st.revoked = frozenset(snap.revoked_serials)

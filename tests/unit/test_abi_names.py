@@ -2,6 +2,8 @@
 
 import ctypes
 
+import pytest
+
 from agent.bpf import abi, names
 from agent.bpf.loader import ALL_PROGRAMS, MapSizes
 
@@ -93,3 +95,18 @@ def test_ip6_str_writes_every_address_as_ipaddress_does():
 
     for b in [bytes(16), bytes(15) + b"\x01", *(sample() for _ in range(20_000))]:
         assert abi.ip6_str(abi.Ip6.from_buffer_copy(b)) == want(b), b.hex()
+
+
+def test_ip6_key_agrees_with_ipaddress_and_refuses_what_it_refuses():
+    import ipaddress
+
+    def want(a):
+        x = ipaddress.ip_address(a)
+        return (ipaddress.IPv6Address(f"::ffff:{x}") if x.version == 4 else x).packed
+
+    for a in ("10.0.0.1", "0.0.0.0", "255.255.255.255", "::", "::1", "fd00:20:1::b",
+              "::ffff:10.1.2.3", "fe80::1", "2001:db8::1.2.3.4"):  # fmt: skip
+        assert abi.ip6_key(a) == want(a), a
+    for bad in ("01.2.3.4", "1.2.3", "0x7f.0.0.1", "1.2.3.4.5", "256.0.0.1", "::g", "", "x"):
+        with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
+            abi.ip6_key(bad)

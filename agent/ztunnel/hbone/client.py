@@ -23,6 +23,8 @@ from .codec import POOL_MAX_AGE, H2Connection, HboneError, Stream, TcpSide, _mti
 
 _log = log.get("hbone")
 
+STAMP_TTL = 0.5  # s: how long a source certificate's mtime is taken as current
+
 
 class ClientConnection(H2Connection):
     """Outbound: one TLS connection to a peer node's tunnel, carrying many flows."""
@@ -81,7 +83,8 @@ class ClientConnection(H2Connection):
     ) -> Stream:
         """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
         sid = self.h2.get_next_available_stream_id()
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.waiting[sid] = fut
         headers = [(":method", "CONNECT"), (":authority", authority)]
         if source:
@@ -90,7 +93,13 @@ class ClientConnection(H2Connection):
         s = Stream(self, sid, authority)
         self.streams[sid] = s
         self._write()
-        headers = await asyncio.wait_for(fut, timeout)
+        # a timer on the future itself: wait_for's extra future and callbacks, per flow, cost
+        # more than the CONNECT's own headers
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            headers = await fut
+        finally:
+            timer.cancel()
         if headers.get(":status") != "200":
             self.streams.pop(sid, None)
             raise HboneError(
@@ -98,6 +107,11 @@ class ClientConnection(H2Connection):
                 f"{headers.get('dabba-reason', '')}"
             )
         return s
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class Pool:
@@ -120,6 +134,7 @@ class Pool:
         self.handshakes = 0
         self.retired = 0  # connections replaced for their age or a renewed certificate
         self._opening: dict[tuple[str, str, str], asyncio.Future] = {}
+        self._stamps: dict[str, tuple[float, int]] = {}  # source identity -> (seen at, mtime)
 
     def _fresh(self, c: ClientConnection, src_id: str) -> bool:
         """Whether a pooled connection may carry a new flow: open, younger than max_age, and
@@ -128,7 +143,17 @@ class Pool:
             return False
         if time.monotonic() - c.opened_at > self.max_age:
             return False
-        return _mtime_ns(self.cert_files(src_id)[0]) == c.cert_stamp
+        return self._cert_stamp(src_id) == c.cert_stamp
+
+    def _cert_stamp(self, src_id: str) -> int:
+        """The source's certificate file's mtime, looked at most every STAMP_TTL seconds (a
+        stat per new flow cost as much as the flow's CONNECT headers): a renewed certificate
+        is used within that time, as the tunnel's own reload notices it."""
+        now = time.monotonic()
+        seen = self._stamps.get(src_id)
+        if seen is None or now - seen[0] > STAMP_TTL:
+            seen = self._stamps[src_id] = (now, _mtime_ns(self.cert_files(src_id)[0]))
+        return seen[1]
 
     async def get(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
         key = (src_id, dst_id, f"{node[0]}:{node[1]}")
@@ -157,6 +182,7 @@ class Pool:
     async def _dial(self, src_id: str, dst_id: str, node: tuple[str, int]) -> ClientConnection:
         chain, key = self.cert_files(src_id)
         stamp = _mtime_ns(chain)
+        self._stamps[src_id] = (time.monotonic(), stamp)
         ctx = client_context(chain, key, self.bundle_pem)
         loop = asyncio.get_running_loop()
         try:
