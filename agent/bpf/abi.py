@@ -170,7 +170,7 @@ class Config(ctypes.Structure):
     """struct dabba_config { __u32 tunnel_ip; __u16 tunnel_port; __u16 enabled;
     __u32 tunnel_mark; __u16 flags; __u16 hbone_port; __u32 max_open; __u32 _pad;
     struct dabba_ip6 tunnel_ip6; __u32 verdict_gen; __u16 eject_after; __u16 max_ejected_pct;
-    __u32 eject_ms; __u32 _pad2; };"""
+    __u32 eject_ms; __u16 spread_base; __u16 spread_count; };"""
 
     _fields_ = [
         ("tunnel_ip", ctypes.c_uint32),
@@ -186,7 +186,8 @@ class Config(ctypes.Structure):
         ("eject_after", ctypes.c_uint16),
         ("max_ejected_pct", ctypes.c_uint16),
         ("eject_ms", ctypes.c_uint32),
-        ("_pad2", ctypes.c_uint32),
+        ("spread_base", ctypes.c_uint16),
+        ("spread_count", ctypes.c_uint16),
     ]
 
 

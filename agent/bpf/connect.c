@@ -395,6 +395,14 @@ static __always_inline int no_endpoint(struct bpf_sock_addr *ctx, u64 cg, struct
  * and sockops; best effort: without it, getpeername() gives the address connected to, and the
  * endpoint's load and health miss this connection.
  */
+/* The port a captured connect() is sent to on the tunnel's address (see spread_base). */
+static __always_inline u16 tunnel_port_of(struct dabba_config *cfg)
+{
+	if (!cfg->spread_count)
+		return cfg->tunnel_port;
+	return cfg->spread_base + (u16)(bpf_get_prandom_u32() % cfg->spread_count);
+}
+
 static __always_inline void keep_peer(struct bpf_sock_addr *ctx, struct dabba_peer *p,
 				      struct dabba_ip6 *to, u16 to_port)
 {
@@ -469,9 +477,10 @@ int dabba_connect4(struct bpf_sock_addr *ctx)
 	int r = act(ctx, cfg, cg, decide(cfg, &a, port, &why), why, &a, port, &svc);
 	if (r == CAPTURE) {
 		struct dabba_ip6 to = dabba_v4(cfg->tunnel_ip);
-		keep_peer(ctx, &svc, &to, cfg->tunnel_port);
+		u16 to_port = tunnel_port_of(cfg);
+		keep_peer(ctx, &svc, &to, to_port);
 		ctx->user_ip4 = cfg->tunnel_ip;
-		ctx->user_port = bpf_htons(cfg->tunnel_port);
+		ctx->user_port = bpf_htons(to_port);
 		return 1;
 	}
 	if (r && lb) { /* straight to the endpoint chosen */
@@ -501,9 +510,10 @@ int dabba_connect6(struct bpf_sock_addr *ctx)
 		/* to the tunnel's IPv4 listener, mapped, for IPv4: the connection goes over IPv4 */
 		struct dabba_ip6 to =
 		    dabba_is_v4mapped(&a) ? dabba_v4(cfg->tunnel_ip) : cfg->tunnel_ip6;
-		keep_peer(ctx, &svc, &to, cfg->tunnel_port);
+		u16 to_port = tunnel_port_of(cfg);
+		keep_peer(ctx, &svc, &to, to_port);
 		set_dest6(ctx, &to);
-		ctx->user_port = bpf_htons(cfg->tunnel_port);
+		ctx->user_port = bpf_htons(to_port);
 		return 1;
 	}
 	if (r && lb) { /* straight to the endpoint chosen */

@@ -46,6 +46,7 @@ class DatapathControl:
         max_open: int = 0,
         tunnel_ip6: str = "",
         eject: tuple[int, float, float] = (3, 30.0, 0.5),
+        spread: tuple[int, int] = (0, 0),
     ) -> None:
         """The node's runtime config. pass_non_tcp: enrolled workloads' UDP, raw and other
         non-TCP sockets pass unmeshed; otherwise only DNS (port 53) and loopback leave.
@@ -53,7 +54,9 @@ class DatapathControl:
         max_open: captured connections one workload may hold open (connect.c); 0: no limit.
         tunnel_ip6: the outbound listener's IPv6 address (port tunnel_port); empty: native IPv6
         of the workloads is refused. eject: services' outlier ejection in the kernel (consecutive
-        failed connects, base seconds, most of a service's endpoints out)."""
+        failed connects, base seconds, most of a service's endpoints out). spread: (first port,
+        count) of tunnel_ip a captured connect() goes to, one at random, which own.c hands to
+        the outbound listener; (0, 0): tunnel_port alone."""
         from . import abi
 
         flags = abi.CFG_PASS_NON_TCP if pass_non_tcp else 0
@@ -72,6 +75,8 @@ class DatapathControl:
             eject[0],
             round(eject[2] * 100),
             round(eject[1] * 1000),
+            spread[0],
+            spread[1],
         )
         with self.dp.open_map(names.MAP_CFG) as m:
             m.update(abi.ctypes.c_uint32(0), cfg)

@@ -211,6 +211,9 @@ class Agent:
 
     def _configure_datapath(self) -> None:
         c = self.cfg
+        # own.c first: only where it hands the spread ports to the tunnel are they used
+        owned_now = c.control is not None and self.ctl.own_listeners()
+        owned = c.control is not None
         self.ctl.configure(
             c.tunnel.address,
             c.tunnel.port,
@@ -220,14 +223,18 @@ class Agent:
             max_open=self.max_connections(),
             tunnel_ip6=c.tunnel.address6,
             eject=(c.services.eject_after, c.services.eject_time, c.services.max_ejected),
+            spread=c.tunnel.spread if owned else (0, 0),
         )
         if c.control is not None and c.tunnel.run:  # the tunnel will be our child, in our cgroup
             self.trust_tunnel("self")
-        if c.control is not None and self.ctl.own_listeners():
+        if owned_now:
             _log.info(
                 "the tunnel's ports now go to the tunnel's own sockets only",
                 fields={
                     "outbound": f"{c.tunnel.address}:{c.tunnel.port}",
+                    "spread": "-".join(map(str, (c.tunnel.spread[0], sum(c.tunnel.spread) - 1)))
+                    if c.tunnel.spread[1]
+                    else "",
                     "hbone": self.hbone_port(),
                 },
             )

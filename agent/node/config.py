@@ -18,6 +18,12 @@ A YAML file (``dabba agent run --config FILE``)::
       inbound: 10.10.0.11:15008   # its HBONE listener (default: control.node_address:15008)
       drain: 30                   # seconds open flows may go on when the tunnel stops
       workers: 1                  # tunnel processes on the same ports, or auto (as the load asks)
+      spread: 20000-21023         # ports of address (and address6) a captured connect() is sent
+                                  # to, one at random; the kernel (own.c) hands them to the
+                                  # listener on port. A workload's closed connections (TIME_WAIT,
+                                  # 60 s) then spread over these destinations: on one port alone
+                                  # a workload runs out of local ports after ~28,000 connections
+                                  # a minute. "": port alone
     tunnel_addresses: [10.20.1.1] # the tunnel's own sources: what STRICT and PERMISSIVE workloads
                                   # accept as the tunnel; the tunnel connects to this node's
                                   # workloads from the first of each family (default:
@@ -88,6 +94,7 @@ from ..errors import DabbaError
 DEFAULT_BPFFS = "/sys/fs/bpf"
 DEFAULT_TUNNEL_PORT = 15001
 DEFAULT_KEEP_CLOSED = 10000
+DEFAULT_SPREAD = "20000-21023"
 DEFAULT_EXCLUDE_CIDRS = ("127.0.0.0/8",)
 
 
@@ -103,6 +110,31 @@ class TunnelConfig:
     drain: float = 30.0  # seconds open flows may go on when the tunnel stops or is upgraded
     workers: str = "1"  # tunnel processes sharing the ports, or "auto"
     address6: str = ""  # IPv6 outbound listener (same port); "": native IPv6 is refused
+    spread: tuple[int, int] = (20000, 1024)  # (first port, count) captured connects go to
+
+
+def _spread(value, port: int, need) -> tuple[int, int]:
+    """tunnel.spread "FIRST-LAST" -> (FIRST, count); "" -> (0, 0). Never a mesh port."""
+    if value in ("", None, 0):
+        return (0, 0)
+    where = ("tunnel", "spread")
+    first, sep, last = str(value).partition("-")
+    ok = sep and first.strip().isdigit() and last.strip().isdigit()
+    need(ok, where, f'tunnel.spread {value!r} must be a port range FIRST-LAST, or ""')
+    lo, hi = int(first), int(last)
+    need(
+        1024 <= lo <= hi <= 65535 and hi - lo < 65535,
+        where,
+        f"tunnel.spread {value!r}: ports from 1024 to 65535, the first not above the last",
+    )
+    mesh = [p for p in (15000, 15001, 15006, 15008, 15020, 15021, port) if lo <= p <= hi]
+    need(
+        not mesh,
+        where,
+        f"tunnel.spread {value!r} holds the mesh's own port {mesh[0] if mesh else ''}: "
+        "choose a range without 15000-15021 and tunnel.port",
+    )
+    return (lo, hi - lo + 1)
 
 
 @dataclass
@@ -319,9 +351,21 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         ("tunnel", "workers"),
         f"tunnel.workers {workers!r} must be a number from 1 to 64, or auto",
     )
+    spread = _spread(t.get("spread", DEFAULT_SPREAD), port, need)
     for k in t:
         need(
-            k in {"address", "address6", "port", "mark", "run", "inbound", "drain", "workers"},
+            k
+            in {
+                "address",
+                "address6",
+                "port",
+                "mark",
+                "run",
+                "inbound",
+                "drain",
+                "workers",
+                "spread",
+            },  # fmt: skip
             ("tunnel", k),
             f"tunnel: unknown field {k!r}",
         )
@@ -336,6 +380,7 @@ def parse(text: str, path: str = "<config>") -> AgentConfig:
         _ip6_field(
             t.get("address6"), lambda msg: _err(path, _find(root, "tunnel", "address6"), msg)
         ),
+        spread,
     )
 
     tun_addrs = [str(a) for a in doc.get("tunnel_addresses") or []]

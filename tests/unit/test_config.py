@@ -36,6 +36,14 @@ def test_good_config_with_defaults():
     assert c.tunnel.address6 == "" and c.tunnel_source(6) == ""  # native IPv6: refused
 
 
+def test_tunnel_spread_ports_default_and_off():
+    assert config.parse(GOOD, "a.yaml").tunnel.spread == (20000, 1024)
+    one = GOOD.replace("tunnel: {address: 10.20.1.1}", "tunnel: {address: 10.20.1.1, spread: ''}")
+    assert config.parse(one, "a.yaml").tunnel.spread == (0, 0)
+    own = GOOD.replace("{address: 10.20.1.1}", "{address: 10.20.1.1, spread: 30000-30009}")
+    assert config.parse(own, "a.yaml").tunnel.spread == (30000, 10)
+
+
 def test_dual_stack_tunnel_sources_default_to_both_listeners():
     c = config.parse(
         GOOD.replace("{address: 10.20.1.1}", "{address: 10.20.1.1, address6: 'fd00:20:1:0::1'}")
@@ -141,6 +149,21 @@ def test_dual_stack_tunnel_sources_default_to_both_listeners():
             "node: n1\ncgroup: /x\ntunnel: {address: 10.0.0.1}\nservices:\n  retries: 2\n",
             "a.yaml:5",
             "services: unknown field 'retries'",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.1\n  spread: 20000\n",
+            "a.yaml:5",
+            "tunnel.spread 20000 must be a port range FIRST-LAST",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.1\n  spread: 21000-20000\n",
+            "a.yaml:5",
+            "ports from 1024 to 65535, the first not above the last",
+        ),
+        (
+            "node: n1\ncgroup: /x\ntunnel:\n  address: 10.0.0.1\n  spread: 15000-16000\n",
+            "a.yaml:5",
+            "holds the mesh's own port 15000",
         ),
         ("node: [1\n", "a.yaml:2", "not valid YAML"),
         ("- just\n- a list\n", "a.yaml", "must be a mapping"),

@@ -67,7 +67,12 @@ struct dabba_config {
 	__u16 eject_after;
 	__u16 max_ejected_pct;
 	__u32 eject_ms;
-	__u32 _pad2;
+	/* a captured connect() goes to tunnel_ip:(spread_base + a random one of spread_count),
+	 * which own.c hands to the outbound listener (0: to tunnel_port). One destination for
+	 * all of a workload's captured connections would let its closed ones (TIME_WAIT, 60 s)
+	 * take every local port: at most ~28,000 connections a minute, then EADDRNOTAVAIL */
+	__u16 spread_base;
+	__u16 spread_count;
 };
 
 /* Why the kernel refused a workload's connect() (dabba_flow.refused). */
