@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import itertools
 import json
 import os
 import signal
@@ -95,7 +96,7 @@ class Agent:
             lambda ip: self._svc_by_vip.get(ip),
         )
         self._flow_map: Map | None = None
-        self._closed_new: list[FlowRecord] = []  # drained since closed.jsonl was last written
+        self._closed_new = 0  # records drained since closed.jsonl was last written
         self._closed_lines = -1  # lines in closed.jsonl; -1: rewrite it
         self.api = None
         self._drain_beat = time.monotonic()  # the flow thread's last turn (for the watchdog)
@@ -655,16 +656,20 @@ class Agent:
         and the file is rewritten from memory only when it reaches twice that (rewriting all of it
         every second cost a tenth of a core under connection churn)."""
         path = os.path.join(self.cfg.state_dir, "closed.jsonl")
-        new, self._closed_new = self._closed_new, []
-        if self._closed_lines >= 0 and self._closed_lines + len(new) <= 2 * self.closed.maxlen:
+        # the new ones are the last of self.closed: no second list of them (under churn a
+        # second's worth of records, tens of thousands, held for this write alone)
+        new, self._closed_new = self._closed_new, 0
+        keep = self.closed.maxlen
+        if self._closed_lines >= 0 and new <= keep and self._closed_lines + new <= 2 * keep:
             if new:
+                recent = itertools.islice(self.closed, len(self.closed) - new, None)
                 with open(path, "a") as f:
-                    f.write("".join(r.json_line() for r in new))
-                self._closed_lines += len(new)
+                    f.writelines(r.json_line() for r in recent)
+                self._closed_lines += new
             return
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write("".join(r.json_line() for r in self.closed))
+            f.writelines(r.json_line() for r in self.closed)
         os.replace(tmp, path)
         self._closed_lines = len(self.closed)
 
@@ -766,7 +771,7 @@ class Agent:
                 n = len(recs)
                 if n:
                     self.closed.extend(recs)
-                    self._closed_new.extend(recs)
+                    self._closed_new += n
                     self.table.on_closed(*recs)
                 self.table.tick()
                 if 0 < n < DRAIN_BATCH_MAX:  # let the next ones gather: a wakeup per batch

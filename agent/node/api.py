@@ -393,6 +393,8 @@ class AgentApi:
                 "closed_kept": len(a.table.closed),
                 "closed_total": a.table.closed_total,
                 "facts_received": a.table.facts_received,
+                # the tunnel's facts of flows whose kernel record has not closed yet
+                "facts_waiting": len(a.table.facts),
             },
         }
 

@@ -1,0 +1,43 @@
+"""closed.jsonl, the agent's durable log of closed flows: it always ends with the last
+keep_closed records, in order, whether they came a few at a time (appended) or in a burst larger
+than keep_closed (the file rewritten from memory)."""
+
+import collections
+import json
+import time
+from types import SimpleNamespace
+
+from agent.bpf.flows import FlowRecord
+from agent.node.agent import Agent
+
+
+def _rec(i: int) -> FlowRecord:
+    now = time.time()
+    return FlowRecord(i, 7, "outbound", ("10.0.0.1", 40000 + i % 20000), ("10.0.0.2", 80),
+                      ("10.0.0.2", 80), False, i, 2 * i, 1, 1, 0, 50, now - 1, now, "fin",
+                      "CLOSE")  # fmt: skip
+
+
+def test_closed_log_ends_with_the_last_records_through_appends_and_bursts(tmp_path):
+    keep = 50
+    a = SimpleNamespace(
+        cfg=SimpleNamespace(state_dir=str(tmp_path)),
+        closed=collections.deque(maxlen=keep),
+        _closed_new=0,
+        _closed_lines=-1,
+    )
+    n = 0
+    for batch in (3, 10, 0, 40, 49, 51, 200, 1, 7, 60, 2):  # bursts above keep, and small ones
+        recs = [_rec(n + i) for i in range(batch)]
+        n += batch
+        a.closed.extend(recs)
+        a._closed_new += batch
+        Agent._write_closed(a)
+        lines = (tmp_path / "closed.jsonl").read_text().splitlines()
+        got = [json.loads(line)["cookie"] for line in lines]
+        want = list(range(max(0, n - keep), n))
+        assert got[-len(want) :] == want, (batch, got[-5:])
+        assert len(got) <= 2 * keep and got == sorted(set(got))  # bounded, no line twice
+        assert json.loads(lines[-1]) == json.loads(json.dumps(a.closed[-1].as_dict())) | {
+            "duration": json.loads(lines[-1])["duration"]
+        }
