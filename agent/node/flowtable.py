@@ -270,14 +270,20 @@ class FlowTable:
         with self.lock:
             keep = collections.deque()
             facts, closed = self.facts, self.closed
+            tunnel = None
             for t, rec in self.pending:
                 fact = None
                 if rec.captured or not rec.direct:  # a direct flow has no tunnel to tell of it
                     key = key_of(rec.src, rec.dst)
                     fact = facts.pop(key, None)
-                    if fact is None and rec.captured and now - t < FACTS_WAIT:
-                        keep.append((t, rec))
-                        continue
+                    if fact is None and now - t < FACTS_WAIT:
+                        # the tunnel tells of the flows it carried: captured ones, and those it
+                        # delivered to a workload here (from its address)
+                        if not rec.captured and tunnel is None:
+                            tunnel = self.tunnel_addrs()
+                        if rec.captured or (rec.direction == "inbound" and rec.dst[0] in tunnel):
+                            keep.append((t, rec))
+                            continue
                 sh = self._shape(rec, fact)
                 self._account(rec, sh, final=True)
                 closed.append((rec, sh))

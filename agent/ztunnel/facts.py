@@ -8,10 +8,11 @@ socket it handles, the tunnel sends one JSON line to the agent's
 them (the workload's end first).
 
 Sending never blocks a flow: lines go through one Unix stream connection
-per tunnel process. The last ``KEEP`` facts are kept, and all of them are
-sent again whenever the line to the agent is made again: a restarted agent
-(``systemctl restart dabba-agent``) learns the identities of the flows that
-stayed open through its restart. Facts sent while the agent is away are
+per tunnel process. The facts of open flows (and of those closed in the last
+``GRACE`` seconds) are kept, and sent again whenever the line to the agent is
+made again: a restarted agent (``systemctl restart dabba-agent``) learns the
+identities of the flows that stayed open through its restart, however many
+short flows came and went meanwhile. Facts sent while the agent is away are
 counted as ``facts_deferred``; more than 4 MiB waiting on the line drops
 facts (``facts_dropped``), and those flows show up in ``dabba flows``
 without them (path ``pending``).
@@ -31,6 +32,9 @@ _log = log.get("facts")
 
 SOCKET = "flowfacts.sock"
 MAX_BUFFERED = 4 << 20
+# s between tries to reach a (re)starting agent: well inside the agent's wait for late facts
+# (flowtable.FACTS_WAIT), so the flows that close just after its restart still get theirs
+RETRY = 0.2
 
 
 def key_of(workload_end: tuple, other_end: tuple) -> str:
@@ -51,23 +55,34 @@ def party(w, ip: str | None = None, port: int | None = None, identity: str | Non
 class FactsSender:
     """One tunnel process's line to the agent, made again whenever it breaks."""
 
-    KEEP = 16384  # facts kept for replay (the agent keeps MAX_FACTS; replays of gone flows age out)
+    LIVE_MAX = 1 << 16  # facts of open flows kept for replay (more: the oldest go, counted)
+    GRACE = 2.0  # s a closed flow's fact is still replayed (its record may not be drained yet)
+    RECENT_MAX = 4096  # closed flows' facts kept at most
 
     def __init__(self, state_dir: str, stats):
         self.path = os.path.join(state_dir, SOCKET)
         self.stats = stats
         self.writer: asyncio.StreamWriter | None = None
+        # replayed to a new agent line: the facts of open flows, then of those closed in the last
+        # GRACE seconds. Before, the last 16,384 facts, whatever their flows: under churn a
+        # long-lived flow's fact went within seconds, and a restarted agent no longer knew it
         self.kept: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
         self._task: asyncio.Task | None = None
 
-    def send(self, key: str, side: str, src: dict, dst: dict, **fields) -> None:
-        """side: "source" when the workload socket is the flow's client, else "destination"."""
+    def send(self, key: str, side: str, src: dict, dst: dict, live: bool = True, **fields) -> None:
+        """side: "source" when the workload socket is the flow's client, else "destination".
+        live: the flow goes on (closed(key) when it ends); False: it ends here (refused)."""
         doc = {"key": key, "t": time.time(), "side": side, "src": src, "dst": dst, **fields}
         line = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
-        self.kept[key] = line
-        self.kept.move_to_end(key)
-        while len(self.kept) > self.KEEP:
-            self.kept.popitem(last=False)
+        if live:
+            self.kept[key] = line
+            self.kept.move_to_end(key)
+            if len(self.kept) > self.LIVE_MAX:
+                self.kept.popitem(last=False)
+                self.stats["facts_unkept"] += 1
+        else:
+            self._recent(key, line)
         w = self.writer
         if w is None or w.is_closing():
             self.stats["facts_deferred"] += 1  # sent when the line is back
@@ -78,6 +93,30 @@ class FactsSender:
         w.write(line)
         self.stats["facts_sent"] += 1
 
+    def closed(self, *keys: str | None) -> None:
+        """These flows ended: their facts are replayed only GRACE seconds more."""
+        for key in keys:
+            line = self.kept.pop(key, None) if key else None
+            if line is not None:
+                self._recent(key, line)
+
+    def _recent(self, key: str, line: bytes) -> None:
+        now = time.monotonic()
+        self.recent[key] = (now, line)
+        self.recent.move_to_end(key)
+        while self.recent and (
+            len(self.recent) > self.RECENT_MAX
+            or next(iter(self.recent.values()))[0] < now - self.GRACE
+        ):
+            self.recent.popitem(last=False)
+
+    def replay(self) -> list[bytes]:
+        now = time.monotonic()
+        return [
+            *self.kept.values(),
+            *(ln for t, ln in self.recent.values() if t >= now - self.GRACE),
+        ]
+
     async def _keep_connected(self) -> None:
         announced = False
         while True:
@@ -86,15 +125,16 @@ class FactsSender:
             except OSError as e:
                 if announced:
                     _log.debug(f"agent's {self.path} unavailable: {e}")
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(RETRY)
                 continue
-            if self.kept:
-                writer.write(b"".join(self.kept.values()))
-                self.stats["facts_replayed"] += len(self.kept)
+            lines = self.replay()
+            if lines:
+                writer.write(b"".join(lines))
+                self.stats["facts_replayed"] += len(lines)
             self.writer = writer
             _log.info(
                 "sending flow facts to the agent",
-                fields={"socket": self.path, "replayed": len(self.kept)},
+                fields={"socket": self.path, "replayed": len(lines)},
             )
             announced = True
             try:

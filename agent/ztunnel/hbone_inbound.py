@@ -22,12 +22,13 @@ class HboneInbound:
     """Tunnel's part: a stream the HBONE listener accepted, and reporting inbound flows."""
 
     def _report_inbound(self, up, src: dict, dst, port, path, security, d, labels, svc=None):
-        """Tell the agent about the workload socket we connected to (the destination's end)."""
+        """Tell the agent about the workload socket we connected to (the destination's end);
+        returns the fact's key (None: the socket is gone already)."""
         try:
             peer = up.getpeername()
             key = key_of(peer, up.getsockname())
         except OSError:
-            return  # already gone: the kernel's record says how it ended
+            return None  # already gone: the kernel's record says how it ended
         self.facts.send(
             key,
             "destination",
@@ -41,6 +42,7 @@ class HboneInbound:
             service=f"{svc.namespace}/{svc.name}" if svc else "",
             labels=labels,
         )
+        return key
 
     def _is_revoked(self, serial: str | None) -> bool:
         return serial is not None and serial in self.state.revoked
@@ -87,8 +89,8 @@ class HboneInbound:
         key = self._track(_facts(client_id, client_ip, dst, port), close)
         src = self.state.by_ip.get(client_ip)
         labels = istio_labels("destination", src, dst, None, "mutual_tls")
-        count_close = self._count_open([labels])
         peer = party(src, ip=client_ip, identity=client_id or "")
-        self._report_inbound(up, peer, dst, port, "hbone", "mutual_tls", d, labels)
+        ikey = self._report_inbound(up, peer, dst, port, "hbone", "mutual_tls", d, labels)
+        count_close = self._count_open([labels], (ikey,))
         side.on_close = lambda: (self.enforced.pop(key, None), count_close())
         return side

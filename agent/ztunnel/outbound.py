@@ -81,6 +81,7 @@ class Outbound:
                 "source",
                 party(src, ip=src_ip, port=peer[1]),
                 party(None, ip=cap.orig_ip, port=cap.orig_port, identity=""),
+                live=False,
                 path="denied",
                 security="none",
                 verdict="deny",
@@ -96,12 +97,15 @@ class Outbound:
         asked = (cap.svc_ip, cap.svc_port) if cap.svc_port else (cap.orig_ip, cap.orig_port)
         orig = party(None, ip=asked[0], port=asked[1], identity="")
 
+        fkey = key_of(peer, local)
+
         def fact(dst_party, path, verdict, reason, security="plaintext", labels=None, policy=""):
             self.facts.send(
-                key_of(peer, local),
+                fkey,
                 "source",
                 me,
                 dst_party,
+                live=path not in ("denied", "failed"),
                 path=path,
                 security=security,
                 verdict=verdict,
@@ -111,6 +115,7 @@ class Outbound:
                 labels=labels,
             )
 
+        fact.key = fkey  # what _open's flows end when they close
         if not eps:
             if svc is not None:
                 fact(orig, "denied", "deny", f"service has no endpoint for port {cap.orig_port}")
@@ -144,7 +149,7 @@ class Outbound:
                 return _reset(sock)
             labels = istio_labels("source", src, None, None, "none")
             fact(orig, "passthrough", "allow", "destination outside the mesh", labels=labels)
-            count_close = self._count_open([labels])
+            count_close = self._count_open([labels], (fkey,))
             return await self._splice(sock, up, lambda *_: count_close())
         skey = f"{svc.namespace}/{svc.name}" if svc else eps[0]
         policy = (svc.lb_policy or "round_robin") if svc else "round_robin"
@@ -211,14 +216,16 @@ class Outbound:
         )
         _reset(sock)
 
-    def _count_open(self, keys: list[tuple]):
-        """Count a flow opened under each Istio label set; returns what counts its close."""
+    def _count_open(self, keys: list[tuple], facts=()):
+        """Count a flow opened under each Istio label set; returns what counts its close (and
+        ends the facts of its sockets, keyed as sent)."""
         for k in keys:
             self.metrics.opened[k] += 1
 
         def closed():
             for k in keys:
                 self.metrics.closed[k] += 1
+            self.facts.closed(*facts)
 
         return closed
 
@@ -255,7 +262,6 @@ class Outbound:
             labels = [
                 istio_labels(r, src, dst, svc, "node_local") for r in ("source", "destination")
             ]
-            count_close = self._count_open(labels)
             d = decision
             fact(
                 party(dst, ip=addr, port=port),
@@ -270,7 +276,10 @@ class Outbound:
                 me = party(src, ip=src_ip, port=sock.getpeername()[1])
             except OSError:  # the client is gone already; its record says how it ended
                 me = party(src, ip=src_ip)
-            self._report_inbound(up, me, dst, port, "splice", "node_local", d, labels[1], svc)
+            ikey = self._report_inbound(
+                up, me, dst, port, "splice", "node_local", d, labels[1], svc
+            )
+            count_close = self._count_open(labels, (fact.key, ikey))
 
             def done(*_):
                 self.lb.closed(ep)
@@ -324,7 +333,7 @@ class Outbound:
             "mutual_tls",
             labels,
         )
-        count_close = self._count_open([labels])
+        count_close = self._count_open([labels], (fact.key,))
         side.on_close = lambda: (self.lb.closed(ep), count_close())
         side.attach(stream)
         self.stats["hbone"] += 1

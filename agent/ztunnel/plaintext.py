@@ -99,10 +99,10 @@ class PlaintextInbound:
         self.stats["plain_inbound"] += 1
         src = self.state.by_ip.get(src_ip)
         labels = istio_labels("destination", src, dst, None, "none")
-        count_close = self._count_open([labels])
-        self._report_inbound(
+        ikey = self._report_inbound(
             up, party(src, ip=src_ip, identity=""), dst, port, "passthrough", "plaintext", d, labels
         )
+        count_close = self._count_open([labels], (ikey,))
         flow = _Closer()
 
         def done(*_):

@@ -195,6 +195,9 @@ class Views:
             doc["hbone_accepted"] = self.listener.accepted
             doc["hbone_handshaking"] = self.listener.handshaking
         doc["splice_pairs"] = pairs
+        # facts kept for a new agent line: of open flows, and of flows closed moments ago
+        doc["facts_kept"] = len(self.facts.kept)
+        doc["facts_recent"] = len(self.facts.recent)
         doc["relayed_sides"] = hbone.TcpSide.open + sum(
             r.get("relayed_sides", 0) for r in self.workers.reports()
         )

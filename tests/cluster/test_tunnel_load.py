@@ -60,8 +60,8 @@ def test_5000_cross_node_connections_of_one_request_each_succeed_and_are_release
     llab, procs, tmp_path
 ):
     """Every connection opens an HBONE stream on n1 and a delivery on n2; after the last one,
-    nothing of any of them is left on either node: no relayed side, no enforced flow, no open
-    stream, no live kernel flow."""
+    nothing of any of them is left on either node: no relayed side, no enforced flow, no fact
+    kept for replay, no open stream, no live kernel flow."""
     L, _ = llab
     n = 5_000
     dst = L.pod("n2-p2")
@@ -79,6 +79,7 @@ def test_5000_cross_node_connections_of_one_request_each_succeed_and_are_release
         wait_for(
             lambda node=node: (st := tunnel_stats(L, node))["relayed_sides"] == 0
             and st["enforced_flows"] == 0
+            and st["facts_kept"] == 0  # kept for a new agent line only while their flow is open
             and not _connections(L, node)["open_streams"],
             15,
             what=f"every flow released on {node}",

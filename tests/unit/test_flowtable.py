@@ -120,6 +120,21 @@ def test_a_closed_record_waits_for_late_facts_then_goes_without_them():
     assert t.recent()[-1]["path"] == "pending"
 
 
+def test_a_flow_the_tunnel_delivered_waits_for_its_late_facts_too():
+    """Before: only captured records waited; one the tunnel delivered to a workload here closed
+    without its facts when they came late (after an agent restart: the tunnel's replay)."""
+    t = table()
+    wl, tun = ("10.0.0.2", 8080), ("10.0.0.254", 50001)
+    t.on_closed(rec(5, "inbound", wl, tun, sent=5, recv=7, end=time.time(), captured=False))
+    other = ("10.0.0.9", 50002)  # not from the tunnel: plaintext, final at once
+    t.on_closed(rec(6, "inbound", wl, other, end=time.time(), captured=False))
+    t.tick()
+    assert [v["path"] for v in t.recent()] == ["passthrough"]
+    t.add_fact(fact(key_of(wl, tun), "destination"))
+    t.tick()
+    assert [v["path"] for v in t.recent()] == ["passthrough", "hbone"]
+
+
 def test_a_connect_the_kernel_refused_is_a_denied_flow_with_its_reason_not_a_policy_denial():
     from agent.bpf import abi
 
