@@ -17,9 +17,7 @@ accounting and the guard go on in the kernel while it is down.
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
-import itertools
 import json
 import os
 import signal
@@ -36,6 +34,7 @@ from ..control.model import plaintext_ports
 from ..control.store import ENROLLED_FILE, atomic_write, private_dir
 from ..errors import DabbaError
 from . import addresses, pods
+from .closedlog import ClosedLog
 from .config import AgentConfig
 from .flowtable import FlowTable
 from .samenode import SameNode
@@ -64,9 +63,7 @@ class Agent:
         self.cfg = cfg
         self.dp = Datapath(cfg.pin_name, cfg.cgroup, cfg.bpffs, cfg.maps)
         self.ctl = DatapathControl(self.dp)
-        self.closed: collections.deque[FlowRecord] = collections.deque(
-            maxlen=max(cfg.keep_closed, 1)
-        )
+        self.closed = ClosedLog(cfg.state_dir, cfg.keep_closed)  # closed.jsonl
         self.stop = threading.Event()
         self.started = time.time()
         self.load_reports = []
@@ -96,8 +93,6 @@ class Agent:
             lambda ip: self._svc_by_vip.get(ip),
         )
         self._flow_map: Map | None = None
-        self._closed_new = 0  # records drained since closed.jsonl was last written
-        self._closed_lines = -1  # lines in closed.jsonl; -1: rewrite it
         self.api = None
         self._drain_beat = time.monotonic()  # the flow thread's last turn (for the watchdog)
         self._drain_thread: threading.Thread | None = None
@@ -649,29 +644,7 @@ class Agent:
         with open(tmp, "w") as f:
             json.dump(st, f, indent=1)
         os.replace(tmp, os.path.join(self.cfg.state_dir, "status.json"))
-        self._write_closed()
-
-    def _write_closed(self) -> None:
-        """closed.jsonl holds at least the last keep_closed closed flows: new ones are appended,
-        and the file is rewritten from memory only when it reaches twice that (rewriting all of it
-        every second cost a tenth of a core under connection churn)."""
-        path = os.path.join(self.cfg.state_dir, "closed.jsonl")
-        # the new ones are the last of self.closed: no second list of them (under churn a
-        # second's worth of records, tens of thousands, held for this write alone)
-        new, self._closed_new = self._closed_new, 0
-        keep = self.closed.maxlen
-        if self._closed_lines >= 0 and new <= keep and self._closed_lines + new <= 2 * keep:
-            if new:
-                recent = itertools.islice(self.closed, len(self.closed) - new, None)
-                with open(path, "a") as f:
-                    f.writelines(r.json_line() for r in recent)
-                self._closed_lines += new
-            return
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(r.json_line() for r in self.closed)
-        os.replace(tmp, path)
-        self._closed_lines = len(self.closed)
+        self.closed.write()
 
     def run(self) -> None:
         """Start, then drain flow records (and follow the control plane) until stopped."""
@@ -770,8 +743,7 @@ class Agent:
                 recs = list(src.closed(timeout_ms=200))
                 n = len(recs)
                 if n:
-                    self.closed.extend(recs)
-                    self._closed_new += n
+                    self.closed.add(recs)
                     self.table.on_closed(*recs)
                 self.table.tick()
                 if 0 < n < DRAIN_BATCH_MAX:  # let the next ones gather: a wakeup per batch

@@ -82,6 +82,7 @@ class FactsSender:
                 self.kept.popitem(last=False)
                 self.stats["facts_unkept"] += 1
         else:
+            self.kept.pop(key, None)  # this socket's flow ends here, whatever was said before
             self._recent(key, line)
         w = self.writer
         if w is None or w.is_closing():

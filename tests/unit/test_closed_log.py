@@ -2,13 +2,11 @@
 keep_closed records, in order, whether they came a few at a time (appended) or in a burst larger
 than keep_closed (the file rewritten from memory)."""
 
-import collections
 import json
 import time
-from types import SimpleNamespace
 
 from agent.bpf.flows import FlowRecord
-from agent.node.agent import Agent
+from agent.node.closedlog import ClosedLog
 
 
 def _rec(i: int) -> FlowRecord:
@@ -20,24 +18,18 @@ def _rec(i: int) -> FlowRecord:
 
 def test_closed_log_ends_with_the_last_records_through_appends_and_bursts(tmp_path):
     keep = 50
-    a = SimpleNamespace(
-        cfg=SimpleNamespace(state_dir=str(tmp_path)),
-        closed=collections.deque(maxlen=keep),
-        _closed_new=0,
-        _closed_lines=-1,
-    )
+    log = ClosedLog(str(tmp_path), keep)
     n = 0
     for batch in (3, 10, 0, 40, 49, 51, 200, 1, 7, 60, 2):  # bursts above keep, and small ones
         recs = [_rec(n + i) for i in range(batch)]
         n += batch
-        a.closed.extend(recs)
-        a._closed_new += batch
-        Agent._write_closed(a)
+        log.add(recs)
+        log.write()
         lines = (tmp_path / "closed.jsonl").read_text().splitlines()
         got = [json.loads(line)["cookie"] for line in lines]
         want = list(range(max(0, n - keep), n))
         assert got[-len(want) :] == want, (batch, got[-5:])
         assert len(got) <= 2 * keep and got == sorted(set(got))  # bounded, no line twice
-        assert json.loads(lines[-1]) == json.loads(json.dumps(a.closed[-1].as_dict())) | {
+        assert json.loads(lines[-1]) == json.loads(json.dumps(log.records[-1].as_dict())) | {
             "duration": json.loads(lines[-1])["duration"]
         }

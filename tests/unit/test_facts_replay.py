@@ -38,3 +38,10 @@ def test_an_open_flows_fact_outlives_any_churn_and_closed_ones_go_after_the_grac
     assert _replayed(f) == []
     f.closed(None, "never-sent")  # a socket gone before its fact: nothing to end
     assert not f.kept and f.stats["facts_unkept"] == 0
+
+
+def test_a_flow_that_ends_in_a_refusal_leaves_no_open_fact():
+    f = FactsSender("/nonexistent", collections.Counter())
+    _send(f, "k")  # a connection under way
+    _send(f, "k", live=False)  # then refused: its last word
+    assert "k" not in f.kept and json.loads(f.replay()[0])["key"] == "k"
