@@ -147,12 +147,11 @@ class Views:
         def describe(c):
             out = []
             for sid, st in list(c.streams.items())[:50]:
-                hs = c.h2.streams.get(sid)
                 out.append(
                     {
                         "id": sid,
                         "authority": st.authority,
-                        "h2_state": str(hs.state_machine.state) if hs else "gone",
+                        "h2_state": c.h2.state(sid),
                         "tcp_eof": st.tcp.eof if st.tcp else None,
                         "tcp_lost": st.tcp.lost if st.tcp else None,
                         "end_pending": st.end_pending,

@@ -10,15 +10,9 @@ import ssl
 import time
 from collections.abc import Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from ... import log
 from ..tls import client_context, peer_serial, sni_for
+from . import wire
 from .codec import POOL_MAX_AGE, H2Connection, HboneError, Stream, TcpSide, _mtime_ns, forwarded
 
 _log = log.get("hbone")
@@ -54,20 +48,20 @@ class ClientConnection(H2Connection):
             asyncio.get_running_loop().call_later(1.0, self._close_if_done)
 
     def handle(self, ev):
-        if isinstance(ev, h2.events.ConnectionTerminated):  # GOAWAY: no new flow on it
+        if isinstance(ev, wire.ConnectionTerminated):  # GOAWAY: no new flow on it
             self.retire()
             return
-        if isinstance(ev, h2.events.ResponseReceived):
+        if isinstance(ev, wire.ResponseReceived):
             fut = self.waiting.pop(ev.stream_id, None)
             headers = dict(ev.headers)
             if fut and not fut.done():
                 fut.set_result(headers)
             return
-        if isinstance(ev, h2.events.StreamReset):
+        if isinstance(ev, wire.StreamReset):
             fut = self.waiting.pop(ev.stream_id, None)
             if fut and not fut.done():
                 err = HboneError(f"peer reset the CONNECT (error {ev.error_code})")
-                err.refused_stream = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                err.refused_stream = ev.error_code == wire.ErrorCodes.REFUSED_STREAM
                 fut.set_exception(err)
         super().handle(ev)
 
@@ -82,7 +76,18 @@ class ClientConnection(H2Connection):
         self, authority: str, timeout: float = 10.0, source: str | None = None
     ) -> Stream:
         """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
-        sid = self.h2.get_next_available_stream_id()
+        if len(self.streams) >= self.h2.peer_max_streams:
+            err = HboneError(f"the peer's limit of {self.h2.peer_max_streams} streams is reached")
+            err.refused_stream = True  # another connection may take it
+            self.retire()
+            raise err
+        try:
+            sid = self.h2.get_next_available_stream_id()
+        except wire.StreamClosedError as e:  # its stream ids are used up: a new connection
+            self.retire()
+            err = HboneError(str(e))
+            err.refused_stream = True
+            raise err from None
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.waiting[sid] = fut

@@ -4,7 +4,6 @@ connection that relays streams with flow control carrying TCP backpressure both 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import ipaddress
 import os
@@ -13,36 +12,13 @@ import struct
 import time
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
-
 from ... import log
 from ...node.addresses import split_hostport
 from ..tls import peer_identity
+from . import wire
 
 _log = log.get("hbone")
 
-
-def _cheap_raw_data_repr(data) -> str:
-    """hyperframe's _raw_data_repr, but hexlifying only the 10 bytes it shows.
-
-    h2 logs repr(frame) of every frame it receives, computed even when nothing
-    is logged, and hyperframe hexlified a DATA frame's whole body (up to 16 KiB)
-    to show its first 20 hex digits: py-spy put 47% of the receiving tunnel's
-    CPU there during a bulk transfer. Same text, a fraction of the work.
-    """
-    if not data:
-        return "None"
-    r = binascii.hexlify(bytes(data[:10])).decode("ascii")
-    return "<hex:" + r + ("..." if len(data) > 10 else "") + ">"
-
-
-hyperframe.frame._raw_data_repr = _cheap_raw_data_repr
 
 MAX_STREAMS = 100_000  # per connection; descriptors are the real bound
 WINDOW = 16 * 1024 * 1024  # per stream and per connection: room for throughput on fast links
@@ -229,22 +205,14 @@ class H2Connection(asyncio.Protocol):
     client_side = True
 
     def __init__(self):
-        # RFC 9113 §8.5: a CONNECT request carries :method and :authority only. h2 4.2's
-        # header validation demands :scheme and :path of every request, so it is off, and
-        # the server checks what it uses (:method, :authority) itself (_authority_ok).
-        cfg = h2.config.H2Configuration(
+        # RFC 9113 §8.5: a CONNECT request carries :method and :authority only; the server
+        # checks what it uses (:method, :authority) itself (_authority_ok). Our own limit on
+        # the peer's concurrent streams applies from its first frame.
+        self.h2 = wire.Connection(
             client_side=self.client_side,
-            header_encoding="utf-8",
-            validate_outbound_headers=False,
-            validate_inbound_headers=False,
-        )
-        self.h2 = h2.connection.H2Connection(config=cfg)
-        # Our own limit on the peer's concurrent streams applies from the first frame: h2's
-        # default (100) would otherwise hold until the peer acknowledges our SETTINGS, and a
-        # burst of new flows on a fresh connection would be a protocol error.
-        self.h2.local_settings = h2.settings.Settings(
-            client=self.client_side,
-            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS},
+            window=WINDOW,
+            max_frame=MAX_FRAME,
+            max_streams=MAX_STREAMS,
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
@@ -262,10 +230,10 @@ class H2Connection(asyncio.Protocol):
         if self.on_refused:
             self.on_refused(kind)
         with contextlib.suppress(Exception):
-            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.h2.close_connection(error_code=wire.ErrorCodes.ENHANCE_YOUR_CALM)
             out = self.h2.data_to_send()
             if out and self.transport:
-                self.transport.write(out)
+                self.transport.writelines(out)
         if self.transport:
             self.transport.abort()
 
@@ -300,23 +268,13 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer_id = peer_identity(transport.get_extra_info("ssl_object"))
-        self.h2.initiate_connection()
-        # Our limits apply once the peer acknowledges them, which it does before it can
-        # send a frame that uses them.
-        self.h2.update_settings(
-            {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            }
-        )
-        self.h2.increment_flow_control_window(WINDOW - 65535)
+        self.h2.initiate_connection()  # our SETTINGS and the connection's window
         self._write()
 
     def data_received(self, data: bytes):
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+        except wire.ProtocolError as e:
             _log.warning(
                 f"HTTP/2 protocol error from peer, closing: {e}", fields={"peer": self.peer_id}
             )
@@ -327,9 +285,9 @@ class H2Connection(asyncio.Protocol):
         answers = 0
         try:
             for ev in events:
-                if isinstance(ev, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+                if isinstance(ev, wire.PingReceived | wire.RemoteSettingsChanged):
                     answers += 1  # h2 queues the ACK itself
-                elif isinstance(ev, h2.events.StreamReset) and self._reset_storm():
+                elif isinstance(ev, wire.StreamReset) and ev.remote_reset and self._reset_storm():
                     return
                 self.handle(ev)
         except Exception as e:  # whatever a peer sends, it takes down this connection only
@@ -367,11 +325,14 @@ class H2Connection(asyncio.Protocol):
     def _write(self):
         out = self.h2.data_to_send()
         if out and self.transport and not self.transport.is_closing():
-            self.transport.write(out)
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:  # a large DATA frame: its first record's worth and a view of the rest
+                self.transport.writelines(out)
 
     # -- events --
     def handle(self, ev):
-        if isinstance(ev, h2.events.DataReceived):
+        if isinstance(ev, wire.DataReceived):
             s = self.streams.get(ev.stream_id)
             if s is None:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -387,7 +348,7 @@ class H2Connection(asyncio.Protocol):
             s.tcp.transport.write(ev.data)
             s.unacked += ev.flow_controlled_length
             self.ack_pending(s)
-        elif isinstance(ev, h2.events.StreamEnded):
+        elif isinstance(ev, wire.StreamEnded):
             s = self.streams.get(ev.stream_id)
             if s is not None and s.tcp is None:
                 s.early_end = True
@@ -395,13 +356,13 @@ class H2Connection(asyncio.Protocol):
             if s and s.tcp and s.tcp.transport and s.tcp.transport.can_write_eof():
                 s.tcp.transport.write_eof()
             self._maybe_done(s)
-        elif isinstance(ev, h2.events.StreamReset):
+        elif isinstance(ev, wire.StreamReset):
             s = self.streams.pop(ev.stream_id, None)
             if s:
                 s.closed = True
                 if s.tcp and s.tcp.transport:
                     rst(s.tcp.transport)
-        elif isinstance(ev, h2.events.WindowUpdated):
+        elif isinstance(ev, wire.WindowUpdated):
             targets = (
                 self.streams.values() if ev.stream_id == 0 else [self.streams.get(ev.stream_id)]
             )
@@ -414,7 +375,7 @@ class H2Connection(asyncio.Protocol):
         if s.unacked and not s.tcp_paused and not s.closed:
             try:
                 self.h2.acknowledge_received_data(s.unacked, s.stream_id)
-            except h2.exceptions.StreamClosedError:
+            except wire.StreamClosedError:
                 pass
             s.unacked = 0
             self._write()
@@ -424,16 +385,23 @@ class H2Connection(asyncio.Protocol):
         if s.closed:
             return
         try:
-            while data:
+            off, n, view = 0, len(data), None
+            while off < n:
                 window = min(
                     self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
                 )
                 if window <= 0:
-                    s.outbuf += data
+                    s.outbuf += data[off:] if view is None else view[off:]
                     break
-                chunk, data = (data, b"") if len(data) <= window else (data[:window], data[window:])
+                take = min(window, n - off)
+                if take == n:
+                    chunk = data
+                else:  # frames of a view: no copy of what remains
+                    view = view or memoryview(data)
+                    chunk = view[off : off + take]
                 self.h2.send_data(s.stream_id, chunk)
-                s.bytes_out += len(chunk)
+                s.bytes_out += take
+                off += take
             while s.outbuf:
                 window = min(
                     self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
@@ -452,7 +420,7 @@ class H2Connection(asyncio.Protocol):
                 self.h2.end_stream(s.stream_id)
                 s.end_pending = False
                 self._maybe_done(s)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except wire.StreamClosedError:
             # the peer closed or reset the stream under us: release its TCP side too
             s.closed = True
             self.streams.pop(s.stream_id, None)
@@ -464,8 +432,8 @@ class H2Connection(asyncio.Protocol):
         if not s.closed:
             s.closed = True
             try:
-                self.h2.reset_stream(s.stream_id, error_code=h2.errors.ErrorCodes.CONNECT_ERROR)
-            except h2.exceptions.StreamClosedError:
+                self.h2.reset_stream(s.stream_id, error_code=wire.ErrorCodes.CONNECT_ERROR)
+            except wire.StreamClosedError:
                 pass
             self.streams.pop(s.stream_id, None)
             self._write()
@@ -473,8 +441,7 @@ class H2Connection(asyncio.Protocol):
     def _maybe_done(self, s: Stream | None) -> None:
         if s is None:
             return
-        st = self.h2.streams.get(s.stream_id)
-        if st is None or st.closed:
+        if s.stream_id not in self.h2.streams:
             self.streams.pop(s.stream_id, None)
             s.closed = True
             if s.tcp and s.tcp.transport and s.tcp.eof:

@@ -9,16 +9,10 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from ... import log
 from ...control import validate
 from ..tls import peer_identity, peer_serial
+from . import wire
 from .codec import (
     MAX_PENDING_OPENS,
     H2Connection,
@@ -106,7 +100,7 @@ class ServerConnection(H2Connection):
         asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle)
 
     def handle(self, ev):
-        if isinstance(ev, h2.events.RequestReceived):
+        if isinstance(ev, wire.RequestReceived):
             headers = dict(ev.headers)
             if headers.get(":method") != "CONNECT" or not _authority_ok(
                 headers.get(":authority", "")
@@ -125,8 +119,9 @@ class ServerConnection(H2Connection):
                 # refused before any upstream connect starts; the peer may retry
                 if self.on_refused:
                     self.on_refused("pending_opens")
-                with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset already
-                    self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                self.streams.pop(ev.stream_id, None)
+                with contextlib.suppress(wire.StreamClosedError):  # reset already
+                    self.h2.reset_stream(ev.stream_id, wire.ErrorCodes.REFUSED_STREAM)
                 return
             s = Stream(self, ev.stream_id, headers[":authority"])
             s.source = _forwarded_for(headers.get("forwarded", ""))
