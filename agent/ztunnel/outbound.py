@@ -16,7 +16,7 @@ from ..node.addresses import (
     hostport,
     refused_destination,
 )
-from . import hbone
+from . import dial, hbone
 from .facts import key_of, party
 from .metrics import istio_labels
 from .state import HBONE_PORT, IP_BIND_ADDRESS_NO_PORT, TUNNEL_MARK, _facts
@@ -361,9 +361,7 @@ class Outbound:
             if local and source:
                 up.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port at connect()
                 up.bind((source, 0))
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(up, (ip, port)), self.cfg.connect_timeout
-            )
+            await dial.connect(up, (ip, port), self.cfg.connect_timeout)
         except BaseException:
             up.close()
             raise
