@@ -313,3 +313,33 @@ def test_a_records_json_line_is_json_dumps_of_it():
             got["duration"] = want["duration"]
         assert got == want, r
         assert list(json.loads(line)) == [*r._fields, "duration"]
+
+
+def test_closed_flows_with_facts_of_one_kind_share_a_shape_and_keep_their_own_ports():
+    """Before: each kept closed flow held a shape of its own made from its fact's dicts
+    (3.8 KB a flow: 10,000 kept cross-node flows grew the agent by 38 MiB)."""
+    t = FlowTable(1000, BY_CG.get, BY_IP.get, lambda: {"10.0.0.254"})
+    labels = istio_labels("destination", WEB, API, None, "mutual_tls")
+    tun = ("10.0.0.254", 15008)
+    for i in range(500):
+        wl = ("10.0.0.2", 8080)
+        f = fact(key_of(wl, (tun[0], 20000 + i)), "destination", labels=list(labels))
+        f["src"]["port"] = 30000 + i  # the client's own port, as its tunnel said
+        t.add_fact(f)
+        t.on_closed(rec(i, "inbound", wl, (tun[0], 20000 + i), sent=5, recv=7, end=time.time()))
+    t.tick()
+    assert len({id(sh) for _, sh, _ in t.closed}) == 1  # one shape for the 500
+    assert len(t.facts) == 0  # and no fact held
+    views = t.recent()
+    assert [v["src"]["port"] for v in views] == [30000 + i for i in range(500)]
+    assert {(v["src"]["ip"], v["src"]["workload"], v["dst"]["port"]) for v in views} == {
+        ("10.0.0.1", "front/web", 8080)
+    }
+    assert t.received[labels] == 500 * 7 and t.sent[labels] == 500 * 5
+    # a flow of another kind (denied) gets its own
+    wl = ("10.0.0.2", 8080)
+    t.add_fact(fact(key_of(wl, tun), "destination", verdict="deny", reason="denied by p"))
+    t.on_closed(rec(999, "inbound", wl, tun, end=time.time()))
+    t.tick()
+    assert len({id(sh) for _, sh, _ in t.closed}) == 2
+    assert t.recent()[-1]["reason"] == "denied by p"
