@@ -455,3 +455,22 @@ def test_the_short_path_leaves_huffman_and_the_dynamic_table_to_hpack():
     assert wire._decode_plain(b"\x88") == [(b":status", b"200")]
     assert wire._decode_plain(b"\xbe") is None  # index 62: the dynamic table
     assert wire._decode_plain(b"\x00\x05ab") is None  # truncated
+
+
+def test_small_data_pieces_do_not_pin_the_chunks_they_came_in():
+    """A hostile peer interleaves 1-byte DATA frames for a stream whose reader is stalled with
+    large frames for another: had every piece been a view, each byte held (until the stalled
+    reader drains) would pin its whole received chunk, 256 KiB per byte of window. Pieces are
+    views only when they are at least half their chunk."""
+    c = _ours(client_side=False)
+    c.receive_data(HELLO + OPEN1 + OPEN1.replace(b"\x00\x00\x00\x01", b"\x00\x00\x00\x03", 1))
+    big = os.urandom(200_000)
+    ev = []
+    for _ in range(3):  # chunks as TLS hands them over, each a small frame and a large one
+        ev += c.receive_data(_frame(wire.DATA, 0, 1, b"x") + _frame(wire.DATA, 0, 3, big))
+    pieces = [e.data for e in ev if isinstance(e, wire.DataReceived)]
+    assert [bytes(p) for p in pieces] == [b"x", big] * 3
+    for p in pieces:
+        if isinstance(p, memoryview):
+            assert len(p) * 2 >= len(p.obj), (len(p), len(p.obj))
+    assert any(isinstance(p, memoryview) for p in pieces)  # the large ones are not copied

@@ -483,7 +483,17 @@ class Connection:
                 take = min(self._data_left, n - pos)
                 self._data_left -= take
                 if self._data_st is not None:
-                    piece = data if take == n else view[pos : pos + take]
+                    if take == n:
+                        piece = data
+                    elif take >= n >> 1:
+                        piece = view[pos : pos + take]
+                    else:
+                        # a view holds the whole received chunk for as long as the relay
+                        # holds the piece (a slow reader's transport, a flow not attached
+                        # yet): a peer interleaving 1-byte frames for a stalled stream with
+                        # large ones for another would pin 256 KiB per byte of window. Only
+                        # a piece of at least half its chunk is passed as a view
+                        piece = data[pos : pos + take]
                     self._events.append(DataReceived(self._data_sid, piece, take))
                 else:
                     self.conn_consumed += take  # a closed stream's: the window comes back
