@@ -222,6 +222,10 @@ def test_a_large_data_frame_is_sent_as_one_full_record_and_a_view_of_the_rest():
     c.send_data(1, b"small")
     (one,) = c.data_to_send()
     assert one == struct.pack(">HBBBL", 0, 5, 0, 0, 1) + b"small"
+    # a full 16 KiB frame (Envoy's size) goes whole: no 9-byte TLS record after each
+    c.send_data(1, payload[:16384])
+    (one,) = c.data_to_send()
+    assert one == struct.pack(">HBBBL", 16384 >> 8, 0, 0, 0, 1) + payload[:16384]
 
 
 def test_windows_come_back_in_quarter_window_batches():

@@ -94,7 +94,13 @@ class ClientConnection(H2Connection):
         headers = [(":method", "CONNECT"), (":authority", authority)]
         if source:
             headers.append(("forwarded", forwarded(source)))
-        self.h2.send_headers(sid, headers)
+        try:
+            self.h2.send_headers(sid, headers)
+        except wire.StreamClosedError as e:  # the peer's GOAWAY came first: another connection
+            self.retire()
+            err = HboneError(f"no new stream on this connection: {e}")
+            err.refused_stream = True
+            raise err from None
         s = Stream(self, sid, authority)
         self.streams[sid] = s
         self._write()

@@ -8,9 +8,10 @@ What it does, and what it leaves out:
 * Every frame type is parsed and checked; connection errors raise :class:`ProtocolError`
   after queueing a GOAWAY with the RFC's error code, stream errors reset the stream (and
   report it as :class:`StreamReset`, so the relay releases its TCP side).
-* DATA payloads are delivered as they arrive, as views of the received bytes: no frame is
-  reassembled or copied. Sent DATA is a 9-byte header joined to the first 16 KiB of the
-  payload (one full TLS record) and a view of the rest.
+* DATA payloads are delivered as they arrive, as views of the received bytes (a piece
+  smaller than half its chunk is copied: a view would pin the chunk): no frame is
+  reassembled. A sent DATA frame over 64 KiB is a 9-byte header joined to the first 16 KiB
+  of the payload (one full TLS record) and a view of the rest; a smaller one, one piece.
 * Header blocks are decoded with ``hpack`` (any peer's Huffman codes and dynamic table), a
   block that uses neither on a short path; our own are encoded as literals that never
   touch the dynamic table (RFC 7541 §6.2.2), which every decoder takes.
@@ -380,7 +381,7 @@ class Connection:
         self.conn_send_win -= n
         flags = END_STREAM if end_stream else 0
         head = _HDR.pack(n >> 8, n & 0xFF, DATA, flags, sid)
-        if n <= RECORD - 9:
+        if n <= 4 * RECORD:  # a copy of at most 64 KiB: cheaper than another TLS record
             self._out.append(head + data)
         else:  # the header with the first record's worth, then the rest without a copy
             cut = RECORD - 9
