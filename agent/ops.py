@@ -375,6 +375,13 @@ def services(c: AgentClient, output: str) -> None:
             "ports": [f"{p['port']}->{p['target_port']}" for p in s["ports"]],
             "resolved_by": s.get("resolved_by", "tunnel")
             + (f" ({s['why_tunnel']})" if s.get("why_tunnel") else ""),
+            "endpoints": s["endpoints"]
+            or (
+                f"none: opts into waypoint {s['waypoint']}, which this mesh does not run "
+                "(connections refused)"
+                if s.get("waypoint")
+                else []
+            ),
         }
         for s in doc["services"]
     ]

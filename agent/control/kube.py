@@ -9,6 +9,9 @@ What it reads, and what it becomes in the registry:
   service's EndpointSlices), the selector; ``dabbawala.io/lb-policy``
   annotation picks round_robin | least_connections | random;
 - EndpointSlices -> named targetPort resolution;
+- Namespaces -> their labels: ``istio.io/use-waypoint`` on a namespace (or on a
+  Service, its own label) opts its services into a waypoint, which this mesh
+  does not run yet: their connections are refused, with the reason (model);
 - security.istio.io AuthorizationPolicy and PeerAuthentication -> parsed by
   the same code as the file registry (errors name kind/namespace/name).
 
@@ -143,7 +146,14 @@ def service_of(svc, slices, warn: Callable[[str], None]) -> m.Service | None:
         )
         lb = "round_robin"
     return m.Service(
-        name, ns, vip, tuple(ports), dict(_get(svc, "spec", "selector", default={}) or {}), lb
+        name,
+        ns,
+        vip,
+        tuple(ports),
+        dict(_get(svc, "spec", "selector", default={}) or {}),
+        lb,
+        dict(_get(svc, "metadata", "labels", default={}) or {}),
+        f"k8s:Service/{ns}/{name}",
     )
 
 
@@ -159,10 +169,17 @@ def _istio_doc(obj: dict, kind: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def translate(pods, services, slices, authz: list[dict], peerauth: list[dict]) -> m.State:
+def translate(
+    pods, services, slices, authz: list[dict], peerauth: list[dict], namespaces=()
+) -> m.State:
     """Kubernetes objects -> one registry State. An object we cannot honour is refused on its
-    own (a warning naming it and why) and what it selects fails closed (the module docstring)."""
+    own (a warning naming it and why) and what it selects fails closed (the module docstring).
+    namespaces: their labels (istio.io/use-waypoint)."""
     st = m.State()
+    for n in namespaces:
+        name = _get(n, "metadata", "name")
+        if name:
+            st.namespaces[name] = dict(_get(n, "metadata", "labels", default={}) or {})
     for pod in pods:
         w = workload_of(pod)
         if w:
@@ -194,6 +211,7 @@ def translate(pods, services, slices, authz: list[dict], peerauth: list[dict]) -
                     f"{e}; refused on its own, and {FAIL_CLOSED[kind]} (fail closed)"
                 )
                 table[sub.key] = sub
+    st.warn_waypoints()
     return st
 
 
@@ -274,6 +292,7 @@ class KubeSource:
             self.discovery.list_endpoint_slice_for_all_namespaces().items,
             self._istio("authorizationpolicies"),
             self._istio("peerauthentications"),
+            self.core.list_namespace().items,
         ).rooted(self.root)
 
     def start(self) -> None:

@@ -36,6 +36,22 @@ L7_SOURCE = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "not
 L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
 
 
+# Istio's ambient opt-in to a waypoint (on a Service or a Namespace), and the namespace of the
+# waypoint when it is not the service's own
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+WAYPOINT_REFUSAL = (
+    "this mesh runs no waypoints yet, so connections to the service are refused rather than "
+    "carried without its L7 routing and policies (remove the label, or set it to none, to "
+    "carry them at L4)"
+)
+
+
+def waypoint_refusal(service: str, waypoint: str) -> str:
+    """Why a connection to a service that opted into a waypoint was refused."""
+    return f"service {service} opts into waypoint {waypoint} ({USE_WAYPOINT}): {WAYPOINT_REFUSAL}"
+
+
 def in_scope(namespace: str, selector: dict[str, str] | None, w: Workload, root: str) -> bool:
     """Istio's policy scope: the root namespace is mesh-wide, any other its own namespace;
     a selector narrows it to the workloads carrying all its labels."""
@@ -84,6 +100,8 @@ class Service:
     ports: tuple[ServicePort, ...]
     selector: dict[str, str] = field(default_factory=dict, hash=False)
     lb_policy: str = "round_robin"  # round_robin | least_connections | random
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    origin: str = ""  # file:line (or k8s:Service/namespace/name)
 
     @property
     def key(self) -> str:
@@ -186,7 +204,28 @@ class State:
     services: dict[str, Service] = field(default_factory=dict)
     authz: dict[str, AuthorizationPolicy] = field(default_factory=dict)
     peerauth: dict[str, PeerAuthentication] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> labels
     warnings: list[str] = field(default_factory=list)
+
+    def waypoint_of(self, svc: Service) -> str:
+        """The waypoint (namespace/name) the service's traffic is to pass through, as Istio's
+        ambient mode reads ``istio.io/use-waypoint``: the Service's own label, else its
+        namespace's; the value ``none`` opts a Service out of its namespace's waypoint."""
+        name = svc.labels.get(USE_WAYPOINT)
+        if name is None:
+            name = self.namespaces.get(svc.namespace, {}).get(USE_WAYPOINT)
+        if not name or name == "none":
+            return ""
+        ns = svc.labels.get(USE_WAYPOINT_NAMESPACE) or svc.namespace
+        return f"{ns}/{name}"
+
+    def warn_waypoints(self) -> None:
+        """Say, once per state, which services opted into a waypoint: this mesh runs none yet,
+        and refuses their connections rather than carry them without their L7 rules."""
+        for svc in sorted(self.services.values(), key=lambda s: s.key):
+            wp = self.waypoint_of(svc)
+            if wp:
+                self.warnings.append(f"{svc.origin or svc.key}: {waypoint_refusal(svc.key, wp)}")
 
     def rooted(self, root: str) -> State:
         """This state with root as the mesh's root namespace (every policy told)."""

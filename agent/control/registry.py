@@ -47,6 +47,7 @@ KINDS = {
     "Service": (OUR_API,),
     "AuthorizationPolicy": ISTIO_APIS,
     "PeerAuthentication": ISTIO_APIS,
+    "Namespace": ("v1",),  # its labels only (istio.io/use-waypoint)
 }
 LB_POLICIES = ("round_robin", "least_connections", "random")
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE", "UNSET")
@@ -220,8 +221,21 @@ def _ip6_error(text: str) -> str:
     return ""
 
 
+def parse_namespace(doc: _Doc) -> tuple[str, dict[str, str]]:
+    md = doc.value.get("metadata")
+    if not isinstance(md, dict) or not md.get("name"):
+        doc.fail(("metadata",), "metadata.name is required")
+    _only(doc, md, {"name", "labels", "annotations"}, ("metadata",), "Namespace metadata")
+    if doc.value.get("spec") not in (None, {}):
+        doc.fail(("spec",), "a Namespace takes metadata (name, labels) only here")
+    err = validate.namespace_error(md["name"])
+    if err:
+        doc.fail(("metadata", "name"), f"metadata.{err}")
+    return md["name"], _str_map(doc, md.get("labels"), ("metadata", "labels"), "metadata.labels")
+
+
 def parse_service(doc: _Doc) -> m.Service:
-    name, ns, _ = _meta(doc)
+    name, ns, labels = _meta(doc)
     s = _spec(doc)
     _only(doc, s, {"vip", "ports", "selector", "lbPolicy"}, ("spec",), "Service spec")
     try:
@@ -261,6 +275,8 @@ def parse_service(doc: _Doc) -> m.Service:
         tuple(ports),
         _str_map(doc, s.get("selector"), ("spec", "selector"), "spec.selector"),
         lb,
+        labels,
+        doc.at(),
     )
 
 
@@ -448,6 +464,12 @@ def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]
                 ("apiVersion",), f"{kind} needs apiVersion {' or '.join(KINDS[kind])}, not {api!r}"
             )
         _only(doc, value, {"apiVersion", "kind", "metadata", "spec"}, (), kind)
+        if kind == "Namespace":
+            name, labels = parse_namespace(doc)
+            if name in state.namespaces:
+                doc.fail(("metadata", "name"), f"Namespace {name} is defined twice")
+            state.namespaces[name] = labels
+            continue
         try:
             if kind == "Workload":
                 obj, table = parse_workload(doc), state.workloads
@@ -518,6 +540,7 @@ def load_dir(path: str, root: str = m.ROOT_NAMESPACE) -> m.State:
     for f in _files(path):
         with open(f) as fh:
             parse_text(fh.read(), f, state, state.warnings.append)
+    state.warn_waypoints()
     if root != m.LEGACY_ROOT_NAMESPACE:
         for p in [*state.authz.values(), *state.peerauth.values()]:
             if p.namespace == m.LEGACY_ROOT_NAMESPACE:

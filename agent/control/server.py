@@ -190,6 +190,7 @@ class ControlPlane:
                 pw.pod_uid = w.pod_uid
             snap.workloads.append(pw)
         for s in sorted(st.services.values(), key=lambda s: s.key):
+            waypoint = st.waypoint_of(s)
             snap.services.append(
                 pb.Service(
                     name=s.name,
@@ -200,7 +201,10 @@ class ControlPlane:
                         pb.ServicePort(port=p.port, target_port=p.target_port, name=p.name)
                         for p in s.ports
                     ],
-                    endpoints=[w.key for w in st.endpoints(s)],
+                    # its traffic is to pass through a waypoint, which this mesh does not run
+                    # yet: no endpoint, so the kernel and the tunnel refuse it, saying why
+                    endpoints=[] if waypoint else [w.key for w in st.endpoints(s)],
+                    waypoint=waypoint,
                 )
             )
         for name, addr in sorted(self.nodes.items()):

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 PATHS = {
     "/api/v1/pods": ("PodList", "pods"),
     "/api/v1/services": ("ServiceList", "services"),
+    "/api/v1/namespaces": ("NamespaceList", "namespaces"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSliceList", "endpointslices"),
     "/apis/security.istio.io/v1/authorizationpolicies": ("List", "authorizationpolicies"),
     "/apis/security.istio.io/v1/peerauthentications": ("List", "peerauthentications"),

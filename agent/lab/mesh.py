@@ -117,7 +117,11 @@ def registry_docs(lab: Lab) -> list[dict]:
             {
                 "apiVersion": "dabbawala.io/v1",
                 "kind": "Service",
-                "metadata": {"name": s["name"], "namespace": s["namespace"]},
+                "metadata": {
+                    "name": s["name"],
+                    "namespace": s["namespace"],
+                    "labels": s.get("labels") or {},
+                },
                 "spec": {
                     "vip": s["vip"],
                     "selector": s["selector"],

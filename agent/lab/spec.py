@@ -50,6 +50,7 @@ class ServiceSpec:
     selector: dict[str, str]
     namespace: str = "default"
     lb_policy: str = "round_robin"
+    labels: dict[str, str] = field(default_factory=dict)  # reach the registry (use-waypoint)
 
 
 @dataclass
@@ -207,6 +208,9 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
             ):
                 fail("services", i, f"service {s['name']}: bad port {sp!r}")
             ports.append(ServicePort(port, tp, str(sp.get("name", ""))))
+        labels = s.get("labels") or {}
+        if not isinstance(labels, dict):
+            fail("services", i, f"service {s['name']}: labels must be a mapping")
         services.append(
             ServiceSpec(
                 name=str(s["name"]),
@@ -215,6 +219,7 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
                 ports=ports,
                 selector={str(k): str(v) for k, v in (s.get("selector") or {}).items()},
                 lb_policy=str(s.get("lbPolicy", "round_robin")),
+                labels={str(k): str(v) for k, v in labels.items()},
             )
         )
     return ClusterSpec(n_nodes, pods, services)

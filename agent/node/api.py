@@ -195,6 +195,7 @@ class AgentApi:
                     "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
                     "lb_policy": s.lb_policy or "round_robin",
                     "endpoints": list(s.endpoints),
+                    "waypoint": s.waypoint,  # opted into (this mesh runs none: refused)
                     # who picks the endpoint: the kernel at connect(), or the tunnel (and why)
                     "resolved_by": "kernel" if kernel else "tunnel",
                     "why_tunnel": "" if kernel else ks.left_out.get(key, ks.why_tunnel()),

@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..bpf import abi
 from ..bpf.flows import FlowRecord
+from ..control.model import waypoint_refusal
 from ..errors import DabbaError
 from ..ztunnel.facts import key_of
 from ..ztunnel.metrics import ISTIO_LABELS, istio_labels
@@ -35,6 +37,7 @@ SORTS = ("bytes", "duration", "rtt", "start")
 STATES = ("all", "live", "closed")
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 MAX_FACTS = 1 << 18
+_NO_ENDPOINT = abi.REFUSAL_REASONS[abi.Refusal.NO_ENDPOINT]
 FACTS_WAIT = 1.0  # how long a closed record waits for the tunnel's facts before it is final
 
 
@@ -373,8 +376,14 @@ class FlowTable:
             peer_ip = rec.orig_dst[0]
             reason, policy = f"refused in the kernel: {rec.refused}", ""
             d = self.decision(rec.rule) if rec.rule else None
+            svc = self.service_of(peer_ip)
             if d is not None:  # a same-node verdict: which policy, which rule
                 reason, policy = f"refused in the kernel: {d.reason}", d.policy or ""
+            elif rec.refused == _NO_ENDPOINT and getattr(svc, "waypoint", ""):
+                # sent without endpoints because it opted into a waypoint: say so
+                reason = "refused in the kernel: " + waypoint_refusal(
+                    f"{svc.namespace}/{svc.name}", svc.waypoint
+                )
             peer = self._party_of(self.by_ip(peer_ip))
             return self._make(rec, me, peer, "orig_dst", "denied", "none", "deny", reason, policy)
         if rec.direct:  # same node, straight through the kernel's TCP: no tunnel

@@ -11,6 +11,7 @@ import socket
 import struct
 
 from .. import log
+from ..control.model import waypoint_refusal
 from ..control.proto import control_pb2 as pb
 from ..node.addresses import (
     hostport,
@@ -117,6 +118,12 @@ class Outbound:
 
         fact.key = fkey  # what _open's flows end when they close
         if not eps:
+            if svc is not None and svc.waypoint:  # sent without endpoints: say why
+                why = waypoint_refusal(f"{svc.namespace}/{svc.name}", svc.waypoint)
+                fact(orig, "denied", "deny", why)
+                self.stats["no_endpoint"] += 1
+                _log.info("connection refused: " + why, fields={"src": src.spiffe_id})
+                return _reset(sock)
             if svc is not None:
                 fact(orig, "denied", "deny", f"service has no endpoint for port {cap.orig_port}")
                 self.stats["no_endpoint"] += 1

@@ -124,6 +124,7 @@ class Views:
                     "vip": s.vip,
                     "endpoints": list(s.endpoints),
                     "lb_policy": s.lb_policy,
+                    "waypoint": s.waypoint,
                 }
                 for s in self.state.services.values()
             ],

@@ -282,3 +282,43 @@ def test_a_vip_is_no_way_around_a_policy_that_denies_its_endpoint(klab, web, pro
     fs = json.loads(r.stdout)["flows"]
     assert len(fs) == 2 and {f["policy"] for f in fs} == {"default/deny-vip"}
     assert {f["dst"]["workload"] for f in fs} == {"default/n1-p2"}
+
+
+def test_a_service_that_opts_into_a_waypoint_is_refused_saying_why_until_it_opts_out(
+    klab, web, procs
+):
+    """istio.io/use-waypoint on a Service, while this mesh runs no waypoint: before, the label
+    was dropped and the VIP's connections went straight to its endpoints, without the L7
+    routing and policies the operator opted into (the complaint users have of Istio). Now the
+    service reaches the node without endpoints: connect() is refused (ECONNREFUSED), and the
+    flow, `dabba services` and the control plane say which waypoint and why. Opting out
+    (use-waypoint: none) carries it at L4 again."""
+    L, _ = klab
+    _label(L, ["n1-p2"], "wp", "yes")  # an endpoint the tests before leave alive
+
+    def service(label):
+        write_registry(L, "wp", [{
+            "apiVersion": "dabbawala.io/v1", "kind": "Service",
+            "metadata": {"name": "wp", "namespace": "default",
+                         "labels": {"istio.io/use-waypoint": label}},
+            "spec": {"vip": "10.96.0.65", "selector": {"wp": "yes"},
+                     "ports": [{"port": 80, "targetPort": 9000}]},
+        }])  # fmt: skip
+
+    service("edge")
+    _in_force(L, "10.96.0.65", "round_robin", 0)
+    c = Client(L, procs, "10.96.0.65")
+    assert c.do("open 2 close") == [{"errno": 111}] * 2
+    why = "service default/wp opts into waypoint default/edge (istio.io/use-waypoint)"
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "flows", "--node", f"{L.name}/n1",
+                        "--verdict", "deny", "-o", "json"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    fs = [f for f in json.loads(r.stdout)["flows"] if f["dst"]["ip"] == "10.96.0.65"]
+    assert len(fs) == 2 and all(why in f["reason"] for f in fs), fs
+    assert "this mesh runs no waypoints yet" in fs[0]["reason"]
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "services", "--node", f"{L.name}/n1"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    assert "opts into waypoint default/edge" in r.stdout, r.stdout
+    service("none")
+    _in_force(L, "10.96.0.65", "round_robin", 1)
+    assert c.do("open 2 close") == [{"name": "n1-p2", "peer": ["10.96.0.65", 80]}] * 2

@@ -483,6 +483,50 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
         os.unlink(os.path.join(reg, "web.yaml"))
 
 
+def test_a_service_that_opts_into_a_waypoint_is_refused_by_the_tunnel_saying_why(tlab, procs):
+    """The tunnel resolves VIPs in this lab (capture.same_node: tunnel): a Service labelled
+    istio.io/use-waypoint, while this mesh runs no waypoint, reaches it without endpoints, and
+    its connections are reset, the flow saying which waypoint and why (before: the label was
+    dropped and the flow went to an endpoint, without the L7 rules the operator opted into)."""
+    L, _ = tlab
+    reg = mesh.paths(L)["registry"]
+    path = os.path.join(reg, "waypoint.yaml")
+    with open(path, "w") as f:
+        f.write(
+            "apiVersion: v1\nkind: Namespace\n"
+            "metadata: {name: default, labels: {istio.io/use-waypoint: ns-wp}}\n---\n"
+            "apiVersion: dabbawala.io/v1\nkind: Service\n"
+            "metadata: {name: wp, namespace: default}\n"
+            "spec: {vip: 10.96.0.52, selector: {app: n2-p1}, ports: [{port: 80, targetPort: 80}]}\n"
+        )
+
+    def waypoint():
+        dump = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout)
+        return next((s["waypoint"] for s in dump["services"] if s["name"] == "wp"), None)
+
+    try:
+        wait_for(lambda: waypoint() == "default/ns-wp", 15, what="the service to reach the tunnel")
+        curl = L.run("n1-p1", ["curl", "-s", "--max-time", "5", "http://10.96.0.52/"], check=False)
+        assert curl.returncode in (52, 56), curl  # empty reply or reset: nothing was carried
+
+        def denied():
+            r = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "flows", "--node", f"{L.name}/n1",
+                 "--verdict", "deny", "-o", "json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            return [f for f in json.loads(r.stdout)["flows"] if f["dst"]["ip"] == "10.96.0.52"]
+
+        fs = wait_for(denied, 10, what="the refused flow in dabba flows")
+        assert len(fs) == 1, fs
+        assert fs[0]["reason"].startswith(
+            "service default/wp opts into waypoint default/ns-wp (istio.io/use-waypoint): this "
+            "mesh runs no waypoints yet"
+        ), fs
+    finally:
+        os.unlink(path)
+
+
 CLAIM = """
 import asyncio, json, sys
 from agent.ztunnel import hbone

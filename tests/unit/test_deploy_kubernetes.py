@@ -82,6 +82,7 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
     assert granted == {
         ("", "pods", "list"),
         ("", "services", "list"),
+        ("", "namespaces", "list"),  # their istio.io/use-waypoint label
         ("discovery.k8s.io", "endpointslices", "list"),
         ("security.istio.io", "authorizationpolicies", "list"),
         ("security.istio.io", "peerauthentications", "list"),
@@ -95,6 +96,7 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
     assert calls == {
         "list_pod_for_all_namespaces",
         "list_service_for_all_namespaces",
+        "list_namespace",
         "list_endpoint_slice_for_all_namespaces",
         "list_cluster_custom_object",
     }
