@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 
-from .. import log, systemd
+from .. import heap, log, systemd
 from ..bpf import abi, features, names
 from ..bpf.control import DatapathControl, cgroup_id
 from ..bpf.flows import FlowRecord, FlowSource
@@ -737,6 +737,7 @@ class Agent:
     def _drain_flows(self) -> None:
         src = FlowSource(self.dp.pins.maps)
         last_status = 0.0
+        trimmer = heap.Trimmer()
         try:
             while not self.stop.is_set():
                 self._drain_beat = time.monotonic()
@@ -751,6 +752,7 @@ class Agent:
                 if time.monotonic() - last_status > 1.0:
                     self.write_status()
                     last_status = time.monotonic()
+                    trimmer.maybe()  # what bursts of records left free in the C heap
         finally:
             src.close()
             self.write_status()

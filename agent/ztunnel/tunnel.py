@@ -28,7 +28,7 @@ import socket
 import time
 from collections import Counter
 
-from .. import log, systemd
+from .. import heap, log, systemd
 from ..bpf import names
 from ..bpf.capture import CaptureReader
 from ..bpf.sys import Map
@@ -182,6 +182,7 @@ class Tunnel(Snapshot, Outbound, PlaintextInbound, HboneInbound, Views):
             self.cfg.state_dir, "tunnel.ready" + (f".{self.cfg.worker}" if not main else "")
         )
         _write_atomic(ready, str(os.getpid()))
+        trimmer = heap.Trimmer()
         dog = systemd.watchdog_interval() if main else None
         last_dog = 0.0
         if main:
@@ -198,6 +199,7 @@ class Tunnel(Snapshot, Outbound, PlaintextInbound, HboneInbound, Views):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
+                trimmer.maybe()  # what bulk load left free in the C heap goes back
                 self._check_recognised()
                 self.splicer.process(0)
                 if main:

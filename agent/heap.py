@@ -1,0 +1,49 @@
+"""Giving the C heap's free pages back to the system, in the tunnel and the agent.
+
+glibc keeps freed memory for reuse, and once a large block it had mapped on its own is freed it
+raises its mmap threshold, so that later large buffers (TLS records, relayed chunks under bulk
+load) come from the heap as well. Measured in the lab: after 8 s of iperf3 across nodes each
+way a tunnel held 60-92 MiB where it had started with 35, almost all of it free inside glibc
+(malloc_trim(0) gave back 12-43 MiB at once). The processes call Trimmer.maybe() from a loop
+that turns anyway; a trim costs a walk of the free lists, every TRIM_EVERY seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+TRIM_EVERY = 5.0  # s
+
+
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_trim = _malloc_trim()
+
+
+class Trimmer:
+    """Trims at most every `every` seconds; counts its trims."""
+
+    def __init__(self, every: float = TRIM_EVERY):
+        self.every = every
+        self.last = time.monotonic()
+        self.trims = 0
+
+    def maybe(self) -> bool:
+        now = time.monotonic()
+        if _trim is None or now - self.last < self.every:
+            return False
+        self.last = now
+        _trim(0)
+        self.trims += 1
+        return True
