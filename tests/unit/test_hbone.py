@@ -423,3 +423,48 @@ def test_the_forwarded_client_address_of_both_families_round_trips():
     assert forwarded("fd00:20:1::b") == 'for="[fd00:20:1::b]"'  # RFC 7239 §6: quoted, bracketed
     for bad in ("for=fd00::1", "for=web", 'for="[10.0.0.1]"', "by=10.0.0.1", "for=_hidden"):
         assert _forwarded_for(bad) is None, bad
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_peer_that_stops_reading_holds_the_sender_to_its_high_water_mark(pki, loop):
+    """Before: a sender pushed a connection's whole flow-control window (16 MiB) into its TLS
+    transport when the peer stopped reading, and its buffers stayed that large. Now the
+    streams' DATA waits (their TCP sides paused) once HBONE_HIGH_WATER is unsent, and every
+    byte still arrives, in order, when the peer reads again."""
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, ids, srv, port, pool, seen = await _setup(ca, files)
+        r, w, stream = await _flow(pool, port, echo_port)
+        (server_conn,) = list(srv.conns)
+        client_conn = stream.conn
+        # small kernel buffers between the two, so that what the sender took in is what it
+        # holds itself, give or take 1 MiB
+        for c, opt in ((client_conn, socket.SO_SNDBUF), (server_conn, socket.SO_RCVBUF)):
+            c.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, opt, 65536)
+        server_conn.transport.pause_reading()  # the peer stops reading
+        payload = os.urandom(24 << 20)
+        w.write(payload)  # the local writer's own buffer holds what the mesh refuses
+        await asyncio.sleep(1.5)
+        unsent = client_conn.transport.get_write_buffer_size()
+        paused, held, taken = client_conn.write_paused, len(stream.outbuf), stream.bytes_out
+        server_conn.transport.resume_reading()
+        w.write_eof()
+        got = bytearray()
+        while chunk := await r.read(1 << 20):
+            got += chunk
+        w.close()
+        srv.close()
+        echo.close()
+        sums = hashlib.sha256(got).digest(), hashlib.sha256(payload).digest()
+        return unsent, paused, held, taken, *sums
+
+    run = __import__("uvloop").run if loop == "uvloop" else asyncio.run
+    unsent, paused, held, taken, got, want = run(go())
+    assert paused  # the transport asked, and the connection waits
+    # what the sender took in (16 MiB, the whole window, before): its high-water mark, a
+    # frame, what the small kernel buffers hold; and it holds one TCP read besides
+    assert taken <= hbone.HBONE_HIGH_WATER + hbone.MAX_FRAME + (1 << 20), taken
+    assert unsent <= hbone.HBONE_HIGH_WATER + hbone.MAX_FRAME, unsent
+    assert held <= 1 << 20, held
+    assert got == want  # and nothing was lost when the peer read again

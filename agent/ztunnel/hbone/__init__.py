@@ -23,6 +23,7 @@ END_STREAM; a reset on either side resets the other.
 from .client import ClientConnection, Pool, dial_tcp
 from .codec import (
     CONTROL_HIGH,
+    HBONE_HIGH_WATER,
     MAX_FRAME,
     MAX_PENDING_OPENS,
     MAX_QUEUED_CONTROL,
@@ -45,6 +46,7 @@ from .server import ServerConnection
 
 __all__ = [
     "CONTROL_HIGH",
+    "HBONE_HIGH_WATER",
     "ClientConnection",
     "H2Connection",
     "HboneError",

@@ -38,6 +38,7 @@ MAX_PENDING_OPENS = 1024
 # ("rapid reset", CVE-2023-44487)
 MAX_RESETS, RESET_WINDOW = 2000, 10.0
 TCP_HIGH_WATER = 4 * 1024 * 1024
+HBONE_HIGH_WATER = 1024 * 1024  # unsent bytes on an HBONE connection before its DATA waits
 
 
 class HboneError(Exception):
@@ -265,8 +266,27 @@ class H2Connection(asyncio.Protocol):
         return False
 
     # -- transport callbacks --
+    write_paused = False  # our TLS transport holds more than HBONE_HIGH_WATER unsent
+
+    def pause_writing(self):
+        # DATA waits in its streams (their TCP sides paused) until the transport drains:
+        # before, a fast sender pushed a connection's whole window (16 MiB) into the TLS
+        # transport, and its buffers stayed that large
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            if self.write_paused:  # backed up again: the rest wait for the next turn
+                break
+            if s.outbuf or s.end_pending:
+                self.flush(s)
+                if self.streams.get(s.stream_id) is s:  # served: to the back of the line
+                    self.streams[s.stream_id] = self.streams.pop(s.stream_id)
+
     def connection_made(self, transport):
         self.transport = transport
+        transport.set_write_buffer_limits(high=HBONE_HIGH_WATER)
         self.peer_id = peer_identity(transport.get_extra_info("ssl_object"))
         self.h2.initiate_connection()  # our SETTINGS and the connection's window
         self._write()
@@ -387,9 +407,7 @@ class H2Connection(asyncio.Protocol):
         try:
             off, n, view = 0, len(data), None
             while off < n:
-                window = min(
-                    self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
-                )
+                window = self._window(s)
                 if window <= 0:
                     s.outbuf += data[off:] if view is None else view[off:]
                     break
@@ -402,16 +420,16 @@ class H2Connection(asyncio.Protocol):
                 self.h2.send_data(s.stream_id, chunk)
                 s.bytes_out += take
                 off += take
+                self._write()  # the transport may ask us to pause (pause_writing)
             while s.outbuf:
-                window = min(
-                    self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size
-                )
+                window = self._window(s)
                 if window <= 0:
                     break
                 chunk = bytes(s.outbuf[:window])
                 del s.outbuf[:window]
                 self.h2.send_data(s.stream_id, chunk)
                 s.bytes_out += len(chunk)
+                self._write()
             if s.tcp and s.tcp.transport and not s.tcp.eof:
                 # pause the TCP side while data waits for window (after its EOF there is
                 # nothing left to read)
@@ -427,6 +445,13 @@ class H2Connection(asyncio.Protocol):
             if s.tcp and s.tcp.transport and not s.tcp.lost:
                 s.tcp.transport.close() if s.tcp.eof else rst(s.tcp.transport)
         self._write()
+
+    def _window(self, s: Stream) -> int:
+        """How much of s's data may go out now: its flow-control windows and the peer's frame
+        size, nothing while our transport is backed up."""
+        if self.write_paused:
+            return 0
+        return min(self.h2.local_flow_control_window(s.stream_id), self.h2.max_outbound_frame_size)
 
     def reset_stream(self, s: Stream) -> None:
         if not s.closed:
