@@ -306,7 +306,7 @@ class H2Connection(asyncio.Protocol):
         try:
             for ev in events:
                 if isinstance(ev, wire.PingReceived | wire.RemoteSettingsChanged):
-                    answers += 1  # h2 queues the ACK itself
+                    answers += 1  # wire queues the ACK itself
                 elif isinstance(ev, wire.StreamReset) and ev.remote_reset and self._reset_storm():
                     return
                 self.handle(ev)
