@@ -171,6 +171,8 @@ def test_policy_refusal_is_reported_and_the_connection_stays_usable(pki):
     ca, files, _ = pki
 
     def decide(authority, client):
+        if authority.endswith(":2"):  # a reason that is not one line: sent as one
+            return "denied: internal error: line one\r\nline two"
         return "denied by DENY policy shop/d rule 0" if authority.endswith(":1") else None
 
     async def go():
@@ -181,6 +183,11 @@ def test_policy_refusal_is_reported_and_the_connection_stays_usable(pki):
                 hbone.HboneError, match="refused with 403: denied by DENY policy shop/d rule 0"
             ):
                 await conn.connect("127.0.0.1:1")
+            with pytest.raises(
+                hbone.HboneError,
+                match="refused with 403: denied: internal error: line one  line two",
+            ):
+                await conn.connect("127.0.0.1:2")
             r, w, _ = await _flow(pool, port, echo_port)  # same pooled connection, another flow
             return await _roundtrip(r, w, 50_000), pool.handshakes
         finally:

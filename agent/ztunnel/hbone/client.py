@@ -47,6 +47,14 @@ class ClientConnection(H2Connection):
         elif self.retiring and self.transport and not self.transport.is_closing():
             asyncio.get_running_loop().call_later(1.0, self._close_if_done)
 
+    def _no_stream(self, why: str) -> HboneError:
+        """A flow this connection cannot take, another may (refused_stream: the outbound path
+        tries again); the connection takes no new flow."""
+        self.retire()
+        err = HboneError(f"no new stream on this HBONE connection: {why}")
+        err.refused_stream = True
+        return err
+
     def handle(self, ev):
         if isinstance(ev, wire.ConnectionTerminated):  # GOAWAY: no new flow on it
             self.retire()
@@ -77,17 +85,11 @@ class ClientConnection(H2Connection):
     ) -> Stream:
         """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
         if len(self.streams) >= self.h2.peer_max_streams:
-            err = HboneError(f"the peer's limit of {self.h2.peer_max_streams} streams is reached")
-            err.refused_stream = True  # another connection may take it
-            self.retire()
-            raise err
+            raise self._no_stream(f"the peer's limit of {self.h2.peer_max_streams} streams")
         try:
             sid = self.h2.get_next_available_stream_id()
-        except wire.StreamClosedError as e:  # its stream ids are used up: a new connection
-            self.retire()
-            err = HboneError(str(e))
-            err.refused_stream = True
-            raise err from None
+        except wire.StreamClosedError as e:  # its stream ids are used up
+            raise self._no_stream(str(e)) from None
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.waiting[sid] = fut
@@ -96,11 +98,8 @@ class ClientConnection(H2Connection):
             headers.append(("forwarded", forwarded(source)))
         try:
             self.h2.send_headers(sid, headers)
-        except wire.StreamClosedError as e:  # the peer's GOAWAY came first: another connection
-            self.retire()
-            err = HboneError(f"no new stream on this connection: {e}")
-            err.refused_stream = True
-            raise err from None
+        except wire.StreamClosedError as e:  # the peer's GOAWAY came first
+            raise self._no_stream(str(e)) from None
         s = Stream(self, sid, authority)
         self.streams[sid] = s
         self._write()

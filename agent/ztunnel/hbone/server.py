@@ -119,7 +119,6 @@ class ServerConnection(H2Connection):
                 # refused before any upstream connect starts; the peer may retry
                 if self.on_refused:
                     self.on_refused("pending_opens")
-                self.streams.pop(ev.stream_id, None)
                 with contextlib.suppress(wire.StreamClosedError):  # reset already
                     self.h2.reset_stream(ev.stream_id, wire.ErrorCodes.REFUSED_STREAM)
                 return
@@ -172,9 +171,12 @@ class ServerConnection(H2Connection):
             if isinstance(result, str):
                 status = "403" if result.startswith("denied") else "503"
                 self.streams.pop(s.stream_id, None)
+                # a header value is one line of printable text (RFC 9110 §5.5): an
+                # exception's message may hold anything
+                reason = "".join(c if c.isprintable() else " " for c in result[:200])
                 self.h2.send_headers(
                     s.stream_id,
-                    [(":status", status), ("dabba-reason", result[:200])],
+                    [(":status", status), ("dabba-reason", reason)],
                     end_stream=True,
                 )
                 self._write()
