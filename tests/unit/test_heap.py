@@ -6,6 +6,7 @@ freed (what bulk load left in a tunnel: 60-92 MiB where it had started with 35).
 them back."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,8 +41,6 @@ print(json.dumps({"held": held, "after": after, "early": early, "trimmed": trimm
 
 
 def _run(mode: str) -> dict:
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run(
         [sys.executable, "-c", CHILD, root, mode], capture_output=True, text=True, check=True
