@@ -369,6 +369,7 @@ def main(argv=None) -> int:
     cells = cells_of(PAIRS, a.scenarios, a.conns, a.modes, a.repeat)
     prog = Progress(len(cells) + (2 if "memory" in a.scenarios else 0))
     started = time.time()
+    machine = versions()  # the commit measured: at the start (HEAD may move during the run)
     try:
         L = b.build(name, 2, a.modes)
         b.servers(L)
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
             shutil.rmtree(b2.work, ignore_errors=True)
     shutil.rmtree(b.work, ignore_errors=True)
     doc = {
-        "machine": versions(),
+        "machine": machine,
         "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 1),
         "config": {
