@@ -475,3 +475,27 @@ def test_a_peer_that_stops_reading_holds_the_sender_to_its_high_water_mark(pki, 
     assert unsent <= hbone.HBONE_HIGH_WATER + hbone.MAX_FRAME, unsent
     assert held <= 1 << 20, held
     assert got == want  # and nothing was lost when the peer read again
+
+
+def test_a_flow_on_a_connection_lost_before_it_got_there_fails_at_once(pki):
+    """TLS 1.3: a server that refuses our certificate closes right after our handshake ended,
+    and the close could be read before the flow sent its CONNECT on that connection. Before, the
+    CONNECT was never sent and the flow waited for its timeout (an Envoy lab test saw the flow
+    pending); now it fails at once, as retryable, and the pool makes a new connection."""
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, _, srv, port, pool, _ = await _setup(ca, files)
+        try:
+            conn = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+            conn.transport.abort()
+            await asyncio.sleep(0.05)  # the loss is read first
+            with pytest.raises(hbone.HboneError, match="the connection is closed") as e:
+                await conn.connect(f"127.0.0.1:{echo_port}", timeout=3)
+            again = await pool.get(CLIENT, SERVER, ("127.0.0.1", port))
+            return e.value.refused_stream, again is not conn, pool.handshakes
+        finally:
+            srv.close()
+            echo.close()
+
+    assert asyncio.run(go()) == (True, True, 2)

@@ -84,6 +84,10 @@ class ClientConnection(H2Connection):
         self, authority: str, timeout: float = 10.0, source: str | None = None
     ) -> Stream:
         """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
+        if self.closed.done() or self.transport is None or self.transport.is_closing():
+            # lost before this flow got here (its futures were failed then): nothing would
+            # ever answer the CONNECT
+            raise self._no_stream("the connection is closed")
         if len(self.streams) >= self.h2.peer_max_streams:
             raise self._no_stream(f"the peer's limit of {self.h2.peer_max_streams} streams")
         try:
@@ -206,6 +210,13 @@ class Pool:
             raise HboneError(f"TLS to {node[0]}:{node[1]} as {src_id} failed: {e}") from None
         self.handshakes += 1
         sslobj = tr.get_extra_info("ssl_object")
+        if conn.closed.done() or tr.is_closing() or sslobj is None:
+            # TLS 1.3: the client's handshake ends before the server has checked the client's
+            # certificate, and a server that refuses it closes right after
+            raise HboneError(
+                f"TLS to {node[0]}:{node[1]} as {src_id} was closed by the peer right after the "
+                "handshake (it refused our certificate?)"
+            )
         if sslobj.selected_alpn_protocol() != "h2":
             tr.abort()
             raise HboneError(f"peer {node[0]}:{node[1]} did not negotiate h2")
