@@ -376,10 +376,11 @@ class FlowTable:
             peer_ip = rec.orig_dst[0]
             reason, policy = f"refused in the kernel: {rec.refused}", ""
             d = self.decision(rec.rule) if rec.rule else None
-            svc = self.service_of(peer_ip)
             if d is not None:  # a same-node verdict: which policy, which rule
                 reason, policy = f"refused in the kernel: {d.reason}", d.policy or ""
-            elif rec.refused == _NO_ENDPOINT and getattr(svc, "waypoint", ""):
+            elif rec.refused == _NO_ENDPOINT and getattr(
+                svc := self.service_of(peer_ip), "waypoint", ""
+            ):
                 # sent without endpoints because it opted into a waypoint: say so
                 reason = "refused in the kernel: " + waypoint_refusal(
                     f"{svc.namespace}/{svc.name}", svc.waypoint

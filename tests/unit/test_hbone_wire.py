@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.ztunnel.hbone import headers as hpk
 from agent.ztunnel.hbone import wire
 
 W = wire.ErrorCodes
@@ -231,7 +232,7 @@ def test_a_large_data_frame_is_sent_as_one_full_record_and_a_view_of_the_rest():
 def test_windows_come_back_in_quarter_window_batches():
     c = _ours(client_side=False, window=1 << 20)
     c.receive_data(wire.PREFACE + _frame(wire.SETTINGS, 0, 0))
-    c.receive_data(_frame(wire.HEADERS, wire.END_HEADERS, 1, wire.encode_headers(
+    c.receive_data(_frame(wire.HEADERS, wire.END_HEADERS, 1, hpk.encode_headers(
         [(":method", "CONNECT"), (":authority", "10.0.0.1:1")])))  # fmt: skip
     c.data_to_send()
     c.receive_data(_frame(wire.DATA, 0, 1, b"x" * 100_000))
@@ -303,7 +304,7 @@ OPEN1 = _frame(
     wire.HEADERS,
     wire.END_HEADERS,
     1,
-    wire.encode_headers([(":method", "CONNECT"), (":authority", "10.0.0.1:1")]),
+    hpk.encode_headers([(":method", "CONNECT"), (":authority", "10.0.0.1:1")]),
 )
 
 CONNECTION_ERRORS = [
@@ -366,7 +367,7 @@ def test_stream_errors_reset_that_stream_only(why, data, code):
     assert 1 not in c.streams
     ev = c.receive_data(  # the connection goes on
         _frame(
-            wire.HEADERS, 4, 3, wire.encode_headers([(":method", "CONNECT"), (":authority", "a:1")])
+            wire.HEADERS, 4, 3, hpk.encode_headers([(":method", "CONNECT"), (":authority", "a:1")])
         )
     )
     assert [e.stream_id for e in ev if isinstance(e, wire.RequestReceived)] == [3]
@@ -444,10 +445,10 @@ header = st.tuples(
 @settings(max_examples=200, deadline=None)
 @given(headers=st.lists(header, max_size=8))
 def test_our_header_blocks_decode_the_same_in_hpack_and_in_our_short_path(headers):
-    block = wire.encode_headers(headers)
+    block = hpk.encode_headers(headers)
     want = [(k, v) for k, v in headers]
     assert hpack.Decoder().decode(block) == want
-    got = wire._decode_plain(block)
+    got = hpk.decode_plain(block)
     assert got is not None
     assert [(bytes(k).decode(), bytes(v).decode()) for k, v in got] == want
 
@@ -455,10 +456,10 @@ def test_our_header_blocks_decode_the_same_in_hpack_and_in_our_short_path(header
 def test_the_short_path_leaves_huffman_and_the_dynamic_table_to_hpack():
     enc = hpack.Encoder()
     block = enc.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:1")])
-    assert wire._decode_plain(block) is None  # Huffman / incremental indexing
-    assert wire._decode_plain(b"\x88") == [(b":status", b"200")]
-    assert wire._decode_plain(b"\xbe") is None  # index 62: the dynamic table
-    assert wire._decode_plain(b"\x00\x05ab") is None  # truncated
+    assert hpk.decode_plain(block) is None  # Huffman / incremental indexing
+    assert hpk.decode_plain(b"\x88") == [(b":status", b"200")]
+    assert hpk.decode_plain(b"\xbe") is None  # index 62: the dynamic table
+    assert hpk.decode_plain(b"\x00\x05ab") is None  # truncated
 
 
 def test_small_data_pieces_do_not_pin_the_chunks_they_came_in():

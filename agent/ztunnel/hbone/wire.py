@@ -12,9 +12,8 @@ What it does, and what it leaves out:
   smaller than half its chunk is copied: a view would pin the chunk): no frame is
   reassembled. A sent DATA frame over 64 KiB is a 9-byte header joined to the first 16 KiB
   of the payload (one full TLS record) and a view of the rest; a smaller one, one piece.
-* Header blocks are decoded with ``hpack`` (any peer's Huffman codes and dynamic table), a
-  block that uses neither on a short path; our own are encoded as literals that never
-  touch the dynamic table (RFC 7541 §6.2.2), which every decoder takes.
+* Header blocks: HPACK in ``headers.py`` (ours never touch the dynamic table; a peer's
+  through ``hpack``).
 * No server push (a client says ENABLE_PUSH=0; a PUSH_PROMISE is a protocol error), no
   priorities (read and ignored, as RFC 9113 §5.3.2 allows), no padding sent.
 
@@ -26,8 +25,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-import hpack
-from hpack.table import HeaderTable
+from .headers import Decoder, HeaderError, encode_headers
+from .headers import decode as decode_headers
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -147,108 +146,6 @@ class ConnectionTerminated(Event):
         self.error_code, self.last_stream_id = error_code, last_stream_id
 
 
-# ---- HPACK ------------------------------------------------------------------------------------
-
-_STATIC = HeaderTable.STATIC_TABLE  # 1-based in RFC 7541: _STATIC[i - 1]
-_STATIC_NAME = {}
-for _i, (_n, _v) in enumerate(_STATIC, 1):
-    _STATIC_NAME.setdefault(_n.decode(), _i)
-_STATIC_PAIR = {(n.decode(), v.decode()): i for i, (n, v) in enumerate(_STATIC, 1) if v}
-
-
-def _hpack_int(value: int, prefix: int, first: int) -> bytes:
-    """RFC 7541 §5.1: value in a prefix of `prefix` bits, the octet's other bits `first`."""
-    top = (1 << prefix) - 1
-    if value < top:
-        return bytes((first | value,))
-    out = bytearray((first | top,))
-    value -= top
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_headers(headers) -> bytes:
-    """A header block of static-table references and literals without indexing (never Huffman,
-    never the dynamic table): any decoder takes it whatever its table size."""
-    out = bytearray()
-    for name, value in headers:
-        full = _STATIC_PAIR.get((name, value))
-        if full is not None:
-            out.append(0x80 | full)  # indexed field
-            continue
-        v = value.encode()
-        idx = _STATIC_NAME.get(name)
-        if idx is not None:
-            out += _hpack_int(idx, 4, 0x00)  # literal without indexing, indexed name
-        else:
-            n = name.encode()
-            out.append(0x00)
-            out += _hpack_int(len(n), 7, 0x00) + n
-        out += _hpack_int(len(v), 7, 0x00) + v
-    return bytes(out)
-
-
-def _read_int(block, pos: int, prefix: int) -> tuple[int, int]:
-    top = (1 << prefix) - 1
-    value = block[pos] & top
-    pos += 1
-    if value < top:
-        return value, pos
-    shift = 0
-    while True:
-        b = block[pos]
-        pos += 1
-        value += (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-        if shift > 28:
-            raise IndexError("HPACK integer too long")
-
-
-def _decode_plain(block: bytes) -> list | None:
-    """A block of static references and plain (not Huffman) literals that are not indexed
-    decodes without the dynamic table; None when the block needs more (hpack then decodes it,
-    keeping the table right)."""
-    out, pos, n = [], 0, len(block)
-    try:
-        while pos < n:
-            b = block[pos]
-            if b & 0x80:  # indexed field
-                idx, pos = _read_int(block, pos, 7)
-                if not 1 <= idx <= len(_STATIC):
-                    return None
-                out.append(_STATIC[idx - 1])
-                continue
-            if b & 0xE0:  # incremental indexing or a table size update: the table changes
-                return None
-            idx, pos = _read_int(block, pos, 4)  # without indexing / never indexed
-            if idx:
-                if idx > len(_STATIC):
-                    return None
-                name = _STATIC[idx - 1][0]
-            else:
-                if block[pos] & 0x80:
-                    return None  # Huffman
-                ln, pos = _read_int(block, pos, 7)
-                name = block[pos : pos + ln]
-                pos += ln
-            if block[pos] & 0x80:
-                return None
-            ln, pos = _read_int(block, pos, 7)
-            value = block[pos : pos + ln]
-            pos += ln
-            if pos > n:
-                return None
-            out.append((name, value))
-    except IndexError:
-        return None  # truncated: let hpack say what is wrong
-    return out
-
-
 # ---- streams and the connection -----------------------------------------------------------
 
 
@@ -295,7 +192,7 @@ class Connection:
         self._data_end = False
         self._block: bytearray | None = None  # a header block waiting for its CONTINUATIONs
         self._block_sid = self._block_flags = 0
-        self.decoder = hpack.Decoder()
+        self.decoder = Decoder()
 
     # -- sending --------------------------------------------------------------------------
 
@@ -359,11 +256,15 @@ class Connection:
         if end_stream:
             self._close_local(sid, st)
 
-    def local_flow_control_window(self, sid: int) -> int:
+    def _sending(self, sid: int) -> _Stream:
+        """sid's stream, open for sending; else StreamClosedError."""
         st = self.streams.get(sid)
         if st is None or st.local_closed:
             raise StreamClosedError(f"stream {sid} is closed")
-        return min(self.conn_send_win, st.send_win)
+        return st
+
+    def local_flow_control_window(self, sid: int) -> int:
+        return min(self.conn_send_win, self._sending(sid).send_win)
 
     @property
     def max_outbound_frame_size(self) -> int:
@@ -371,9 +272,7 @@ class Connection:
 
     def send_data(self, sid: int, data, end_stream: bool = False) -> None:
         """One DATA frame; the caller keeps within local_flow_control_window and the frame size."""
-        st = self.streams.get(sid)
-        if st is None or st.local_closed:
-            raise StreamClosedError(f"stream {sid} is closed")
+        st = self._sending(sid)
         n = len(data)
         if n > st.send_win or n > self.conn_send_win or n > self.peer_max_frame:
             raise ValueError(f"{n} bytes exceed the send window or the frame size")
@@ -392,9 +291,7 @@ class Connection:
             self._close_local(sid, st)
 
     def end_stream(self, sid: int) -> None:
-        st = self.streams.get(sid)
-        if st is None or st.local_closed:
-            raise StreamClosedError(f"stream {sid} is closed")
+        st = self._sending(sid)
         self._emit(DATA, END_STREAM, sid)
         self._close_local(sid, st)
 
@@ -691,16 +588,10 @@ class Connection:
             self._block, self._block_sid, self._block_flags = bytearray(fragment), sid, flags
 
     def _decode(self, block: bytes) -> list[tuple[str, str]]:
-        raw = _decode_plain(block)
-        if raw is None:
-            try:
-                raw = self.decoder.decode(block, raw=True)
-            except hpack.HPACKError as e:
-                raise ProtocolError(ErrorCodes.COMPRESSION_ERROR, f"header block: {e}") from None
-        return [
-            (bytes(k).decode("utf-8", "replace"), bytes(v).decode("utf-8", "replace"))
-            for k, v in raw
-        ]
+        try:
+            return decode_headers(self.decoder, block)
+        except HeaderError as e:
+            raise ProtocolError(ErrorCodes.COMPRESSION_ERROR, f"header block: {e}") from None
 
     def _headers(self, sid: int, flags: int, block: bytes) -> None:
         headers = self._decode(block)  # always: the decoder's table must follow the peer's
