@@ -507,7 +507,10 @@ def test_a_service_that_opts_into_a_waypoint_is_refused_by_the_tunnel_saying_why
     try:
         wait_for(lambda: waypoint() == "default/ns-wp", 15, what="the service to reach the tunnel")
         curl = L.run("n1-p1", ["curl", "-s", "--max-time", "5", "http://10.96.0.52/"], check=False)
-        assert curl.returncode in (52, 56), curl  # empty reply or reset: nothing was carried
+        # the tunnel resets the connection it accepted: curl sees it at connect (7) when the
+        # reset beats its connect check, else as an empty reply or a reset (52, 56); either way
+        # nothing was carried
+        assert curl.returncode in (7, 52, 56), curl
 
         def denied():
             r = subprocess.run(
