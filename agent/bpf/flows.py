@@ -140,6 +140,23 @@ class FlowRecord(NamedTuple):
             ),
         )
 
+    def to_raw(self) -> bytes:
+        """The kernel's bytes for this record, as from_raw reads them with a wall offset of 0
+        (records made in Python; the agent keeps the kernel's own bytes)."""
+        refused = _REFUSAL_CODES.get(self.refused)
+        if refused is None:
+            refused = int(self.refused.rpartition(" ")[2]) if self.refused else 0
+        return _FLOW.pack(
+            self.cookie, self.cgroup_id, round(self.start * 1e9), 0,
+            0 if self.end is None else round(self.end * 1e9), self.bytes_sent,
+            self.bytes_received, 0, 0, self.segs_out, self.segs_in, self.retrans, self.srtt_us,
+            abi.ip6_key(self.src[0]), abi.ip6_key(self.dst[0]), abi.ip6_key(self.orig_dst[0]),
+            self.src[1], self.dst[1], self.orig_dst[1], _DIRECTION_CODES[self.direction],
+            _code(_CLOSE_CODES, self.close), abi.CAPTURED_TUNNEL if self.captured
+            else abi.CAPTURED_DIRECT if self.direct else 0, 0,
+            _code(_STATE_CODES, self.state), refused, self.rule,
+        )  # fmt: skip
+
     def as_dict(self) -> dict:
         d = self._asdict()
         d["duration"] = self.duration
@@ -160,6 +177,32 @@ class FlowRecord(NamedTuple):
 
 
 _new = tuple.__new__
+_DIRECTION_CODES = {v: k for k, v in _DIRECTIONS.items()}
+_CLOSE_CODES = {v: k for k, v in _CLOSES.items()}
+_STATE_CODES = {v: k for k, v in _TCP_STATES.items()}
+_REFUSAL_CODES = {v: int(k) for k, v in abi.REFUSAL_REASONS.items()}
+
+
+def _code(codes: dict[str, int], text: str) -> int:
+    code = codes.get(text)
+    return int(text) if code is None else code
+
+
+class Kept(NamedTuple):
+    """A closed flow's record as the kernel wrote it, and the wall-clock offset of its batch:
+    what the agent keeps of it (agent/node/closedring.py). record() decodes it."""
+
+    raw: bytes
+    wall: float
+
+    def record(self) -> FlowRecord:
+        return FlowRecord.from_raw(self.raw, self.wall)
+
+    @classmethod
+    def of(cls, rec: FlowRecord) -> Kept:
+        return cls(rec.to_raw(), 0.0)
+
+
 _JSON = {True: "true", False: "false"}
 _LINE = (
     '{"cookie": %d, "cgroup_id": %d, "direction": "%s", "src": ["%s", %d], "dst": ["%s", %d], '
@@ -187,6 +230,14 @@ class FlowSource:
         wall = wall_offset()
         for raw in self.ring.drain():
             yield FlowRecord.from_raw(raw, wall)
+
+    def closed_kept(self, timeout_ms: int = 0) -> tuple[list[FlowRecord], list[Kept]]:
+        """closed(), with each record's kept form (the agent keeps the last ones)."""
+        if timeout_ms:
+            self.ring.poll(timeout_ms)
+        wall = wall_offset()
+        kept = [Kept(raw, wall) for raw in self.ring.drain()]
+        return [FlowRecord.from_raw(raw, wall) for raw, _ in kept], kept
 
     def close(self) -> None:
         self.ring.close()

@@ -741,11 +741,11 @@ class Agent:
         try:
             while not self.stop.is_set():
                 self._drain_beat = time.monotonic()
-                recs = list(src.closed(timeout_ms=200))
+                recs, kept = src.closed_kept(timeout_ms=200)
                 n = len(recs)
                 if n:
                     self.closed.add(recs)
-                    self.table.on_closed(*recs)
+                    self.table.on_closed(*recs, kept=kept)
                 self.table.tick()
                 if 0 < n < DRAIN_BATCH_MAX:  # let the next ones gather: a wakeup per batch
                     self.stop.wait(DRAIN_BATCH_S)
@@ -756,6 +756,7 @@ class Agent:
         finally:
             src.close()
             self.write_status()
+            self.closed.close()
             _log.info(
                 "agent stopped; programs stay attached and pinned", fields={"node": self.cfg.node}
             )

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..bpf import abi
-from ..bpf.flows import FlowRecord
+from ..bpf.flows import FlowRecord, Kept
 from ..control.model import waypoint_refusal
 from ..errors import DabbaError
 from ..ztunnel.facts import key_of
 from ..ztunnel.metrics import ISTIO_LABELS, istio_labels
+from .closedring import ClosedRing
 
 PATHS = ("hbone", "splice", "direct", "passthrough", "denied", "failed", "pending")
 VERDICTS = ("allow", "deny")
@@ -228,11 +229,10 @@ class FlowTable:
         self.lock = threading.Lock()
         self.describe, self.by_ip, self.tunnel_addrs = describe, by_ip, tunnel_addrs
         self.facts: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        # closed flows, rendered when asked: (record, shape, the peer's port from the facts)
-        self.closed: collections.deque[tuple[FlowRecord, Shape, int | None]] = collections.deque(
-            maxlen=max(keep_closed, 1)
-        )
-        self.pending: collections.deque[tuple[float, FlowRecord]] = collections.deque()
+        # closed flows, decoded and rendered when asked (with their shape and the peer's port
+        # from the facts)
+        self.closed = ClosedRing(keep_closed)
+        self.pending: collections.deque[tuple[float, FlowRecord, Kept]] = collections.deque()
         self.shapes: dict[tuple, Shape] = {}
         self.seen: dict[int, tuple] = {}  # cookie -> (bytes to dst, bytes to src, retrans) counted
         self.sent: collections.Counter = collections.Counter()  # istio labels -> response bytes
@@ -256,10 +256,13 @@ class FlowTable:
             while len(self.facts) > MAX_FACTS:
                 self.facts.popitem(last=False)
 
-    def on_closed(self, *recs: FlowRecord) -> None:
+    def on_closed(self, *recs: FlowRecord, kept: list[Kept] | None = None) -> None:
+        """Closed records, and their kept forms (made from recs when not given)."""
         t = time.monotonic()
+        if kept is None:
+            kept = [Kept.of(r) for r in recs]
         with self.lock:
-            self.pending.extend(zip(itertools.repeat(t), recs))
+            self.pending.extend(zip(itertools.repeat(t), recs, kept))
 
     def invalidate(self) -> None:
         """The snapshot changed (workloads, services, verdicts, the tunnel's addresses): shapes
@@ -274,7 +277,7 @@ class FlowTable:
             keep = collections.deque()
             facts, closed = self.facts, self.closed
             tunnel = None
-            for t, rec in self.pending:
+            for t, rec, k in self.pending:
                 fact = None
                 if rec.captured or not rec.direct:  # a direct flow has no tunnel to tell of it
                     key = key_of(rec.src, rec.dst)
@@ -285,11 +288,11 @@ class FlowTable:
                         if not rec.captured and tunnel is None:
                             tunnel = self.tunnel_addrs()
                         if rec.captured or (rec.direction == "inbound" and rec.dst[0] in tunnel):
-                            keep.append((t, rec))
+                            keep.append((t, rec, k))
                             continue
                 sh = self._shape(rec, fact)
                 self._account(rec, sh, final=True)
-                closed.append((rec, sh, _peer_port(rec, fact)))
+                closed.append(k, sh, _peer_port(rec, fact))
                 self.closed_total += 1
                 if sh.verdict == "deny" and not rec.refused:  # policy denials
                     self.denied += 1
@@ -309,8 +312,7 @@ class FlowTable:
 
     def recent(self) -> list[dict]:
         with self.lock:
-            closed = list(self.closed)
-        return [render(*entry) for entry in closed]
+            return [render(*entry) for entry in self.closed]
 
     @staticmethod
     def _party_of(w, ip: str = "", port: int | None = None, identity: str | None = None) -> dict:

@@ -30,6 +30,26 @@ def test_closed_log_ends_with_the_last_records_through_appends_and_bursts(tmp_pa
         want = list(range(max(0, n - keep), n))
         assert got[-len(want) :] == want, (batch, got[-5:])
         assert len(got) <= 2 * keep and got == sorted(set(got))  # bounded, no line twice
-        assert json.loads(lines[-1]) == json.loads(json.dumps(log.records[-1].as_dict())) | {
+        assert len(log) == len(want)
+        if not recs:
+            continue
+        assert json.loads(lines[-1]) == json.loads(json.dumps(recs[-1].as_dict())) | {
             "duration": json.loads(lines[-1])["duration"]
         }
+
+
+def test_a_log_cut_under_the_agent_starts_again_with_the_new_records(tmp_path):
+    log = ClosedLog(str(tmp_path), 10)
+    log.add([_rec(i) for i in range(15)])
+    log.write()
+    log.add([_rec(i) for i in range(15, 20)])
+    log.write()  # appended: 15 lines
+    (tmp_path / "closed.jsonl").write_text("")  # an operator truncates it
+    log.add([_rec(i) for i in range(20, 27)])  # 22 > 2 * 10: rewritten from its tail
+    log.write()
+    got = [json.loads(x)["cookie"] for x in (tmp_path / "closed.jsonl").read_text().splitlines()]
+    assert got == list(range(20, 27))
+    log.add([_rec(27)])
+    log.write()
+    got = [json.loads(x)["cookie"] for x in (tmp_path / "closed.jsonl").read_text().splitlines()]
+    assert got == list(range(20, 28))
