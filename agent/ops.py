@@ -365,6 +365,17 @@ def workloads(c: AgentClient, output: str, all_: bool) -> None:
     )
 
 
+def _waypoint_text(s: dict):
+    """What serves a service that opted into a waypoint (its connections go there), or why
+    nothing does (they are refused)."""
+    if not s.get("waypoint"):
+        return []
+    if s.get("waypoint_pods"):
+        return f"through waypoint {s['waypoint']} ({', '.join(s['waypoint_pods'])})"
+    why = s.get("waypoint_refusal") or "no Gateway (class istio-waypoint) defines it"
+    return f"none: opts into waypoint {s['waypoint']} and {why} (connections refused)"
+
+
 def services(c: AgentClient, output: str) -> None:
     doc = c.get("/services")
     if output == "json":
@@ -375,13 +386,7 @@ def services(c: AgentClient, output: str) -> None:
             "ports": [f"{p['port']}->{p['target_port']}" for p in s["ports"]],
             "resolved_by": s.get("resolved_by", "tunnel")
             + (f" ({s['why_tunnel']})" if s.get("why_tunnel") else ""),
-            "endpoints": s["endpoints"]
-            or (
-                f"none: opts into waypoint {s['waypoint']}, which this mesh does not run "
-                "(connections refused)"
-                if s.get("waypoint")
-                else []
-            ),
+            "endpoints": s["endpoints"] or _waypoint_text(s),
         }
         for s in doc["services"]
     ]

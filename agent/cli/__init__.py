@@ -50,4 +50,4 @@ def main(log_level):
 
 
 # the command groups register themselves on main
-from . import agent, bpf, control, install, lab, node, tunnel  # noqa: E402, F401
+from . import agent, bpf, control, install, lab, node, tunnel, waypoint  # noqa: E402, F401

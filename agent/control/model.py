@@ -40,16 +40,22 @@ L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths
 # waypoint when it is not the service's own
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+# the label Istio puts on a waypoint's pods: which Gateway they serve
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_REFUSAL = (
-    "this mesh runs no waypoints yet, so connections to the service are refused rather than "
-    "carried without its L7 routing and policies (remove the label, or set it to none, to "
-    "carry them at L4)"
+    "connections to the service are refused rather than carried without its L7 routing and "
+    "policies (remove the label, or set it to none, to carry them at L4)"
 )
 
 
-def waypoint_refusal(service: str, waypoint: str) -> str:
-    """Why a connection to a service that opted into a waypoint was refused."""
-    return f"service {service} opts into waypoint {waypoint} ({USE_WAYPOINT}): {WAYPOINT_REFUSAL}"
+def waypoint_refusal(service: str, waypoint: str, why: str = "") -> str:
+    """Why a connection to a service that opted into a waypoint was refused: why the waypoint
+    cannot serve it (no Gateway defines it, none of its pods runs)."""
+    why = why or "no Gateway (class istio-waypoint) defines it"
+    return (
+        f"service {service} opts into waypoint {waypoint} ({USE_WAYPOINT}) and {why}: "
+        f"{WAYPOINT_REFUSAL}"
+    )
 
 
 def in_scope(namespace: str, selector: dict[str, str] | None, w: Workload, root: str) -> bool:
@@ -205,6 +211,10 @@ class State:
     authz: dict[str, AuthorizationPolicy] = field(default_factory=dict)
     peerauth: dict[str, PeerAuthentication] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> labels
+    # L7 routing (agent/control/routing.py), served by waypoints
+    waypoints: dict = field(default_factory=dict)  # namespace/name -> routing.Waypoint
+    virtual_services: dict = field(default_factory=dict)
+    destination_rules: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def waypoint_of(self, svc: Service) -> str:
@@ -219,13 +229,52 @@ class State:
         ns = svc.labels.get(USE_WAYPOINT_NAMESPACE) or svc.namespace
         return f"{ns}/{name}"
 
+    def waypoint_pods(self, key: str) -> list[Workload]:
+        """The pods of waypoint key (namespace/name): its namespace's workloads labelled with
+        its name, as Istio labels a waypoint's pods."""
+        ns, _, name = key.partition("/")
+        return sorted(
+            (
+                w
+                for w in self.workloads.values()
+                if w.namespace == ns
+                and w.labels.get(GATEWAY_NAME_LABEL) == name
+                and w.service_account == name
+            ),
+            key=lambda w: w.key,
+        )
+
+    def waypoint_of_pod(self, w: Workload) -> str:
+        """The waypoint w is a pod of (namespace/name), or "": it must carry the Gateway's name
+        (GATEWAY_NAME_LABEL), in the Gateway's namespace, and run as the service account named
+        after it (its identity is the waypoint's). A label alone takes no pod out of capture."""
+        name = w.labels.get(GATEWAY_NAME_LABEL)
+        key = f"{w.namespace}/{name}"
+        if name and key in self.waypoints and w.service_account == name:
+            return key
+        return ""
+
+    def waypoint_serving(self, key: str) -> tuple[list[Workload], str]:
+        """The pods of waypoint key that can serve, and why none can ("" when some can)."""
+        if key not in self.waypoints:
+            return [], ""  # waypoint_refusal's default: no Gateway defines it
+        pods = self.waypoint_pods(key)
+        if not pods:
+            return [], f"no pod of it is in the registry (label {GATEWAY_NAME_LABEL})"
+        return pods, ""
+
     def warn_waypoints(self) -> None:
-        """Say, once per state, which services opted into a waypoint: this mesh runs none yet,
-        and refuses their connections rather than carry them without their L7 rules."""
+        """Say, once per state, which services opted into a waypoint that cannot serve them
+        (their connections are refused rather than carried without their L7 rules)."""
         for svc in sorted(self.services.values(), key=lambda s: s.key):
             wp = self.waypoint_of(svc)
-            if wp:
-                self.warnings.append(f"{svc.origin or svc.key}: {waypoint_refusal(svc.key, wp)}")
+            if not wp:
+                continue
+            pods, why = self.waypoint_serving(wp)
+            if not pods:
+                self.warnings.append(
+                    f"{svc.origin or svc.key}: {waypoint_refusal(svc.key, wp, why)}"
+                )
 
     def rooted(self, root: str) -> State:
         """This state with root as the mesh's root namespace (every policy told)."""

@@ -99,6 +99,7 @@ class ControlPlane:
         # Versions only grow, across restarts too: start from the clock (ms), then count changes.
         self.version = int(time.time() * 1000)
         self.issued = len(load_records(self.serials_path))
+        self.ads = None  # the waypoints' ADS (xds/ads.py), once serving
 
     def _revoked_serials(self) -> list[str]:
         """revocation.revoked_serials, read again only when the revoked nodes, the issued
@@ -121,7 +122,22 @@ class ControlPlane:
             "certificates_issued": self.issued,
             "snapshot_version": self.version,
             "registry": source_status(self.registry),
+            "waypoints": self._waypoints(),
         }
+
+    def _waypoints(self) -> list[dict]:
+        """Each waypoint (Gateway) and what its Envoy runs, as its ADS stream said."""
+        st = self.registry.state
+        seen = self.ads.status if self.ads is not None else {}
+        out = []
+        for key in sorted(st.waypoints):
+            d = {"waypoint": key, "pods": [w.key for w in st.waypoint_pods(key)],
+                 "services": sorted(s.key for s in st.services.values()
+                                    if st.waypoint_of(s) == key)}  # fmt: skip
+            if key in seen:
+                d.update(seen[key].doc())
+            out.append(d)
+        return out
 
     # -- change notification --
     def _registry_changed(self, state: m.State) -> None:
@@ -179,6 +195,7 @@ class ControlPlane:
                 labels=w.labels,
                 spiffe_id=w.spiffe(td),
                 mtls_mode=st.peer_mode(w),
+                waypoint=st.waypoint_of_pod(w),
             )
             for pa in st.peerauth.values():
                 if pa.applies_to(w):
@@ -191,6 +208,7 @@ class ControlPlane:
             snap.workloads.append(pw)
         for s in sorted(st.services.values(), key=lambda s: s.key):
             waypoint = st.waypoint_of(s)
+            pods, refusal = st.waypoint_serving(waypoint) if waypoint else ([], "")
             snap.services.append(
                 pb.Service(
                     name=s.name,
@@ -201,10 +219,13 @@ class ControlPlane:
                         pb.ServicePort(port=p.port, target_port=p.target_port, name=p.name)
                         for p in s.ports
                     ],
-                    # its traffic is to pass through a waypoint, which this mesh does not run
-                    # yet: no endpoint, so the kernel and the tunnel refuse it, saying why
+                    # its traffic passes through its waypoint: no endpoint here, so the kernel
+                    # hands it to the tunnel (or refuses it, saying why, when no waypoint pod
+                    # can serve it)
                     endpoints=[] if waypoint else [w.key for w in st.endpoints(s)],
                     waypoint=waypoint,
+                    waypoint_pods=[w.key for w in pods],
+                    waypoint_refusal=refusal,
                 )
             )
         for name, addr in sorted(self.nodes.items()):
@@ -450,9 +471,14 @@ class ControlServer:
 
         opts = [("grpc.max_receive_message_length", 1 << 20)]
         control = grpc.aio.server(options=opts)
+        service = ControlService(cp)
         control.add_generic_rpc_handlers(
-            (_safe_handlers(ControlService(cp), pb.DESCRIPTOR.services_by_name["Control"]),)
+            (_safe_handlers(service, pb.DESCRIPTOR.services_by_name["Control"]),)
         )
+        from .xds import ads  # waypoints' Envoy (xds-protos): imported when serving only
+
+        cp.ads = ads.Ads(cp, service._node)
+        ads.ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(cp.ads, control)
         join = grpc.aio.server(options=opts)
         join.add_generic_rpc_handlers(
             (_safe_handlers(JoinService(cp), pb.DESCRIPTOR.services_by_name["Join"]),)

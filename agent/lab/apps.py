@@ -9,12 +9,17 @@ from .lab import Lab
 
 
 def nginx_conf(
-    workdir: str, ip: str, port: int, body_bytes: int = 1024, files: str | None = None
+    workdir: str,
+    ip: str,
+    port: int,
+    body_bytes: int = 1024,
+    files: str | None = None,
+    text: str | None = None,
 ) -> str:
-    """An nginx config serving `body_bytes` of 'x' at / on ip:port (and the folder `files` at
-    /files/), everything under workdir."""
+    """An nginx config serving `body_bytes` of 'x' (or text) at / on ip:port (and the folder
+    `files` at /files/), everything under workdir."""
     os.makedirs(workdir, exist_ok=True)
-    body = "x" * body_bytes
+    body = text if text is not None else "x" * body_bytes
     static = f"location /files/ {{ alias {files.rstrip('/')}/; }}" if files else ""
     conf = os.path.join(workdir, "nginx.conf")
     with open(conf, "w") as f:
@@ -46,11 +51,17 @@ http {{
 
 
 def start_nginx(
-    lab: Lab, pod: str, port: int, workdir: str, body_bytes: int = 1024, files: str | None = None
+    lab: Lab,
+    pod: str,
+    port: int,
+    workdir: str,
+    body_bytes: int = 1024,
+    files: str | None = None,
+    text: str | None = None,
 ):
     """nginx in the pod's network namespace, in the foreground (the caller stops it)."""
     p = lab.pod(pod)
-    conf = nginx_conf(workdir, p.ip, port, body_bytes, files)
+    conf = nginx_conf(workdir, p.ip, port, body_bytes, files, text)
     return lab.popen(
         pod,
         ["nginx", "-c", conf, "-g", "daemon off;"],

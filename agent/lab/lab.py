@@ -23,6 +23,7 @@ state file, and running it twice is fine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import log
 from ..bpf import features
+from ..control.model import GATEWAY_NAME_LABEL
 from ..errors import DabbaError
 from . import spec as specmod
 
@@ -91,6 +93,7 @@ class Lab:
     pods: list[Pod]
     services: list[dict] = field(default_factory=list)
     created: float = 0.0
+    waypoints: list[dict] = field(default_factory=list)  # name, node, namespace (its pod's)
 
     # -- lookups --
     def node(self, name: str) -> Node:
@@ -174,6 +177,7 @@ class Lab:
             pods=[Pod(**p) for p in d["pods"]],
             services=d.get("services", []),
             created=d.get("created", 0.0),
+            waypoints=d.get("waypoints", []),
         )
 
 
@@ -276,6 +280,11 @@ def up(name: str, spec: specmod.ClusterSpec) -> Lab:
         created=time.time(),
     )
     lab.services = [asdict(s) for s in spec.services]
+    lab.waypoints = [asdict(w) for w in spec.waypoints]
+    # each waypoint's pod, as Istio makes it: named after it, its service account, its label
+    spec = dataclasses.replace(spec, pods=[*spec.pods, *(
+        specmod.PodSpec(w.name, w.node, w.namespace, w.name, {GATEWAY_NAME_LABEL: w.name})
+        for w in spec.waypoints)])  # fmt: skip
     try:
         _create(lab, spec)
         os.makedirs(STATE_DIR, exist_ok=True)

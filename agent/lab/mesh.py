@@ -132,6 +132,15 @@ def registry_docs(lab: Lab) -> list[dict]:
                 },
             }
         )
+    for w in lab.waypoints:
+        docs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": w["name"], "namespace": w["namespace"]},
+                "spec": {"gatewayClassName": "istio-waypoint"},
+            }
+        )
     return docs
 
 
@@ -287,6 +296,31 @@ def start_tunnel(
     )
 
 
+def start_waypoint(
+    lab: Lab, w: dict, config_path: str, env: dict | None = None
+) -> subprocess.Popen:
+    """`dabba waypoint run` in its pod (w: one of lab.waypoints), with its node's agent
+    configuration (the agent must have joined). The lab's control plane gets a route back to
+    the waypoint's pod (as a cluster's pods reach its control plane); other pods have none."""
+    pod, node = lab.pod(w["name"]), lab.node(w["node"])
+    lab.run("lab", ["ip", "route", "replace", f"{pod.ip}/32", "via", node.ip])
+    return _spawn(
+        lab,
+        w["name"],
+        [sys.executable, "-m", "agent.cli", "waypoint", "run", "--name", w["name"],
+         "--namespace", w["namespace"], "--config", config_path,
+         "--workdir", os.path.join(paths(lab)["root"], "waypoints", w["namespace"], w["name"])],
+        os.path.join(paths(lab)["logs"], f"waypoint-{w['namespace']}-{w['name']}.log"),
+        env,
+    )  # fmt: skip
+
+
+def waypoint_ready(lab: Lab, w: dict) -> bool:
+    r = lab.run(w["name"], ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                            "http://127.0.0.1:15021/healthz/ready"], check=False)  # fmt: skip
+    return r.stdout.strip() == "200"
+
+
 def agent_status(lab: Lab, node: str) -> dict | None:
     path = os.path.join(STATE_DIR, lab.name, node, "status.json")
     try:
@@ -350,6 +384,13 @@ def up(
             f"the agent of {n.name} to join and get certificates",
             procs[n.name],
         )
+    for w in lab.waypoints:
+        key = f"waypoint-{w['namespace']}/{w['name']}"
+        procs[key] = start_waypoint(lab, w, os.path.join(paths(lab)["root"], f"{w['node']}.yaml"))
+    for w in lab.waypoints:
+        key = f"waypoint-{w['namespace']}/{w['name']}"
+        _wait(lambda w=w: waypoint_ready(lab, w), 60, f"waypoint {w['namespace']}/{w['name']}",
+              procs[key])  # fmt: skip
     return procs
 
 

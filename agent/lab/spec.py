@@ -54,6 +54,17 @@ class ServiceSpec:
 
 
 @dataclass
+class WaypointSpec:
+    """A waypoint (Gateway of class istio-waypoint) and the node its pod runs on: the pod is
+    named after it, runs as the service account named after it and carries Istio's
+    gateway-name label, as Istio makes a waypoint's pods."""
+
+    name: str
+    node: str
+    namespace: str = "default"
+
+
+@dataclass
 class ClusterSpec:
     """Nodes are named n1..nN."""
 
@@ -63,6 +74,7 @@ class ClusterSpec:
     # pods' cgroups named as the kubelet names them (kubepods-besteffort-pod<uid>.slice) below
     # their node's cgroup, for the Kubernetes source, which knows a pod by its UID only
     kubelet_cgroups: bool = False
+    waypoints: list[WaypointSpec] = field(default_factory=list)
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
@@ -129,12 +141,12 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
             n = n.value[idx]
         raise DabbaError(f"{_where(path, n)}: {msg}")
 
-    unknown = set(doc) - {"nodes", "pods", "services"}
+    unknown = set(doc) - {"nodes", "pods", "services", "waypoints"}
     if unknown:
         fail(
             sorted(unknown)[0],
             None,
-            f"unknown field {sorted(unknown)[0]!r} (expected nodes, pods, services)",
+            f"unknown field {sorted(unknown)[0]!r} (expected nodes, pods, services, waypoints)",
         )
     n_nodes = nodes if nodes is not None else doc.get("nodes", 2)
     if not isinstance(n_nodes, int):
@@ -222,4 +234,20 @@ def load_spec(path: str, nodes: int | None = None) -> ClusterSpec:
                 labels={str(k): str(v) for k, v in labels.items()},
             )
         )
-    return ClusterSpec(n_nodes, pods, services)
+    waypoints: list[WaypointSpec] = []
+    for i, w in enumerate(doc.get("waypoints") or []):
+        if not isinstance(w, dict) or "name" not in w:
+            fail("waypoints", i, "each waypoint needs a name")
+        extra = set(w) - {"name", "node", "namespace"}
+        if extra:
+            fail("waypoints", i, f"waypoint {w['name']}: unknown field {sorted(extra)[0]!r}")
+        name = str(w["name"])
+        if not POD_RE.match(name) or name in seen or name in node_names:
+            fail("waypoints", i, f"waypoint {name!r}: its pod's name must be free and "
+                                 "lowercase letters, digits and '-' (at most 42)")  # fmt: skip
+        seen.add(name)
+        node = str(w.get("node", node_names[0]))
+        if node not in node_names:
+            fail("waypoints", i, f"waypoint {name}: node {node!r} does not exist")
+        waypoints.append(WaypointSpec(name, node, str(w.get("namespace", "default"))))
+    return ClusterSpec(n_nodes, pods, services, waypoints=waypoints)

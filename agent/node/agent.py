@@ -78,6 +78,7 @@ class Agent:
         self._tunnel_was_ready = False
         self._last = None
         self._pods: dict[str, tuple[str, str]] = {}  # the last snapshot's pods: (cgroup, netns)
+        self._waypoint_pods: set[str] = set()  # waypoints' pods here: not captured
         self._by_key: dict[str, object] = {}  # namespace/name -> workload (snapshot or config)
         self._svc_by_vip: dict[str, object] = {}  # the snapshot's services by VIP
         self._by_ip: dict[str, object] = {}
@@ -369,10 +370,19 @@ class Agent:
         steer = []  # (key, netns): workloads with plaintext (PERMISSIVE/DISABLE) on some port
         port_modes = {}  # (ip, port) -> mode: portLevelMtls of enrolled workloads
         pod_keys = set()
+        waypoint_pods: set[str] = set()
         for w in snap.workloads:
             if w.node != self.cfg.node:
                 continue
             key = f"{w.namespace}/{w.name}"
+            if w.waypoint:  # Envoy, HBONE in and out itself: capturing it would loop
+                if key not in self._waypoint_pods:
+                    _log.info(
+                        f"workload {key} is a pod of waypoint {w.waypoint}: not captured (it "
+                        "speaks HBONE in and out itself)"
+                    )
+                waypoint_pods.add(key)
+                continue
             local = by_name.get(key)
             cgroup = (local.cgroup if local else "") or w.cgroup
             netns = w.netns
@@ -407,6 +417,7 @@ class Agent:
             if netns:
                 self._netns[key] = netns
         self._last = (snap, certs)
+        self._waypoint_pods = waypoint_pods
         self._pods = {k: v for k, v in self._pods.items() if k in pod_keys}
         self._by_key = {f"{w.namespace}/{w.name}": w for w in snap.workloads}
         self._svc_by_vip = {s.vip: s for s in snap.services}

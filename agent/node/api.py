@@ -195,10 +195,18 @@ class AgentApi:
                     "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
                     "lb_policy": s.lb_policy or "round_robin",
                     "endpoints": list(s.endpoints),
-                    "waypoint": s.waypoint,  # opted into (this mesh runs none: refused)
+                    "waypoint": s.waypoint,  # opted into: its connections go there
+                    "waypoint_pods": list(s.waypoint_pods),
+                    "waypoint_refusal": s.waypoint_refusal,  # why none can serve it
                     # who picks the endpoint: the kernel at connect(), or the tunnel (and why)
                     "resolved_by": "kernel" if kernel else "tunnel",
-                    "why_tunnel": "" if kernel else ks.left_out.get(key, ks.why_tunnel()),
+                    "why_tunnel": ""
+                    if kernel
+                    else (
+                        f"the tunnel takes its connections to waypoint {s.waypoint}"
+                        if s.waypoint and s.waypoint_pods
+                        else ks.left_out.get(key, ks.why_tunnel())
+                    ),
                     "kernel": {str(port): v for port, v in kernel.items()},
                 }
             )

@@ -385,7 +385,7 @@ class FlowTable:
             ):
                 # sent without endpoints because it opted into a waypoint: say so
                 reason = "refused in the kernel: " + waypoint_refusal(
-                    f"{svc.namespace}/{svc.name}", svc.waypoint
+                    f"{svc.namespace}/{svc.name}", svc.waypoint, svc.waypoint_refusal
                 )
             peer = self._party_of(self.by_ip(peer_ip))
             return self._make(rec, me, peer, "orig_dst", "denied", "none", "deny", reason, policy)

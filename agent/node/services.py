@@ -26,6 +26,8 @@ def compile_services(snap) -> tuple[dict, dict[str, str]]:
     left_out: dict[str, str] = {}
     for s in snap.services:
         name = f"{s.namespace}/{s.name}"
+        if s.waypoint and s.waypoint_pods:
+            continue  # the tunnel takes its connections to its waypoint (HBONE, to the VIP)
         try:
             v6 = ipaddress.ip_address(s.vip).version == 6
         except ValueError:

@@ -117,6 +117,18 @@ class Outbound:
             )
 
         fact.key = fkey  # what _open's flows end when they close
+        if svc is not None and svc.waypoint:  # sent without endpoints: to its waypoint
+            if svc.waypoint_pods and await self._via_waypoint(sock, src, src_ip, svc, asked, fact):
+                return
+            why = waypoint_refusal(
+                f"{svc.namespace}/{svc.name}",
+                svc.waypoint,
+                svc.waypoint_refusal or "none of its pods could be reached",
+            )
+            fact(orig, "denied", "deny", why)
+            self.stats["no_endpoint"] += 1
+            _log.info("connection refused: " + why, fields={"src": src.spiffe_id})
+            return _reset(sock)
         if not eps:
             if svc is not None and svc.waypoint:  # sent without endpoints: say why
                 why = waypoint_refusal(f"{svc.namespace}/{svc.name}", svc.waypoint)
@@ -222,6 +234,51 @@ class Outbound:
             fields={"src": src.spiffe_id, "dst": f"{cap.orig_ip}:{cap.orig_port}", "tried": tried},
         )
         _reset(sock)
+
+    async def _via_waypoint(self, sock, src, src_ip: str, svc, asked: tuple, fact) -> bool:
+        """HBONE to one of svc's waypoint's pods, CONNECT to the address the workload asked
+        for (the VIP and port: the waypoint routes by them), presenting the source's identity
+        and requiring the waypoint's. False when no pod could be reached (nothing was sent)."""
+        key = svc.waypoint
+        pods = [k for k in svc.waypoint_pods if k in self.state.workloads]
+        tried: list[str] = []
+        why: list[str] = []
+        while len(tried) < len(pods):
+            k = self.lb.pick(key, "round_robin", pods, tried)
+            if k is None:
+                break
+            tried.append(k)
+            wp = self.state.workloads[k]
+            try:
+                conn = await self.pool.get(src.spiffe_id, wp.spiffe_id, (wp.ip, HBONE_PORT))
+                stream = await conn.connect(
+                    hostport(*asked), timeout=self.cfg.connect_timeout, source=src_ip
+                )
+            except (hbone.HboneError, OSError, TimeoutError) as e:
+                self.lb.failed(key, k, pods)
+                _say(
+                    why,
+                    f"waypoint pod {k} ({hostport(wp.ip, HBONE_PORT)}): {e or type(e).__name__}",
+                )
+                continue
+            _, side = await asyncio.get_running_loop().connect_accepted_socket(hbone.TcpSide, sock)
+            self.lb.opened(k)
+            labels = istio_labels("source", src, None, svc, "mutual_tls")
+            fact(
+                party(wp, ip=asked[0], port=asked[1]),
+                "hbone",
+                "allow",
+                f"to waypoint {key} (pod {k})",
+                "mutual_tls",
+                labels,
+            )
+            count_close = self._count_open([labels], (fact.key,))
+            side.on_close = lambda k=k, c=count_close: (self.lb.closed(k), c())
+            side.attach(stream)
+            self.stats["waypoint"] += 1
+            return True
+        _log.info(f"no pod of waypoint {key} could be reached: {'; '.join(why)}")
+        return False
 
     def _count_open(self, keys: list[tuple], facts=()):
         """Count a flow opened under each Istio label set; returns what counts its close (and

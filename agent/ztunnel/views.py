@@ -125,6 +125,8 @@ class Views:
                     "endpoints": list(s.endpoints),
                     "lb_policy": s.lb_policy,
                     "waypoint": s.waypoint,
+                    "waypoint_pods": list(s.waypoint_pods),
+                    "waypoint_refusal": s.waypoint_refusal,
                 }
                 for s in self.state.services.values()
             ],

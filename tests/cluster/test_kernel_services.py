@@ -315,7 +315,7 @@ def test_a_service_that_opts_into_a_waypoint_is_refused_saying_why_until_it_opts
                        capture_output=True, text=True, check=True)  # fmt: skip
     fs = [f for f in json.loads(r.stdout)["flows"] if f["dst"]["ip"] == "10.96.0.65"]
     assert len(fs) == 2 and all(why in f["reason"] for f in fs), fs
-    assert "this mesh runs no waypoints yet" in fs[0]["reason"]
+    assert "and no Gateway (class istio-waypoint) defines it" in fs[0]["reason"]
     r = subprocess.run([sys.executable, "-m", "agent.cli", "services", "--node", f"{L.name}/n1"],
                        capture_output=True, text=True, check=True)  # fmt: skip
     assert "opts into waypoint default/edge" in r.stdout, r.stdout

@@ -485,7 +485,7 @@ def test_service_vip_spreads_by_policy_and_ejects_a_dead_endpoint(tlab, procs):
 
 def test_a_service_that_opts_into_a_waypoint_is_refused_by_the_tunnel_saying_why(tlab, procs):
     """The tunnel resolves VIPs in this lab (capture.same_node: tunnel): a Service labelled
-    istio.io/use-waypoint, while this mesh runs no waypoint, reaches it without endpoints, and
+    istio.io/use-waypoint, for a waypoint no Gateway defines, reaches it without endpoints, and
     its connections are reset, the flow saying which waypoint and why (before: the label was
     dropped and the flow went to an endpoint, without the L7 rules the operator opted into)."""
     L, _ = tlab
@@ -523,8 +523,8 @@ def test_a_service_that_opts_into_a_waypoint_is_refused_by_the_tunnel_saying_why
         fs = wait_for(denied, 10, what="the refused flow in dabba flows")
         assert len(fs) == 1, fs
         assert fs[0]["reason"].startswith(
-            "service default/wp opts into waypoint default/ns-wp (istio.io/use-waypoint): this "
-            "mesh runs no waypoints yet"
+            "service default/wp opts into waypoint default/ns-wp (istio.io/use-waypoint) and no "
+            "Gateway (class istio-waypoint) defines it: connections to the service are refused"
         ), fs
     finally:
         os.unlink(path)

@@ -77,7 +77,7 @@ def test_a_lab_services_labels_reach_the_registry(tmp_path):
     svc = {"name": "web", "namespace": "shop", "vip": "10.96.0.10", "selector": {"app": "web"},
            "lb_policy": "round_robin", "ports": [{"port": 80, "target_port": 8080}],
            "labels": {"istio.io/use-waypoint": "wp"}}  # fmt: skip
-    lab = SimpleNamespace(pods=[], services=[svc])
+    lab = SimpleNamespace(pods=[], services=[svc], waypoints=[])
     (tmp_path / "lab.yaml").write_text(yaml.safe_dump_all(registry_docs(lab)))
     st = load_dir(str(tmp_path))
     assert st.services["shop/web"].labels == {"istio.io/use-waypoint": "wp"}

@@ -87,10 +87,10 @@ def test_the_opt_in_is_read_from_the_service_and_its_namespace_and_said_at_load(
         f"{path}:6: " + m.waypoint_refusal("shop/web", "shop/shop-waypoint"),
     ]
     assert st.warnings[2].endswith(
-        "service shop/web opts into waypoint shop/shop-waypoint (istio.io/use-waypoint): this "
-        "mesh runs no waypoints yet, so connections to the service are refused rather than "
-        "carried without its L7 routing and policies (remove the label, or set it to none, to "
-        "carry them at L4)"
+        "service shop/web opts into waypoint shop/shop-waypoint (istio.io/use-waypoint) and no "
+        "Gateway (class istio-waypoint) defines it: connections to the service are refused "
+        "rather than carried without its L7 routing and policies (remove the label, or set it "
+        "to none, to carry them at L4)"
     )
 
 
@@ -165,7 +165,9 @@ def test_kubernetes_services_and_namespaces_carry_the_opt_in():
 def test_a_refused_connect_to_such_a_service_says_why():
     web = SimpleNamespace(name="web", namespace="front", ip="10.0.0.1",
                           spiffe_id="spiffe://td/ns/front/sa/web", labels={})  # fmt: skip
-    svc = SimpleNamespace(name="api", namespace="back", vip="10.96.0.5", waypoint="back/wp")
+    svc = SimpleNamespace(
+        name="api", namespace="back", vip="10.96.0.5", waypoint="back/wp", waypoint_refusal=""
+    )
     t = FlowTable(10, {7: web}.get, {}.get, set, service_of={"10.96.0.5": svc}.get)
     now = time.time()
     t.on_closed(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agent/control/proto/control.proto\x12\x10\x64\x61\x62\x62\x61.control.v1\"L\n\x0bJoinRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"q\n\x0fNodeCertificate\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"#\n\x10RenewNodeRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"G\n\x13SignWorkloadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"\x82\x01\n\x13WorkloadCertificate\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x02 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x03 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\x12\x0e\n\x06serial\x18\x05 \x01(\t\"$\n\x0cWatchRequest\x12\x14\n\x0chave_version\x18\x01 \x01(\x04\"\x96\x03\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.dabba.control.v1.Workload.LabelsEntry\x12\x11\n\tspiffe_id\x18\x07 \x01(\t\x12\x0e\n\x06\x63group\x18\x08 \x01(\t\x12\x11\n\tmtls_mode\x18\t \x01(\t\x12;\n\tport_mtls\x18\n \x03(\x0b\x32(.dabba.control.v1.Workload.PortMtlsEntry\x12\r\n\x05netns\x18\x0b \x01(\t\x12\x0f\n\x07pod_uid\x18\x0c \x01(\t\x12\x0b\n\x03ip6\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rPortMtlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x9d\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12,\n\x05ports\x18\x04 \x03(\x0b\x32\x1d.dabba.control.v1.ServicePort\x12\x11\n\tlb_policy\x18\x05 \x01(\t\x12\x11\n\tendpoints\x18\x06 \x03(\t\x12\x10\n\x08waypoint\x18\x07 \x01(\t\"%\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8a\x01\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x04 \x03(\t\x12\x11\n\tip_blocks\x18\x05 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x06 \x03(\t\"-\n\tOperation\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x11\n\tnot_ports\x18\x02 \x03(\r\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"\xa6\x01\n\x04Rule\x12)\n\x07sources\x18\x01 \x03(\x0b\x32\x18.dabba.control.v1.Source\x12/\n\noperations\x18\x02 \x03(\x0b\x32\x1b.dabba.control.v1.Operation\x12/\n\nconditions\x18\x03 \x03(\x0b\x32\x1b.dabba.control.v1.Condition\x12\x11\n\tl7_fields\x18\x04 \x03(\t\"\x8b\x02\n\x13\x41uthorizationPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0chas_selector\x18\x04 \x01(\x08\x12\x45\n\x08selector\x18\x05 \x03(\x0b\x32\x33.dabba.control.v1.AuthorizationPolicy.SelectorEntry\x12%\n\x05rules\x18\x06 \x03(\x0b\x32\x16.dabba.control.v1.Rule\x12\x0e\n\x06origin\x18\x07 \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0ctrust_domain\x18\x02 \x01(\t\x12-\n\tworkloads\x18\x03 \x03(\x0b\x32\x1a.dabba.control.v1.Workload\x12+\n\x08services\x18\x04 \x03(\x0b\x32\x19.dabba.control.v1.Service\x12%\n\x05nodes\x18\x05 \x03(\x0b\x32\x16.dabba.control.v1.Node\x12\x37\n\x08policies\x18\x06 \x03(\x0b\x32%.dabba.control.v1.AuthorizationPolicy\x12\x18\n\x10trust_bundle_pem\x18\x07 \x01(\x0c\x12\x14\n\x0csigning_root\x18\x08 \x01(\t\x12\x16\n\x0eroot_namespace\x18\t \x01(\t\x12\x17\n\x0frevoked_serials\x18\n \x03(\t2P\n\x04Join\x12H\n\x04Join\x12\x1d.dabba.control.v1.JoinRequest\x1a!.dabba.control.v1.NodeCertificate2\x82\x02\n\x07\x43ontrol\x12\\\n\x0cSignWorkload\x12%.dabba.control.v1.SignWorkloadRequest\x1a%.dabba.control.v1.WorkloadCertificate\x12R\n\tRenewNode\x12\".dabba.control.v1.RenewNodeRequest\x1a!.dabba.control.v1.NodeCertificate\x12\x45\n\x05Watch\x12\x1e.dabba.control.v1.WatchRequest\x1a\x1a.dabba.control.v1.Snapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agent/control/proto/control.proto\x12\x10\x64\x61\x62\x62\x61.control.v1\"L\n\x0bJoinRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"q\n\x0fNodeCertificate\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"#\n\x10RenewNodeRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"G\n\x13SignWorkloadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"\x82\x01\n\x13WorkloadCertificate\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x02 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x03 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\x12\x0e\n\x06serial\x18\x05 \x01(\t\"$\n\x0cWatchRequest\x12\x14\n\x0chave_version\x18\x01 \x01(\x04\"\xa8\x03\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.dabba.control.v1.Workload.LabelsEntry\x12\x11\n\tspiffe_id\x18\x07 \x01(\t\x12\x0e\n\x06\x63group\x18\x08 \x01(\t\x12\x11\n\tmtls_mode\x18\t \x01(\t\x12;\n\tport_mtls\x18\n \x03(\x0b\x32(.dabba.control.v1.Workload.PortMtlsEntry\x12\r\n\x05netns\x18\x0b \x01(\t\x12\x0f\n\x07pod_uid\x18\x0c \x01(\t\x12\x0b\n\x03ip6\x18\r \x01(\t\x12\x10\n\x08waypoint\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rPortMtlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xce\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12,\n\x05ports\x18\x04 \x03(\x0b\x32\x1d.dabba.control.v1.ServicePort\x12\x11\n\tlb_policy\x18\x05 \x01(\t\x12\x11\n\tendpoints\x18\x06 \x03(\t\x12\x10\n\x08waypoint\x18\x07 \x01(\t\x12\x15\n\rwaypoint_pods\x18\x08 \x03(\t\x12\x18\n\x10waypoint_refusal\x18\t \x01(\t\"%\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8a\x01\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x04 \x03(\t\x12\x11\n\tip_blocks\x18\x05 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x06 \x03(\t\"-\n\tOperation\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x11\n\tnot_ports\x18\x02 \x03(\r\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"\xa6\x01\n\x04Rule\x12)\n\x07sources\x18\x01 \x03(\x0b\x32\x18.dabba.control.v1.Source\x12/\n\noperations\x18\x02 \x03(\x0b\x32\x1b.dabba.control.v1.Operation\x12/\n\nconditions\x18\x03 \x03(\x0b\x32\x1b.dabba.control.v1.Condition\x12\x11\n\tl7_fields\x18\x04 \x03(\t\"\x8b\x02\n\x13\x41uthorizationPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0chas_selector\x18\x04 \x01(\x08\x12\x45\n\x08selector\x18\x05 \x03(\x0b\x32\x33.dabba.control.v1.AuthorizationPolicy.SelectorEntry\x12%\n\x05rules\x18\x06 \x03(\x0b\x32\x16.dabba.control.v1.Rule\x12\x0e\n\x06origin\x18\x07 \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0ctrust_domain\x18\x02 \x01(\t\x12-\n\tworkloads\x18\x03 \x03(\x0b\x32\x1a.dabba.control.v1.Workload\x12+\n\x08services\x18\x04 \x03(\x0b\x32\x19.dabba.control.v1.Service\x12%\n\x05nodes\x18\x05 \x03(\x0b\x32\x16.dabba.control.v1.Node\x12\x37\n\x08policies\x18\x06 \x03(\x0b\x32%.dabba.control.v1.AuthorizationPolicy\x12\x18\n\x10trust_bundle_pem\x18\x07 \x01(\x0c\x12\x14\n\x0csigning_root\x18\x08 \x01(\t\x12\x16\n\x0eroot_namespace\x18\t \x01(\t\x12\x17\n\x0frevoked_serials\x18\n \x03(\t2P\n\x04Join\x12H\n\x04Join\x12\x1d.dabba.control.v1.JoinRequest\x1a!.dabba.control.v1.NodeCertificate2\x82\x02\n\x07\x43ontrol\x12\\\n\x0cSignWorkload\x12%.dabba.control.v1.SignWorkloadRequest\x1a%.dabba.control.v1.WorkloadCertificate\x12R\n\tRenewNode\x12\".dabba.control.v1.RenewNodeRequest\x1a!.dabba.control.v1.NodeCertificate\x12\x45\n\x05Watch\x12\x1e.dabba.control.v1.WatchRequest\x1a\x1a.dabba.control.v1.Snapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,33 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=491
   _globals['_WATCHREQUEST']._serialized_end=527
   _globals['_WORKLOAD']._serialized_start=530
-  _globals['_WORKLOAD']._serialized_end=936
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=842
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=887
-  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_start=889
-  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_end=936
-  _globals['_SERVICEPORT']._serialized_start=938
-  _globals['_SERVICEPORT']._serialized_end=1000
-  _globals['_SERVICE']._serialized_start=1003
-  _globals['_SERVICE']._serialized_end=1160
-  _globals['_NODE']._serialized_start=1162
-  _globals['_NODE']._serialized_end=1199
-  _globals['_SOURCE']._serialized_start=1202
-  _globals['_SOURCE']._serialized_end=1340
-  _globals['_OPERATION']._serialized_start=1342
-  _globals['_OPERATION']._serialized_end=1387
-  _globals['_CONDITION']._serialized_start=1389
-  _globals['_CONDITION']._serialized_end=1449
-  _globals['_RULE']._serialized_start=1452
-  _globals['_RULE']._serialized_end=1618
-  _globals['_AUTHORIZATIONPOLICY']._serialized_start=1621
-  _globals['_AUTHORIZATIONPOLICY']._serialized_end=1888
-  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_start=1841
-  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_end=1888
-  _globals['_SNAPSHOT']._serialized_start=1891
-  _globals['_SNAPSHOT']._serialized_end=2225
-  _globals['_JOIN']._serialized_start=2227
-  _globals['_JOIN']._serialized_end=2307
-  _globals['_CONTROL']._serialized_start=2310
-  _globals['_CONTROL']._serialized_end=2568
+  _globals['_WORKLOAD']._serialized_end=954
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=860
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=905
+  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_start=907
+  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_end=954
+  _globals['_SERVICEPORT']._serialized_start=956
+  _globals['_SERVICEPORT']._serialized_end=1018
+  _globals['_SERVICE']._serialized_start=1021
+  _globals['_SERVICE']._serialized_end=1227
+  _globals['_NODE']._serialized_start=1229
+  _globals['_NODE']._serialized_end=1266
+  _globals['_SOURCE']._serialized_start=1269
+  _globals['_SOURCE']._serialized_end=1407
+  _globals['_OPERATION']._serialized_start=1409
+  _globals['_OPERATION']._serialized_end=1454
+  _globals['_CONDITION']._serialized_start=1456
+  _globals['_CONDITION']._serialized_end=1516
+  _globals['_RULE']._serialized_start=1519
+  _globals['_RULE']._serialized_end=1685
+  _globals['_AUTHORIZATIONPOLICY']._serialized_start=1688
+  _globals['_AUTHORIZATIONPOLICY']._serialized_end=1955
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_start=1908
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_end=1955
+  _globals['_SNAPSHOT']._serialized_start=1958
+  _globals['_SNAPSHOT']._serialized_end=2292
+  _globals['_JOIN']._serialized_start=2294
+  _globals['_JOIN']._serialized_end=2374
+  _globals['_CONTROL']._serialized_start=2377
+  _globals['_CONTROL']._serialized_end=2635
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,187 @@
+"""Envoy's aggregated discovery service (state of the world), for waypoints.
+
+A waypoint's Envoy calls the control plane with the node certificate of the node it runs on
+(`dabba waypoint run` hands it over) and its node id ``<namespace>/<name>``: the stream is
+served only when that Gateway exists and one of its pods is scheduled on that node. It gets
+clusters, then listeners (Envoy warms clusters before the listeners that use them), again on
+every registry change that changes them. Envoy's answer to each is its next request: the
+version it now runs (an ACK) or the one it kept and why (a NACK, error_detail). Both are logged
+and kept for `dabba control status` (waypoints); the version Envoy accepted stays in force
+there, as Envoy keeps it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+
+# typed_config types the resources use: importing registers them for Any
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
+from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, json_format
+
+from ... import log
+from . import waypoint as wpmod
+from .streams import Requests
+
+_log = log.get("xds")
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ORDER = (CDS, LDS)  # clusters before the listeners that use them
+_MESSAGE = {CDS: cluster_pb2.Cluster, LDS: listener_pb2.Listener}
+
+
+class XdsError(ValueError):
+    """A resource that is not valid Envoy configuration (a bug here, not the user's input)."""
+
+
+def pack(type_url: str, resources: list[dict]) -> list[any_pb2.Any]:
+    out = []
+    for res in resources:
+        msg = _MESSAGE[type_url]()
+        try:
+            json_format.ParseDict(res, msg)
+        except json_format.ParseError as e:
+            raise XdsError(f"{res.get('name')}: {e}") from None
+        a = any_pb2.Any()
+        a.Pack(msg)
+        out.append(a)
+    return out
+
+
+class WaypointStatus:
+    """What the control plane knows of one waypoint's Envoy."""
+
+    def __init__(self, key: str, node: str):
+        self.key, self.node = key, node
+        self.connected = time.time()
+        self.sent: dict[str, str] = {}  # type -> version last sent
+        self.accepted: dict[str, str] = {}  # type -> version Envoy runs
+        self.rejected: dict[str, tuple[str, str]] = {}  # type -> (version, Envoy's reason)
+        self.skipped: list[str] = []
+
+    def doc(self) -> dict:
+        short = {CDS: "clusters", LDS: "listeners"}
+        return {
+            "waypoint": self.key,
+            "node": self.node,
+            "connected": self.connected,
+            "sent": {short[k]: v for k, v in self.sent.items()},
+            "accepted": {short[k]: v for k, v in self.accepted.items()},
+            "rejected": {
+                short[k]: {"version": v, "reason": why} for k, (v, why) in self.rejected.items()
+            },  # fmt: skip
+            "skipped_endpoints": self.skipped,
+        }
+
+
+class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """cp: the ControlPlane; node_of(ctx) -> the calling node, from its certificate (it aborts
+    the call otherwise)."""
+
+    def __init__(self, cp, node_of):
+        self.cp, self.node_of = cp, node_of
+        self.status: dict[str, WaypointStatus] = {}
+
+    def _resources(self, key: str) -> tuple[dict[str, list[dict]], list[str]]:
+        st = self.cp.registry.state
+        wp = st.waypoints.get(key)
+        if wp is None:
+            return {CDS: [], LDS: []}, []
+        b = wpmod.build(st, wp, self.cp.cfg.trust_domain, dict(self.cp.nodes))
+        return {CDS: list(b.clusters.values()), LDS: list(b.listeners.values())}, b.skipped
+
+    async def StreamAggregatedResources(self, request_iterator, ctx):
+        node = await self.node_of(ctx)
+        async with Requests(request_iterator) as requests:
+            first = await requests.next()
+            if first is None:
+                return
+            key = first.node.id
+            st = self.cp.registry.state
+            if key not in st.waypoints:
+                await ctx.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no waypoint {key!r} (a Gateway of class istio-waypoint; the "
+                                "node id is its namespace/name)")  # fmt: skip
+            if not any(w.node == node for w in st.waypoint_pods(key)):
+                await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node {node} runs no pod of waypoint {key}")  # fmt: skip
+            status = self.status[key] = WaypointStatus(key, node)
+            _log.info("waypoint connected", fields={"waypoint": key, "node": node})
+            subscribed: set[str] = set()
+            nonces: dict[str, str] = {}
+            req = first
+            while True:
+                if req is not None:
+                    self._answer(status, req, subscribed, nonces)
+                # send what changed, in order
+                res, status.skipped = self._resources(key)
+                for t in ORDER:
+                    if t not in subscribed:
+                        continue
+                    version = wpmod.version_of(res[t])
+                    if status.sent.get(t) == version:
+                        continue
+                    try:
+                        packed = pack(t, res[t])
+                    except XdsError as e:
+                        _log.error(f"waypoint {key}: {e}; the last configuration stays")
+                        continue
+                    nonce = uuid.uuid4().hex[:12]
+                    nonces[t] = nonce
+                    status.sent[t] = version
+                    yield discovery_pb2.DiscoveryResponse(
+                        version_info=version, resources=packed, type_url=t, nonce=nonce
+                    )
+                # Envoy's next request, or a registry change
+                req = await requests.next_or(self._changed(self.cp.version))
+                if req is None:
+                    _log.info("waypoint disconnected", fields={"waypoint": key})
+                    return
+                if req is Requests.CHANGED:
+                    req = None
+
+    async def _changed(self, have: int) -> None:
+        async with self.cp.changed:
+            await self.cp.changed.wait_for(lambda: self.cp.version > have)
+
+    def _answer(self, status: WaypointStatus, req, subscribed: set, nonces: dict) -> None:
+        t = req.type_url
+        if t not in _MESSAGE:
+            _log.warning(f"waypoint {status.key} asked for {t}, which is not served")
+            return
+        subscribed.add(t)
+        if not req.response_nonce or req.response_nonce != nonces.get(t):
+            return  # a first request, or an answer to an older response
+        if req.HasField("error_detail") and req.error_detail.code:
+            version = status.sent.get(t, "")
+            status.rejected[t] = (version, req.error_detail.message)  # sent again on a change
+            _log.error(
+                "waypoint rejected its configuration (NACK); it keeps the last it accepted",
+                fields={
+                    "waypoint": status.key,
+                    "type": t.rsplit(".", 1)[-1],
+                    "version": version,
+                    "accepted": status.accepted.get(t, ""),
+                    "reason": req.error_detail.message[:500],
+                },  # fmt: skip
+            )
+        else:
+            status.accepted[t] = req.version_info
+            status.rejected.pop(t, None)
+            _log.info("waypoint accepted its configuration", fields={
+                "waypoint": status.key, "type": t.rsplit(".", 1)[-1],
+                "version": req.version_info})  # fmt: skip

