@@ -69,6 +69,7 @@ class Destination:
     subset: str = ""
     port: int = 0  # 0: the port the request came to
     weight: int = 100
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ def parse_virtual_service(doc: _Doc) -> VirtualService:
             dests.append(Destination(
                 _host(doc, dd.get("host"), (*dat, "destination", "host"), ns, "destination.host"),
                 _str(doc, dd.get("subset"), (*dat, "destination", "subset"), "subset", ""),
-                port, weight))  # fmt: skip
+                port, weight, doc.at(*dat, "destination")))  # fmt: skip
         if sum(d.weight for d in dests) != 100:
             doc.fail((*at, "route"), f"the weights sum to {sum(d.weight for d in dests)}, not 100")
         routes.append(HttpRoute(
@@ -485,14 +486,14 @@ def check(state: m.State) -> None:
         for r in vs.http:
             for d in r.destinations:
                 if d.service not in state.services:
-                    raise RoutingError(f"{r.origin}: VirtualService {vs.key}: route to "
+                    raise RoutingError(f"{d.origin}: VirtualService {vs.key}: route to "
                                        f"{d.service}, which is no service in the registry")  # fmt: skip
                 svc = state.services[d.service]
                 if d.port and not any(p.port == d.port for p in svc.ports):
-                    raise RoutingError(f"{r.origin}: VirtualService {vs.key}: {d.service} has "
+                    raise RoutingError(f"{d.origin}: VirtualService {vs.key}: {d.service} has "
                                        f"no port {d.port}")  # fmt: skip
                 if d.subset and (d.service not in rules or not rules[d.service].subset(d.subset)):
                     raise RoutingError(
-                        f"{r.origin}: VirtualService {vs.key}: subset {d.subset} of "
+                        f"{d.origin}: VirtualService {vs.key}: subset {d.subset} of "
                         f"{d.service} is defined by no DestinationRule"
                     )

@@ -337,7 +337,7 @@ class FlowTable:
                 "fact", rec.direction, rec.cgroup_id, me["workload"], me["identity"],
                 peer["ip"], peer["workload"], peer["identity"], fact["path"], fact["security"],
                 fact["verdict"], fact["reason"], fact.get("policy", ""), fact.get("service", ""),
-                labels,
+                labels, (peer.get("original") or {}).get("ip", ""),  # a waypoint's source
             )  # fmt: skip
             sh = self.shapes.get(key)
             if sh is None:

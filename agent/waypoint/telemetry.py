@@ -18,11 +18,12 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .. import log
+from ..control.xds.waypoint import SOURCE_FORWARDED, SOURCE_PRINCIPAL
+from ..ztunnel.hbone.codec import _forwarded_for
 
 _log = log.get("waypoint")
 
-SOURCE_PRINCIPAL = "io.dabba.source_principal"
-SOURCE_ADDRESS = "io.dabba.source_address"
+
 RECENT = 2048
 # Envoy's short response flags (its access log's %RESPONSE_FLAGS%), as Istio's label shows them
 FLAGS = {
@@ -98,7 +99,7 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
         c, rq, rs = e.common_properties, e.request, e.response
         fs = c.filter_state_objects
         principal = _unpack_string(fs.get(SOURCE_PRINCIPAL)) or "unknown"
-        address = _unpack_string(fs.get(SOURCE_ADDRESS)) or ""
+        address = _forwarded_for(_unpack_string(fs.get(SOURCE_FORWARDED))) or ""
         sa, sns = _workload_of_principal(principal)
         cluster = c.upstream_cluster
         svc_key, version = "", ""

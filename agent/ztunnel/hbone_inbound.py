@@ -60,7 +60,20 @@ class HboneInbound:
             self.stats["forwarded_refused"] += 1
         return ok
 
-    async def _inbound(self, authority: str, client_id: str | None, client_ip: str):
+    def _relayed(self, addr: str, client_id: str | None, peer_ip: str) -> bool:
+        """Whether the client is a waypoint relaying a flow of the mesh workload at addr (its
+        Forwarded for=): the connection comes from a waypoint's pod, with its identity."""
+        w, orig = self.state.by_ip.get(peer_ip), self.state.by_ip.get(addr)
+        ok = w is not None and bool(w.waypoint) and w.spiffe_id == client_id and orig is not None
+        if ok:
+            self.stats["forwarded_by_waypoint"] += 1
+        return ok
+
+    async def _inbound(
+        self, authority: str, client_id: str | None, client_ip: str, original: str = ""
+    ):
+        """original: the flow's source before the waypoint that relays it (client_ip is the
+        waypoint's, as its identity and the policy's source)."""
         host, port = split_hostport(authority)  # checked by the HBONE server already
         dst = self.state.by_ip.get(host)
         if dst is None or dst.node != self.cfg.node:
@@ -90,6 +103,8 @@ class HboneInbound:
         src = self.state.by_ip.get(client_ip)
         labels = istio_labels("destination", src, dst, None, "mutual_tls")
         peer = party(src, ip=client_ip, identity=client_id or "")
+        if original:  # through a waypoint: who the flow came from before it
+            peer["original"] = party(self.state.by_ip.get(original), ip=original)
         ikey = self._report_inbound(up, peer, dst, port, "hbone", "mutual_tls", d, labels)
         count_close = self._count_open([labels], (ikey,))
         side.on_close = lambda: (self.enforced.pop(key, None), count_close())

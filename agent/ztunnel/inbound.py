@@ -156,13 +156,16 @@ def serve(
     handshake_timeout: float = 10.0,
     vouch: Callable[[str, str, str], bool] | None = None,
     revoked: Callable[[str | None], bool] | None = None,
+    relayed: Callable[[str, str, str], bool] | None = None,
 ) -> Listener:
     """Serve HBONE on a listening socket (listeners.py); on_connect(authority, client id,
     client ip) returns a connected TcpSide or a refusal. client ip: the Forwarded address when
-    vouch(address, client id, peer address) says it is the client's, else the peer's."""
+    vouch(address, client id, peer address) says it is the client's, else the peer's; when
+    relayed(...) says the client is a waypoint relaying that address's flow, on_connect also
+    gets original=address."""
     return Listener(
         sock,
-        lambda: ServerConnection(identities.trust_domain, on_connect, vouch, revoked),
+        lambda: ServerConnection(identities.trust_domain, on_connect, vouch, revoked, relayed),
         identities.default,
         handshake_timeout,
     )

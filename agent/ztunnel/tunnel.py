@@ -125,6 +125,7 @@ class Tunnel(Snapshot, Outbound, PlaintextInbound, HboneInbound, Views):
             handshake_timeout=self.cfg.handshake_timeout,
             vouch=self._vouch,
             revoked=self._is_revoked,
+            relayed=self._relayed,
         )
         loop.add_reader(self.splicer.fileno(), self.splicer.process, 0)
         await self.facts.start()

@@ -20,7 +20,7 @@ import pytest
 from agent.lab import lab as labmod
 from agent.lab import mesh, spec
 from agent.lab.apps import start_nginx
-from tests.conftest import unique, wait_for, wait_port, write_registry
+from tests.conftest import REPO, spiffe, unique, wait_for, wait_port, write_registry
 
 VIP = "10.96.0.60"
 MARKER = "waypoint-marker-7c1f0e"
@@ -145,10 +145,22 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
     fs = [f for f in _flows(L, "n1", "--state", "closed") if f["dst"]["ip"] == VIP]
     assert fs and all(f["path"] == "hbone" and f["dst"]["workload"] == "default/wp" for f in fs)
     assert fs[-1]["reason"] == "to waypoint default/wp (pod default/wp)"
-    # the destination's tunnel saw the waypoint's identity as the peer
+    # the destination's tunnel saw the waypoint's identity as the peer, and the flow's source
+    # before it (the waypoint forwarded it)
     ins = [f for f in _flows(L, "n2") if f["direction"] == "inbound"]  # Envoy keeps them open
-    assert ins and {f["src"]["identity"] for f in ins} == {
-        "spiffe://cluster.local/ns/default/sa/wp"}, ins  # fmt: skip
+    assert ins and {(f["src"]["identity"], f["src"]["workload"], f["src"]["original"]["workload"],
+                     f["src"]["original"]["ip"]) for f in ins} == {
+        ("spiffe://cluster.local/ns/default/sa/wp", "default/wp", "default/n1-p1",
+         L.pod("n1-p1").ip)}, ins  # fmt: skip
+    # dabba requests: each with its source's identity and address, destination and status
+    r = L.run("wp", [sys.executable, "-m", "agent.cli", "requests", "--waypoint", "127.0.0.1",
+                     "-o", "json", "--limit", "20"], cwd=REPO)  # fmt: skip
+    reqs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(reqs) == 20 and {(q["source"]["principal"], q["source"]["address"], q["method"],
+                                 q["status"], q["destination"]["service"]) for q in reqs} == {
+        (spiffe(L.pod("n1-p1")), L.pod("n1-p1").ip, "GET", 200, "default/api")}, reqs  # fmt: skip
+    assert sorted(q["destination"]["workload"] for q in reqs) == ["default/n2-p1"] * 10 + [
+        "default/n2-p2"] * 10  # fmt: skip
 
 
 def test_canary_weights_and_a_header_match_route_each_request(wlab):

@@ -37,7 +37,12 @@ CONNECT_TIMEOUT = "5s"
 DEFAULT_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
                              "retriable-status-codes",
                  "num_retries": 2, "retriable_status_codes": [503]}  # fmt: skip
-SNI_SUFFIX = "hbone.dabba"  # as agent/ztunnel/tls.py: <sa>.<ns>.hbone.dabba
+SNI_SUFFIX = "hbone.dabba"
+# what the waypoint knows of a request's source, from the HBONE connection it came on: set
+# at 15008, carried through the internal listeners (filter state shared transitively over
+# internal_upstream), logged with each request and forwarded to the destination's tunnel
+SOURCE_PRINCIPAL = "io.dabba.source_principal"  # the client's SPIFFE ID (its certificate)
+SOURCE_FORWARDED = "io.dabba.source_forwarded"  # its tunnel's Forwarded: for=<address>  # as agent/ztunnel/tls.py: <sa>.<ns>.hbone.dabba
 
 
 def sni_for(spiffe_id: str) -> str:
@@ -69,6 +74,19 @@ def _internal(name: str) -> dict:
     return {"envoy_internal_address": {"server_listener_name": name}}
 
 
+# clusters whose endpoints are internal listeners: filter state crosses to them
+INTERNAL_UPSTREAM = {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
+    "@type": T + "extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+    "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+        "@type": T + "extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}}}  # fmt: skip
+
+
+def _keep(key: str, value: str) -> dict:
+    return {"object_key": key, "factory_key": "envoy.string", "shared_with_upstream": "TRANSITIVE",
+            "skip_if_empty": True,
+            "format_string": {"text_format_source": {"inline_string": value}}}  # fmt: skip
+
+
 def _static(name: str, addresses: list[dict]) -> dict:
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": a}} for a in addresses]}]}  # fmt: skip
@@ -78,8 +96,8 @@ def _access_log(waypoint: r.Waypoint) -> list[dict]:
     return [{"name": "envoy.access_loggers.http_grpc", "typed_config": {
         "@type": T + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
         "common_config": {"log_name": waypoint.key, "transport_api_version": "V3",
-                          "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}}},
-        "additional_request_headers_to_log": ["x-dabba-source"],
+                          "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
+                          "filter_state_objects_to_log": [SOURCE_PRINCIPAL, SOURCE_FORWARDED]},
     }}]  # fmt: skip
 
 
@@ -136,7 +154,7 @@ class Builder:
                 inner = f"svc|{svc.key}|{sp.port}"
                 self.clusters[f"inner|{svc.key}|{sp.port}"] = {
                     "name": f"inner|{svc.key}|{sp.port}", "type": "STATIC",
-                    "connect_timeout": CONNECT_TIMEOUT,
+                    "connect_timeout": CONNECT_TIMEOUT, "transport_socket": INTERNAL_UPSTREAM,
                     "load_assignment": _static(f"inner|{svc.key}|{sp.port}", [_internal(inner)]),
                 }  # fmt: skip
                 vhosts.append({
@@ -173,8 +191,14 @@ class Builder:
                     "http2_protocol_options": {"allow_connect": True},
                     "upgrade_configs": [{"upgrade_type": "CONNECT"}],
                     "route_config": {"name": "hbone_in", "virtual_hosts": vhosts},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": T + "extensions.filters.http.router.v3.Router"}}],
+                    "http_filters": [
+                        {"name": "envoy.filters.http.set_filter_state", "typed_config": {
+                            "@type": T + "extensions.filters.http.set_filter_state.v3.Config",
+                            "on_request_headers": [
+                                _keep(SOURCE_PRINCIPAL, "%DOWNSTREAM_PEER_URI_SAN%"),
+                                _keep(SOURCE_FORWARDED, "%REQ(forwarded)%")]}},
+                        {"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": T + "extensions.filters.http.router.v3.Router"}}],
                 }}],
             }],
         }  # fmt: skip
@@ -279,6 +303,7 @@ class Builder:
             "type": "STATIC",
             "connect_timeout": CONNECT_TIMEOUT,
             "load_assignment": _static(name, addrs),
+            "transport_socket": INTERNAL_UPSTREAM,
         }
         if policy is not None:
             c.update(_traffic_policy(policy))
@@ -316,7 +341,11 @@ class Builder:
                     "@type": T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
                     "stat_prefix": name,
                     "cluster": hbone,
-                    "tunneling_config": {"hostname": target},
+                    "tunneling_config": {"hostname": target, "headers_to_add": [{
+                        # the destination's tunnel records the flow's source before the waypoint
+                        "header": {"key": "forwarded",
+                                   "value": f"%FILTER_STATE({SOURCE_FORWARDED}:PLAIN)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
                 },
             }]}],
         }  # fmt: skip

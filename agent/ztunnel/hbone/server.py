@@ -37,6 +37,7 @@ class ServerConnection(H2Connection):
         on_connect: Callable[[str, str | None, str], Awaitable[TcpSide | str]],
         vouch: Callable[[str, str, str], bool] | None = None,
         revoked: Callable[[str | None], bool] | None = None,
+        relayed: Callable[[str, str, str], bool] | None = None,
     ):
         super().__init__()
         self.trust_domain = trust_domain
@@ -47,6 +48,10 @@ class ServerConnection(H2Connection):
         # (Forwarded for= address, client SPIFFE ID, peer address) -> whether the address is
         # the client's to claim; None: never (the peer's own address is used)
         self.vouch = vouch
+        # (Forwarded for= address, client SPIFFE ID, peer address) -> whether the client is a
+        # waypoint relaying a flow of that workload: the flow is the waypoint's (its identity
+        # and address), and the address is told to on_connect as the original source
+        self.relayed = relayed
         self.pending = 0  # CONNECTs whose upstream connect runs (MAX_PENDING_OPENS)
 
     idle_timeout = 300.0  # a connection without streams and without bytes this long is closed
@@ -151,16 +156,24 @@ class ServerConnection(H2Connection):
                 # not claim any address it likes and pass ipBlocks rules everywhere
                 peer_ip = peer[0] if peer else ""
                 src_ip = peer_ip
+                original = ""
                 if s.source and s.source != peer_ip:
                     if self.vouch is not None and self.vouch(s.source, self.peer_id, peer_ip):
                         src_ip = s.source
+                    elif self.relayed is not None and self.relayed(s.source, self.peer_id, peer_ip):
+                        original = s.source
                     else:
                         _log.warning(
                             "Forwarded address not honoured: not a workload of the client on "
                             "its node",
                             fields={"forwarded": s.source, "client": self.peer_id, "peer": peer_ip},
                         )
-                result = await self.on_connect(s.authority, self.peer_id, src_ip)
+                if original:
+                    result = await self.on_connect(
+                        s.authority, self.peer_id, src_ip, original=original
+                    )
+                else:
+                    result = await self.on_connect(s.authority, self.peer_id, src_ip)
         except Exception as e:  # a failing callback must not take the connection down
             result = f"internal error: {e}"
         if s.closed or self.transport.is_closing():

@@ -1,0 +1,173 @@
+"""L7 routing documents (Gateway of class istio-waypoint, VirtualService, DestinationRule): what
+is accepted, what becomes each waypoint's Envoy configuration, and the bad input each refuses
+with its file and line (the last good state stays: the registry's reload is all or nothing,
+tried in tests/unit/test_registry.py and, against a real Envoy, tests/cluster/test_waypoint.py).
+"""
+
+import textwrap
+
+import pytest
+
+from agent.control import routing
+from agent.control.registry import RegistryError, load_dir
+from agent.control.xds import ads
+from agent.control.xds import waypoint as wpx
+
+BASE = textwrap.dedent("""\
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata: {name: api-1, namespace: shop, labels: {app: api, version: v1}}
+    spec: {serviceAccount: api, node: n2, ip: 10.20.2.11}
+    ---
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata: {name: api-2, namespace: shop, labels: {app: api, version: v2}}
+    spec: {serviceAccount: api, node: n2, ip: 10.20.2.12}
+    ---
+    apiVersion: dabbawala.io/v1
+    kind: Workload
+    metadata:
+      name: wp
+      namespace: shop
+      labels: {gateway.networking.k8s.io/gateway-name: wp}
+    spec: {serviceAccount: wp, node: n3, ip: 10.20.3.11}
+    ---
+    apiVersion: dabbawala.io/v1
+    kind: Service
+    metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+    spec: {vip: 10.96.0.60, ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {name: wp, namespace: shop}
+    spec: {gatewayClassName: istio-waypoint}
+""")
+RULE = textwrap.dedent("""\
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: api, namespace: shop}
+    spec:
+      host: api
+      trafficPolicy:
+        connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+        outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 30s}
+      subsets:
+      - {name: v1, labels: {version: v1}}
+      - {name: v2, labels: {version: v2}}
+""")
+ROUTE = textwrap.dedent("""\
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: api, namespace: shop}
+    spec:
+      hosts: [api.shop.svc.cluster.local]
+      http:
+      - name: get-only
+        match: [{method: {exact: GET}, uri: {prefix: /v2}}]
+        route: [{destination: {host: api, subset: v2}}]
+        retries: {attempts: 3, perTryTimeout: 200ms, retryOn: 5xx}
+        timeout: 1s
+      - name: split
+        route:
+        - {destination: {host: api, subset: v1}, weight: 90}
+        - {destination: {host: api, subset: v2}, weight: 10}
+        fault: {abort: {httpStatus: 503, percentage: {value: 5}}}
+""")
+
+
+def _load(tmp_path, *texts):
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.yaml").write_text(t)
+    return load_dir(str(tmp_path))
+
+
+def test_routing_documents_are_read_into_the_state(tmp_path):
+    st = _load(tmp_path, BASE, RULE, ROUTE)
+    assert st.waypoints["shop/wp"].spiffe("td") == "spiffe://td/ns/shop/sa/wp"
+    assert [w.key for w in st.waypoint_pods("shop/wp")] == ["shop/wp"]
+    assert st.warnings == []  # the service's waypoint exists and has a pod
+    vs = st.virtual_services["shop/api"]
+    assert vs.hosts == ("shop/api",)
+    first, split = vs.http
+    assert first.matches[0].method == routing.StringMatch("exact", "GET")
+    assert first.retries == routing.Retries(3, 0.2, "5xx") and first.timeout == 1.0
+    assert [(d.subset, d.weight) for d in split.destinations] == [("v1", 90), ("v2", 10)]
+    assert split.fault == routing.Fault(abort_percent=5.0, abort_status=503)
+    tp = st.destination_rules["shop/api"].policy
+    assert (tp.max_connections, tp.max_pending, tp.consecutive_5xx, tp.base_ejection) == (
+        1, 1, 2, 30.0)  # fmt: skip
+
+
+def test_a_waypoints_configuration_is_valid_envoy_configuration(tmp_path):
+    """Every resource packs into Envoy's own protos (an unknown field or a wrong type fails
+    there), and names what telemetry reads back."""
+    st = _load(tmp_path, BASE, RULE, ROUTE)
+    b = wpx.build(st, st.waypoints["shop/wp"], "td", {"n2": "10.10.0.12"})
+    ads.pack(ads.CDS, list(b.clusters.values()))
+    ads.pack(ads.LDS, list(b.listeners.values()))
+    assert sorted(b.listeners) == [
+        "ep|shop/api-1|10.20.2.11:8080", "ep|shop/api-2|10.20.2.12:8080", "hbone_in",
+        "svc|shop/api|80"]  # fmt: skip
+    assert sorted(b.clusters) == [
+        "hbone|n2|spiffe://td/ns/shop/sa/api", "inner|shop/api|80", "out|shop/api|80|v1",
+        "out|shop/api|80|v2"]  # fmt: skip
+    vhosts = b.listeners["hbone_in"]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"]  # fmt: skip
+    assert [v["domains"] for v in vhosts] == [["10.96.0.60:80"]]
+    hcm = b.listeners["svc|shop/api|80"]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["route"]["retry_policy"] == {
+        "retry_on": "5xx", "num_retries": 3, "per_try_timeout": "0.200000s"}  # fmt: skip
+    assert routes[1]["route"]["weighted_clusters"]["clusters"] == [
+        {"name": "out|shop/api|80|v1", "weight": 90}, {"name": "out|shop/api|80|v2", "weight": 10}]  # fmt: skip
+    v1 = b.clusters["out|shop/api|80|v1"]
+    assert v1["circuit_breakers"]["thresholds"] == [
+        {"max_connections": 1, "max_pending_requests": 1}
+    ]
+    assert v1["outlier_detection"]["consecutive_5xx"] == 2
+    tls = b.clusters["hbone|n2|spiffe://td/ns/shop/sa/api"]["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.shop.hbone.dabba"  # the destination's tunnel picks its identity so
+    # a node no pod is known on is left out, and said
+    b = wpx.build(st, st.waypoints["shop/wp"], "td", {})
+    assert sorted(b.skipped) == [
+        "shop/api-1: node n2 has no known address", "shop/api-2: node n2 has no known address"]  # fmt: skip
+
+
+BAD = [
+    # (document, the error's line, what it says)
+    (ROUTE.replace("weight: 10", "weight: 20"), 14, "the weights sum to 110, not 100"),
+    (ROUTE.replace("subset: v2}, weight", "subset: v3}, weight"), 15,
+     "subset v3 of shop/api is defined by no DestinationRule"),
+    (ROUTE.replace("hosts: [api.shop.svc.cluster.local]", "hosts: [nope]"), 1,
+     "host shop/nope is no service in the registry"),
+    (ROUTE.replace("timeout: 1s", "timeout: soon"), 11, "timeout: 'soon' is not a duration"),
+    (ROUTE.replace("retryOn: 5xx", "retryOn: sometimes"), 10, "unknown condition 'sometimes'"),
+    (ROUTE.replace("  - name: split", "  - name: split\n    mirror: {host: api}"), 13,
+     "http route: unknown field 'mirror'"),
+    (ROUTE.replace("{prefix: /v2}", "{glob: /v2}"), 8, "unknown match 'glob'"),
+    (RULE.replace("version: v2}", "version: v9}"), 1,
+     "subset v2 (version=v9) matches none of shop/api's pods (shop/api-1, shop/api-2)"),
+    (RULE.replace("maxConnections: 1", "maxConnections: lots"), 7,
+     "maxConnections must be a whole number"),
+    (BASE.replace("istio-waypoint", "istio"), 27, "class 'istio' is not served here"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("doc,line,what", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_routing_input_is_refused_naming_file_and_line(tmp_path, doc, line, what):
+    texts = [BASE, RULE, ROUTE]
+    i = next(i for i, t in enumerate(texts) if t.split("\n")[1] == doc.split("\n")[1]
+             and t.split("kind: ")[1][:8] == doc.split("kind: ")[1][:8])  # fmt: skip
+    texts[i] = doc
+    with pytest.raises(RegistryError) as e:
+        _load(tmp_path, *texts)
+    assert str(e.value).startswith(f"{tmp_path / f'{i}.yaml'}:{line}: "), str(e.value)
+    assert what in str(e.value)
+
+
+def test_host_names_as_istio_writes_them():
+    assert routing.host_key("api", "shop") == "shop/api"
+    assert routing.host_key("api.other", "shop") == "other/api"
+    assert routing.host_key("api.other.svc.cluster.local", "shop") == "other/api"
+    assert routing.host_key("*.shop.svc.cluster.local", "shop") == ""
+    assert routing.host_key("example.com.au", "shop") == ""
