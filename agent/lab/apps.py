@@ -68,3 +68,49 @@ def start_nginx(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+# An HTTP/1.1 server whose answers a test chooses by path, for L7 behaviour through waypoints:
+# /half fails every other request with 503, /slow answers after 1 s, /sick answers 503 when
+# the server was started sick; anything else 200. The body names the pod.
+HTTP_APP = r"""
+import sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ip, port, name, sick = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "sick"
+lock, n = threading.Lock(), [0]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        if self.headers.get("Content-Length"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+        code, path = 200, self.path.split("?")[0]
+        if path == "/half":
+            with lock:
+                n[0] += 1
+                code = 503 if n[0] % 2 else 200
+        elif path == "/slow":
+            time.sleep(1.0)
+        elif path == "/sick" and sick:
+            code = 503
+        body = (name + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer((ip, port), H).serve_forever()
+"""
+
+
+def start_http_app(lab: Lab, pod: str, port: int, sick: bool = False):
+    """HTTP_APP in the pod on its address and port (the caller stops it)."""
+    p = lab.pod(pod)
+    return lab.popen(
+        pod,
+        ["python3", "-c", HTTP_APP, p.ip, str(port), pod, "sick" if sick else "well"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

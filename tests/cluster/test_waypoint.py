@@ -19,10 +19,11 @@ import pytest
 
 from agent.lab import lab as labmod
 from agent.lab import mesh, spec
-from agent.lab.apps import start_nginx
+from agent.lab.apps import start_http_app, start_nginx
 from tests.conftest import REPO, spiffe, unique, wait_for, wait_port, write_registry
 
 VIP = "10.96.0.60"
+FLAKY = "10.96.0.61"  # the same pods, the HTTP app (apps.HTTP_APP) on 8081; n2-p2 sick
 MARKER = "waypoint-marker-7c1f0e"
 CANARY = [
     {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
@@ -48,8 +49,9 @@ def wlab():
     for p in sp.pods:
         if p.node == "n2":
             p.labels = {"app": "api", "version": "v1" if p.name == "n2-p1" else "v2"}
-    sp.services = [spec.ServiceSpec("api", VIP, [spec.ServicePort(80, 8080)], {"app": "api"},
-                                    labels={"istio.io/use-waypoint": "wp"})]  # fmt: skip
+    sp.services = [spec.ServiceSpec(name, vip, [spec.ServicePort(80, port)], {"app": "api"},
+                                    labels={"istio.io/use-waypoint": "wp"})
+                   for name, vip, port in (("api", VIP, 8080), ("flaky", FLAKY, 8081))]  # fmt: skip
     sp.waypoints = [spec.WaypointSpec("wp", "n3")]
     name = unique("wp")
     L = labmod.up(name, sp)
@@ -58,8 +60,10 @@ def wlab():
         procs += list(mesh.up(L, capture=True).values())
         for pod in ("n2-p1", "n2-p2"):  # after the agents: their sockets are the mesh's
             procs.append(start_nginx(L, pod, 8080, f"/tmp/{name}-{pod}", text=f"{pod}\\n"))
+            procs.append(start_http_app(L, pod, 8081, sick=pod == "n2-p2"))
         for pod in ("n2-p1", "n2-p2"):
-            wait_port(L, pod, L.pod(pod).ip, 8080)
+            for port in (8080, 8081):
+                wait_port(L, pod, L.pod(pod).ip, port)
         yield L, procs
     finally:
         for p in procs:
@@ -75,6 +79,40 @@ def _get(L, n: int, *extra: str) -> collections.Counter:
               check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return collections.Counter(r.stdout.split())
+
+
+def _codes(L, url: str, n: int, *extra: str) -> collections.Counter:
+    """n requests (curl's URL globbing, one connection); their status codes."""
+    r = L.run("n1-p1", ["curl", "-s", "--max-time", "120", "-o", "/dev/null", "-w",
+                        "%{http_code}\\n", *extra, f"{url}?n=[1-{n}]"], check=False)  # fmt: skip
+    return collections.Counter(r.stdout.split())
+
+
+def _requests(L, since: int = 0) -> list[dict]:
+    doc = json.loads(
+        L.run("wp", ["curl", "-s", f"http://127.0.0.1:15020/requests?since={since}"]).stdout
+    )
+    return doc["requests"]
+
+
+def _logged(L, since: int, n: int) -> list[dict]:
+    """The requests after since, once the waypoint's access log brought n of them (Envoy sends
+    its log in batches)."""
+    return wait_for(lambda: (r := _requests(L, since)) and len(r) >= n and r, 15,
+                    what=f"{n} requests in the waypoint's access log")  # fmt: skip
+
+
+def _last_seq(L) -> int:
+    """The last request the waypoint logged, once its log is quiet (Envoy sends it in
+    batches: what an earlier step sent may still be on its way)."""
+    last = -1
+    while True:
+        reqs = _requests(L)
+        seq = reqs[-1]["seq"] if reqs else 0
+        if seq == last:
+            return seq
+        last = seq
+        time.sleep(0.5)
 
 
 def _metrics(L) -> dict[tuple, float]:
@@ -117,7 +155,8 @@ def _clear_routing(L) -> None:
 def _accepted(L):
     st = _control_status(L)
     wp = next((w for w in st["waypoints"] if w["waypoint"] == "default/wp"), {})
-    return (wp.get("accepted") or {}).get("listeners")
+    acc = wp.get("accepted") or {}
+    return (acc["clusters"], acc["listeners"]) if "listeners" in acc else None
 
 
 def _control_status(L) -> dict:
@@ -243,5 +282,82 @@ def test_the_waypoint_comes_back_after_envoy_dies_with_its_configuration(wlab):
             and st2["envoy_restarts"] == st["envoy_restarts"] + 1
         )
         assert _get(L, 20, "-H", "x-canary: yes") == {"n2-p2": 20}  # its routing came back
+    finally:
+        _clear_routing(L)
+
+
+FLAKY_ROUTES = [
+    {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+     "metadata": {"name": "flaky", "namespace": "default"},
+     "spec": {"hosts": ["flaky"], "http": [
+         {"name": "retried", "match": [{"uri": {"prefix": "/half"}}],
+          "route": [{"destination": {"host": "flaky"}}],
+          "retries": {"attempts": 3, "retryOn": "5xx"}},
+         {"name": "timed", "match": [{"uri": {"prefix": "/slow"}}],
+          "route": [{"destination": {"host": "flaky"}}], "timeout": "200ms"},
+         {"name": "faulty", "match": [{"uri": {"prefix": "/fault"}}],
+          "route": [{"destination": {"host": "flaky"}}],
+          "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 50}}}},
+         {"name": "rest", "route": [{"destination": {"host": "flaky"}}]}]}},
+]  # fmt: skip
+
+
+def test_retries_timeouts_and_fault_injection(wlab):
+    L, _ = wlab
+    try:
+        _routing(L, FLAKY_ROUTES)
+        # each pod fails every other request: 3 retries on 5xx hide every failure
+        seq = _last_seq(L)
+        assert _codes(L, f"http://{FLAKY}/half", 1000) == {"200": 1000}
+        half = _logged(L, seq, 1000)
+        assert len(half) == 1000 and sum(q["attempts"] > 1 for q in half) >= 400, half[-3:]
+        # a 200 ms timeout against an endpoint that answers after 1 s
+        r = L.run("n1-p1", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
+                            f"http://{FLAKY}/slow"])  # fmt: skip
+        code, took = r.stdout.split()
+        assert code == "504" and float(took) < 1.0, r.stdout  # Envoy's, before the endpoint's
+        assert _logged(L, seq + 1000, 1)[-1]["flags"] == "UT"
+        # half the requests aborted by the fault filter, before any endpoint
+        seq = _last_seq(L)
+        got = _codes(L, f"http://{FLAKY}/fault", 400)
+        assert sum(got.values()) == 400 and 140 <= got["503"] <= 260, got
+        fi = [q for q in _logged(L, seq, 400) if q["status"] == 503]
+        assert len(fi) == got["503"] and {q["flags"] for q in fi} == {"FI"}
+        assert all(q["destination"]["workload"] == "" for q in fi)  # no endpoint saw them
+    finally:
+        _clear_routing(L)
+
+
+def _breaker(max_conn: int, pending: int) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "flaky", "namespace": "default"},
+            "spec": {"host": "flaky", "trafficPolicy": {"connectionPool": {
+                "tcp": {"maxConnections": max_conn},
+                "http": {"http1MaxPendingRequests": pending}}}}}  # fmt: skip
+
+
+def test_circuit_breaking_and_outlier_detection(wlab):
+    L, _ = wlab
+    try:
+        # one connection and one pending request: a burst of 1 s requests overflows
+        _routing(L, [_breaker(1, 1)])
+        seq = _last_seq(L)
+        urls = [a for i in range(12) for a in ("-o", "/dev/null", f"http://{FLAKY}/slow?i={i}")]
+        r = L.run("n1-p1", ["curl", "-s", "-w", "%{http_code}\\n", "--parallel",
+                            "--parallel-immediate", "--parallel-max", "12", *urls], check=False)  # fmt: skip
+        got = collections.Counter(r.stdout.split())
+        assert sum(got.values()) == 12 and got["503"] >= 6 and got["200"] >= 1, got
+        over = [q for q in _logged(L, seq, 12) if q["status"] == 503]
+        assert len(over) == got["503"] and all("UO" in q["flags"] for q in over), over
+        # a sick endpoint (n2-p2 answers /sick with 503) is ejected after its first 5xx
+        _routing(L, [{**_breaker(100, 100), "spec": {"host": "flaky", "trafficPolicy": {
+            "outlierDetection": {"consecutive5xxErrors": 1, "interval": "1s",
+                                 "baseEjectionTime": "60s", "maxEjectionPercent": 100}}}}])  # fmt: skip
+        assert _codes(L, f"http://{FLAKY}/sick", 10) == {"200": 10}  # retried to the well one
+        seq = _last_seq(L)
+        assert _codes(L, f"http://{FLAKY}/sick", 20) == {"200": 20}
+        after = _logged(L, seq, 20)
+        assert len(after) == 20 and {(q["destination"]["workload"], q["attempts"])
+                                     for q in after} == {("default/n2-p1", 1)}, after  # fmt: skip
     finally:
         _clear_routing(L)

@@ -97,6 +97,7 @@ def _access_log(waypoint: r.Waypoint) -> list[dict]:
         "@type": T + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
         "common_config": {"log_name": waypoint.key, "transport_api_version": "V3",
                           "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
+                          "buffer_flush_interval": "0.2s",  # dabba requests -f: promptly
                           "filter_state_objects_to_log": [SOURCE_PRINCIPAL, SOURCE_FORWARDED]},
     }}]  # fmt: skip
 
