@@ -135,6 +135,13 @@ class Source:
 class Operation:
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    # L7: enforced by waypoints only (agent/control/xds/rbac.py)
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,12 +179,17 @@ class AuthorizationPolicy:
     rules: tuple[Rule, ...] = ()  # empty: ALLOW matches nothing, DENY matches nothing (Istio)
     origin: str = ""  # file:line
     root: str = ROOT_NAMESPACE  # the mesh's root namespace (its policies are mesh-wide)
+    # targetRefs: (kind, name) of Gateways (waypoints) and Services in its namespace; such a
+    # policy is enforced by the waypoints (Istio's ambient mode), not by the tunnels
+    target_refs: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, w: Workload) -> bool:
+        if self.target_refs:
+            return False  # the waypoint's (a Service's without one: State.place_targeted)
         return in_scope(self.namespace, self.selector, w, self.root)
 
 
@@ -274,6 +286,35 @@ class State:
             if not pods:
                 self.warnings.append(
                     f"{svc.origin or svc.key}: {waypoint_refusal(svc.key, wp, why)}"
+                )
+
+    def place_targeted(self) -> None:
+        """Policies with targetRefs are the waypoints'. One naming a Service that no waypoint
+        serves is enforced by the tunnels at that Service's pods instead (its L7 rules fail
+        safe there, as any L7 rule without a waypoint): never silently nowhere."""
+        import dataclasses
+
+        for key, p in list(self.authz.items()):
+            for kind, name in p.target_refs:
+                where = f"{p.origin or key}: AuthorizationPolicy {key} targets {kind} {p.namespace}/{name}"
+                if kind == "Gateway":
+                    if f"{p.namespace}/{name}" not in self.waypoints:
+                        self.warnings.append(
+                            f"{where}, which no Gateway defines: it protects nothing"
+                        )
+                    continue
+                svc = self.services.get(f"{p.namespace}/{name}")
+                if svc is None:
+                    self.warnings.append(f"{where}, which is no service: it protects nothing")
+                    continue
+                if self.waypoint_of(svc) in self.waypoints:
+                    continue
+                self.authz[f"{key}@{name}"] = dataclasses.replace(
+                    p, selector=dict(svc.selector), target_refs=()
+                )
+                self.warnings.append(
+                    f"{where}, which no waypoint serves: the tunnels enforce it at its pods "
+                    "(its L7 rules fail safe there)"
                 )
 
     def rooted(self, root: str) -> State:

@@ -231,6 +231,7 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
         doc.unsupported(
             ("spec", "action"), "action CUSTOM (external authorization) is not supported at L4"
         )
+    refs = _target_refs(doc, s)
     rules = []
     for i, r in enumerate(_list(doc, s.get("rules"), ("spec", "rules"), "spec.rules")):
         rk = ("spec", "rules", i)
@@ -275,6 +276,17 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
                         _port(doc, p, (*ok, "notPorts"), "notPorts")
                         for p in _list(doc, op.get("notPorts"), (*ok, "notPorts"), "notPorts")
                     ),
+                    **{
+                        f: _strs(doc, op.get(k), (*ok, k))
+                        for f, k in (
+                            ("methods", "methods"),
+                            ("not_methods", "notMethods"),
+                            ("paths", "paths"),
+                            ("not_paths", "notPaths"),
+                            ("hosts", "hosts"),
+                            ("not_hosts", "notHosts"),
+                        )
+                    },
                 )
             )
         for j, c in enumerate(_list(doc, r.get("when"), (*rk, "when"), "when")):
@@ -292,7 +304,7 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
                     _strs(doc, c.get("notValues"), (*ck, "notValues")),
                 )
             )
-        if l7:
+        if l7 and not refs:  # (with targetRefs a waypoint enforces them)
             effect = (
                 "never matches (ALLOW)" if action == "ALLOW" else "matches every connection (DENY)"
             )
@@ -301,7 +313,42 @@ def parse_authz(doc: _Doc, warn: Callable[[str], None]) -> m.AuthorizationPolicy
                 f"at L4 the rule fails safe and {effect}"
             )
         rules.append(m.Rule(tuple(sources), tuple(operations), tuple(conditions), tuple(l7)))
-    return m.AuthorizationPolicy(name, ns, action, _selector(doc, s), tuple(rules), doc.at())
+    return m.AuthorizationPolicy(
+        name, ns, action, _selector(doc, s), tuple(rules), doc.at(), target_refs=refs
+    )
+
+
+def _target_refs(doc: _Doc, s: dict) -> tuple[tuple[str, str], ...]:
+    """targetRefs (or the older targetRef): Gateways (waypoints) and Services of the policy's
+    namespace, as Istio's ambient mode attaches policies to waypoints."""
+    if "targetRef" in s and "targetRefs" in s:
+        doc.fail(("spec", "targetRef"), "write targetRefs or targetRef, not both")
+    raw = (
+        [s["targetRef"]]
+        if "targetRef" in s
+        else _list(doc, s.get("targetRefs"), ("spec", "targetRefs"), "targetRefs")
+    )
+    key = "targetRef" if "targetRef" in s else "targetRefs"
+    if raw and s.get("selector") is not None:
+        doc.fail(("spec", key), "a policy takes a selector or targetRefs, not both")
+    out = []
+    for i, ref in enumerate(raw):
+        at = ("spec", key) if key == "targetRef" else ("spec", key, i)
+        if not isinstance(ref, dict):
+            doc.fail(at, "a target reference is a mapping of group, kind and name")
+        _only(doc, ref, {"group", "kind", "name", "namespace"}, at, "target reference")
+        kind = ref.get("kind")
+        group = ref.get("group", "")
+        if (kind, group) not in (("Gateway", "gateway.networking.k8s.io"), ("Service", "")):
+            doc.fail(at, f"target kind {kind!r} (group {group!r}) is not served here: a Gateway "
+                         "(gateway.networking.k8s.io) or a Service (group \"\")")  # fmt: skip
+        if ref.get("namespace") not in (None, doc.value["metadata"].get("namespace", "default")):
+            doc.fail(at, "a target reference names an object of the policy's own namespace")
+        err = validate.name_error(ref.get("name"), "name")
+        if err:
+            doc.fail(at, f"target reference: {err}")
+        out.append((kind, ref["name"]))
+    return tuple(out)
 
 
 def parse_peerauth(doc: _Doc) -> m.PeerAuthentication:
@@ -463,6 +510,7 @@ def load_dir(path: str, root: str = m.ROOT_NAMESPACE) -> m.State:
         with open(f) as fh:
             parse_text(fh.read(), f, state, state.warnings.append)
     check_routing(state)
+    state.place_targeted()
     state.warn_waypoints()
     if root != m.LEGACY_ROOT_NAMESPACE:
         for p in [*state.authz.values(), *state.peerauth.values()]:

@@ -140,11 +140,19 @@ def _metrics_after(L, before: dict, n: int) -> dict:
 
 
 def _routing(L, docs) -> None:
-    """Put docs in the registry and wait until the waypoint's Envoy accepted what they make."""
-    before = _accepted(L)
+    """Put docs in the registry and wait until the waypoint's Envoy runs what they make (the
+    control plane says which registry state its configuration comes from)."""
+    st0 = _control_status(L)
     write_registry(L, "routing", docs)
-    wait_for(lambda: _accepted(L) not in (before, None), 20,
-             what="the waypoint to accept its new configuration")  # fmt: skip
+
+    def in_force():
+        st = _control_status(L)
+        if st["snapshot_version"] <= st0["snapshot_version"]:
+            return None
+        wp = next((w for w in st["waypoints"] if w["waypoint"] == "default/wp"), {})
+        return wp.get("in_force_for", 0) >= st["snapshot_version"]
+
+    wait_for(in_force, 20, what="the waypoint to run its new configuration")
 
 
 def _clear_routing(L) -> None:
@@ -359,5 +367,41 @@ def test_circuit_breaking_and_outlier_detection(wlab):
         after = _logged(L, seq, 20)
         assert len(after) == 20 and {(q["destination"]["workload"], q["attempts"])
                                      for q in after} == {("default/n2-p1", 1)}, after  # fmt: skip
+    finally:
+        _clear_routing(L)
+
+
+def _authz(rules: list[dict]) -> dict:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "api-http", "namespace": "default"},
+            "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "api"}],
+                     "action": "ALLOW", "rules": rules}}  # fmt: skip
+
+
+def _status(L, pod: str, method: str) -> str:
+    r = L.run(pod, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method,
+                    "--max-time", "10", f"http://{VIP}/"])  # fmt: skip
+    return r.stdout
+
+
+def test_http_authorization_at_the_waypoint(wlab):
+    """GET allowed and POST denied (403) for one principal, both allowed for another; a change
+    applies to the next request. The policy targets the Service: the destination's tunnel
+    does not apply it (the waypoint's identity would fail it there)."""
+    L, _ = wlab
+    one, other = spiffe(L.pod("n1-p1")), spiffe(L.pod("n3-p1"))
+    rule_one = {"from": [{"source": {"principals": [one.removeprefix("spiffe://")]}}],
+                "to": [{"operation": {"methods": ["GET", "HEAD"]}}]}  # fmt: skip
+    rule_other = {"from": [{"source": {"principals": [other.removeprefix("spiffe://")]}}]}
+    try:
+        _routing(L, [_authz([rule_one, rule_other])])
+        assert [_status(L, "n1-p1", m) for m in ("GET", "POST")] == ["200", "403"]
+        assert [_status(L, "n3-p1", m) for m in ("GET", "POST")] == ["200", "200"]
+        seq = _last_seq(L)
+        _routing(L, [_authz([rule_one])])  # the other principal loses its rule
+        assert _status(L, "n3-p1", "GET") == "403"
+        assert _status(L, "n1-p1", "GET") == "200"
+        denied = [q for q in _logged(L, seq, 2) if q["status"] == 403]
+        assert [q["source"]["principal"] for q in denied] == [other], denied
     finally:
         _clear_routing(L)

@@ -171,3 +171,60 @@ def test_host_names_as_istio_writes_them():
     assert routing.host_key("api.other.svc.cluster.local", "shop") == "other/api"
     assert routing.host_key("*.shop.svc.cluster.local", "shop") == ""
     assert routing.host_key("example.com.au", "shop") == ""
+
+
+AUTHZ = textwrap.dedent("""\
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: api-get, namespace: shop}
+    spec:
+      targetRefs: [{kind: Service, group: "", name: api}]
+      action: ALLOW
+      rules:
+      - from: [{source: {principals: [td/ns/shop/sa/web]}}]
+        to: [{operation: {methods: [GET], paths: [/v1/*], notPorts: [9090]}}]
+        when: [{key: "request.headers[x-team]", values: [blue]}]
+      - from: [{source: {namespaces: [ops], notPrincipals: ["*/sa/intruder"]}}]
+      - from: [{source: {ipBlocks: [10.0.0.0/8]}}]
+    ---
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: no-delete, namespace: shop}
+    spec:
+      targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+      action: DENY
+      rules: [{to: [{operation: {methods: [DELETE]}}]}]
+""")
+
+
+def test_authorization_policies_that_target_a_waypoint_become_its_rbac_not_the_tunnels(tmp_path):
+    st = _load(tmp_path, BASE, AUTHZ)
+    assert st.warnings == []  # no fail-safe warning: the waypoint decides their L7 fields
+    api1 = st.workloads["shop/api-1"]
+    assert not any(p.applies_to(api1) for p in st.authz.values())  # no tunnel enforces them
+    b = wpx.build(st, st.waypoints["shop/wp"], "td", {"n2": "10.10.0.12"})
+    ads.pack(ads.LDS, list(b.listeners.values()))  # valid RBAC
+    hcm = b.listeners["svc|shop/api|80"]["filter_chains"][0]["filters"][0]["typed_config"]
+    deny, allow = [f["typed_config"]["rules"] for f in hcm["http_filters"][:2]]
+    assert deny["action"] == "DENY" and list(deny["policies"]) == ["shop.no-delete.0"]
+    assert allow["action"] == "ALLOW"
+    # the ipBlocks rule cannot be decided at a waypoint: in an ALLOW policy it never matches
+    assert list(allow["policies"]) == ["shop.api-get.0", "shop.api-get.1"]
+    first = allow["policies"]["shop.api-get.0"]
+    assert first["principals"] == [{"filter_state": {"key": wpx.SOURCE_PRINCIPAL,
+                                                     "string_match": {"exact": "spiffe://td/ns/shop/sa/web"}}}]  # fmt: skip
+    perm = first["permissions"][0]["and_rules"]["rules"]
+    assert perm[0] == {"and_rules": {"rules": [
+        {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+        {"url_path": {"path": {"prefix": "/v1/"}}}]}}  # fmt: skip
+    assert perm[1] == {"header": {"name": "x-team", "string_match": {"exact": "blue"}}}
+
+
+def test_a_policy_on_a_service_no_waypoint_serves_stays_with_the_tunnels(tmp_path):
+    """Fail closed: Istio would enforce it nowhere; here the tunnels enforce it at the
+    service's pods, its L7 rules failing safe."""
+    st = _load(tmp_path, BASE.replace("labels: {istio.io/use-waypoint: wp}", "labels: {}"), AUTHZ)
+    placed = st.authz["shop/api-get@api"]
+    assert placed.selector == {"app": "api"} and placed.target_refs == ()
+    assert placed.applies_to(st.workloads["shop/api-1"])
+    assert any("which no waypoint serves: the tunnels enforce it" in w for w in st.warnings)

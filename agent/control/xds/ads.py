@@ -22,6 +22,7 @@ from envoy.config.listener.v3 import listener_pb2
 # typed_config types the resources use: importing registers them for Any
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.set_filter_state.v3 import (  # noqa: F401
     set_filter_state_pb2,
@@ -76,9 +77,17 @@ class WaypointStatus:
         self.key, self.node = key, node
         self.connected = time.time()
         self.sent: dict[str, str] = {}  # type -> version last sent
+        # type -> the registry state (ControlPlane.version) the version sent / in force was
+        # made from: Envoy runs the configuration of state in_force_for() and before
+        self.sent_for: dict[str, int] = {}
+        self.in_force: dict[str, int] = {}
         self.accepted: dict[str, str] = {}  # type -> version Envoy runs
         self.rejected: dict[str, tuple[str, str]] = {}  # type -> (version, Envoy's reason)
         self.skipped: list[str] = []
+
+    def in_force_for(self) -> int:
+        """The registry state whose configuration Envoy runs (0: not yet all of it)."""
+        return min((self.in_force.get(t, 0) for t in ORDER), default=0)
 
     def doc(self) -> dict:
         short = {CDS: "clusters", LDS: "listeners"}
@@ -87,6 +96,7 @@ class WaypointStatus:
             "node": self.node,
             "connected": self.connected,
             "sent": {short[k]: v for k, v in self.sent.items()},
+            "in_force_for": self.in_force_for(),
             "accepted": {short[k]: v for k, v in self.accepted.items()},
             "rejected": {
                 short[k]: {"version": v, "reason": why} for k, (v, why) in self.rejected.items()
@@ -135,12 +145,16 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if req is not None:
                     self._answer(status, req, subscribed, nonces)
                 # send what changed, in order
+                state_version = self.cp.version
                 res, status.skipped = self._resources(key)
                 for t in ORDER:
                     if t not in subscribed:
                         continue
                     version = wpmod.version_of(res[t])
                     if status.sent.get(t) == version:
+                        status.sent_for[t] = state_version  # the same for this state too
+                        if status.accepted.get(t) == version:
+                            status.in_force[t] = state_version
                         continue
                     try:
                         packed = pack(t, res[t])
@@ -150,6 +164,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     nonce = uuid.uuid4().hex[:12]
                     nonces[t] = nonce
                     status.sent[t] = version
+                    status.sent_for[t] = state_version
                     yield discovery_pb2.DiscoveryResponse(
                         version_info=version, resources=packed, type_url=t, nonce=nonce
                     )
@@ -188,6 +203,8 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             )
         else:
             status.accepted[t] = req.version_info
+            if req.version_info == status.sent.get(t):
+                status.in_force[t] = status.sent_for.get(t, 0)
             status.rejected.pop(t, None)
             _log.info("waypoint accepted its configuration", fields={
                 "waypoint": status.key, "type": t.rsplit(".", 1)[-1],

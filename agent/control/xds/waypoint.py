@@ -26,6 +26,7 @@ import json
 
 from .. import model as m
 from .. import routing as r
+from . import rbac
 
 T = "type.googleapis.com/envoy."
 HBONE_PORT = 15008
@@ -233,6 +234,8 @@ class Builder:
                     "route_config": {"name": name, "virtual_hosts": [
                         {"name": svc.key, "domains": ["*"], "routes": routes}]},
                     "http_filters": [
+                        *rbac.filters(self._policies(svc), sp.port, sp.target_port,
+                                      SOURCE_PRINCIPAL),
                         {"name": "envoy.filters.http.fault", "typed_config": {
                             "@type": T + "extensions.filters.http.fault.v3.HTTPFault"}},
                         {"name": "envoy.filters.http.router", "typed_config": {
@@ -242,6 +245,14 @@ class Builder:
                 },
             }]}],
         }  # fmt: skip
+
+    def _policies(self, svc: m.Service) -> list[m.AuthorizationPolicy]:
+        """The AuthorizationPolicies this waypoint enforces for svc: those that target it, or
+        the waypoint's Gateway (Istio's targetRefs)."""
+        return [p for p in self.st.authz.values()
+                if (p.namespace == svc.namespace and ("Service", svc.name) in p.target_refs)
+                or (p.namespace == self.wp.namespace
+                    and ("Gateway", self.wp.name) in p.target_refs)]  # fmt: skip
 
     def _fault(self, f: r.Fault) -> dict:
         out: dict = {"@type": T + "extensions.filters.http.fault.v3.HTTPFault"}
