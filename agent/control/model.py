@@ -226,6 +226,7 @@ class State:
     # L7 routing (agent/control/routing.py), served by waypoints
     waypoints: dict = field(default_factory=dict)  # namespace/name -> routing.Waypoint
     virtual_services: dict = field(default_factory=dict)
+    http_routes: dict = field(default_factory=dict)  # Gateway API, read as VirtualServices
     destination_rules: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -240,6 +241,10 @@ class State:
             return ""
         ns = svc.labels.get(USE_WAYPOINT_NAMESPACE) or svc.namespace
         return f"{ns}/{name}"
+
+    def routes(self) -> list:
+        """Every VirtualService and HTTPRoute (routing.VirtualService)."""
+        return [*self.virtual_services.values(), *self.http_routes.values()]
 
     def waypoint_pods(self, key: str) -> list[Workload]:
         """The pods of waypoint key (namespace/name): its namespace's workloads labelled with

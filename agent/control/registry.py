@@ -62,6 +62,7 @@ KINDS = {
     "Gateway": routing.GATEWAY_API,  # class istio-waypoint: a waypoint
     "VirtualService": routing.NETWORKING_API,
     "DestinationRule": routing.NETWORKING_API,
+    "HTTPRoute": routing.GATEWAY_API,  # a Service parentRef: routed at its waypoint
 }
 LB_POLICIES = ("round_robin", "least_connections", "random")
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE", "UNSET")
@@ -430,6 +431,8 @@ def parse_text(text: str, path: str, state: m.State, warn: Callable[[str], None]
                 obj, table = routing.parse_gateway(doc), state.waypoints
             elif kind == "VirtualService":
                 obj, table = routing.parse_virtual_service(doc), state.virtual_services
+            elif kind == "HTTPRoute":
+                obj, table = routing.parse_http_route(doc), state.http_routes
             elif kind == "DestinationRule":
                 obj, table = routing.parse_destination_rule(doc), state.destination_rules
             elif kind == "Workload":

@@ -16,6 +16,7 @@ from . import model as m
 from .doc import _Doc, _list, _meta, _only, _port, _spec, _str, _str_map
 
 GATEWAY_API = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+"""Gateway and HTTPRoute"""
 NETWORKING_API = ("networking.istio.io/v1", "networking.istio.io/v1beta1")
 WAYPOINT_CLASS = "istio-waypoint"
 HBONE_PORT = 15008
@@ -105,6 +106,7 @@ class VirtualService:
     hosts: tuple[str, ...]  # the services (namespace/name) it routes
     http: tuple[HttpRoute, ...]
     origin: str = ""
+    kind: str = "VirtualService"  # or HTTPRoute (Gateway API), read into the same routes
 
     @property
     def key(self) -> str:
@@ -444,6 +446,96 @@ def parse_destination_rule(doc: _Doc) -> DestinationRule:
     return DestinationRule(name, ns, svc, tuple(subsets), tp, doc.at())
 
 
+_PATH_TYPES = {"PathPrefix": "prefix", "Exact": "exact", "RegularExpression": "regex"}
+_VALUE_TYPES = {"Exact": "exact", "RegularExpression": "regex"}
+
+
+def parse_http_route(doc: _Doc) -> VirtualService:
+    """Gateway API's HTTPRoute with a Service parentRef (Istio ambient's way to route a
+    service at its waypoint), read into the routes a VirtualService makes. Weights are
+    relative, as the Gateway API says; backends are Services."""
+    name, ns, _ = _meta(doc)
+    s = _spec(doc)
+    _only(doc, s, {"parentRefs", "rules", "hostnames"}, ("spec",), "HTTPRoute spec")
+    hosts = []
+    for i, ref in enumerate(_list(doc, s.get("parentRefs"), ("spec", "parentRefs"), "parentRefs")):
+        at = ("spec", "parentRefs", i)
+        if not isinstance(ref, dict):
+            doc.fail(at, "a parentRef is a mapping of group, kind and name")
+        _only(doc, ref, {"group", "kind", "name", "namespace", "port"}, at, "parentRef")
+        if (ref.get("kind"), ref.get("group", "")) != ("Service", ""):
+            doc.fail(at, "parentRefs: only a Service (kind Service, group \"\") is served here "
+                         "(the waypoint routes that service's traffic)")  # fmt: skip
+        hosts.append(
+            f"{ref.get('namespace', ns)}/{_str(doc, ref.get('name'), (*at, 'name'), 'name')}"
+        )
+    if not hosts:
+        doc.fail(("spec",), f"HTTPRoute {ns}/{name}: spec.parentRefs names no Service")
+    routes = []
+    for i, rule in enumerate(_list(doc, s.get("rules"), ("spec", "rules"), "rules")):
+        at = ("spec", "rules", i)
+        if not isinstance(rule, dict):
+            doc.fail(at, "a rule must be a mapping")
+        _only(doc, rule, {"name", "matches", "backendRefs", "timeouts"}, at, "HTTPRoute rule")
+        matches = []
+        for j, mt in enumerate(_list(doc, rule.get("matches"), (*at, "matches"), "matches")):
+            mat = (*at, "matches", j)
+            if not isinstance(mt, dict):
+                doc.fail(mat, "a match must be a mapping")
+            _only(doc, mt, {"path", "headers", "method"}, mat, "HTTPRoute match")
+            uri = None
+            if "path" in mt:
+                pth = mt["path"]
+                if not isinstance(pth, dict) or pth.get("type", "PathPrefix") not in _PATH_TYPES:
+                    doc.fail((*mat, "path"), f"path.type is one of {', '.join(_PATH_TYPES)}")
+                uri = StringMatch(_PATH_TYPES[pth.get("type", "PathPrefix")],
+                                  _str(doc, pth.get("value", "/"), (*mat, "path"), "path.value"))  # fmt: skip
+            headers = []
+            for k, h in enumerate(_list(doc, mt.get("headers"), (*mat, "headers"), "headers")):
+                hat = (*mat, "headers", k)
+                if not isinstance(h, dict) or h.get("type", "Exact") not in _VALUE_TYPES:
+                    doc.fail(hat, "a header match is {name, value, type: Exact|RegularExpression}")
+                hname = _str(doc, h.get("name"), hat, "header name").lower()
+                headers.append((hname, StringMatch(_VALUE_TYPES[h.get("type", "Exact")],
+                                                   _str(doc, h.get("value"), hat, "value"))))  # fmt: skip
+            method = (StringMatch("exact", _str(doc, mt["method"], (*mat, "method"), "method"))
+                      if "method" in mt else None)  # fmt: skip
+            matches.append(HttpMatch(uri, method, tuple(headers)))
+        dests = []
+        for j, b in enumerate(
+            _list(doc, rule.get("backendRefs"), (*at, "backendRefs"), "backendRefs")
+        ):
+            bat = (*at, "backendRefs", j)
+            if not isinstance(b, dict):
+                doc.fail(bat, "a backendRef is a mapping of name, port and weight")
+            _only(
+                doc, b, {"group", "kind", "name", "namespace", "port", "weight"}, bat, "backendRef"
+            )
+            if (b.get("kind", "Service"), b.get("group", "")) != ("Service", ""):
+                doc.fail(bat, "backendRefs: only Services are served here")
+            port = _port(doc, b["port"], (*bat, "port"), "port") if "port" in b else 0
+            weight = _int(doc, b.get("weight", 1), (*bat, "weight"), "weight", 0, 1_000_000)
+            svc = f"{b.get('namespace', ns)}/{_str(doc, b.get('name'), (*bat, 'name'), 'name')}"
+            dests.append(Destination(svc, "", port, weight, doc.at(*bat)))
+        if not dests:
+            doc.fail(at, "a rule needs backendRefs (this mesh does not answer requests itself)")
+        if not any(d.weight for d in dests):
+            doc.fail((*at, "backendRefs"), "every backend has weight 0: nothing would be served")
+        timeout = None
+        t = rule.get("timeouts")
+        if t is not None:
+            if not isinstance(t, dict):
+                doc.fail((*at, "timeouts"), "timeouts must be a mapping")
+            _only(doc, t, {"request", "backendRequest"}, (*at, "timeouts"), "timeouts")
+            if "request" in t:
+                timeout = duration(
+                    doc, t["request"], (*at, "timeouts", "request"), "timeouts.request"
+                )
+        routes.append(HttpRoute(_str(doc, rule.get("name"), (*at, "name"), "name", "") or f"rule-{i}",
+                                tuple(matches), tuple(dests), timeout, None, None, doc.at(*at)))  # fmt: skip
+    return VirtualService(name, ns, tuple(hosts), tuple(routes), doc.at(), "HTTPRoute")
+
+
 # ---- across documents ------------------------------------------------------------------------
 
 
@@ -474,23 +566,23 @@ def check(state: m.State) -> None:
                     f"{svc.key}'s pods ({', '.join(w.key for w in pods) or 'it has none'})"
                 )
     routed: dict[str, VirtualService] = {}
-    for vs in state.virtual_services.values():
+    for vs in state.routes():
         for host in vs.hosts:
             if host not in state.services:
-                raise RoutingError(f"{vs.origin}: VirtualService {vs.key}: host {host} is no "
-                                   "service in the registry")  # fmt: skip
+                raise RoutingError(f"{vs.origin}: {vs.kind} {vs.key}: {host} is no service in "
+                                   "the registry")  # fmt: skip
             if host in routed:
-                raise RoutingError(f"{vs.origin}: VirtualService {vs.key}: service {host} is "
-                                   f"already routed by VirtualService {routed[host].key}")  # fmt: skip
+                raise RoutingError(f"{vs.origin}: {vs.kind} {vs.key}: service {host} is already "
+                                   f"routed by {routed[host].kind} {routed[host].key}")  # fmt: skip
             routed[host] = vs
         for r in vs.http:
             for d in r.destinations:
                 if d.service not in state.services:
-                    raise RoutingError(f"{d.origin}: VirtualService {vs.key}: route to "
+                    raise RoutingError(f"{d.origin}: {vs.kind} {vs.key}: route to "
                                        f"{d.service}, which is no service in the registry")  # fmt: skip
                 svc = state.services[d.service]
                 if d.port and not any(p.port == d.port for p in svc.ports):
-                    raise RoutingError(f"{d.origin}: VirtualService {vs.key}: {d.service} has "
+                    raise RoutingError(f"{d.origin}: {vs.kind} {vs.key}: {d.service} has "
                                        f"no port {d.port}")  # fmt: skip
                 if d.subset and (d.service not in rules or not rules[d.service].subset(d.subset)):
                     raise RoutingError(

@@ -51,7 +51,10 @@ def wlab():
             p.labels = {"app": "api", "version": "v1" if p.name == "n2-p1" else "v2"}
     sp.services = [spec.ServiceSpec(name, vip, [spec.ServicePort(80, port)], {"app": "api"},
                                     labels={"istio.io/use-waypoint": "wp"})
-                   for name, vip, port in (("api", VIP, 8080), ("flaky", FLAKY, 8081))]  # fmt: skip
+                   for name, vip, port in (("api", VIP, 8080), ("flaky", FLAKY, 8081))] + [
+        spec.ServiceSpec(f"api-{v}", f"10.96.0.{62 + i}", [spec.ServicePort(80, 8080)],
+                         {"app": "api", "version": v})  # an HTTPRoute's backends
+        for i, v in enumerate(("v1", "v2"))]  # fmt: skip
     sp.waypoints = [spec.WaypointSpec("wp", "n3")]
     name = unique("wp")
     L = labmod.up(name, sp)
@@ -403,5 +406,28 @@ def test_http_authorization_at_the_waypoint(wlab):
         assert _status(L, "n1-p1", "GET") == "200"
         denied = [q for q in _logged(L, seq, 2) if q["status"] == 403]
         assert [q["source"]["principal"] for q in denied] == [other], denied
+    finally:
+        _clear_routing(L)
+
+
+HTTPROUTE = [
+    {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+     "metadata": {"name": "api", "namespace": "default"},
+     "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+              "rules": [
+                  {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+                   "backendRefs": [{"name": "api-v2", "port": 80}]},
+                  {"backendRefs": [{"name": "api-v1", "port": 80, "weight": 90},
+                                   {"name": "api-v2", "port": 80, "weight": 10}]}]}},
+]  # fmt: skip
+
+
+def test_an_httproute_routes_like_the_virtual_service(wlab):
+    L, _ = wlab
+    try:
+        _routing(L, HTTPROUTE)
+        got = _get(L, 2000)
+        assert sum(got.values()) == 2000 and 7 <= got["n2-p2"] / 20 <= 13, got
+        assert _get(L, 50, "-H", "x-canary: yes") == {"n2-p2": 50}
     finally:
         _clear_routing(L)

@@ -139,7 +139,7 @@ BAD = [
     (ROUTE.replace("subset: v2}, weight", "subset: v3}, weight"), 15,
      "subset v3 of shop/api is defined by no DestinationRule"),
     (ROUTE.replace("hosts: [api.shop.svc.cluster.local]", "hosts: [nope]"), 1,
-     "host shop/nope is no service in the registry"),
+     "VirtualService shop/api: shop/nope is no service in the registry"),
     (ROUTE.replace("timeout: 1s", "timeout: soon"), 11, "timeout: 'soon' is not a duration"),
     (ROUTE.replace("retryOn: 5xx", "retryOn: sometimes"), 10, "unknown condition 'sometimes'"),
     (ROUTE.replace("  - name: split", "  - name: split\n    mirror: {host: api}"), 13,
@@ -228,3 +228,44 @@ def test_a_policy_on_a_service_no_waypoint_serves_stays_with_the_tunnels(tmp_pat
     assert placed.selector == {"app": "api"} and placed.target_refs == ()
     assert placed.applies_to(st.workloads["shop/api-1"])
     assert any("which no waypoint serves: the tunnels enforce it" in w for w in st.warnings)
+
+
+HTTPROUTE = textwrap.dedent("""\
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: api, namespace: shop}
+    spec:
+      parentRefs: [{group: "", kind: Service, name: api}]
+      rules:
+      - matches: [{path: {type: PathPrefix, value: /v2}, method: GET}]
+        backendRefs: [{name: api, port: 80}]
+        timeouts: {request: 500ms}
+      - backendRefs: [{name: api, port: 80, weight: 3}, {name: api, port: 80, weight: 1}]
+""")
+
+
+def test_an_httproute_is_read_into_the_routes_a_virtual_service_makes(tmp_path):
+    st = _load(tmp_path, BASE, HTTPROUTE)
+    (hr,) = st.routes()
+    assert (hr.kind, hr.hosts) == ("HTTPRoute", ("shop/api",))
+    first, second = hr.http
+    assert first.matches[0].uri == routing.StringMatch("prefix", "/v2") and first.timeout == 0.5
+    assert [d.weight for d in second.destinations] == [3, 1]  # relative, as the Gateway API says
+    b = wpx.build(st, st.waypoints["shop/wp"], "td", {"n2": "10.10.0.12"})
+    ads.pack(ads.LDS, list(b.listeners.values()))
+
+
+@pytest.mark.parametrize("old,new,what", [
+    ("kind: Service, name: api}]", "kind: Gateway, name: wp}]", "only a Service"),
+    ("weight: 3}, {name: api, port: 80, weight: 1}", "weight: 0}", "every backend has weight 0"),
+    ("name: api, port: 80}]\n    timeouts", "name: nope, port: 80}]\n    timeouts",
+     "route to shop/nope, which is no service"),
+    ("type: PathPrefix", "type: Glob", "path.type is one of"),
+])  # fmt: skip
+def test_bad_httproutes_are_refused_naming_file_and_line(tmp_path, old, new, what):
+    with pytest.raises(RegistryError) as e:
+        _load(tmp_path, BASE, HTTPROUTE.replace(old, new))
+    assert str(e.value).startswith(f"{tmp_path / '1.yaml'}:") and what in str(e.value), str(e.value)
+    # a VirtualService and an HTTPRoute for one service: which one routes it?
+    with pytest.raises(RegistryError, match="already routed by"):
+        _load(tmp_path, BASE, HTTPROUTE, RULE, ROUTE)

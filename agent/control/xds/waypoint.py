@@ -147,7 +147,7 @@ class Builder:
         self.clusters: dict[str, dict] = {}
         self.skipped: list[str] = []  # endpoints left out, and why
         rules = {dr.service: dr for dr in state.destination_rules.values()}
-        routed = {h: vs for vs in state.virtual_services.values() for h in vs.hosts}
+        routed = {h: vs for vs in state.routes() for h in vs.hosts}
         vhosts = []
         for svc in sorted(state.services.values(), key=lambda s: s.key):
             if state.waypoint_of(svc) != waypoint.key:
