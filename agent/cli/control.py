@@ -104,8 +104,22 @@ def control():
     default="",
     help="HOST:PORT for /healthz/ready, /healthz/live, /status and /metrics (off by default)",
 )
+@click.option(
+    "--zipkin",
+    default="",
+    help="IP:PORT of a Zipkin collector: waypoints send their requests' spans there (off by default)",
+)
+@click.option(
+    "--trace-sampling",
+    type=click.FloatRange(0, 100),
+    default=1.0,
+    show_default=True,
+    help="percent of requests a waypoint traces (Istio's default: 1)",
+)
 def control_serve(
     health_listen,
+    zipkin,
+    trace_sampling,
     root_namespace,
     list_interval,
     join_service_account,
@@ -149,12 +163,16 @@ def control_serve(
         root_namespace=root_namespace,
         kube_list_s=list_interval,
         join_service_account=join_service_account,
+        zipkin=zipkin,
+        trace_sampling=trace_sampling,
     )
     from ..control import validate
 
     err = validate.namespace_error(root_namespace)
     if err:
         raise DabbaError(f"--root-namespace: {err}")
+    if zipkin and not re.fullmatch(r"\d+\.\d+\.\d+\.\d+:\d{1,5}", zipkin):
+        raise DabbaError(f"--zipkin: {zipkin!r} is not IPv4:PORT")
     if health_listen and not re.fullmatch(r"[^:]*:\d{1,5}", health_listen):
         raise DabbaError(f"--health-listen: {health_listen!r} is not HOST:PORT")
     if source == "files" and not registry_dir:

@@ -60,6 +60,8 @@ class ControlConfig:
     # nodes may also join with their agent pod's ServiceAccount token (attest.py): "" = no,
     # else the agent's ServiceAccount as NAMESPACE/NAME (Kubernetes)
     join_service_account: str = ""
+    zipkin: str = ""  # IP:PORT of a Zipkin collector for waypoints' spans; "" = no tracing
+    trace_sampling: float = 1.0  # percent of requests traced
 
 
 class ControlPlane:

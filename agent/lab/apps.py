@@ -72,9 +72,10 @@ def start_nginx(
 
 # An HTTP/1.1 server whose answers a test chooses by path, for L7 behaviour through waypoints:
 # /half fails every other request with 503, /slow answers after 1 s, /sick answers 503 when
-# the server was started sick; anything else 200. The body names the pod.
+# the server was started sick, /headers answers the request's headers (JSON); anything else
+# 200. The body names the pod.
 HTTP_APP = r"""
-import sys, threading, time
+import json, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ip, port, name, sick = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "sick"
 lock, n = threading.Lock(), [0]
@@ -95,6 +96,8 @@ class H(BaseHTTPRequestHandler):
         elif path == "/sick" and sick:
             code = 503
         body = (name + "\n").encode()
+        if path == "/headers":
+            body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

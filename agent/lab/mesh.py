@@ -162,7 +162,11 @@ def _spawn(
 
 
 def start_control(
-    lab: Lab, workload_ttl: str = "24h", node_ttl: str = "7d", source: str = "files"
+    lab: Lab,
+    workload_ttl: str = "24h",
+    node_ttl: str = "7d",
+    source: str = "files",
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """source "files": a registry folder made from the lab; "kubernetes": the stand-in's
     objects (start_kube_api), read through the real client every second."""
@@ -202,6 +206,7 @@ def start_control(
             workload_ttl,
             "--node-ttl",
             node_ttl,
+            *extra,
         ],
         os.path.join(p["logs"], "control.log"),
     )
@@ -356,6 +361,7 @@ def up(
     source: str = "files",
     max_connections: int | None = None,
     same_node: str = "direct",
+    control_args: tuple[str, ...] = (),
 ) -> dict[str, subprocess.Popen]:
     """Control plane and agents; with capture, every agent also runs its node's tunnel, or with
     tunnel_service the tunnel runs as a process of its own ("<node>-tunnel"), as under systemd.
@@ -368,7 +374,7 @@ def up(
             os.makedirs(d, exist_ok=True)
         write_kube_objects(lab, kube_objects(lab))
         procs["kubeapi"] = start_kube_api(lab)
-    procs["control"] = start_control(lab, workload_ttl, node_ttl, source)
+    procs["control"] = start_control(lab, workload_ttl, node_ttl, source, control_args)
     for n in lab.nodes:
         path = node_config(
             lab, n.name, capture, str(tunnel_workers), tunnel_service, host_addresses,

@@ -42,6 +42,34 @@ CANARY = [
 ]  # fmt: skip
 
 
+# A Zipkin collector stand-in (no real collector can be installed here): it keeps every span
+# list POSTed to /api/v2/spans, one JSON document a line.
+ZIPKIN = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+out = sys.argv[1]
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_POST(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/api/v2/spans":
+            with open(out, "ab") as f:
+                f.write(body.replace(b"\n", b" ") + b"\n")
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+HTTPServer(("10.10.0.1", 9411), H).serve_forever()
+"""
+
+
 @pytest.fixture(scope="module")
 def wlab():
     sp = spec.default_spec(3, 1)  # n1-p1 (client), n2-p1 (v1), n3-p1
@@ -60,7 +88,11 @@ def wlab():
     L = labmod.up(name, sp)
     procs = []
     try:
-        procs += list(mesh.up(L, capture=True).values())
+        spans = os.path.join(mesh.paths(L)["root"], "spans.jsonl")
+        procs.append(L.popen("lab", ["python3", "-c", ZIPKIN, spans],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        control = ("--zipkin", "10.10.0.1:9411", "--trace-sampling", "100")
+        procs += list(mesh.up(L, capture=True, control_args=control).values())
         for pod in ("n2-p1", "n2-p2"):  # after the agents: their sockets are the mesh's
             procs.append(start_nginx(L, pod, 8080, f"/tmp/{name}-{pod}", text=f"{pod}\\n"))
             procs.append(start_http_app(L, pod, 8081, sick=pod == "n2-p2"))
@@ -431,3 +463,33 @@ def test_an_httproute_routes_like_the_virtual_service(wlab):
         assert _get(L, 50, "-H", "x-canary: yes") == {"n2-p2": 50}
     finally:
         _clear_routing(L)
+
+
+def test_a_trace_reaches_the_collector_and_b3_headers_reach_the_destination(wlab):
+    """(The collector is the stand-in above: no real one can be installed here.)"""
+    L, _ = wlab
+    trace = "463ac35c9f6413ad48485a3953bb6124"
+    r = L.run("n1-p1", ["curl", "-s", "-H", f"x-b3-traceid: {trace}", "-H",
+                        "x-b3-spanid: a2fb4a1d1a96d312", "-H", "x-b3-sampled: 1",
+                        f"http://{FLAKY}/headers"])  # fmt: skip
+    seen = json.loads(r.stdout)
+    assert seen["x-b3-traceid"] == trace and seen["x-b3-spanid"] != "a2fb4a1d1a96d312", seen
+    spans_path = os.path.join(mesh.paths(L)["root"], "spans.jsonl")
+
+    def span():
+        if not os.path.exists(spans_path):
+            return None
+        with open(spans_path) as f:
+            for line in filter(str.strip, f):
+                for sp in json.loads(line):
+                    if sp.get("traceId") == trace:
+                        return sp
+        return None
+
+    sp = wait_for(span, 20, what="the waypoint's span at the collector")
+    tags = sp["tags"]
+    assert (tags["waypoint"], tags["destination.service"], tags["source.principal"],
+            tags["http.status_code"]) == ("default/wp", "default/flaky", spiffe(L.pod("n1-p1")),
+                                          "200"), sp  # fmt: skip
+    assert tags["source.forwarded"] == f"for={L.pod('n1-p1').ip}"
+    assert sp["id"] == seen["x-b3-spanid"] or sp["parentId"] == "a2fb4a1d1a96d312", sp

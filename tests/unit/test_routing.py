@@ -269,3 +269,18 @@ def test_bad_httproutes_are_refused_naming_file_and_line(tmp_path, old, new, wha
     # a VirtualService and an HTTPRoute for one service: which one routes it?
     with pytest.raises(RegistryError, match="already routed by"):
         _load(tmp_path, BASE, HTTPROUTE, RULE, ROUTE)
+
+
+def test_tracing_adds_a_collector_and_tags_each_span(tmp_path):
+    st = _load(tmp_path, BASE, RULE, ROUTE)
+    b = wpx.build(st, st.waypoints["shop/wp"], "td", {"n2": "10.10.0.12"},
+                  wpx.Tracing("10.10.0.1:9411", 5.0))  # fmt: skip
+    ads.pack(ads.CDS, list(b.clusters.values()))
+    ads.pack(ads.LDS, list(b.listeners.values()))
+    hcm = b.listeners["svc|shop/api|80"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["random_sampling"] == {"value": 5.0}
+    assert [t["tag"] for t in hcm["tracing"]["custom_tags"]] == [
+        "waypoint", "destination.service", "source.principal", "source.forwarded"]  # fmt: skip
+    # the tags' headers are the waypoint's: a client's own are overwritten
+    assert {h["append_action"] for h in hcm["route_config"]["request_headers_to_add"]} == {
+        "OVERWRITE_IF_EXISTS_OR_ADD"}  # fmt: skip

@@ -20,6 +20,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 
 # typed_config types the resources use: importing registers them for Any
+from envoy.config.trace.v3 import zipkin_pb2  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
@@ -118,7 +119,9 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         wp = st.waypoints.get(key)
         if wp is None:
             return {CDS: [], LDS: []}, []
-        b = wpmod.build(st, wp, self.cp.cfg.trust_domain, dict(self.cp.nodes))
+        cfg = self.cp.cfg
+        b = wpmod.build(st, wp, cfg.trust_domain, dict(self.cp.nodes),
+                        wpmod.Tracing(cfg.zipkin, cfg.trace_sampling) if cfg.zipkin else None)  # fmt: skip
         return {CDS: list(b.clusters.values()), LDS: list(b.listeners.values())}, b.skipped
 
     async def StreamAggregatedResources(self, request_iterator, ctx):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 from .. import model as m
 from .. import routing as r
@@ -137,15 +138,33 @@ def out_cluster(svc: m.Service, port: int, subset: str) -> str:
     return f"out|{svc.key}|{port}|{subset}"
 
 
+@dataclass(frozen=True)
+class Tracing:
+    zipkin: str  # IP:PORT of the collector
+    sampling: float  # percent of requests
+
+
+# the request headers the waypoint sets (overwriting any the client sent) for its span's tags
+SOURCE_HEADERS = (("x-dabba-source-principal", SOURCE_PRINCIPAL),
+                  ("x-dabba-source-forwarded", SOURCE_FORWARDED))  # fmt: skip
+
+
 class Builder:
     """The resources of one waypoint for one state."""
 
     def __init__(self, state: m.State, waypoint: r.Waypoint, trust_domain: str,
-                 nodes: dict[str, str]):  # fmt: skip
+                 nodes: dict[str, str], tracing: Tracing | None = None):  # fmt: skip
         self.st, self.wp, self.td, self.nodes = state, waypoint, trust_domain, nodes
+        self.tracing = tracing
         self.listeners: dict[str, dict] = {}
         self.clusters: dict[str, dict] = {}
         self.skipped: list[str] = []  # endpoints left out, and why
+        if tracing is not None:
+            host, _, port = tracing.zipkin.rpartition(":")
+            self.clusters["zipkin"] = {
+                "name": "zipkin", "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
+                "load_assignment": _static("zipkin", [{"socket_address": {
+                    "address": host, "port_value": int(port)}}])}  # fmt: skip
         rules = {dr.service: dr for dr in state.destination_rules.values()}
         routed = {h: vs for vs in state.routes() for h in vs.hosts}
         vhosts = []
@@ -221,6 +240,13 @@ class Builder:
         else:
             routes.append({"name": "default", "match": {"prefix": "/"},
                            "route": self._action(svc, sp, None, rules)})  # fmt: skip
+        hcm_extra: dict = {}
+        route_extra: dict = {}
+        if self.tracing is not None:
+            hcm_extra["tracing"] = self._tracing(svc)
+            route_extra["request_headers_to_add"] = [
+                {"header": {"key": h, "value": f"%FILTER_STATE({k}:PLAIN)%"},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for h, k in SOURCE_HEADERS]  # fmt: skip
         return {
             "name": name,
             "internal_listener": {},
@@ -231,7 +257,8 @@ class Builder:
                                  "HttpConnectionManager",
                     "stat_prefix": name,
                     "codec_type": "AUTO",
-                    "route_config": {"name": name, "virtual_hosts": [
+                    **hcm_extra,
+                    "route_config": {"name": name, **route_extra, "virtual_hosts": [
                         {"name": svc.key, "domains": ["*"], "routes": routes}]},
                     "http_filters": [
                         *rbac.filters(self._policies(svc), sp.port, sp.target_port,
@@ -244,6 +271,26 @@ class Builder:
                     "access_log": _access_log(self.wp),
                 },
             }]}],
+        }  # fmt: skip
+
+    def _tracing(self, svc: m.Service) -> dict:
+        """Zipkin spans (B3 propagated to the destination), tagged with the waypoint, the
+        destination service and the source's identity and address."""
+        return {
+            "random_sampling": {"value": self.tracing.sampling},
+            "provider": {"name": "envoy.tracers.zipkin", "typed_config": {
+                "@type": T + "config.trace.v3.ZipkinConfig",
+                "collector_cluster": "zipkin", "collector_endpoint": "/api/v2/spans",
+                "collector_endpoint_version": "HTTP_JSON", "trace_id_128bit": True,
+                "shared_span_context": False}},
+            "custom_tags": [
+                {"tag": "waypoint", "literal": {"value": self.wp.key}},
+                {"tag": "destination.service", "literal": {"value": svc.key}},
+                {"tag": "source.principal",
+                 "request_header": {"name": "x-dabba-source-principal"}},
+                {"tag": "source.forwarded",
+                 "request_header": {"name": "x-dabba-source-forwarded"}},
+            ],
         }  # fmt: skip
 
     def _policies(self, svc: m.Service) -> list[m.AuthorizationPolicy]:
@@ -395,9 +442,9 @@ def _traffic_policy(p: r.TrafficPolicy) -> dict:
     return out
 
 
-def build(state: m.State, waypoint: r.Waypoint, trust_domain: str,
-          nodes: dict[str, str]) -> Builder:  # fmt: skip
-    return Builder(state, waypoint, trust_domain, nodes)
+def build(state: m.State, waypoint: r.Waypoint, trust_domain: str, nodes: dict[str, str],
+          tracing: Tracing | None = None) -> Builder:  # fmt: skip
+    return Builder(state, waypoint, trust_domain, nodes, tracing)
 
 
 def version_of(resources: list[dict]) -> str:
