@@ -12,7 +12,10 @@ Modes, each with its own pods in the same lab (same veths, bridge, kernel):
   REDIRECT, HTTP connection manager with HTTP/2 mutual TLS between sidecars,
   TCP proxy for what is not HTTP;
 - ``sidecar-tcp``: the same Envoys with TCP proxy only (fair to an L4 tunnel);
-- ``dabba``: our agent and tunnel, eBPF capture.
+- ``dabba``: our agent and tunnel, eBPF capture;
+- ``waypoint``: dabba with the server's service opted into a waypoint (upstream Envoy on n1,
+  configured by our control plane): HTTP through the source tunnel, the waypoint and the
+  destination tunnel, HBONE on both hops; cross-node latency only, against ``sidecar`` (HTTP).
 Pairs: ``cross-node`` (n1 to n2) and ``same-node`` (n1 to n1), and
 ``same-node-vip``: n1 to n1 through a service VIP, which dabbawala resolves in
 the kernel (``none`` and ``dabba`` only: without a mesh or kube-proxy in the lab
@@ -52,17 +55,21 @@ import yaml
 from agent.control import ca as camod
 from agent.lab import apps, mesh
 from agent.lab import lab as labmod
-from agent.lab.spec import ClusterSpec, PodSpec
+from agent.lab.spec import ClusterSpec, PodSpec, WaypointSpec
 from agent.ztunnel.workers import cpu_seconds
 from bench import sidecar
 from bench.datapath import rss_kib
 
-MODES = ("none", "sidecar", "sidecar-tcp", "dabba")
+MODES = ("none", "sidecar", "sidecar-tcp", "dabba", "waypoint")
 SCENARIOS = ("latency", "bulk", "connrate", "memory")
 PAIRS = ("cross-node", "same-node", "same-node-vip")
 VIP_MODES = ("none", "dabba")  # the modes of the same-node-vip pair
 VIP = "10.96.0.80"  # dabba's service in front of its same-node server (n1-p2)
-POD_OF = {"dabba": (1, 2), "none": (3, 4), "sidecar": (5, 6), "sidecar-tcp": (7, 8)}
+POD_OF = {"dabba": (1, 2), "none": (3, 4), "sidecar": (5, 6), "sidecar-tcp": (7, 8),
+          "waypoint": (9, 10)}  # fmt: skip
+MESHED = ("dabba", "waypoint")  # modes whose pods are in dabbawala's mesh
+WAYPOINT = "bench-wp"  # the waypoint (its pod on n1) of the waypoint mode's service
+WP_VIP = "10.96.0.81"  # that service, in front of n2-p10
 VARIANT = {"sidecar": "http", "sidecar-tcp": "tcp"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +80,10 @@ def pods_for(mode: str, pair: str) -> tuple[str, str]:
 
 
 def target(L, mode: str, pair: str, server: str) -> str:
-    """Where the client connects: dabba's VIP for the same-node-vip pair, else the server."""
+    """Where the client connects: dabba's VIP for the same-node-vip pair, the waypoint mode's
+    service, else the server."""
+    if mode == "waypoint":
+        return WP_VIP
     return VIP if (pair, mode) == ("same-node-vip", "dabba") else L.pod(server).ip
 
 
@@ -87,6 +97,8 @@ def cells_of(pairs, scenarios, conns, modes, repeat) -> list[tuple]:
                     continue
                 for c in conns if scen == "latency" else [None]:
                     for mode in modes:
+                        if mode == "waypoint" and (pair, scen) != ("cross-node", "latency"):
+                            continue  # HTTP through a waypoint: what it is for
                         if pair != "same-node-vip" or mode in VIP_MODES:
                             out.append((rep, pair, scen, c, mode))
     return out
@@ -123,15 +135,21 @@ class Bench:
         """per_node pods of each mode on each node, numbered as POD_OF (extra pods after 8)."""
         specs = []
         for n in (1, 2):
-            for j in range(1, 9):
+            for j in range(1, 11):
                 specs.append(PodSpec(name=f"n{n}-p{j}", node=f"n{n}"))
-            for mode in modes:  # the memory lab: more pods of each mode
+            for mode in modes:  # the memory lab: more pods of each mode (the waypoint mode
+                if mode == "waypoint":  # adds its waypoint to dabba's pods and processes)
+                    continue
                 for k in range(per_node - 2):
                     specs.append(PodSpec(name=f"n{n}-{_short(mode)}{k}", node=f"n{n}"))
-        L = labmod.up(name, ClusterSpec(2, specs))
-        keep = {p.name for p in L.pods if _mode_of(p.name) == "dabba"}
-        if "dabba" in modes:
-            self.procs += list(mesh.up(L, capture=True).values())
+        wps = [WaypointSpec(WAYPOINT, "n1")] if "waypoint" in modes else []
+        L = labmod.up(name, ClusterSpec(2, specs, waypoints=wps))
+        keep = {p.name for p in L.pods if _mode_of(p.name) in MESHED} | {w.name for w in wps}
+        enrolled = {n: sum(1 for p in L.pods if p.node == n and _mode_of(p.name) in MESHED)
+                    for n in ("n1", "n2")}  # fmt: skip
+        if any(m in modes for m in MESHED):
+            up = mesh.up(L, capture=True)
+            self.procs += list(up.values())
             reg = os.path.join(mesh.paths(L)["registry"], "lab.yaml")
             with open(reg) as f:
                 docs = [d for d in yaml.safe_load_all(f) if d["metadata"]["name"] in keep]
@@ -142,6 +160,10 @@ class Bench:
                         **(d["metadata"].get("labels") or {}),
                         "bench": "vip",
                     }
+            wp_server = pods_for("waypoint", "cross-node")[1]
+            for d in docs:
+                if d["metadata"]["name"] == wp_server:
+                    d["metadata"]["labels"] = {**(d["metadata"].get("labels") or {}), "bench": "wp"}
             docs.append({
                 "apiVersion": "dabbawala.io/v1", "kind": "Service",
                 "metadata": {"name": "bench-vip", "namespace": "default"},
@@ -149,21 +171,37 @@ class Bench:
                          "ports": [{"port": 8080, "targetPort": 8080},
                                    {"port": 5501, "targetPort": 5501}]},
             })  # fmt: skip
+            if wps:
+                docs.append({
+                    "apiVersion": "dabbawala.io/v1", "kind": "Service",
+                    "metadata": {"name": "bench-waypoint", "namespace": "default",
+                                 "labels": {"istio.io/use-waypoint": WAYPOINT}},
+                    "spec": {"vip": WP_VIP, "selector": {"bench": "wp"},
+                             "ports": [{"port": 8080, "targetPort": 8080}]},
+                })  # fmt: skip
             with open(reg, "w") as f:
                 yaml.safe_dump_all(docs, f, sort_keys=False)  # only dabba's pods are in its mesh
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 st = [mesh.agent_status(L, n) for n in ("n1", "n2")]
                 vip_held = st[0] and st[0].get("kernel_services", {}).get("service_ports") == 2
-                if all(s and len(s["workloads"]) == len(keep) // 2 for s in st) and vip_held:
+                if (all(s and len(s["workloads"]) == enrolled[n] for s, n in zip(st, ("n1", "n2"), strict=False))
+                        and vip_held):  # fmt: skip
                     break
                 time.sleep(0.2)
             for n in ("n1", "n2"):
                 st = mesh.agent_status(L, n)
                 pids = [st["pid"], st["tunnel"]["pid"]]
-                self.mesh_pids["dabba"] += pids
-                if n == "n1":
-                    self.rss_pids["dabba"] = pids
+                for m in MESHED:  # the same agents and tunnels serve both modes
+                    self.mesh_pids[m] += pids
+                    if n == "n1":
+                        self.rss_pids[m] += pids
+            if wps:  # the waypoint (on n1): its supervisor and its Envoy
+                sup = up[f"waypoint-default/{WAYPOINT}"]
+                envoy = json.loads(L.run(WAYPOINT, ["curl", "-s", "http://127.0.0.1:15020/status"])
+                                   .stdout)["envoy_pid"]  # fmt: skip
+                self.mesh_pids["waypoint"] += [sup.pid, envoy]
+                self.rss_pids["waypoint"] += [sup.pid, envoy]
         ca = camod.CA.load_or_create(os.path.join(self.work, name, "ca"), sidecar.TD)
         for mode, variant in VARIANT.items():
             if mode not in modes:
@@ -257,15 +295,17 @@ class Bench:
 
 
 def _short(mode: str) -> str:
-    return {"dabba": "d", "sidecar": "s", "sidecar-tcp": "t", "none": "n"}[mode]
+    return {"dabba": "d", "sidecar": "s", "sidecar-tcp": "t", "none": "n", "waypoint": "w"}[mode]
 
 
 def _mode_of(pod: str) -> str:
+    if pod == WAYPOINT:
+        return "gateway"  # the waypoint's own pod: no mode's client or server
     tail = pod.split("-", 1)[1]
     if tail.startswith("p") and tail[1:].isdigit():
         j = int(tail[1:])
         return next(m for m, ab in POD_OF.items() if j in ab)
-    return {"d": "dabba", "s": "sidecar", "t": "sidecar-tcp", "n": "none"}[tail[0]]
+    return {"d": "dabba", "s": "sidecar", "t": "sidecar-tcp", "n": "none", "w": "waypoint"}[tail[0]]
 
 
 def _wait_listen(L, pod: str, port: int, timeout: float = 30) -> None:

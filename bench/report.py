@@ -40,6 +40,16 @@ TARGETS = [
      None, "vs none", (">=", 0.8)),
     ("same-node VIP added latency p50", "latency", "same-node-vip", "p50_ms", 16, "added",
      ("<=", 0.05)),
+    # the waypoint mode (HTTP through the waypoint) against the HTTP sidecar: the waypoints
+    # issue (17)
+    ("waypoint added latency p50", "latency", "cross-node", "p50_ms", 16, "added", ("<=", 1.0),
+     "waypoint"),
+    ("waypoint added latency p99", "latency", "cross-node", "p99_ms", 16, "added", ("<=", 1.0),
+     "waypoint"),
+    ("waypoint CPU per 1,000 rps", "latency", "cross-node", "mesh_cores_per_1k_rps", 16,
+     "ratio", ("<=", 0.8), "waypoint"),
+    ("waypoint memory per node, 10 pods", "memory", None, "rss_mib", None, "ratio",
+     ("<=", 0.3), "waypoint"),
 ]  # fmt: skip
 
 
@@ -66,14 +76,12 @@ def _fmt(f, digits=2) -> str:
     return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-MODES3 = ("dabba", "sidecar", "none")
-
-
 def targets(doc) -> list[dict]:
     out = []
-    for what, scen, pair, field, conns, how, (op, bound) in TARGETS:
+    for what, scen, pair, field, conns, how, (op, bound), *mode in TARGETS:
         pods = {"memory": 10, "memory_after_load": 2}.get(scen)
-        d, s, n = (_get(doc, scen, pair, mo, field, conns, pods) for mo in MODES3)
+        modes3 = (mode[0] if mode else "dabba", "sidecar", "none")
+        d, s, n = (_get(doc, scen, pair, mo, field, conns, pods) for mo in modes3)
         if pair == "same-node-vip":  # no sidecar through a VIP: the same-node one
             s = _get(doc, scen, "same-node", "sidecar", field, conns, pods)
         value = None

@@ -38,10 +38,16 @@ def test_bench_quick_produces_every_figure_report_and_plots(tmp_path):
     }
     for pair in PAIRS:
         for mode in MODES:
+            if mode == "waypoint" and pair != "cross-node":  # HTTP through it, cross-node
+                assert not any(k[1:3] == (pair, mode) for k in figs)
+                continue
             if pair == "same-node-vip" and mode not in VIP_MODES:
                 assert not any(k[1:3] == (pair, mode) for k in figs)  # not run: no VIP there
                 continue
             for scen, fields in FIGURES.items():
+                if mode == "waypoint" and scen != "latency":
+                    assert not any(k[:3] == (scen, pair, mode) for k in figs)
+                    continue
                 conns = 16 if scen == "latency" else None
                 for field in fields:
                     f = figs[(scen, pair, mode, conns, field)]
@@ -65,7 +71,8 @@ def test_bench_quick_produces_every_figure_report_and_plots(tmp_path):
     for pods in (2, 10):
         got = {f["mode"]: f for f in doc["figures"] if f["scenario"] == "memory"
                and f["pods_per_node"] == pods}  # fmt: skip
-        assert set(got) == {"sidecar", "sidecar-tcp", "dabba"}
+        assert set(got) == {"sidecar", "sidecar-tcp", "dabba", "waypoint"}
+        assert got["waypoint"]["median"] > got["dabba"]["median"]  # dabba's and the waypoint
         assert all(f["median"] > 1 for f in got.values()), got
     report = (out / "report.md").read_text()
     for heading in ("## Targets", "## Latency at a fixed", "## Bulk throughput",
@@ -75,6 +82,7 @@ def test_bench_quick_produces_every_figure_report_and_plots(tmp_path):
     assert (
         "### same-node-vip" in report and "| same-node VIP new connections/s vs no mesh |" in report
     )
+    assert "| waypoint added latency p50 |" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 7, pngs
     assert all((out / p).read_bytes()[:8] == PNG for p in pngs)
