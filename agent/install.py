@@ -12,6 +12,10 @@ Three units, each ``Type=notify`` with a watchdog, restarted on failure:
   agent's child, so ``systemctl restart dabba-agent`` touches no connection.
   Stopping the agent leaves the pinned programs and the tunnel working.
 
+and a template, written with the node's units, enabled by the operator per waypoint whose pod
+this host runs: ``systemctl enable --now "dabba-waypoint@$(systemd-escape NAMESPACE/NAME)"``
+(``dabba waypoint run``: upstream Envoy, configured by the control plane).
+
 The unit texts live here, rendered with the path of the ``dabba`` that runs
 them; ``deploy/systemd/`` holds them rendered for ``/opt/dabba/bin/dabba``
 (``make gen`` writes them, ``make gen-check`` fails when they are stale).
@@ -39,6 +43,7 @@ STATE_DIR = "/var/lib/dabba"
 UNIT_DIR = "/etc/systemd/system"
 UNITS = ("dabba-control.service", "dabba-agent.service", "dabba-tunnel.service")
 NODE_UNITS = ("dabba-agent.service", "dabba-tunnel.service")
+WAYPOINT_TEMPLATE = "dabba-waypoint@.service"
 TOKEN_CREDENTIAL = "join-token"
 
 _COMMON_HARDENING = """\
@@ -169,6 +174,41 @@ WantedBy=multi-user.target
 """
 
 
+def waypoint_unit(binary: str) -> str:
+    return f"""\
+# dabbawala waypoint: upstream Envoy serving the L7 of the services that opt in
+# (istio.io/use-waypoint), configured by the control plane; the instance is the waypoint's
+# NAMESPACE/NAME, escaped: systemctl enable --now "dabba-waypoint@$(systemd-escape default/wp)"
+[Unit]
+Description=dabbawala waypoint %I (Envoy, configured by the control plane)
+Documentation=man:dabba(1) https://github.com/dabbawala/dabbawala#install
+After=network-online.target dabba-agent.service
+Wants=network-online.target
+ConditionPathExists={CONFIG_DIR}/agent.yaml
+
+[Service]
+# ready once Envoy runs the control plane's configuration; the watchdog while it is supervised
+Type=notify
+NotifyAccess=main
+ExecStart={binary} waypoint run --waypoint %I --config {CONFIG_DIR}/agent.yaml --workdir /run/dabba-waypoint/%i
+Restart=on-failure
+RestartSec=2s
+WatchdogSec=30s
+TimeoutStartSec=120s
+RuntimeDirectory=dabba-waypoint/%i
+RuntimeDirectoryMode=0700
+# it reads the node's identity (the agent's state) and binds 15008, 15020, 15021: no capability
+CapabilityBoundingSet=
+{_COMMON_HARDENING}ProtectKernelModules=yes
+ReadOnlyPaths={STATE_DIR}
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+LimitNOFILE=1048576
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def token_dropin() -> str:
     return f"""\
 # The one-time join token, handed to the agent as a systemd credential
@@ -183,6 +223,7 @@ def units(binary: str = DEFAULT_BIN) -> dict[str, str]:
         "dabba-control.service": control_unit(binary),
         "dabba-agent.service": agent_unit(binary),
         "dabba-tunnel.service": tunnel_unit(binary),
+        WAYPOINT_TEMPLATE: waypoint_unit(binary),
     }
 
 
@@ -388,6 +429,7 @@ def install(
         )
     if "dabba-agent.service" in want:
         assert node is not None
+        inst.write(f"{UNIT_DIR}/{WAYPOINT_TEMPLATE}", rendered[WAYPOINT_TEMPLATE])
         inst.write(f"{CONFIG_DIR}/agent.yaml", agent_config(node), keep=not force)
         inst.mkdir(f"{CONFIG_DIR}/credentials", 0o700)
         if token:
@@ -422,7 +464,7 @@ def uninstall(inst: Installer, purge: bool = False) -> None:
             inst.echo(f"warning: {e}; pins are left in place (dabba bpf unload --node NAME)")
     if inst.systemd_running() and present:
         inst.systemctl("disable", "--now", *present)
-    for u in UNITS:
+    for u in (*UNITS, WAYPOINT_TEMPLATE):
         inst.remove(f"{UNIT_DIR}/{u}")
     inst.remove(f"{UNIT_DIR}/dabba-agent.service.d")
     if inst.systemd_running() and present:

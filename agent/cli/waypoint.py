@@ -21,8 +21,14 @@ def waypoint():
 
 
 @waypoint.command("run")
-@click.option("--name", required=True, help="the waypoint (its Gateway's name)")
-@click.option("--namespace", required=True, help="its Gateway's namespace")
+@click.option("--name", default=None, help="the waypoint (its Gateway's name)")
+@click.option("--namespace", default=None, help="its Gateway's namespace")
+@click.option(
+    "--waypoint",
+    "key",
+    default=None,
+    help="NAMESPACE/NAME instead of --namespace and --name (dabba-waypoint@.service)",
+)
 @click.option("--pod", default=None, help="the waypoint's pod on this node (default: --name)")
 @click.option(
     "--config",
@@ -37,8 +43,14 @@ def waypoint():
 )
 @click.option("--listen", default="0.0.0.0", show_default=True,
               help="address of readiness (15021) and metrics (15020)")  # fmt: skip
-def waypoint_run(name, namespace, pod, agent_config, workdir, listen):
+def waypoint_run(name, namespace, key, pod, agent_config, workdir, listen):
     """Run one waypoint's Envoy, configured by the control plane over ADS, and supervise it."""
+    if key:
+        if name or namespace or key.count("/") != 1:
+            raise DabbaError("--waypoint is NAMESPACE/NAME, instead of --namespace and --name")
+        namespace, name = key.split("/")
+    if not name or not namespace:
+        raise DabbaError("which waypoint? give --namespace and --name (or --waypoint NS/NAME)")
     _need_root("dabba waypoint run")
     from ..waypoint.run import WaypointConfig, run
 

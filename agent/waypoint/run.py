@@ -33,7 +33,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 from prometheus_client import generate_latest
 
-from .. import heap, log
+from .. import heap, log, systemd
 from ..control import ca as camod
 from ..control.proto import control_pb2 as pb
 from ..control.proto import control_pb2_grpc as pbg
@@ -262,13 +262,21 @@ class Waypoint:
         trimmer = heap.Trimmer()
         tasks = [asyncio.ensure_future(self._renew(first)),
                  asyncio.ensure_future(self._supervise())]  # fmt: skip
+        told_ready = False
         try:
             while not self.stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), 5)
+                    await asyncio.wait_for(self.stop.wait(), 5 if told_ready else 0.5)
                 trimmer.maybe()
+                if not told_ready:  # systemd (Type=notify): ready once Envoy runs its config
+                    ok, why = await asyncio.to_thread(self.ready)
+                    if ok:
+                        told_ready = True
+                        systemd.notify("READY=1", f"STATUS=waypoint {self.cfg.key}: ready")
+                systemd.notify("WATCHDOG=1")  # the supervisor's loop turns
         finally:
             self.stop.set()
+            systemd.notify("STOPPING=1")
             await asyncio.gather(*tasks, return_exceptions=True)
             for h in http:
                 h.close()

@@ -209,7 +209,13 @@ def test_units_say_what_the_issue_asks(tmp_path):
         "dabba-agent.service": "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN "
         "CAP_PERFMON",
         "dabba-tunnel.service": "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN",
+        "dabba-waypoint@.service": "CapabilityBoundingSet=",  # Envoy on unprivileged ports
     }
+    wp = u["dabba-waypoint@.service"]
+    assert (
+        f"ExecStart={DABBA} waypoint run --waypoint %I --config /etc/dabba/agent.yaml "
+        "--workdir /run/dabba-waypoint/%i" in wp.splitlines()
+    )
     # the tunnel is not the agent's child, and the agent does not pull it down when it stops
     agent = u["dabba-agent.service"]
     assert "Wants=network-online.target dabba-tunnel.service" in agent
