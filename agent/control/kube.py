@@ -10,10 +10,15 @@ What it reads, and what it becomes in the registry:
   annotation picks round_robin | least_connections | random;
 - EndpointSlices -> named targetPort resolution;
 - Namespaces -> their labels: ``istio.io/use-waypoint`` on a namespace (or on a
-  Service, its own label) opts its services into a waypoint, which this mesh
-  does not run yet: their connections are refused, with the reason (model);
+  Service, its own label) opts its services into a waypoint: their connections go
+  through it, or are refused, with the reason, while it cannot serve them (model);
 - security.istio.io AuthorizationPolicy and PeerAuthentication -> parsed by
-  the same code as the file registry (errors name kind/namespace/name).
+  the same code as the file registry (errors name kind/namespace/name);
+- gateway.networking.k8s.io Gateway (class istio-waypoint: a waypoint) and HTTPRoute,
+  networking.istio.io VirtualService and DestinationRule -> the waypoints' routing
+  (agent/control/routing.py), each refused on its own when it is bad (a route to no
+  service, a subset no pod matches...): the routing of its service falls back to its
+  service's endpoints, never to another service's.
 
 One object never takes the others down. A pod whose names are not Kubernetes
 names is left out, with a warning. An Istio object we cannot honour (action
@@ -157,11 +162,15 @@ def service_of(svc, slices, warn: Callable[[str], None]) -> m.Service | None:
     )
 
 
+_API_OF = {"Gateway": "gateway.networking.k8s.io/v1", "HTTPRoute": "gateway.networking.k8s.io/v1",
+           "VirtualService": "networking.istio.io/v1", "DestinationRule": "networking.istio.io/v1"}  # fmt: skip
+
+
 def _istio_doc(obj: dict, kind: str) -> str:
     """The fields the file registry parses, as YAML (metadata trimmed; status dropped)."""
     md = obj.get("metadata", {})
     doc = {
-        "apiVersion": obj.get("apiVersion", "security.istio.io/v1"),
+        "apiVersion": obj.get("apiVersion") or _API_OF.get(kind, "security.istio.io/v1"),
         "kind": kind,
         "metadata": {"name": md.get("name"), "namespace": md.get("namespace", "default")},
         "spec": obj.get("spec", {}),
@@ -169,12 +178,23 @@ def _istio_doc(obj: dict, kind: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+ROUTING_KINDS = (  # (kind, group, plural), listed in every version the group serves
+    ("Gateway", "gateway.networking.k8s.io", "gateways"),
+    ("HTTPRoute", "gateway.networking.k8s.io", "httproutes"),
+    ("VirtualService", "networking.istio.io", "virtualservices"),
+    ("DestinationRule", "networking.istio.io", "destinationrules"),
+)
+ROUTING_VERSIONS = {"gateway.networking.k8s.io": ("v1", "v1beta1"),
+                    "networking.istio.io": ("v1", "v1beta1")}  # fmt: skip
+
+
 def translate(
-    pods, services, slices, authz: list[dict], peerauth: list[dict], namespaces=()
+    pods, services, slices, authz: list[dict], peerauth: list[dict], namespaces=(), routing=()
 ) -> m.State:
     """Kubernetes objects -> one registry State. An object we cannot honour is refused on its
     own (a warning naming it and why) and what it selects fails closed (the module docstring).
-    namespaces: their labels (istio.io/use-waypoint)."""
+    namespaces: their labels (istio.io/use-waypoint); routing: (kind, object) of
+    ROUTING_KINDS."""
     st = m.State()
     for n in namespaces:
         name = _get(n, "metadata", "name")
@@ -211,8 +231,37 @@ def translate(
                     f"{e}; refused on its own, and {FAIL_CLOSED[kind]} (fail closed)"
                 )
                 table[sub.key] = sub
+    _routing(st, routing)
+    st.place_targeted()
     st.warn_waypoints()
     return st
+
+
+def _routing(st: m.State, objs) -> None:
+    """Each routing object parsed alone, then checked against the rest: one that does not fit
+    is dropped, saying why, and the others stay."""
+    from .routing import RoutingError, check
+
+    tables = {"Gateway": st.waypoints, "HTTPRoute": st.http_routes,
+              "VirtualService": st.virtual_services, "DestinationRule": st.destination_rules}  # fmt: skip
+    for kind, o in objs:
+        md = o.get("metadata") if isinstance(o.get("metadata"), dict) else {}
+        where = f"k8s:{kind}/{md.get('namespace', 'default')!s:.70}/{md.get('name')!s:.70}"
+        try:
+            parse_text(_istio_doc(o, kind), where, st, st.warnings.append)
+        except (RegistryError, yaml.YAMLError) as e:
+            st.warnings.append(f"{e}; refused on its own")
+    for _ in range(len(objs) + 1):
+        try:
+            check(st)
+            return
+        except RoutingError as e:
+            origin = str(e).split(": ", 1)[0].rsplit(":", 1)[0]
+            for table in tables.values():
+                for key, obj in list(table.items()):
+                    if obj.origin.rsplit(":", 1)[0] == origin:
+                        del table[key]
+            st.warnings.append(f"{e}; refused on its own")
 
 
 class KubeSource:
@@ -285,6 +334,26 @@ class KubeSource:
             return items
         return []
 
+    def _kind(self, group: str, plural: str) -> list[dict]:
+        """Every object of a routing kind (ROUTING_KINDS); as _istio, only a missing CRD is
+        "none"."""
+        from kubernetes.client.exceptions import ApiException
+
+        for version in ROUTING_VERSIONS[group]:
+            try:
+                got = self.custom.list_cluster_custom_object(group, version, plural)
+            except ApiException as e:
+                if e.status == 404:
+                    continue
+                raise DabbaError(
+                    f"listing {group}/{version} {plural} failed: {e.status} {e.reason}"
+                ) from None
+            items = got.get("items") if isinstance(got, dict) else None
+            if not isinstance(items, list):
+                raise DabbaError(f"listing {group}/{version} {plural}: no items list")
+            return items
+        return []
+
     def load(self) -> m.State:
         return translate(
             self.core.list_pod_for_all_namespaces().items,
@@ -293,6 +362,7 @@ class KubeSource:
             self._istio("authorizationpolicies"),
             self._istio("peerauthentications"),
             self.core.list_namespace().items,
+            [(kind, o) for kind, group, plural in ROUTING_KINDS for o in self._kind(group, plural)],
         ).rooted(self.root)
 
     def start(self) -> None:

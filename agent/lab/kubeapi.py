@@ -29,6 +29,11 @@ PATHS = {
     "/apis/security.istio.io/v1/peerauthentications": ("List", "peerauthentications"),
     "/apis/security.istio.io/v1beta1/authorizationpolicies": ("List", "authorizationpolicies"),
     "/apis/security.istio.io/v1beta1/peerauthentications": ("List", "peerauthentications"),
+    # waypoints' routing (only v1 is served here: the source falls back to v1beta1 on a 404)
+    "/apis/gateway.networking.k8s.io/v1/gateways": ("List", "gateways"),
+    "/apis/gateway.networking.k8s.io/v1/httproutes": ("List", "httproutes"),
+    "/apis/networking.istio.io/v1/virtualservices": ("List", "virtualservices"),
+    "/apis/networking.istio.io/v1/destinationrules": ("List", "destinationrules"),
 }
 
 

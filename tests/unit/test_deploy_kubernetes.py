@@ -86,6 +86,10 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
         ("discovery.k8s.io", "endpointslices", "list"),
         ("security.istio.io", "authorizationpolicies", "list"),
         ("security.istio.io", "peerauthentications", "list"),
+        ("networking.istio.io", "virtualservices", "list"),
+        ("networking.istio.io", "destinationrules", "list"),
+        ("gateway.networking.k8s.io", "gateways", "list"),
+        ("gateway.networking.k8s.io", "httproutes", "list"),
         ("", "pods", "get"),  # node attestation (agent/control/attest.py)
         ("authentication.k8s.io", "tokenreviews", "create"),
     }
@@ -103,6 +107,11 @@ def test_rbac_lists_exactly_what_the_control_plane_reads():
     assert set(re.findall(r'self\._istio\("(\w+)"\)', src)) == {
         "authorizationpolicies",
         "peerauthentications",
+    }
+    from agent.control.kube import ROUTING_KINDS
+
+    assert {(g, p) for _, g, p in ROUTING_KINDS} == {
+        (g, r) for g, r, v in granted if g in ("networking.istio.io", "gateway.networking.k8s.io")
     }
     with open(os.path.join(ROOT, "agent", "control", "attest.py")) as f:
         src = f.read()

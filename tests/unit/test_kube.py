@@ -320,3 +320,46 @@ def test_hostile_kubernetes_objects_never_take_the_list_down(objs):
             assert validate.name_error(p.name) is None, p
 
     check()
+
+
+def test_waypoints_routing_objects_translate_and_a_bad_one_is_refused_alone(objs):
+    """Gateway, VirtualService, DestinationRule (and HTTPRoute) from the cluster, parsed by the
+    file registry's code: a DestinationRule whose subset no pod matches is dropped, saying
+    which and why; the Gateway and a VirtualService that does not need it stay."""
+    import copy
+
+    pods, svcs, slices, authz, pa = objs
+    api = ApiClient()
+    wp_pod = api.sanitize_for_serialization(pods[0])
+    wp_pod = copy.deepcopy(wp_pod)
+    wp_pod["metadata"].update(name="wp-5f6d", namespace="shop",
+                              labels={"gateway.networking.k8s.io/gateway-name": "wp"})  # fmt: skip
+    wp_pod["spec"]["serviceAccountName"] = "wp"
+    wp_pod["status"]["podIP"] = "10.20.9.9"
+    wp_pod["status"]["podIPs"] = [{"ip": "10.20.9.9"}]
+    web = api.sanitize_for_serialization(svcs[0])
+    web["metadata"]["labels"] = {"istio.io/use-waypoint": "wp"}
+    routing = [
+        ("Gateway", {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                     "metadata": {"name": "wp", "namespace": "shop"},
+                     "spec": {"gatewayClassName": "istio-waypoint"}, "status": {}}),
+        ("VirtualService", {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                            "metadata": {"name": "web", "namespace": "shop"},
+                            "spec": {"hosts": ["web"], "http": [{"timeout": "2s", "route": [
+                                {"destination": {"host": "web"}}]}]}}),
+        ("DestinationRule", {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                             "metadata": {"name": "web", "namespace": "shop"},
+                             "spec": {"host": "web", "subsets": [
+                                 {"name": "v3", "labels": {"version": "v3"}}]}}),
+    ]  # fmt: skip
+    st = translate(
+        [*pods, _models([wp_pod], "V1Pod")[0]], [_models([web], "V1Service")[0], *svcs[1:]],
+        slices, authz, pa, routing=routing,
+    )  # fmt: skip
+    assert list(st.waypoints) == ["shop/wp"] and [w.key for w in st.waypoint_pods("shop/wp")] == [
+        "shop/wp-5f6d"]  # fmt: skip
+    assert st.waypoint_of(st.services["shop/web"]) == "shop/wp"
+    assert list(st.virtual_services) == ["shop/web"] and st.destination_rules == {}
+    refused = [w for w in st.warnings if "refused on its own" in w]
+    assert len(refused) == 1 and refused[0].startswith("k8s:DestinationRule/shop/web:"), refused
+    assert "subset v3 (version=v3) matches none of shop/web's pods" in refused[0]
