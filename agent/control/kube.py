@@ -184,8 +184,9 @@ ROUTING_KINDS = (  # (kind, group, plural), listed in every version the group se
     ("VirtualService", "networking.istio.io", "virtualservices"),
     ("DestinationRule", "networking.istio.io", "destinationrules"),
 )
-ROUTING_VERSIONS = {"gateway.networking.k8s.io": ("v1", "v1beta1"),
-                    "networking.istio.io": ("v1", "v1beta1")}  # fmt: skip
+VERSIONS = {"gateway.networking.k8s.io": ("v1", "v1beta1"),
+            "networking.istio.io": ("v1", "v1beta1"),
+            "security.istio.io": ("v1", "v1beta1")}  # fmt: skip
 
 
 def translate(
@@ -314,32 +315,17 @@ class KubeSource:
         self._stop = threading.Event()
 
     def _istio(self, plural: str) -> list[dict]:
-        """Every object of an Istio kind. Only a missing CRD (404 for both versions) is "none";
-        any other failure raises: an empty list would drop every policy, STRICT would become
-        PERMISSIVE and DENY policies would vanish mesh-wide (fail open)."""
-        from kubernetes.client.exceptions import ApiException
-
-        for version in ("v1", "v1beta1"):
-            try:
-                got = self.custom.list_cluster_custom_object("security.istio.io", version, plural)
-            except ApiException as e:
-                if e.status == 404:
-                    continue  # this version (or the CRD) is not installed
-                raise DabbaError(
-                    f"listing security.istio.io/{version} {plural} failed: {e.status} {e.reason}"
-                ) from None
-            items = got.get("items") if isinstance(got, dict) else None
-            if not isinstance(items, list):
-                raise DabbaError(f"listing security.istio.io/{version} {plural}: no items list")
-            return items
-        return []
+        """Every object of an Istio security kind. Only a missing CRD (404 for both versions)
+        is "none"; any other failure raises: an empty list would drop every policy, STRICT
+        would become PERMISSIVE and DENY policies would vanish mesh-wide (fail open)."""
+        return self._kind("security.istio.io", plural)
 
     def _kind(self, group: str, plural: str) -> list[dict]:
-        """Every object of a routing kind (ROUTING_KINDS); as _istio, only a missing CRD is
-        "none"."""
+        """Every object of a custom kind, in the first version of the group's the API serves
+        (VERSIONS); only a missing CRD (404 for every version) is "none"."""
         from kubernetes.client.exceptions import ApiException
 
-        for version in ROUTING_VERSIONS[group]:
+        for version in VERSIONS[group]:
             try:
                 got = self.custom.list_cluster_custom_object(group, version, plural)
             except ApiException as e:
