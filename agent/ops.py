@@ -246,7 +246,11 @@ def status(c: AgentClient, output: str) -> int:
         )
     else:
         con.print("  control     none (workloads from the config file)")
-    con.print(f"  workloads   {st['workloads']['enrolled']} enrolled")
+    wps = st["workloads"].get("waypoint_pods") or []
+    con.print(
+        f"  workloads   {st['workloads']['enrolled']} enrolled"
+        + (f"; waypoint pods, not captured: {', '.join(wps)}" if wps else "")
+    )
     sn, ks = st.get("same_node"), st.get("kernel_services")
     if sn:
         how = (

@@ -389,7 +389,11 @@ class AgentApi:
             },
             "control": ctl and {k: v for k, v in ctl.items() if k != "certs"},
             "tunnel": tun,
-            "workloads": {"enrolled": len(a.workload_ids)},
+            "workloads": {
+                "enrolled": len(a.workload_ids),
+                # pods of waypoints here: Envoy, HBONE in and out itself, not captured
+                "waypoint_pods": sorted(a._waypoint_pods),
+            },
             "certificates": {
                 "count": len(a.sync.certs) if a.sync else 0,
                 "soonest": {"workload": soonest[0], "seconds_left": round(soonest[1], 1)}

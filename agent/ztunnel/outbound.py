@@ -122,20 +122,16 @@ class Outbound:
                 return
             why = waypoint_refusal(
                 f"{svc.namespace}/{svc.name}",
-                svc.waypoint,
-                svc.waypoint_refusal or "none of its pods could be reached",
+                svc.waypoint,  # why the control plane said none serves, else why none did
+                svc.waypoint_refusal
+                if not svc.waypoint_pods
+                else "none of its pods could be reached",
             )
             fact(orig, "denied", "deny", why)
             self.stats["no_endpoint"] += 1
             _log.info("connection refused: " + why, fields={"src": src.spiffe_id})
             return _reset(sock)
         if not eps:
-            if svc is not None and svc.waypoint:  # sent without endpoints: say why
-                why = waypoint_refusal(f"{svc.namespace}/{svc.name}", svc.waypoint)
-                fact(orig, "denied", "deny", why)
-                self.stats["no_endpoint"] += 1
-                _log.info("connection refused: " + why, fields={"src": src.spiffe_id})
-                return _reset(sock)
             if svc is not None:
                 fact(orig, "denied", "deny", f"service has no endpoint for port {cap.orig_port}")
                 self.stats["no_endpoint"] += 1

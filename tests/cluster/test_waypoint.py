@@ -234,6 +234,10 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
                      f["src"]["original"]["ip"]) for f in ins} == {
         ("spiffe://cluster.local/ns/default/sa/wp", "default/wp", "default/n1-p1",
          L.pod("n1-p1").ip)}, ins  # fmt: skip
+    # the waypoint's node says its pod is not captured (dabba status)
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--node", f"{L.name}/n3"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert "waypoint pods, not captured: default/wp" in r.stdout, r.stdout
     # dabba requests: each with its source's identity and address, destination and status
     r = L.run("wp", [sys.executable, "-m", "agent.cli", "requests", "--waypoint", "127.0.0.1",
                      "-o", "json", "--limit", "20"], cwd=REPO)  # fmt: skip
