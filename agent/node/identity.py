@@ -15,9 +15,6 @@ import os
 import random
 from dataclasses import dataclass
 
-from cryptography import x509
-
-from ..control import ca as camod
 from ..control.store import atomic_write
 
 
@@ -60,6 +57,10 @@ def info_of(
     backdate not_before for clock skew (ours by 60 s), which for short lifetimes would make a
     fresh certificate look half-spent already.
     """
+    from cryptography import x509  # here: CertStore's users (a waypoint) need none of it
+
+    from ..control import ca as camod
+
     leaf = x509.load_pem_x509_certificate(chain_pem)
     nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     start = max(nb, min(issued_at, na)) if issued_at else nb

@@ -33,6 +33,14 @@ def bootstrap(key: str, control: tuple[str, int], trust_domain: str, node_files:
     host, port = control
     return {
         "node": {"id": key, "cluster": "dabba-waypoint"},
+        # Envoy's own statistics: the server's, its xDS and its clusters' health only (the
+        # request metrics are the access log's: telemetry.py). Every listener and cluster's full
+        # set cost the waypoint memory per service and endpoint
+        "stats_config": {"stats_matcher": {"inclusion_list": {"patterns": [
+            {"prefix": "server."}, {"prefix": "cluster_manager."}, {"prefix": "listener_manager."},
+            {"safe_regex": {"regex": r"^cluster\..*\.(outlier_detection|circuit_breakers)\..*"}},
+            {"safe_regex": {"regex": r"^cluster\..*\.upstream_(rq|cx)_(total|active|pending_overflow)$"}},
+        ]}}},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": admin_port}}},
         "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {

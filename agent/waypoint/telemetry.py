@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .. import log
 from ..control.xds.waypoint import SOURCE_FORWARDED, SOURCE_PRINCIPAL
-from ..ztunnel.hbone.codec import _forwarded_for
 
 _log = log.get("waypoint")
 
@@ -149,6 +148,16 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
 
     def since(self, seq: int = 0) -> list[dict]:
         return [r for r in self.recent if r["seq"] > seq]
+
+
+def _forwarded_for(value: str) -> str:
+    """The address of a Forwarded: for=... value (as our tunnels write it: agent/ztunnel/hbone/
+    codec.py's forwarded())."""
+    for part in value.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "for":
+            return v.strip('"').strip("[]")
+    return ""
 
 
 def _unpack_string(a) -> str:
