@@ -284,3 +284,62 @@ def test_tracing_adds_a_collector_and_tags_each_span(tmp_path):
     # the tags' headers are the waypoint's: a client's own are overwritten
     assert {h["append_action"] for h in hcm["route_config"]["request_headers_to_add"]} == {
         "OVERWRITE_IF_EXISTS_OR_ADD"}  # fmt: skip
+
+
+def test_a_label_alone_takes_no_pod_out_of_capture(tmp_path):
+    """Waypoint pods are not captured (they speak HBONE themselves). An attacker's pod that
+    carries the gateway-name label, without the waypoint's service account, or in another
+    namespace, or naming no Gateway, stays captured."""
+    forged = textwrap.dedent("""\
+        ---
+        apiVersion: dabbawala.io/v1
+        kind: Workload
+        metadata:
+          name: evil-1
+          namespace: shop
+          labels: {gateway.networking.k8s.io/gateway-name: wp}
+        spec: {serviceAccount: evil, node: n3, ip: 10.20.3.66}
+        ---
+        apiVersion: dabbawala.io/v1
+        kind: Workload
+        metadata:
+          name: evil-2
+          namespace: other
+          labels: {gateway.networking.k8s.io/gateway-name: wp}
+        spec: {serviceAccount: wp, node: n3, ip: 10.20.3.67}
+        ---
+        apiVersion: dabbawala.io/v1
+        kind: Workload
+        metadata:
+          name: evil-3
+          namespace: shop
+          labels: {gateway.networking.k8s.io/gateway-name: nope}
+        spec: {serviceAccount: nope, node: n3, ip: 10.20.3.68}
+    """)
+    st = _load(tmp_path, BASE + forged)
+    assert st.waypoint_of_pod(st.workloads["shop/wp"]) == "shop/wp"  # the real one
+    for key in ("shop/evil-1", "other/evil-2", "shop/evil-3"):
+        assert st.waypoint_of_pod(st.workloads[key]) == "", key
+    assert [w.key for w in st.waypoint_pods("shop/wp")] == ["shop/wp"]
+
+
+def test_only_a_waypoints_pod_may_name_the_source_before_it():
+    """The destination's tunnel records a Forwarded address as the flow's original source only
+    from a waypoint's pod, connecting from its own address with its own identity, and only for
+    a mesh workload's address (it is recorded, never used for policy)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from agent.ztunnel.hbone_inbound import HboneInbound
+
+    wp = SimpleNamespace(waypoint="shop/wp", spiffe_id="spiffe://td/ns/shop/sa/wp")
+    web = SimpleNamespace(waypoint="", spiffe_id="spiffe://td/ns/shop/sa/web")
+    t = HboneInbound()
+    t.state = SimpleNamespace(by_ip={"10.20.3.11": wp, "10.20.1.5": web})
+    t.stats = Counter()
+    assert t._relayed("10.20.1.5", wp.spiffe_id, "10.20.3.11")  # the waypoint, for web
+    assert not t._relayed("10.20.3.11", web.spiffe_id, "10.20.1.5")  # web is no waypoint
+    assert not t._relayed("10.20.1.5", wp.spiffe_id, "10.20.9.9")  # not from its pod
+    assert not t._relayed("10.20.1.5", web.spiffe_id, "10.20.3.11")  # not its identity
+    assert not t._relayed("192.0.2.1", wp.spiffe_id, "10.20.3.11")  # no mesh workload
+    assert t.stats["forwarded_by_waypoint"] == 1
