@@ -190,7 +190,8 @@ def _code(codes: dict[str, int], text: str) -> int:
 
 class Kept(NamedTuple):
     """A closed flow's record as the kernel wrote it, and the wall-clock offset of its batch:
-    what the agent keeps of it (agent/node/closedring.py). record() decodes it."""
+    what the agent keeps of it (agent/node/closedring.py). record() decodes it. (The agent's
+    drain hands raws and their batch's wall offset, not one of these a record.)"""
 
     raw: bytes
     wall: float
@@ -231,13 +232,14 @@ class FlowSource:
         for raw in self.ring.drain():
             yield FlowRecord.from_raw(raw, wall)
 
-    def closed_kept(self, timeout_ms: int = 0) -> tuple[list[FlowRecord], list[Kept]]:
-        """closed(), with each record's kept form (the agent keeps the last ones)."""
+    def closed_raw(self, timeout_ms: int = 0) -> tuple[list[FlowRecord], list[bytes], float]:
+        """closed(), with each record's bytes and the batch's wall offset (what the agent keeps
+        of the last ones: Kept)."""
         if timeout_ms:
             self.ring.poll(timeout_ms)
         wall = wall_offset()
-        kept = [Kept(raw, wall) for raw in self.ring.drain()]
-        return [FlowRecord.from_raw(raw, wall) for raw, _ in kept], kept
+        raws = list(self.ring.drain())
+        return [FlowRecord.from_raw(raw, wall) for raw in raws], raws, wall
 
     def close(self) -> None:
         self.ring.close()

@@ -752,11 +752,11 @@ class Agent:
         try:
             while not self.stop.is_set():
                 self._drain_beat = time.monotonic()
-                recs, kept = src.closed_kept(timeout_ms=200)
+                recs, raws, wall = src.closed_raw(timeout_ms=200)
                 n = len(recs)
                 if n:
-                    self.closed.add(recs)
-                    self.table.on_closed(*recs, kept=kept)
+                    self.closed.add(recs, raws, wall)
+                    self.table.on_closed(*recs, raws=raws, wall=wall)
                 self.table.tick()
                 if 0 < n < DRAIN_BATCH_MAX:  # let the next ones gather: a wakeup per batch
                     self.stop.wait(DRAIN_BATCH_S)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-from ..bpf.flows import _FLOW, FlowRecord, Kept
+from ..bpf.flows import _FLOW, FlowRecord
 
 _NO_PORT = -1
 
@@ -31,21 +31,23 @@ class ClosedRing:
     def __len__(self) -> int:
         return self.count
 
-    def append(self, kept: Kept, shape, port: int | None) -> None:
-        i, size = self.next, self.size
-        port = _NO_PORT if port is None else port
+    def append(self, raw: bytes, wall: float, shape, port: int | None) -> None:
+        i = self.next
+        if port is None:
+            port = _NO_PORT
         if self.count < self.n:  # still growing: i == count
-            self.raw += kept.raw
-            self.wall.append(kept.wall)
+            self.raw += raw
+            self.wall.append(wall)
             self.port.append(port)
             self.shape.append(shape)
+            self.count += 1
         else:
-            self.raw[i * size : (i + 1) * size] = kept.raw
-            self.wall[i] = kept.wall
+            at = i * self.size
+            self.raw[at : at + self.size] = raw
+            self.wall[i] = wall
             self.port[i] = port
             self.shape[i] = shape
-        self.next = (i + 1) % self.n
-        self.count = min(self.count + 1, self.n)
+        self.next = i + 1 if i + 1 < self.n else 0
 
     def __iter__(self) -> Iterator[tuple[FlowRecord, object, int | None]]:
         """Oldest first: (record, shape, peer port)."""

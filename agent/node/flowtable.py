@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..bpf import abi
-from ..bpf.flows import FlowRecord, Kept
+from ..bpf.flows import FlowRecord
 from ..control.model import waypoint_refusal
 from ..errors import DabbaError
 from ..ztunnel.facts import key_of
@@ -232,7 +232,10 @@ class FlowTable:
         # closed flows, decoded and rendered when asked (with their shape and the peer's port
         # from the facts)
         self.closed = ClosedRing(keep_closed)
-        self.pending: collections.deque[tuple[float, FlowRecord, Kept]] = collections.deque()
+        # closed records waiting for facts: (since, record, its bytes, their wall offset)
+        self.pending: collections.deque[tuple[float, FlowRecord, bytes, float]] = (
+            collections.deque()
+        )
         self.shapes: dict[tuple, Shape] = {}
         self.seen: dict[int, tuple] = {}  # cookie -> (bytes to dst, bytes to src, retrans) counted
         self.sent: collections.Counter = collections.Counter()  # istio labels -> response bytes
@@ -256,13 +259,14 @@ class FlowTable:
             while len(self.facts) > MAX_FACTS:
                 self.facts.popitem(last=False)
 
-    def on_closed(self, *recs: FlowRecord, kept: list[Kept] | None = None) -> None:
-        """Closed records, and their kept forms (made from recs when not given)."""
+    def on_closed(self, *recs: FlowRecord, raws: list[bytes] | None = None, wall: float = 0.0):
+        """Closed records, with the kernel's bytes of each and their wall offset (made from
+        recs when not given: records built in Python)."""
         t = time.monotonic()
-        if kept is None:
-            kept = [Kept.of(r) for r in recs]
+        if raws is None:
+            raws, wall = [r.to_raw() for r in recs], 0.0
         with self.lock:
-            self.pending.extend(zip(itertools.repeat(t), recs, kept))
+            self.pending.extend(zip(itertools.repeat(t), recs, raws, itertools.repeat(wall)))
 
     def invalidate(self) -> None:
         """The snapshot changed (workloads, services, verdicts, the tunnel's addresses): shapes
@@ -277,7 +281,7 @@ class FlowTable:
             keep = collections.deque()
             facts, closed = self.facts, self.closed
             tunnel = None
-            for t, rec, k in self.pending:
+            for t, rec, raw, wall in self.pending:
                 fact = None
                 if rec.captured or not rec.direct:  # a direct flow has no tunnel to tell of it
                     key = key_of(rec.src, rec.dst)
@@ -288,11 +292,11 @@ class FlowTable:
                         if not rec.captured and tunnel is None:
                             tunnel = self.tunnel_addrs()
                         if rec.captured or (rec.direction == "inbound" and rec.dst[0] in tunnel):
-                            keep.append((t, rec, k))
+                            keep.append((t, rec, raw, wall))
                             continue
                 sh = self._shape(rec, fact)
                 self._account(rec, sh, final=True)
-                closed.append(k, sh, _peer_port(rec, fact))
+                closed.append(raw, wall, sh, _peer_port(rec, fact))
                 self.closed_total += 1
                 if sh.verdict == "deny" and not rec.refused:  # policy denials
                     self.denied += 1

@@ -389,12 +389,13 @@ def test_the_kept_closed_flows_hold_no_object_each(tmp_path):
     def feed(first: int, count: int) -> None:
         wall = time.time() - time.monotonic()
         # the kernel's bytes of each record, as the ring hands them over (cookies differ)
-        kept = [Kept(i.to_bytes(8, "little") + raw[8:], wall) for i in range(first, first + count)]
-        recs = [k.record() for k in kept]  # as FlowSource.closed_kept decodes them
-        log.add(recs)
-        t.on_closed(*recs, kept=kept)
+        raws = [i.to_bytes(8, "little") + raw[8:] for i in range(first, first + count)]
+        recs = [FlowRecord.from_raw(r, wall) for r in raws]  # as FlowSource.closed_raw does
+        log.add(recs, raws, wall)
+        log.write()  # (the agent writes every second)
+        t.on_closed(*recs, raws=raws, wall=wall)
         t.tick()  # no facts: they wait ...
-        t.pending = collections.deque((0.0, r, k) for _, r, k in t.pending)  # ... long enough
+        t.pending = collections.deque((0.0, *p[1:]) for p in t.pending)  # ... long enough
         t.tick()
 
     feed(0, n)
