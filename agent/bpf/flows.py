@@ -188,22 +188,6 @@ def _code(codes: dict[str, int], text: str) -> int:
     return int(text) if code is None else code
 
 
-class Kept(NamedTuple):
-    """A closed flow's record as the kernel wrote it, and the wall-clock offset of its batch:
-    what the agent keeps of it (agent/node/closedring.py). record() decodes it. (The agent's
-    drain hands raws and their batch's wall offset, not one of these a record.)"""
-
-    raw: bytes
-    wall: float
-
-    def record(self) -> FlowRecord:
-        return FlowRecord.from_raw(self.raw, self.wall)
-
-    @classmethod
-    def of(cls, rec: FlowRecord) -> Kept:
-        return cls(rec.to_raw(), 0.0)
-
-
 _JSON = {True: "true", False: "false"}
 _LINE = (
     '{"cookie": %d, "cgroup_id": %d, "direction": "%s", "src": ["%s", %d], "dst": ["%s", %d], '
@@ -234,7 +218,7 @@ class FlowSource:
 
     def closed_raw(self, timeout_ms: int = 0) -> tuple[list[FlowRecord], list[bytes], float]:
         """closed(), with each record's bytes and the batch's wall offset (what the agent keeps
-        of the last ones: Kept)."""
+        of the last ones: agent/node/closedring.py)."""
         if timeout_ms:
             self.ring.poll(timeout_ms)
         wall = wall_offset()

@@ -25,6 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ...ztunnel.tls import sni_for  # the name our tunnels' HBONE server maps back
 from .. import model as m
 from .. import routing as r
 from . import rbac
@@ -39,17 +40,11 @@ CONNECT_TIMEOUT = "5s"
 DEFAULT_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
                              "retriable-status-codes",
                  "num_retries": 2, "retriable_status_codes": [503]}  # fmt: skip
-SNI_SUFFIX = "hbone.dabba"
 # what the waypoint knows of a request's source, from the HBONE connection it came on: set
 # at 15008, carried through the internal listeners (filter state shared transitively over
 # internal_upstream), logged with each request and forwarded to the destination's tunnel
 SOURCE_PRINCIPAL = "io.dabba.source_principal"  # the client's SPIFFE ID (its certificate)
 SOURCE_FORWARDED = "io.dabba.source_forwarded"  # its tunnel's Forwarded: for=<address>  # as agent/ztunnel/tls.py: <sa>.<ns>.hbone.dabba
-
-
-def sni_for(spiffe_id: str) -> str:
-    parts = spiffe_id.split("/")  # spiffe: '' td ns <ns> sa <sa>
-    return f"{parts[6]}.{parts[4]}.{SNI_SUFFIX}"
 
 
 def _sds(name: str) -> dict:
