@@ -9,7 +9,6 @@ import contextlib
 import errno
 import socket
 import ssl
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 
@@ -41,7 +40,10 @@ class Listener:
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self.refused: dict[str, int] = {}
         self.conns = weakref.WeakSet()  # server connections, for the admin view
-        self._log_window, self._logged, self._suppressed = 0.0, 0, 0
+        # a flood of bad clients must not flood the log: 5 lines a second, then a count
+        self._burst = log.Burst(
+            _log, "HBONE handshakes refused", fields=lambda: {"refused": dict(self.refused)}
+        )
         self.accepted = 0
         self.handshaking = 0
         self._task = asyncio.ensure_future(self._accept())
@@ -89,22 +91,10 @@ class Listener:
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
             kind = refusal_kind(e)
             self._refuse(kind)
-            now = time.monotonic()
-            if now - self._log_window >= 1.0:
-                if self._suppressed:
-                    _log.warning(
-                        f"{self._suppressed} more HBONE handshakes refused in the last second",
-                        fields={"refused": dict(self.refused)},
-                    )
-                self._log_window, self._logged, self._suppressed = now, 0, 0
-            if self._logged < 5:  # a flood of bad clients must not flood the log
-                self._logged += 1
-                _log.warning(
-                    "HBONE handshake refused",
-                    fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
-                )
-            else:
-                self._suppressed += 1
+            self._burst.warning(
+                "HBONE handshake refused",
+                fields={"peer": f"{addr[0]}:{addr[1]}", "kind": kind, "reason": _reason(e)},
+            )
             with contextlib.suppress(OSError):
                 conn.close()
         finally:
@@ -113,6 +103,7 @@ class Listener:
                 self._slots.release()
 
     def close(self) -> None:
+        self._burst.flush()
         self._task.cancel()
         self.sock.close()
 
