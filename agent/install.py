@@ -197,7 +197,7 @@ WatchdogSec=30s
 TimeoutStartSec=120s
 RuntimeDirectory=dabba-waypoint/%i
 RuntimeDirectoryMode=0700
-# it reads the node's identity (the agent's state) and binds 15008, 15020, 15021: no capability
+# it reads its pod's certificate (the agent's state) and binds 15008, 15020, 15021: no capability
 CapabilityBoundingSet=
 {_COMMON_HARDENING}ProtectKernelModules=yes
 ReadOnlyPaths={STATE_DIR}

@@ -275,3 +275,31 @@ def write_registry(lab, name: str, docs: list[dict]) -> None:
 def spiffe(pod, trust_domain: str = "cluster.local") -> str:
     """A lab pod's SPIFFE ID."""
     return f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
+
+
+def control_server(tmp_path, registry: str):
+    """A real control plane on loopback (ports from the kernel) with registry as its one
+    registry file: yields (event loop, ControlServer), stopped afterwards."""
+    import asyncio
+
+    from agent.control.server import ControlConfig, ControlServer
+
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    (reg / "mesh.yaml").write_text(registry)
+    cfg = ControlConfig(
+        state_dir=str(tmp_path / "state"),
+        registry_dir=str(reg),
+        listen="127.0.0.1:0",
+        join_listen="127.0.0.1:0",
+        server_names=["127.0.0.1"],
+        registry_poll_s=0.05,
+    )
+    loop = asyncio.new_event_loop()
+    srv = ControlServer(cfg)
+    loop.run_until_complete(srv.start())
+    try:
+        yield loop, srv
+    finally:
+        loop.run_until_complete(srv.stop())
+        loop.close()

@@ -33,9 +33,15 @@ def waypoint():
 @click.option(
     "--config",
     "agent_config",
-    required=True,
-    help="this node's agent configuration (control plane address, node certificate)",
+    default=None,
+    help="this node's agent configuration (the control plane's address; the pod's certificate "
+    "in the agent's state); or the three options below",
 )
+@click.option("--control", default=None, help="the control plane's gRPC address (HOST:PORT)")
+@click.option("--certs", default=None,
+              help="the folder with the pod's key.pem and chain.pem, as the node's agent writes "
+                   "them (a Kubernetes pod mounts only its own)")  # fmt: skip
+@click.option("--ca-file", default=None, help="the trust bundle (PEM)")
 @click.option(
     "--workdir",
     default=None,
@@ -43,7 +49,8 @@ def waypoint():
 )
 @click.option("--listen", default="0.0.0.0", show_default=True,
               help="address of readiness (15021) and metrics (15020)")  # fmt: skip
-def waypoint_run(name, namespace, key, pod, agent_config, workdir, listen):
+def waypoint_run(name, namespace, key, pod, agent_config, control, certs, ca_file, workdir,
+                 listen):  # fmt: skip
     """Run one waypoint's Envoy, configured by the control plane over ADS, and supervise it."""
     if key:
         if name or namespace or key.count("/") != 1:
@@ -54,8 +61,12 @@ def waypoint_run(name, namespace, key, pod, agent_config, workdir, listen):
     _need_root("dabba waypoint run")
     from ..waypoint.run import WaypointConfig, run
 
+    if not agent_config and not (control and certs and ca_file):
+        raise DabbaError("give the node's agent configuration (--config), or --control, "
+                         "--certs and --ca-file")  # fmt: skip
     run(WaypointConfig(name, namespace, pod or name, agent_config,
-                       workdir or os.path.join("/run/dabba/waypoints", namespace, name), listen))  # fmt: skip
+                       workdir or os.path.join("/run/dabba/waypoints", namespace, name), listen,
+                       control, certs, ca_file))  # fmt: skip
 
 
 def _get(url: str) -> dict:

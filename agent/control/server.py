@@ -357,15 +357,20 @@ class ControlService(pbg.ControlServicer):
     def __init__(self, cp: ControlPlane):
         self.cp = cp
         self.prefix = f"spiffe://{cp.cfg.trust_domain}/node/"
+        self.workload_prefix = f"spiffe://{cp.cfg.trust_domain}/ns/"
 
-    async def _node(self, ctx) -> str:
-        """The calling node, from its (already verified) client certificate."""
+    async def _ids(self, ctx) -> list[str]:
+        """The SPIFFE IDs of the caller's (already verified) client certificate."""
         pem = (ctx.auth_context().get("x509_pem_cert") or [b""])[0]
         try:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
-        ids = [u for u in camod.spiffe_ids_of(cert) if u.startswith(self.prefix)]
+        return camod.spiffe_ids_of(cert)
+
+    async def _node(self, ctx) -> str:
+        """The calling node, from its (already verified) client certificate."""
+        ids = [u for u in await self._ids(ctx) if u.startswith(self.prefix)]
         if len(ids) != 1:
             await ctx.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -374,6 +379,22 @@ class ControlService(pbg.ControlServicer):
         node = ids[0][len(self.prefix) :]
         await _refuse_revoked(self.cp, node, ctx)
         return node
+
+    async def _caller(self, ctx) -> tuple[str, str]:
+        """("node", name) for a node's certificate, ("workload", "namespace/service account")
+        for a workload's (a waypoint's own, on its ADS stream); anything else is refused."""
+        ids = await self._ids(ctx)
+        if any(u.startswith(self.prefix) for u in ids):
+            return "node", await self._node(ctx)
+        ws = [u[len(self.workload_prefix) :].split("/") for u in ids
+              if u.startswith(self.workload_prefix)]  # fmt: skip
+        if len(ids) != 1 or len(ws) != 1 or len(ws[0]) != 3 or ws[0][1] != "sa":
+            await ctx.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the client certificate is neither a node's nor a workload's",
+            )
+        ns, _, sa = ws[0]
+        return "workload", f"{ns}/{sa}"
 
     async def SignWorkload(self, req: pb.SignWorkloadRequest, ctx) -> pb.WorkloadCertificate:
         node = await self._node(ctx)
@@ -479,7 +500,7 @@ class ControlServer:
         )
         from .xds import ads  # waypoints' Envoy (xds-protos): imported when serving only
 
-        cp.ads = ads.Ads(cp, service._node)
+        cp.ads = ads.Ads(cp, service._caller)
         ads.ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(cp.ads, control)
         join = grpc.aio.server(options=opts)
         join.add_generic_rpc_handlers(

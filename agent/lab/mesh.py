@@ -302,18 +302,31 @@ def start_tunnel(
 
 
 def start_waypoint(
-    lab: Lab, w: dict, config_path: str, env: dict | None = None
+    lab: Lab, w: dict, config_path: str, env: dict | None = None, own_files: bool = False
 ) -> subprocess.Popen:
     """`dabba waypoint run` in its pod (w: one of lab.waypoints), with its node's agent
-    configuration (the agent must have joined). The lab's control plane gets a route back to
+    configuration (the agent must have joined), or with own_files as the Kubernetes
+    Deployment runs it: the control plane's address and its own pod's certificate folder and
+    trust bundle, nothing else of the agent's. The lab's control plane gets a route back to
     the waypoint's pod (as a cluster's pods reach its control plane); other pods have none."""
     pod, node = lab.pod(w["name"]), lab.node(w["node"])
     lab.run("lab", ["ip", "route", "replace", f"{pod.ip}/32", "via", node.ip])
+    if own_files:
+        from ..node import config as nodeconfig
+        from ..node.identity import CertStore
+
+        acfg = nodeconfig.load(config_path)
+        store = CertStore(acfg.state_dir)
+        how = ["--control", acfg.control.address,
+               "--certs", store.workload_dir(w["namespace"], w["name"]),
+               "--ca-file", store.node_paths()[2]]  # fmt: skip
+    else:
+        how = ["--config", config_path]
     return _spawn(
         lab,
         w["name"],
         [sys.executable, "-m", "agent.cli", "waypoint", "run", "--name", w["name"],
-         "--namespace", w["namespace"], "--config", config_path,
+         "--namespace", w["namespace"], *how,
          "--workdir", os.path.join(paths(lab)["root"], "waypoints", w["namespace"], w["name"])],
         os.path.join(paths(lab)["logs"], f"waypoint-{w['namespace']}-{w['name']}.log"),
         env,

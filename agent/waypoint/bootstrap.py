@@ -1,11 +1,11 @@
 """A waypoint's Envoy bootstrap: who it is (node id namespace/name), ADS from the control plane
-(mutual TLS with the node's certificate, checking the control plane's SPIFFE identity), and
+(mutual TLS with the waypoint's own certificate, checking the control plane's SPIFFE identity), and
 the supervisor's local gRPC services on a unix socket: SDS (the waypoint's certificate, whose
 key never leaves the node) and the access log stream (request telemetry)."""
 
 from __future__ import annotations
 
-from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T
+from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T, tls_common
 
 ADMIN_PORT = 15000
 
@@ -27,9 +27,8 @@ def _local(name: str, socket_path: str) -> dict:
     }  # fmt: skip
 
 
-def bootstrap(key: str, control: tuple[str, int], trust_domain: str, node_files: dict,
-              socket_path: str, admin_port: int = ADMIN_PORT) -> dict:  # fmt: skip
-    """node_files: the node's key, chain and trust bundle (paths)."""
+def bootstrap(key: str, control: tuple[str, int], trust_domain: str, socket_path: str,
+              admin_port: int = ADMIN_PORT) -> dict:  # fmt: skip
     host, port = control
     return {
         "node": {"id": key, "cluster": "dabba-waypoint"},
@@ -62,19 +61,12 @@ def bootstrap(key: str, control: tuple[str, int], trust_domain: str, node_files:
                 "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
                     {"endpoint": {"address": {"socket_address": {
                         "address": host, "port_value": port}}}}]}]},
+                # the waypoint's own certificate (SDS: a renewed one is used at the next
+                # connection), checking the control plane's SPIFFE identity
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "common_tls_context": {
-                        "alpn_protocols": ["h2"],
-                        "tls_certificates": [{
-                            "certificate_chain": {"filename": node_files["chain"]},
-                            "private_key": {"filename": node_files["key"]}}],
-                        "validation_context": {
-                            "trusted_ca": {"filename": node_files["bundle"]},
-                            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
-                                "exact": f"spiffe://{trust_domain}/control"}}],
-                        },
-                    },
+                    "common_tls_context": tls_common(
+                        {"exact": f"spiffe://{trust_domain}/control"}),
                 }},
             },
             _local(SDS_CLUSTER, socket_path),

@@ -55,9 +55,12 @@ class WaypointConfig:
     name: str
     namespace: str
     pod: str  # the waypoint's pod (a workload of the registry, on this node)
-    agent_config: str
+    agent_config: str | None  # the node's agent configuration, or the three below
     workdir: str
     listen: str = "0.0.0.0"  # readiness and metrics
+    control: str | None = None  # the control plane's gRPC address (host:port)
+    certs: str | None = None  # the pod's key.pem and chain.pem, as the node's agent writes them
+    ca_file: str | None = None  # the trust bundle
 
     @property
     def key(self) -> str:
@@ -67,19 +70,27 @@ class WaypointConfig:
 class Waypoint:
     def __init__(self, cfg: WaypointConfig):
         self.cfg = cfg
-        acfg = nodeconfig.load(cfg.agent_config)
-        if acfg.control is None:
-            raise DabbaError(
-                f"{cfg.agent_config}: no control section: a waypoint is configured by the "
-                "control plane (its ADS), through the node's agent configuration"
-            )
-        self.control_addr = acfg.control.address
-        self.store = CertStore(acfg.state_dir)
-        if not self.store.has_node_identity():
-            raise DabbaError(
-                f"this node has no certificate yet ({self.store.identity})",
-                hint="start the agent first: it joins the control plane",
-            )
+        self.control_addr, self.certs, self.bundle = cfg.control, cfg.certs, cfg.ca_file
+        if cfg.agent_config:
+            acfg = nodeconfig.load(cfg.agent_config)
+            if acfg.control is None:
+                raise DabbaError(
+                    f"{cfg.agent_config}: no control section: a waypoint is configured by the "
+                    "control plane (its ADS), through the node's agent configuration"
+                )
+            store = CertStore(acfg.state_dir)
+            if not store.has_node_identity():
+                raise DabbaError(
+                    f"this node has no certificate yet ({store.identity})",
+                    hint="start the agent first: it joins the control plane",
+                )
+            self.control_addr = self.control_addr or acfg.control.address
+            self.certs = self.certs or store.workload_dir(cfg.namespace, cfg.pod)
+            self.bundle = self.bundle or store.node_paths()[2]
+        missing = [o for o, v in (("--control", self.control_addr), ("--certs", self.certs),
+                                  ("--ca-file", self.bundle)) if not v]  # fmt: skip
+        if missing:
+            raise DabbaError(f"a waypoint without --config needs {', '.join(missing)}")
         os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
         self.socket = os.path.join(cfg.workdir, "local.sock")
         self.secrets = Secrets()
@@ -87,30 +98,36 @@ class Waypoint:
         self.envoy: subprocess.Popen | None = None
         self.restarts = 0
         self.not_after: datetime.datetime | None = None
-        self.cert_stamp = 0
+        self.cert_stamp: tuple[int, int] | None = None
         self.trust_domain = ""
         self.stop = asyncio.Event()
 
     # ---- the waypoint's certificate ---------------------------------------------------------
     # The node's agent holds it: the waypoint's pod is a workload of its node, so the agent has
     # the control plane sign a key it made here, and renews it, as for every workload (a
-    # second process doing the same held cryptography and a gRPC client: 15 MiB more).
+    # second process doing the same held cryptography and a gRPC client: 15 MiB more). The
+    # waypoint reads its own pod's files only: it holds nothing of its node's, and its Envoy
+    # connects to the control plane with this certificate too.
     def _cert(self) -> tuple[bytes, bytes, bytes, dict] | None:
-        """(key, chain, bundle, the leaf as ssl decodes it) from the agent's store, or None."""
-        got = self.store.load_workload(self.cfg.namespace, self.cfg.pod)
-        if got is None:
+        """(key, chain, bundle, the leaf as ssl decodes it), or None while there is none."""
+        try:
+            with (
+                open(os.path.join(self.certs, "key.pem"), "rb") as k,
+                open(os.path.join(self.certs, "chain.pem"), "rb") as c,
+                open(self.bundle, "rb") as b,
+            ):
+                key, chain, bundle = k.read(), c.read(), b.read()
+        except FileNotFoundError:
             return None
-        key, chain = got
-        d = self.store.workload_dir(self.cfg.namespace, self.cfg.pod)
-        leaf = ssl._ssl._test_decode_cert(os.path.join(d, "chain.pem"))  # the first: the leaf
-        with open(self.store.node_paths()[2], "rb") as f:
-            return key, chain, f.read(), leaf
+        leaf = ssl._ssl._test_decode_cert(os.path.join(self.certs, "chain.pem"))  # the leaf
+        return key, chain, bundle, leaf
 
     async def _load_cert(self) -> bool:
         """Serve the certificate the agent holds, when it is new; False while there is none."""
-        d = self.store.workload_dir(self.cfg.namespace, self.cfg.pod)
         try:
-            stamp = os.stat(os.path.join(d, "chain.pem")).st_mtime_ns
+            # a renewed certificate, or a new trust bundle (a root's rotation)
+            stamp = (os.stat(os.path.join(self.certs, "chain.pem")).st_mtime_ns,
+                     os.stat(self.bundle).st_mtime_ns)  # fmt: skip
         except FileNotFoundError:
             return False
         if stamp == self.cert_stamp:
@@ -143,7 +160,7 @@ class Waypoint:
             if time.monotonic() > deadline:
                 raise DabbaError(
                     f"no certificate for pod {self.cfg.namespace}/{self.cfg.pod} in "
-                    f"{self.store.certs} after {timeout:.0f} s",
+                    f"{self.certs} after {timeout:.0f} s",
                     hint="is the pod in the registry, on this node, labelled "
                     "gateway.networking.k8s.io/gateway-name, and is the agent running?",
                 )
@@ -162,10 +179,9 @@ class Waypoint:
 
     # ---- Envoy ------------------------------------------------------------------------------
     def _bootstrap_path(self) -> str:
-        key, chain, bundle = self.store.node_paths()
         host, _, port = self.control_addr.rpartition(":")
         doc = bootstrap(self.cfg.key, (host.strip("[]"), int(port)), self.trust_domain,
-                        {"key": key, "chain": chain, "bundle": bundle}, self.socket)  # fmt: skip
+                        self.socket)  # fmt: skip
         path = os.path.join(self.cfg.workdir, "envoy.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(doc, f, sort_keys=False)

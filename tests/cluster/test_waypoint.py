@@ -247,6 +247,12 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
         (spiffe(L.pod("n1-p1")), L.pod("n1-p1").ip, "GET", 200, "default/api")}, reqs  # fmt: skip
     assert sorted(q["destination"]["workload"] for q in reqs) == ["default/n2-p1"] * 10 + [
         "default/n2-p2"] * 10  # fmt: skip
+    # its Envoy took its configuration with the waypoint's own certificate, not its node's
+    # (Istio's waypoints too): the node's key is nowhere in its bootstrap
+    with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
+        assert "waypoint connected waypoint=default/wp node=n3 as=ns/default/sa/wp" in f.read()
+    with open(os.path.join(mesh.paths(L)["root"], "waypoints", "default", "wp", "envoy.yaml")) as f:
+        assert "node-key" not in f.read()
 
 
 def test_canary_weights_and_a_header_match_route_each_request(wlab):
@@ -497,3 +503,27 @@ def test_a_trace_reaches_the_collector_and_b3_headers_reach_the_destination(wlab
                                           "200"), sp  # fmt: skip
     assert tags["source.forwarded"] == f"for={L.pod('n1-p1').ip}"
     assert sp["id"] == seen["x-b3-spanid"] or sp["parentId"] == "a2fb4a1d1a96d312", sp
+
+
+def test_the_waypoint_runs_as_its_kubernetes_deployment_runs_it(wlab):
+    """deploy/kubernetes/waypoint: the pod sees the control plane's address, its own
+    certificate's folder and the trust bundle, nothing else of its node's (no agent
+    configuration, no node key); it serves with them, its Envoy connecting with its own
+    certificate."""
+    L, procs = wlab
+    (sup,) = [p for p in procs if p.poll() is None and "waypoint" in p.args and "run" in p.args]
+    sup.terminate()  # the supervisor this lab started; it stops its Envoy
+    assert sup.wait(30) == 0
+    with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
+        before = f.read().count(
+            "waypoint connected waypoint=default/wp node=n3 as=ns/default/sa/wp"
+        )
+    w = L.waypoints[0]
+    cfg = os.path.join(mesh.paths(L)["root"], f"{w['node']}.yaml")
+    procs.append(p := mesh.start_waypoint(L, w, cfg, own_files=True))
+    wait_for(lambda: mesh.waypoint_ready(L, w), 60, what="the waypoint, run with its own files")
+    assert "--config" not in p.args and "--certs" in p.args
+    assert _get(L, 10) == {"n2-p1": 5, "n2-p2": 5}
+    with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
+        got = f.read().count("waypoint connected waypoint=default/wp node=n3 as=ns/default/sa/wp")
+    assert got == before + 1

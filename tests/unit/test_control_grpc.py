@@ -13,9 +13,9 @@ from cryptography import x509
 from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
 from agent.control.proto import control_pb2_grpc as pbg
-from agent.control.server import ControlConfig, ControlServer
 from agent.errors import DabbaError
 from agent.node.control_client import control_channel, join
+from tests.conftest import control_server
 
 REG = """\
 apiVersion: dabbawala.io/v1
@@ -47,23 +47,8 @@ spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{}]}
 
 @pytest.fixture
 def env(tmp_path):
-    reg = tmp_path / "registry"
-    reg.mkdir()
-    (reg / "mesh.yaml").write_text(REG)
-    cfg = ControlConfig(
-        state_dir=str(tmp_path / "state"),
-        registry_dir=str(reg),
-        listen="127.0.0.1:0",
-        join_listen="127.0.0.1:0",
-        server_names=["127.0.0.1"],
-        registry_poll_s=0.05,
-    )
-    loop = asyncio.new_event_loop()
-    srv = ControlServer(cfg)
-    loop.run_until_complete(srv.start())
-    yield loop, srv, tmp_path
-    loop.run_until_complete(srv.stop())
-    loop.close()
+    for loop, srv in control_server(tmp_path, REG):
+        yield loop, srv, tmp_path
 
 
 def _join(loop, srv, node, token, ca=None):

@@ -107,11 +107,16 @@ class WaypointStatus:
 
 
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """cp: the ControlPlane; node_of(ctx) -> the calling node, from its certificate (it aborts
-    the call otherwise)."""
+    """cp: the ControlPlane; caller_of(ctx) -> ("node", name) or ("workload", "ns/sa"), from
+    the caller's certificate (it aborts the call otherwise).
 
-    def __init__(self, cp, node_of):
-        self.cp, self.node_of = cp, node_of
+    A waypoint's Envoy connects with its own certificate, as Istio's do (the identity of the
+    Gateway namespace/name is ns/<namespace>/sa/<name>), from the address of one of its pods:
+    it holds nothing of its node's. A node's certificate is taken too, for a node that runs one
+    of the waypoint's pods."""
+
+    def __init__(self, cp, caller_of):
+        self.cp, self.caller_of = cp, caller_of
         self.status: dict[str, WaypointStatus] = {}
 
     def _resources(self, key: str) -> tuple[dict[str, list[dict]], list[str]]:
@@ -125,7 +130,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return {CDS: list(b.clusters.values()), LDS: list(b.listeners.values())}, b.skipped
 
     async def StreamAggregatedResources(self, request_iterator, ctx):
-        node = await self.node_of(ctx)
+        kind, who = await self.caller_of(ctx)
         async with Requests(request_iterator) as requests:
             first = await requests.next()
             if first is None:
@@ -136,11 +141,11 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 await ctx.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no waypoint {key!r} (a Gateway of class istio-waypoint; the "
                                 "node id is its namespace/name)")  # fmt: skip
-            if not any(w.node == node for w in st.waypoint_pods(key)):
-                await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"node {node} runs no pod of waypoint {key}")  # fmt: skip
+            node = await self._node_of(ctx, st, key, kind, who)
             status = self.status[key] = WaypointStatus(key, node)
-            _log.info("waypoint connected", fields={"waypoint": key, "node": node})
+            _log.info("waypoint connected", fields={
+                "waypoint": key, "node": node,
+                "as": f"node/{who}" if kind == "node" else f"ns/{who.replace('/', '/sa/', 1)}"})  # fmt: skip
             subscribed: set[str] = set()
             nonces: dict[str, str] = {}
             req = first
@@ -179,6 +184,29 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if req is Requests.CHANGED:
                     req = None
 
+    async def _node_of(self, ctx, st, key: str, kind: str, who: str) -> str:
+        """The node of the waypoint's pod that calls, or the call is refused."""
+        pods = st.waypoint_pods(key)
+        if kind == "node":
+            if not any(w.node == who for w in pods):
+                await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node {who} runs no pod of waypoint {key}")  # fmt: skip
+            return who
+        if who != key:
+            await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"identity ns/{who.replace('/', '/sa/', 1)} is not waypoint {key}'s "
+                            f"(ns/{key.replace('/', '/sa/', 1)})")  # fmt: skip
+        peer = peer_ip(ctx.peer())
+        pod = next((w for w in pods if peer and peer in (w.ip, w.ip6)), None)
+        if pod is None:
+            await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{peer or ctx.peer()} is not the address of a pod of waypoint "
+                            f"{key}")  # fmt: skip
+        if pod.node in self.cp.revoked:  # its certificate came from a node now revoked
+            await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"waypoint {key}'s pod runs on node {pod.node}, which is revoked")  # fmt: skip
+        return pod.node
+
     async def _changed(self, have: int) -> None:
         async with self.cp.changed:
             await self.cp.changed.wait_for(lambda: self.cp.version > have)
@@ -212,3 +240,13 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             _log.info("waypoint accepted its configuration", fields={
                 "waypoint": status.key, "type": t.rsplit(".", 1)[-1],
                 "version": req.version_info})  # fmt: skip
+
+
+def peer_ip(peer: str) -> str:
+    """The address of gRPC's peer string: "ipv4:10.0.0.1:5", "ipv6:[fd00::1]:5"."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return ""

@@ -53,7 +53,7 @@ def _sds(name: str) -> dict:
         "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}]}}}  # fmt: skip
 
 
-def _tls_common(san: dict) -> dict:
+def tls_common(san: dict) -> dict:
     return {
         "alpn_protocols": ["h2"],
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
@@ -196,7 +196,7 @@ class Builder:
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": T + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                     "require_client_certificate": True,
-                    "common_tls_context": _tls_common({"prefix": f"spiffe://{self.td}/ns/"}),
+                    "common_tls_context": tls_common({"prefix": f"spiffe://{self.td}/ns/"}),
                 }},
                 "filters": [{"name": "envoy.filters.network.http_connection_manager",
                              "typed_config": {
@@ -382,7 +382,7 @@ class Builder:
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                     "sni": sni_for(ident),
-                    "common_tls_context": _tls_common({"exact": ident}),
+                    "common_tls_context": tls_common({"exact": ident}),
                 }},
             }  # fmt: skip
         target = f"{w.ip}:{port}"
