@@ -110,6 +110,12 @@ def control():
     help="IP:PORT of a Zipkin collector: waypoints send their requests' spans there (off by default)",
 )
 @click.option(
+    "--otlp",
+    default="",
+    help="IP:PORT of an OpenTelemetry collector (OTLP over gRPC, W3C traceparent), instead of "
+    "--zipkin",
+)
+@click.option(
     "--trace-sampling",
     type=click.FloatRange(0, 100),
     default=1.0,
@@ -119,6 +125,7 @@ def control():
 def control_serve(
     health_listen,
     zipkin,
+    otlp,
     trace_sampling,
     root_namespace,
     list_interval,
@@ -164,6 +171,7 @@ def control_serve(
         kube_list_s=list_interval,
         join_service_account=join_service_account,
         zipkin=zipkin,
+        otlp=otlp,
         trace_sampling=trace_sampling,
     )
     from ..control import validate
@@ -171,8 +179,11 @@ def control_serve(
     err = validate.namespace_error(root_namespace)
     if err:
         raise DabbaError(f"--root-namespace: {err}")
-    if zipkin and not re.fullmatch(r"\d+\.\d+\.\d+\.\d+:\d{1,5}", zipkin):
-        raise DabbaError(f"--zipkin: {zipkin!r} is not IPv4:PORT")
+    for opt, v in (("--zipkin", zipkin), ("--otlp", otlp)):
+        if v and not re.fullmatch(r"\d+\.\d+\.\d+\.\d+:\d{1,5}", v):
+            raise DabbaError(f"{opt}: {v!r} is not IPv4:PORT")
+    if zipkin and otlp:
+        raise DabbaError("--zipkin and --otlp: a waypoint sends its spans to one collector")
     if health_listen and not re.fullmatch(r"[^:]*:\d{1,5}", health_listen):
         raise DabbaError(f"--health-listen: {health_listen!r} is not HOST:PORT")
     if source == "files" and not registry_dir:

@@ -61,6 +61,7 @@ class ControlConfig:
     # else the agent's ServiceAccount as NAMESPACE/NAME (Kubernetes)
     join_service_account: str = ""
     zipkin: str = ""  # IP:PORT of a Zipkin collector for waypoints' spans; "" = no tracing
+    otlp: str = ""  # or IP:PORT of an OpenTelemetry collector (OTLP over gRPC)
     trace_sampling: float = 1.0  # percent of requests traced
 
 

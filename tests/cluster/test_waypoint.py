@@ -70,6 +70,38 @@ HTTPServer(("10.10.0.1", 9411), H).serve_forever()
 """
 
 
+# An OpenTelemetry collector stand-in (OTLP over gRPC; none can be installed here): it decodes
+# each export with OpenTelemetry's own protos (from xds-protos) and keeps one span a line.
+OTLP = r"""
+import json, sys
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+out = sys.argv[1]
+def export(req, ctx):
+    with open(out, "a") as f:
+        for rs in req.resource_spans:
+            res = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.instrumentation_library_spans:  # scope_spans (2) in newer protos
+                for sp in ss.spans:
+                    f.write(json.dumps({
+                        "service": res.get("service.name"), "trace_id": sp.trace_id.hex(),
+                        "span_id": sp.span_id.hex(), "parent": sp.parent_span_id.hex(),
+                        "tags": {a.key: a.value.string_value for a in sp.attributes}}) + "\n")
+    return ts.ExportTraceServiceResponse()
+h = grpc.method_handlers_generic_handler(
+    "opentelemetry.proto.collector.trace.v1.TraceService",
+    {"Export": grpc.unary_unary_rpc_method_handler(
+        export, request_deserializer=ts.ExportTraceServiceRequest.FromString,
+        response_serializer=ts.ExportTraceServiceResponse.SerializeToString)})
+s = grpc.server(futures.ThreadPoolExecutor(2))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("10.10.0.1:4317")
+s.start()
+s.wait_for_termination()
+"""
+
+
 @pytest.fixture(scope="module")
 def wlab():
     sp = spec.default_spec(3, 1)  # n1-p1 (client), n2-p1 (v1), n3-p1
@@ -527,3 +559,52 @@ def test_the_waypoint_runs_as_its_kubernetes_deployment_runs_it(wlab):
     with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
         got = f.read().count("waypoint connected waypoint=default/wp node=n3 as=ns/default/sa/wp")
     assert got == before + 1
+
+
+def _restart_control(L, procs, *args: str) -> None:
+    """The lab's control plane (this module started it) again, with args; the agents and the
+    waypoint reconnect to it."""
+    (ctl,) = [p for p in procs if p.poll() is None and "control" in p.args and "serve" in p.args]
+    ctl.terminate()
+    assert ctl.wait(30) == 0
+    procs.append(mesh.start_control(L, extra=args))
+
+
+def test_with_an_otlp_collector_the_w3c_traceparent_is_carried_and_the_span_sent(wlab):
+    """dabba control serve --otlp: the waypoints' Envoy traces with OpenTelemetry (the collector
+    is the stand-in above)."""
+    L, procs = wlab
+    spans_path = os.path.join(mesh.paths(L)["root"], "otlp.jsonl")
+    procs.append(L.popen("lab", [sys.executable, "-c", OTLP, spans_path],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    _restart_control(L, procs, "--otlp", "10.10.0.1:4317", "--trace-sampling", "100")
+    try:
+
+        def traced():
+            r = L.run("n1-p1", ["curl", "-s", "--max-time", "5", "-H",
+                                f"traceparent: 00-{trace}-{parent}-01", f"http://{FLAKY}/headers"],
+                      check=False)  # fmt: skip
+            tp = json.loads(r.stdout or "{}").get("traceparent", "")
+            # the waypoint's Envoy continued the trace with a span of its own once it runs the
+            # new configuration (before, the header passed untouched)
+            return tp if tp.startswith(f"00-{trace}-") and parent not in tp else None
+
+        tp = wait_for(traced, 60, interval=1, what="the waypoint to trace with OpenTelemetry")
+        own = tp.split("-")[2]
+
+        def span():
+            if not os.path.exists(spans_path):
+                return None
+            with open(spans_path) as f:
+                rows = [json.loads(x) for x in f if x.strip()]
+            return next((r for r in rows if r["span_id"] == own), None)
+
+        sp = wait_for(span, 30, what="the waypoint's span at the collector")
+        assert (sp["trace_id"], sp["parent"], sp["service"]) == (trace, parent, "wp.default"), sp
+        tags = sp["tags"]
+        assert (tags["waypoint"], tags["destination.service"], tags["source.principal"],
+                tags["source.forwarded"]) == ("default/wp", "default/flaky",
+                                              spiffe(L.pod("n1-p1")), f"for={L.pod('n1-p1').ip}")  # fmt: skip
+    finally:
+        _restart_control(L, procs, "--zipkin", "10.10.0.1:9411", "--trace-sampling", "100")

@@ -4,6 +4,7 @@ with its file and line (the last good state stays: the registry's reload is all 
 tried in tests/unit/test_registry.py and, against a real Envoy, tests/cluster/test_waypoint.py).
 """
 
+import os
 import textwrap
 
 import pytest
@@ -271,13 +272,18 @@ def test_bad_httproutes_are_refused_naming_file_and_line(tmp_path, old, new, wha
         _load(tmp_path, BASE, HTTPROUTE, RULE, ROUTE)
 
 
-def test_tracing_adds_a_collector_and_tags_each_span(tmp_path):
+@pytest.mark.parametrize("kind,provider", [("zipkin", "envoy.tracers.zipkin"),
+                                           ("otlp", "envoy.tracers.opentelemetry")])  # fmt: skip
+def test_tracing_adds_a_collector_and_tags_each_span(tmp_path, kind, provider):
     st = _load(tmp_path, BASE, RULE, ROUTE)
     b = wpx.build(st, st.waypoints["shop/wp"], "td", {"n2": "10.10.0.12"},
-                  wpx.Tracing("10.10.0.1:9411", 5.0))  # fmt: skip
+                  wpx.Tracing("10.10.0.1:9411", 5.0, kind))  # fmt: skip
     ads.pack(ads.CDS, list(b.clusters.values()))
     ads.pack(ads.LDS, list(b.listeners.values()))
+    assert b.clusters[kind]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"]["socket_address"] == {"address": "10.10.0.1", "port_value": 9411}  # fmt: skip
     hcm = b.listeners["svc|shop/api|80"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["provider"]["name"] == provider
     assert hcm["tracing"]["random_sampling"] == {"value": 5.0}
     assert [t["tag"] for t in hcm["tracing"]["custom_tags"]] == [
         "waypoint", "destination.service", "source.principal", "source.forwarded"]  # fmt: skip
@@ -343,3 +349,24 @@ def test_only_a_waypoints_pod_may_name_the_source_before_it():
     assert not t._relayed("10.20.1.5", web.spiffe_id, "10.20.3.11")  # not its identity
     assert not t._relayed("192.0.2.1", wp.spiffe_id, "10.20.3.11")  # no mesh workload
     assert t.stats["forwarded_by_waypoint"] == 1
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--zipkin", "collector:9411"], "--zipkin: 'collector:9411' is not IPv4:PORT"),
+    (["--otlp", "10.0.0.1"], "--otlp: '10.0.0.1' is not IPv4:PORT"),
+    (["--zipkin", "10.0.0.1:9411", "--otlp", "10.0.0.1:4317"],
+     "--zipkin and --otlp: a waypoint sends its spans to one collector"),
+])  # fmt: skip
+def test_a_bad_trace_collector_is_refused_before_serving(tmp_path, args, says):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    mask = os.umask(0o022)
+    try:  # (serve sets the daemon's umask first)
+        r = CliRunner().invoke(main, ["control", "serve", "--state-dir", str(tmp_path / "s"),
+                                      "--registry", str(tmp_path), *args])  # fmt: skip
+    finally:
+        os.umask(mask)
+    assert r.exit_code != 0 and says in r.output, r.output
+    assert not (tmp_path / "s").exists()  # nothing was started

@@ -20,7 +20,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 
 # typed_config types the resources use: importing registers them for Any
-from envoy.config.trace.v3 import zipkin_pb2  # noqa: F401
+from envoy.config.trace.v3 import opentelemetry_pb2, zipkin_pb2  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
@@ -126,7 +126,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return {CDS: [], LDS: []}, []
         cfg = self.cp.cfg
         b = wpmod.build(st, wp, cfg.trust_domain, dict(self.cp.nodes),
-                        wpmod.Tracing(cfg.zipkin, cfg.trace_sampling) if cfg.zipkin else None)  # fmt: skip
+                        _tracing(cfg))  # fmt: skip
         return {CDS: list(b.clusters.values()), LDS: list(b.listeners.values())}, b.skipped
 
     async def StreamAggregatedResources(self, request_iterator, ctx):
@@ -250,3 +250,12 @@ def peer_ip(peer: str) -> str:
     if kind == "ipv6":
         return rest.rpartition(":")[0].strip("[]")
     return ""
+
+
+def _tracing(cfg) -> wpmod.Tracing | None:
+    """The control plane's --zipkin or --otlp collector, if any."""
+    if cfg.zipkin:
+        return wpmod.Tracing(cfg.zipkin, cfg.trace_sampling, "zipkin")
+    if cfg.otlp:
+        return wpmod.Tracing(cfg.otlp, cfg.trace_sampling, "otlp")
+    return None

@@ -135,8 +135,9 @@ def out_cluster(svc: m.Service, port: int, subset: str) -> str:
 
 @dataclass(frozen=True)
 class Tracing:
-    zipkin: str  # IP:PORT of the collector
+    collector: str  # IP:PORT
     sampling: float  # percent of requests
+    kind: str = "zipkin"  # or "otlp": OpenTelemetry's protocol over gRPC (W3C traceparent)
 
 
 # the request headers the waypoint sets (overwriting any the client sent) for its span's tags
@@ -155,11 +156,16 @@ class Builder:
         self.clusters: dict[str, dict] = {}
         self.skipped: list[str] = []  # endpoints left out, and why
         if tracing is not None:
-            host, _, port = tracing.zipkin.rpartition(":")
-            self.clusters["zipkin"] = {
-                "name": "zipkin", "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
-                "load_assignment": _static("zipkin", [{"socket_address": {
+            host, _, port = tracing.collector.rpartition(":")
+            self.clusters[tracing.kind] = {
+                "name": tracing.kind, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
+                "load_assignment": _static(tracing.kind, [{"socket_address": {
                     "address": host, "port_value": int(port)}}])}  # fmt: skip
+            if tracing.kind == "otlp":  # gRPC
+                self.clusters["otlp"]["typed_extension_protocol_options"] = {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}}}}  # fmt: skip
         rules = {dr.service: dr for dr in state.destination_rules.values()}
         routed = {h: vs for vs in state.routes() for h in vs.hosts}
         vhosts = []
@@ -269,15 +275,24 @@ class Builder:
         }  # fmt: skip
 
     def _tracing(self, svc: m.Service) -> dict:
-        """Zipkin spans (B3 propagated to the destination), tagged with the waypoint, the
-        destination service and the source's identity and address."""
-        return {
-            "random_sampling": {"value": self.tracing.sampling},
-            "provider": {"name": "envoy.tracers.zipkin", "typed_config": {
+        """Spans to Zipkin (B3 propagated to the destination) or to an OpenTelemetry collector
+        over OTLP/gRPC (W3C traceparent propagated; the service is named as Istio names a
+        waypoint's, NAME.NAMESPACE), tagged with the waypoint, the destination service and the
+        source's identity and address."""
+        if self.tracing.kind == "otlp":
+            provider = {"name": "envoy.tracers.opentelemetry", "typed_config": {
+                "@type": T + "config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "2s"},
+                "service_name": f"{self.wp.name}.{self.wp.namespace}"}}  # fmt: skip
+        else:
+            provider = {"name": "envoy.tracers.zipkin", "typed_config": {
                 "@type": T + "config.trace.v3.ZipkinConfig",
                 "collector_cluster": "zipkin", "collector_endpoint": "/api/v2/spans",
                 "collector_endpoint_version": "HTTP_JSON", "trace_id_128bit": True,
-                "shared_span_context": False}},
+                "shared_span_context": False}}  # fmt: skip
+        return {
+            "random_sampling": {"value": self.tracing.sampling},
+            "provider": provider,
             "custom_tags": [
                 {"tag": "waypoint", "literal": {"value": self.wp.key}},
                 {"tag": "destination.service", "literal": {"value": svc.key}},
