@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import time
 
 TRIM_EVERY = 5.0  # s
+GC_YOUNG = 50_000  # allocations between collections of the youngest generation (default 700)
 
 
 def _malloc_trim():
@@ -47,3 +49,14 @@ class Trimmer:
         _trim(0)
         self.trims += 1
         return True
+
+
+def settle() -> None:
+    """Once start-up is done: what it made (modules, the snapshot, TLS contexts) lives as long
+    as the process, so it is frozen out of the collector's reach, and a full collection walks
+    only what came after; and the youngest generation is collected every GC_YOUNG
+    allocations, not 700 (in the agent the collector took a third of the flow thread's time).
+    Cycles are still collected: objects a connection leaves in one are found as before."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, 20, 100)

@@ -17,7 +17,6 @@ accounting and the guard go on in the kernel while it is down.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -46,7 +45,6 @@ _log = log.get("agent")
 # connections ending at once) is drained at once
 DRAIN_BATCH_S = 0.01
 DRAIN_BATCH_MAX = 256
-GC_YOUNG = 50_000  # allocations between collections of the youngest generation (default 700)
 
 HBONE_PORT = 15008
 
@@ -689,13 +687,9 @@ class Agent:
                 self.apply_snapshot,
                 before_write=self._kernel_sync,
             )
-        # What start-up made (modules, the datapath's objects) is never garbage: out of the
-        # collector's scans. The flow thread allocates a few objects per closed flow, tens of
-        # thousands a second under connection churn, of which none form cycles: collect the
-        # young generation every 50,000 allocations, not 700 (the collector took a third of
-        # the flow thread's time)
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG, 20, 100)
+        # The flow thread allocates a few objects per closed flow, tens of thousands a second
+        # under connection churn, of which none form cycles (heap.settle)
+        heap.settle()
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
         self._drain_thread = drain
         drain.start()

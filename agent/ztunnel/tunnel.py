@@ -183,6 +183,7 @@ class Tunnel(Snapshot, Outbound, PlaintextInbound, HboneInbound, Views):
             self.cfg.state_dir, "tunnel.ready" + (f".{self.cfg.worker}" if not main else "")
         )
         _write_atomic(ready, str(os.getpid()))
+        heap.settle()
         trimmer = heap.Trimmer()
         dog = systemd.watchdog_interval() if main else None
         last_dog = 0.0
