@@ -56,12 +56,21 @@ async def _request(r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes)
     await r.readexactly(length)
 
 
-async def run(url: str, rate: float, conns: int, duration: float, warmup: float) -> dict:
+def target(url: str) -> tuple[str, int, bytes]:
+    """(host, port, the request) of an http:// URL; its port is 80 when it names none."""
     u = urllib.parse.urlsplit(url)
-    req = f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}\r\n\r\n".encode()
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"--url {url!r}: http://HOST[:PORT]/PATH (plain HTTP/1.1)")
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    req = f"GET {path} HTTP/1.1\r\nHost: {u.hostname}\r\n\r\n".encode()
+    return u.hostname, u.port or 80, req
+
+
+async def run(url: str, rate: float, conns: int, duration: float, warmup: float) -> dict:
+    host, port, req = target(url)
     idle: asyncio.Queue = asyncio.Queue()
     for _ in range(conns):
-        idle.put_nowait(await asyncio.open_connection(u.hostname, u.port))
+        idle.put_nowait(await asyncio.open_connection(host, port))
     lat: list[float] = []
     errors = early = 0
 
@@ -79,7 +88,7 @@ async def run(url: str, rate: float, conns: int, duration: float, warmup: float)
             errors += 1
             w.close()
             try:
-                idle.put_nowait(await asyncio.open_connection(u.hostname, u.port))
+                idle.put_nowait(await asyncio.open_connection(host, port))
             except OSError:
                 pass
 

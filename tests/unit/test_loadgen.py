@@ -35,3 +35,13 @@ def test_a_request_sent_before_its_due_time_fails_the_run(monkeypatch):
     monkeypatch.setattr(loadgen, "until", early)
     with pytest.raises(loadgen.InvalidRun, match="requests left before their due time"):
         asyncio.run(loadgen.self_test(0.002, 400, 0.5))
+
+
+def test_a_url_without_a_port_is_port_80_and_a_wrong_scheme_is_refused():
+    """Before: a URL without a port connected to port 0."""
+    assert loadgen.target("http://10.96.0.60/") == (
+        "10.96.0.60", 80, b"GET / HTTP/1.1\r\nHost: 10.96.0.60\r\n\r\n")  # fmt: skip
+    assert loadgen.target("http://10.0.0.1:8080/x?y=1") == (
+        "10.0.0.1", 8080, b"GET /x?y=1 HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n")  # fmt: skip
+    with pytest.raises(ValueError, match="http://HOST"):
+        loadgen.target("https://10.0.0.1/")
