@@ -689,7 +689,7 @@ class Agent:
             )
         # The flow thread allocates a few objects per closed flow, tens of thousands a second
         # under connection churn, of which none form cycles (heap.settle)
-        heap.settle()
+        heap.settle(young=heap.GC_YOUNG)
         drain = threading.Thread(target=self._drain_flows, name="flows", daemon=True)
         self._drain_thread = drain
         drain.start()
