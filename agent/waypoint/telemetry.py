@@ -6,19 +6,22 @@ Upstream Envoy has no ``istio.stats``: every request's status, durations, bytes,
 and upstream are in its access log entry, and the waypoint's configuration names what the
 metrics need: a destination cluster is ``out|<namespace>/<service>|<port>|<subset>`` and an
 endpoint ``ep|<namespace>/<pod>|<ip>:<port>`` (agent/control/xds/waypoint.py); the source's
-identity and address come as filter state the waypoint set from the HBONE connection.
+identity and address come as filter state the waypoint set from the HBONE connection, and its
+pod, app and version from the baggage its tunnel sent there (as Istio's ztunnel sends it): the
+labels mean what the tunnels' istio_tcp_* labels mean (agent/ztunnel/metrics.py).
 """
 
 from __future__ import annotations
 
 import collections
 import time
+import urllib.parse
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .. import log
-from ..control.xds.waypoint import SOURCE_FORWARDED, SOURCE_PRINCIPAL
+from ..control.xds.waypoint import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
 
 _log = log.get("waypoint")
 
@@ -40,7 +43,8 @@ FLAGS = {
 }  # fmt: skip
 LABELS = (
     "reporter", "source_workload", "source_workload_namespace", "source_principal",
-    "source_address", "destination_workload", "destination_workload_namespace",
+    "source_app", "source_version", "source_address", "destination_workload",
+    "destination_workload_namespace",
     "destination_service", "destination_service_name", "destination_service_namespace",
     "destination_version", "request_protocol", "response_code", "response_flags",
     "connection_security_policy", "route_name",
@@ -60,12 +64,28 @@ def _secs(d) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def _workload_of_principal(principal: str) -> tuple[str, str]:
-    """(service account, namespace) of spiffe://td/ns/<ns>/sa/<sa>."""
+def _namespace_of_principal(principal: str) -> str:
+    """The namespace of spiffe://td/ns/<ns>/sa/<sa>."""
     parts = principal.split("/")
     if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa":
-        return parts[6], parts[4]
-    return "unknown", "unknown"
+        return parts[4]
+    return "unknown"
+
+
+def source_of(baggage: str, namespace: str) -> tuple[str, str, str]:
+    """(workload, app, version) from the baggage the source's tunnel sent
+    (hbone.baggage()), "unknown" for what it does not say. Baggage naming another namespace
+    than the source's certificate is not taken: the namespace is the certificate's word."""
+    got: dict[str, str] = {}
+    for item in baggage.split(",")[:8]:
+        k, sep, v = item.partition("=")
+        if sep:
+            got[k.strip()] = urllib.parse.unquote(v.split(";", 1)[0].strip())[:253]
+    if got.get("k8s.namespace.name") != namespace:
+        return "unknown", "unknown", "unknown"
+    pod, app, version = (got.get(k) or "unknown"
+                         for k in ("k8s.pod.name", "service.name", "service.version"))  # fmt: skip
+    return pod, app, version
 
 
 class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
@@ -99,7 +119,8 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
         fs = c.filter_state_objects
         principal = _unpack_string(fs.get(SOURCE_PRINCIPAL)) or "unknown"
         address = _forwarded_for(_unpack_string(fs.get(SOURCE_FORWARDED))) or ""
-        sa, sns = _workload_of_principal(principal)
+        sns = _namespace_of_principal(principal)
+        swl, sapp, sver = source_of(_unpack_string(fs.get(SOURCE_BAGGAGE)), sns)
         cluster = c.upstream_cluster
         svc_key, version = "", ""
         if cluster.startswith("out|"):
@@ -113,7 +134,7 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
         code = rs.response_code.value if rs.HasField("response_code") else 0
         duration_ms = _secs(c.time_to_last_downstream_tx_byte) * 1000
         labels = (
-            "waypoint", sa, sns, principal, address, dwl, dns,
+            "waypoint", swl, sns, principal, sapp, sver, address, dwl, dns,
             f"{sname}.{sns_svc}.svc.cluster.local" if sname else "unknown",
             sname or "unknown", sns_svc or "unknown", version or "unknown",
             {0: "http", 1: "http", 2: "http", 3: "grpc"}.get(e.protocol_version, "http"),
@@ -131,7 +152,7 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
             "time": start or time.time(),
             "waypoint": self.waypoint,
             "source": {"principal": principal, "address": address,
-                       "workload": f"{sns}/{sa}" if sa != "unknown" else ""},
+                       "workload": f"{sns}/{swl}" if swl != "unknown" else ""},
             "destination": {"service": svc_key, "subset": version,
                             "workload": f"{dns}/{dwl}" if dwl != "unknown" else ""},
             "method": rq.request_method and _METHODS.get(rq.request_method, ""),

@@ -248,8 +248,10 @@ class Outbound:
             try:
                 conn = await self.pool.get(src.spiffe_id, wp.spiffe_id, (wp.ip, HBONE_PORT))
                 stream = await conn.connect(
-                    hostport(*asked), timeout=self.cfg.connect_timeout, source=src_ip
-                )
+                    hostport(*asked), timeout=self.cfg.connect_timeout, source=src_ip,
+                    baggage=hbone.baggage(src.namespace, src.name, src.labels.get("app", ""),
+                                          src.labels.get("version", "")),
+                )  # fmt: skip
             except (hbone.HboneError, OSError, TimeoutError) as e:
                 self.lb.failed(key, k, pods)
                 _say(

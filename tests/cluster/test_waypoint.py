@@ -255,6 +255,12 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
     assert got == {"n2-p1": 10, "n2-p2": 10}, got  # Envoy's round robin over both
     after = _metrics_after(L, before, 20)
     assert after[("200", "unknown")] - before.get(("200", "unknown"), 0) == 20
+    # the source as the tunnels' metrics name it: its pod, from the baggage its tunnel sent
+    text = L.run("wp", ["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"]).stdout
+    srcs = {(d["source_workload"], d["source_workload_namespace"], d["source_principal"])
+            for line in text.splitlines() if line.startswith("istio_requests_total{")
+            for d in [dict(re.findall(r'(\w+)="([^"]*)"', line))]}  # fmt: skip
+    assert srcs == {("n1-p1", "default", spiffe(L.pod("n1-p1")))}, srcs
     # the source's tunnel carried the connection to the waypoint, over HBONE
     fs = [f for f in _flows(L, "n1", "--state", "closed") if f["dst"]["ip"] == VIP]
     assert fs and all(f["path"] == "hbone" and f["dst"]["workload"] == "default/wp" for f in fs)
@@ -279,6 +285,7 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
         (spiffe(L.pod("n1-p1")), L.pod("n1-p1").ip, "GET", 200, "default/api")}, reqs  # fmt: skip
     assert sorted(q["destination"]["workload"] for q in reqs) == ["default/n2-p1"] * 10 + [
         "default/n2-p2"] * 10  # fmt: skip
+    assert {q["source"]["workload"] for q in reqs} == {"default/n1-p1"}
     # its Envoy took its configuration with the waypoint's own certificate, not its node's
     # (Istio's waypoints too): the node's key is nowhere in its bootstrap
     with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:

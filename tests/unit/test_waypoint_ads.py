@@ -151,4 +151,5 @@ def test_a_waypoints_certificate_from_a_revoked_node_is_refused(env):
 def test_peer_addresses_as_grpc_writes_them():
     assert peer_ip("ipv4:10.0.0.1:5000") == "10.0.0.1"
     assert peer_ip("ipv6:[fd00::1]:5000") == "fd00::1"
+    assert peer_ip("ipv6:%5Bfd00::1%5D:5000") == "fd00::1"  # as gRPC core writes it
     assert peer_ip("unix:/run/x.sock") == ""

@@ -13,6 +13,7 @@ there, as Envoy keeps it.
 from __future__ import annotations
 
 import time
+import urllib.parse
 import uuid
 
 import grpc
@@ -243,8 +244,9 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 def peer_ip(peer: str) -> str:
-    """The address of gRPC's peer string: "ipv4:10.0.0.1:5", "ipv6:[fd00::1]:5"."""
-    kind, _, rest = peer.partition(":")
+    """The address of gRPC's peer string: "ipv4:10.0.0.1:5", "ipv6:[fd00::1]:5" (gRPC writes
+    the brackets percent-encoded: "ipv6:%5Bfd00::1%5D:5")."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":

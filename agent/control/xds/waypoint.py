@@ -44,7 +44,8 @@ DEFAULT_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancell
 # at 15008, carried through the internal listeners (filter state shared transitively over
 # internal_upstream), logged with each request and forwarded to the destination's tunnel
 SOURCE_PRINCIPAL = "io.dabba.source_principal"  # the client's SPIFFE ID (its certificate)
-SOURCE_FORWARDED = "io.dabba.source_forwarded"  # its tunnel's Forwarded: for=<address>  # as agent/ztunnel/tls.py: <sa>.<ns>.hbone.dabba
+SOURCE_FORWARDED = "io.dabba.source_forwarded"  # its tunnel's Forwarded: for=<address>
+SOURCE_BAGGAGE = "io.dabba.source_baggage"  # its tunnel's baggage: its pod, app and version
 
 
 def _sds(name: str) -> dict:
@@ -95,7 +96,8 @@ def _access_log(waypoint: r.Waypoint) -> list[dict]:
         "common_config": {"log_name": waypoint.key, "transport_api_version": "V3",
                           "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
                           "buffer_flush_interval": "0.2s",  # dabba requests -f: promptly
-                          "filter_state_objects_to_log": [SOURCE_PRINCIPAL, SOURCE_FORWARDED]},
+                          "filter_state_objects_to_log": [SOURCE_PRINCIPAL, SOURCE_FORWARDED,
+                                                          SOURCE_BAGGAGE]},
     }}]  # fmt: skip
 
 
@@ -218,7 +220,8 @@ class Builder:
                             "@type": T + "extensions.filters.http.set_filter_state.v3.Config",
                             "on_request_headers": [
                                 _keep(SOURCE_PRINCIPAL, "%DOWNSTREAM_PEER_URI_SAN%"),
-                                _keep(SOURCE_FORWARDED, "%REQ(forwarded)%")]}},
+                                _keep(SOURCE_FORWARDED, "%REQ(forwarded)%"),
+                                _keep(SOURCE_BAGGAGE, "%REQ(baggage)%")]}},
                         {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": T + "extensions.filters.http.router.v3.Router"}}],
                 }}],

@@ -39,6 +39,7 @@ from .codec import (
     _authority_ok,
     _forwarded_for,
     _mtime_ns,
+    baggage,
     forwarded,
     rst,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "_forwarded_for",
     "_mtime_ns",
     "dial_tcp",
+    "baggage",
     "forwarded",
     "rst",
 ]

@@ -81,9 +81,14 @@ class ClientConnection(H2Connection):
         super().connection_lost(exc)
 
     async def connect(
-        self, authority: str, timeout: float = 10.0, source: str | None = None
+        self,
+        authority: str,
+        timeout: float = 10.0,
+        source: str | None = None,
+        baggage: str | None = None,
     ) -> Stream:
-        """Open a flow to authority; source is the client workload's address (Forwarded: for=)."""
+        """Open a flow to authority; source is the client workload's address (Forwarded: for=),
+        baggage its name and labels (for a waypoint's request metrics)."""
         if self.closed.done() or self.transport is None or self.transport.is_closing():
             # lost before this flow got here (its futures were failed then): nothing would
             # ever answer the CONNECT
@@ -100,6 +105,8 @@ class ClientConnection(H2Connection):
         headers = [(":method", "CONNECT"), (":authority", authority)]
         if source:
             headers.append(("forwarded", forwarded(source)))
+        if baggage:
+            headers.append(("baggage", baggage))
         try:
             self.h2.send_headers(sid, headers)
         except wire.StreamClosedError as e:  # the peer's GOAWAY came first

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 from ... import log
@@ -494,6 +495,15 @@ def _forwarded_for(value) -> str | None:
 def forwarded(addr: str) -> str:
     """A Forwarded header's value naming addr (RFC 7239: an IPv6 address quoted, bracketed)."""
     return f'for="[{addr}]"' if ":" in addr else f"for={addr}"
+
+
+def baggage(namespace: str, name: str, app: str = "", version: str = "") -> str:
+    """A W3C baggage header naming a flow's source workload, as Istio's ztunnel tells a
+    waypoint (its request metrics' source_workload, source_app, source_version): namespace,
+    pod, and the app and version labels it has; values percent-encoded."""
+    items = (("k8s.namespace.name", namespace), ("k8s.pod.name", name),
+             ("service.name", app), ("service.version", version))  # fmt: skip
+    return ",".join(f"{k}={urllib.parse.quote(v, safe='')}" for k, v in items if v)
 
 
 def _authority_ok(authority: str) -> bool:
