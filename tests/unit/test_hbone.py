@@ -499,3 +499,35 @@ def test_a_flow_on_a_connection_lost_before_it_got_there_fails_at_once(pki):
             echo.close()
 
     assert asyncio.run(go()) == (True, True, 2)
+
+
+def test_a_flow_that_ends_while_backed_up_gives_the_pooled_connection_its_window_back(pki):
+    """Before: a flow whose local reader stopped (its TCP side paused, the stream's DATA left
+    unacknowledged, up to the whole 16 MiB window) and that then ended kept that share of the
+    connection's window for good: the next flow on the pooled connection stalled (a
+    benchmark's second iperf3 run hung so). Now the connection gets it back, and the next
+    flow carries 32 MiB both ways."""
+    ca, files, _ = pki
+
+    async def go():
+        echo, echo_port, ids, srv, port, pool, seen = await _setup(ca, files)
+        r, w, stream = await _flow(pool, port, echo_port)
+        conn = stream.conn
+        w.write(os.urandom(24 << 20))  # echoed back to a reader that never reads
+        await asyncio.sleep(2)
+        held = stream.unacked
+        w.transport.abort()  # the workload resets its connection
+        await asyncio.sleep(0.5)
+        window = conn.h2.conn_recv_win + conn.h2.conn_consumed
+        r2, w2, stream2 = await _flow(pool, port, echo_port)
+        assert stream2.conn is conn  # the same pooled connection
+        got = await asyncio.wait_for(_roundtrip(r2, w2, 32 << 20), 30)
+        w2.close()
+        srv.close()
+        echo.close()
+        return held, window, got
+
+    held, window, (sent, got, n) = asyncio.run(go())
+    assert held > 4 << 20, held  # the flow did end holding window (beyond a TCP side's buffer)
+    assert window == hbone.WINDOW  # all of it came back
+    assert sent == got and n == 32 << 20

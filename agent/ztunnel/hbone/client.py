@@ -122,7 +122,7 @@ class ClientConnection(H2Connection):
         finally:
             timer.cancel()
         if headers.get(":status") != "200":
-            self.streams.pop(sid, None)
+            self.drop(s)
             raise HboneError(
                 f"CONNECT {authority} refused with {headers.get(':status')}: "
                 f"{headers.get('dabba-reason', '')}"

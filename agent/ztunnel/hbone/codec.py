@@ -378,9 +378,9 @@ class H2Connection(asyncio.Protocol):
                 s.tcp.transport.write_eof()
             self._maybe_done(s)
         elif isinstance(ev, wire.StreamReset):
-            s = self.streams.pop(ev.stream_id, None)
+            s = self.streams.get(ev.stream_id)
             if s:
-                s.closed = True
+                self.drop(s)
                 if s.tcp and s.tcp.transport:
                     rst(s.tcp.transport)
         elif isinstance(ev, wire.WindowUpdated):
@@ -390,6 +390,18 @@ class H2Connection(asyncio.Protocol):
             for s in list(targets):
                 if s:
                     self.flush(s)
+
+    def drop(self, s: Stream) -> None:
+        """s is done: out of the map, closed, and what it held unacknowledged given back to
+        the connection's window (its own window ends with it). Before, a flow that ended while
+        its TCP side was backed up kept its share of the pooled connection's window for good:
+        one bulk flow ended so (up to the whole 16 MiB) stalled every later flow on it."""
+        self.streams.pop(s.stream_id, None)
+        s.closed = True
+        if s.unacked:
+            self.h2.acknowledge_received_data(s.unacked, s.stream_id)
+            s.unacked = 0
+            self._write()
 
     def ack_pending(self, s: Stream) -> None:
         """Open the window for what TCP took, unless TCP is backed up (that is the backpressure)."""
@@ -441,8 +453,7 @@ class H2Connection(asyncio.Protocol):
                 self._maybe_done(s)
         except wire.StreamClosedError:
             # the peer closed or reset the stream under us: release its TCP side too
-            s.closed = True
-            self.streams.pop(s.stream_id, None)
+            self.drop(s)
             if s.tcp and s.tcp.transport and not s.tcp.lost:
                 s.tcp.transport.close() if s.tcp.eof else rst(s.tcp.transport)
         self._write()
@@ -461,15 +472,14 @@ class H2Connection(asyncio.Protocol):
                 self.h2.reset_stream(s.stream_id, error_code=wire.ErrorCodes.CONNECT_ERROR)
             except wire.StreamClosedError:
                 pass
-            self.streams.pop(s.stream_id, None)
+            self.drop(s)
             self._write()
 
     def _maybe_done(self, s: Stream | None) -> None:
         if s is None:
             return
         if s.stream_id not in self.h2.streams:
-            self.streams.pop(s.stream_id, None)
-            s.closed = True
+            self.drop(s)
             if s.tcp and s.tcp.transport and s.tcp.eof:
                 s.tcp.transport.close()
 

@@ -183,7 +183,7 @@ class ServerConnection(H2Connection):
         try:
             if isinstance(result, str):
                 status = "403" if result.startswith("denied") else "503"
-                self.streams.pop(s.stream_id, None)
+                self.drop(s)  # (with what it sent before the answer)
                 # a header value is one line of printable text (RFC 9110 §5.5): an
                 # exception's message may hold anything
                 reason = "".join(c if c.isprintable() else " " for c in result[:200])
@@ -199,7 +199,6 @@ class ServerConnection(H2Connection):
             self._write()
         except Exception as e:  # the peer closed or broke the stream meanwhile
             _log.info(f"HBONE stream {s.stream_id} gone before it was answered: {e!r}")
-            self.streams.pop(s.stream_id, None)
-            s.closed = True
+            self.drop(s)
             if isinstance(result, TcpSide) and result.transport:
                 rst(result.transport)
