@@ -425,16 +425,24 @@ def test_a_real_prometheus_scrapes_the_node(flab, procs, tmp_path):
     procs.append(p)
 
     def query(q):
-        r = L.run(
-            "n1",
-            ["curl", "-s", "--max-time", "3", "http://127.0.0.1:19090/api/v1/query",
-             "--data-urlencode", f"query={q}"],
-            check=False,
-        )  # fmt: skip
-        if r.returncode != 0 or not r.stdout:
-            return None
-        doc = json.loads(r.stdout)
-        return doc["data"]["result"] if doc.get("status") == "success" else None
+        """PromQL q's result; None when Prometheus refuses it, or has not answered in three
+        tries (an answer slowed by a loaded machine is asked for again: a 3 s limit made it a
+        refusal)."""
+        for _ in range(3):
+            r = L.run(
+                "n1",
+                ["curl", "-s", "--max-time", "10", "http://127.0.0.1:19090/api/v1/query",
+                 "--data-urlencode", f"query={q}"],
+                check=False,
+            )  # fmt: skip
+            try:
+                doc = json.loads(r.stdout) if r.returncode == 0 else None
+            except ValueError:  # not ready yet ("Service Unavailable")
+                doc = None
+            if doc is not None:
+                return doc["data"]["result"] if doc.get("status") == "success" else None
+            time.sleep(0.5)
+        return None
 
     q = (
         'istio_tcp_received_bytes_total{reporter="source",source_workload="n1-p1",'
