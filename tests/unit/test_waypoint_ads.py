@@ -153,3 +153,39 @@ def test_peer_addresses_as_grpc_writes_them():
     assert peer_ip("ipv6:[fd00::1]:5000") == "fd00::1"
     assert peer_ip("ipv6:%5Bfd00::1%5D:5000") == "fd00::1"  # as gRPC core writes it
     assert peer_ip("unix:/run/x.sock") == ""
+
+
+@pytest.mark.parametrize("pod", ["wp-1", None])  # the waypoint's own certificate, its node's
+def test_an_open_stream_ends_when_its_node_is_revoked(env, pod):
+    """Before: a stream opened before the revocation went on (only a new one was refused)."""
+    loop, srv = env
+    key, chain = _creds(loop, srv, "n1", pod)
+
+    async def go():
+        async with control_channel(
+            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), key, chain
+        ) as ch:
+            req = discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="shop/wp"), type_url=CDS)
+            held = asyncio.Event()
+
+            async def requests():  # as Envoy's: one request, and the stream kept open
+                yield req
+                await held.wait()
+
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+                requests()
+            )
+            first = await asyncio.wait_for(call.read(), 10)
+            srv.cp.revoked.revoke("n1")  # dabba control node revoke n1
+            try:
+                got = await asyncio.wait_for(call.read(), 10)
+            except grpc.RpcError as e:
+                return first, e.code(), e.details()
+            finally:
+                held.set()
+                call.cancel()
+            return first, got, ""
+
+    first, code, details = loop.run_until_complete(go())
+    assert first.type_url == CDS
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details, (code, details)

@@ -184,11 +184,16 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     return
                 if req is Requests.CHANGED:
                     req = None
+                    # its node revoked meanwhile, or its pod gone: the stream ends (as a
+                    # node's Watch does)
+                    await self._node_of(ctx, self.cp.registry.state, key, kind, who)
 
     async def _node_of(self, ctx, st, key: str, kind: str, who: str) -> str:
         """The node of the waypoint's pod that calls, or the call is refused."""
         pods = st.waypoint_pods(key)
         if kind == "node":
+            if who in self.cp.revoked:
+                await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {who} is revoked")
             if not any(w.node == who for w in pods):
                 await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"node {who} runs no pod of waypoint {key}")  # fmt: skip
