@@ -6,6 +6,7 @@ a root test that would skip fails instead, as ztunnel's do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -277,9 +278,10 @@ def spiffe(pod, trust_domain: str = "cluster.local") -> str:
     return f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
 
 
+@contextlib.contextmanager
 def control_server(tmp_path, registry: str):
     """A real control plane on loopback (ports from the kernel) with registry as its one
-    registry file: yields (event loop, ControlServer), stopped afterwards."""
+    registry file: (event loop, ControlServer), stopped afterwards."""
     import asyncio
 
     from agent.control.server import ControlConfig, ControlServer

@@ -61,9 +61,6 @@ def waypoint_run(name, namespace, key, pod, agent_config, control, certs, ca_fil
     _need_root("dabba waypoint run")
     from ..waypoint.run import WaypointConfig, run
 
-    if not agent_config and not (control and certs and ca_file):
-        raise DabbaError("give the node's agent configuration (--config), or --control, "
-                         "--certs and --ca-file")  # fmt: skip
     run(WaypointConfig(name, namespace, pod or name, agent_config,
                        workdir or os.path.join("/run/dabba/waypoints", namespace, name), listen,
                        control, certs, ca_file))  # fmt: skip

@@ -358,7 +358,6 @@ class ControlService(pbg.ControlServicer):
     def __init__(self, cp: ControlPlane):
         self.cp = cp
         self.prefix = f"spiffe://{cp.cfg.trust_domain}/node/"
-        self.workload_prefix = f"spiffe://{cp.cfg.trust_domain}/ns/"
 
     async def _ids(self, ctx) -> list[str]:
         """The SPIFFE IDs of the caller's (already verified) client certificate."""
@@ -387,15 +386,13 @@ class ControlService(pbg.ControlServicer):
         ids = await self._ids(ctx)
         if any(u.startswith(self.prefix) for u in ids):
             return "node", await self._node(ctx)
-        ws = [u[len(self.workload_prefix) :].split("/") for u in ids
-              if u.startswith(self.workload_prefix)]  # fmt: skip
-        if len(ids) != 1 or len(ws) != 1 or len(ws[0]) != 3 or ws[0][1] != "sa":
+        ident = validate.workload_identity(ids[0], self.cp.cfg.trust_domain) if ids else None
+        if len(ids) != 1 or ident is None:
             await ctx.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "the client certificate is neither a node's nor a workload's",
             )
-        ns, _, sa = ws[0]
-        return "workload", f"{ns}/{sa}"
+        return "workload", "/".join(ident)
 
     async def SignWorkload(self, req: pb.SignWorkloadRequest, ctx) -> pb.WorkloadCertificate:
         node = await self._node(ctx)

@@ -5,15 +5,9 @@ key never leaves the node) and the access log stream (request telemetry)."""
 
 from __future__ import annotations
 
-from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T, tls_common
+from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T, h2_upstream, tls_common
 
 ADMIN_PORT = 15000
-
-
-def _h2() -> dict:
-    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}  # fmt: skip
 
 
 def _local(name: str, socket_path: str) -> dict:
@@ -21,7 +15,7 @@ def _local(name: str, socket_path: str) -> dict:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": _h2(),
+        "typed_extension_protocol_options": h2_upstream(),
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}]},
     }  # fmt: skip
@@ -57,7 +51,7 @@ def bootstrap(key: str, control: tuple[str, int], trust_domain: str, socket_path
                 "type": "STATIC" if host.replace(".", "").isdigit() or ":" in host
                         else "STRICT_DNS",
                 "connect_timeout": "5s",
-                "typed_extension_protocol_options": _h2(),
+                "typed_extension_protocol_options": h2_upstream(),
                 "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
                     {"endpoint": {"address": {"socket_address": {
                         "address": host, "port_value": port}}}}]}]},

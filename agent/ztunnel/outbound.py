@@ -237,6 +237,8 @@ class Outbound:
         and requiring the waypoint's. False when no pod could be reached (nothing was sent)."""
         key = svc.waypoint
         pods = [k for k in svc.waypoint_pods if k in self.state.workloads]
+        bag = hbone.baggage(src.namespace, src.name, src.labels.get("app", ""),
+                            src.labels.get("version", ""))  # fmt: skip
         tried: list[str] = []
         why: list[str] = []
         while len(tried) < len(pods):
@@ -249,8 +251,7 @@ class Outbound:
                 conn = await self.pool.get(src.spiffe_id, wp.spiffe_id, (wp.ip, HBONE_PORT))
                 stream = await conn.connect(
                     hostport(*asked), timeout=self.cfg.connect_timeout, source=src_ip,
-                    baggage=hbone.baggage(src.namespace, src.name, src.labels.get("app", ""),
-                                          src.labels.get("version", "")),
+                    baggage=bag,
                 )  # fmt: skip
             except (hbone.HboneError, OSError, TimeoutError) as e:
                 self.lb.failed(key, k, pods)

@@ -47,7 +47,7 @@ spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{}]}
 
 @pytest.fixture
 def env(tmp_path):
-    for loop, srv in control_server(tmp_path, REG):
+    with control_server(tmp_path, REG) as (loop, srv):
         yield loop, srv, tmp_path
 
 

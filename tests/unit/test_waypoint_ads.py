@@ -56,7 +56,8 @@ spec: {gatewayClassName: istio-waypoint}
 
 @pytest.fixture
 def env(tmp_path):
-    yield from control_server(tmp_path, REG)
+    with control_server(tmp_path, REG) as (loop, srv):
+        yield loop, srv
 
 
 def _creds(loop, srv, node: str, pod: str | None):

@@ -146,7 +146,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             status = self.status[key] = WaypointStatus(key, node)
             _log.info("waypoint connected", fields={
                 "waypoint": key, "node": node,
-                "as": f"node/{who}" if kind == "node" else f"ns/{who.replace('/', '/sa/', 1)}"})  # fmt: skip
+                "as": f"node/{who}" if kind == "node" else _identity(who)})  # fmt: skip
             subscribed: set[str] = set()
             nonces: dict[str, str] = {}
             req = first
@@ -200,8 +200,8 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return who
         if who != key:
             await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"identity ns/{who.replace('/', '/sa/', 1)} is not waypoint {key}'s "
-                            f"(ns/{key.replace('/', '/sa/', 1)})")  # fmt: skip
+                            f"identity {_identity(who)} is not waypoint {key}'s "
+                            f"({_identity(key)})")  # fmt: skip
         peer = peer_ip(ctx.peer())
         pod = next((w for w in pods if peer and peer in (w.ip, w.ip6)), None)
         if pod is None:
@@ -246,6 +246,13 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             _log.info("waypoint accepted its configuration", fields={
                 "waypoint": status.key, "type": t.rsplit(".", 1)[-1],
                 "version": req.version_info})  # fmt: skip
+
+
+def _identity(key: str) -> str:
+    """namespace/name -> ns/<namespace>/sa/<name>: the workload identity's path (a waypoint's
+    is its Gateway's namespace and name)."""
+    ns, _, name = key.partition("/")
+    return f"ns/{ns}/sa/{name}"
 
 
 def peer_ip(peer: str) -> str:

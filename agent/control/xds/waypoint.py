@@ -54,6 +54,13 @@ def _sds(name: str) -> dict:
         "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}]}}}  # fmt: skip
 
 
+def h2_upstream() -> dict:
+    """A cluster's protocol options: HTTP/2 to its endpoints (HBONE, gRPC)."""
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}  # fmt: skip
+
+
 def tls_common(san: dict) -> dict:
     return {
         "alpn_protocols": ["h2"],
@@ -164,10 +171,7 @@ class Builder:
                 "load_assignment": _static(tracing.kind, [{"socket_address": {
                     "address": host, "port_value": int(port)}}])}  # fmt: skip
             if tracing.kind == "otlp":  # gRPC
-                self.clusters["otlp"]["typed_extension_protocol_options"] = {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}}}}  # fmt: skip
+                self.clusters["otlp"]["typed_extension_protocol_options"] = h2_upstream()
         rules = {dr.service: dr for dr in state.destination_rules.values()}
         routed = {h: vs for vs in state.routes() for h in vs.hosts}
         vhosts = []
@@ -392,11 +396,7 @@ class Builder:
                 "connect_timeout": CONNECT_TIMEOUT,
                 "load_assignment": _static(hbone, [{"socket_address": {
                     "address": self.nodes[w.node], "port_value": HBONE_PORT}}]),
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }},
+                "typed_extension_protocol_options": h2_upstream(),
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                     "sni": sni_for(ident),
