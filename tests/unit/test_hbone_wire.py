@@ -1,4 +1,4 @@
-"""HBONE's own HTTP/2 (agent/ztunnel/hbone/wire.py) against the h2 library as the other peer,
+"""HBONE's own HTTP/2 (agent/http2/wire.py) against the h2 library as the other peer,
 in memory: every frame one side writes, the other parses. Then what a hostile peer sends:
 each connection error with its RFC 9113 code and a GOAWAY, each stream error with a reset.
 (Envoy, a third implementation, talks to it in tests/cluster/test_envoy_hbone*.py.)"""
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ztunnel.hbone import headers as hpk
-from agent.ztunnel.hbone import wire
+from agent.http2 import headers as hpk
+from agent.http2 import wire
 
 W = wire.ErrorCodes
 

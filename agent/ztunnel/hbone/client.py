@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from ... import log
+from ...http2 import wire
 from ..tls import client_context, peer_serial, sni_for
-from . import wire
 from .codec import POOL_MAX_AGE, H2Connection, HboneError, Stream, TcpSide, _mtime_ns, forwarded
 
 _log = log.get("hbone")

@@ -14,9 +14,9 @@ import urllib.parse
 from dataclasses import dataclass
 
 from ... import log
+from ...http2 import wire
 from ...node.addresses import split_hostport
 from ..tls import peer_identity
-from . import wire
 
 _log = log.get("hbone")
 

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from ... import log
 from ...control import validate
+from ...http2 import wire
 from ..tls import peer_identity, peer_serial
-from . import wire
 from .codec import (
     MAX_PENDING_OPENS,
     H2Connection,

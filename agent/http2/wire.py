@@ -1,5 +1,5 @@
-"""HTTP/2 as HBONE speaks it: the frames, stream states and flow control of RFC 9113 that a
-CONNECT tunnel uses, as a lean, conformant peer (the ``h2`` library did the same work through
+"""HTTP/2 as the mesh speaks it: the frames, stream states and flow control of RFC 9113 that a
+CONNECT tunnel (HBONE) and a gRPC stream use, as a lean, conformant peer (the ``h2`` library did the same work through
 a general state machine and four copies of every DATA frame: py-spy put most of a bulk
 transfer's sending CPU there).
 

@@ -1,4 +1,4 @@
-"""HPACK (RFC 7541) as HBONE's HTTP/2 uses it: our header blocks are encoded as static-table
+"""HPACK (RFC 7541) as the mesh's HTTP/2 (wire.py) uses it: our header blocks are encoded as static-table
 references and literals that never touch the dynamic table (RFC 7541 §6.2.2), which every
 decoder takes whatever its table size; a peer's are decoded by ``hpack`` (Huffman codes, the
 dynamic table), or on a short path when a block uses neither."""
