@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 import click
 
@@ -67,6 +65,9 @@ def waypoint_run(name, namespace, key, pod, agent_config, control, certs, ca_fil
 
 
 def _get(url: str) -> dict:
+    import urllib.error  # here: every dabba process imports this module (2.7 MiB)
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return json.loads(r.read())

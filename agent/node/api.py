@@ -22,14 +22,13 @@ import time
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from google.protobuf.json_format import MessageToDict
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log
 from ..bpf import names
 from ..control.convert import policy_from_pb, root_of
 from ..control.store import private_dir
 from ..errors import DabbaError
+from ..prom import CounterMetricFamily, GaugeMetricFamily, Registry
 from ..ztunnel import admin
 from ..ztunnel.policy import Request, evaluate
 from . import flowtable
@@ -69,9 +68,7 @@ def _cert_doc(pem: bytes) -> list[dict]:
 class AgentApi:
     def __init__(self, agent):
         self.a = agent
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-        self.registry.register(_TableCollector(agent.table))
+        self.registry = Registry(self, agent.table)
         self.servers: list = []
 
     # ---- serving ---------------------------------------------------------------------------
@@ -427,12 +424,9 @@ class AgentApi:
         return 200, doc
 
     def metrics(self) -> tuple[int, str]:
-        return 200, generate_latest(self.registry).decode()
+        return 200, self.registry.text()
 
     # ---- the agent's own metrics -----------------------------------------------------------
-    def describe(self):
-        return []
-
     def collect(self):
         a = self.a
         st = a.ctl.stats()
@@ -512,17 +506,6 @@ class AgentApi:
             "dabba_workloads_enrolled", "Workloads enrolled", len(a.workload_ids)
         )
         yield GaugeMetricFamily("dabba_agent_up", "The agent answers (1)", 1)
-
-
-class _TableCollector:
-    def __init__(self, table):
-        self.table = table
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        return self.table.collect()
 
 
 async def _serve_facts(path: str, table) -> asyncio.base_events.Server:

@@ -496,8 +496,8 @@ class FlowTable:
             h[-1] += 1
 
     def collect(self):
-        """Metric families (prometheus_client) for the agent's registry."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        """Metric families for the agent's registry."""
+        from ..prom import CounterMetricFamily, HistogramMetricFamily
 
         with self.lock:
             sent, received = dict(self.sent), dict(self.received)

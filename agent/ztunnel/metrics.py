@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ..prom import CounterMetricFamily, GaugeMetricFamily, Registry, merge
 
 ISTIO_LABELS = (
     "reporter",
@@ -70,11 +69,7 @@ class TunnelMetrics:
         self.t = tunnel
         self.opened: Counter = Counter()
         self.closed: Counter = Counter()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-
-    def describe(self):
-        return []
+        self.registry = Registry(self)
 
     def collect(self):
         opened, closed, st = Counter(self.opened), Counter(self.closed), Counter(self.t.stats)
@@ -166,36 +161,11 @@ class TunnelMetrics:
         )
 
     def render(self) -> tuple[int, str]:
-        return 200, generate_latest(self.registry).decode()
+        return 200, self.registry.text()
 
 
 def merge_exposition(*texts: str) -> str:
     """Prometheus texts as one: a family both expose (istio_tcp_connections_opened: the
     tunnel's flows and the agent's direct ones) is one family whose samples are the sum of
     each text's. Prometheus refuses a family given twice in one scrape."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    fams: dict = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text):
-            have = fams.get(fam.name)
-            if have is None:
-                fams[fam.name] = fam
-                continue
-            at = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(have.samples)}
-            for s in fam.samples:
-                i = at.get((s.name, tuple(sorted(s.labels.items()))))
-                if i is None:
-                    have.samples.append(s)
-                elif not s.name.endswith("_created"):
-                    have.samples[i] = have.samples[i]._replace(
-                        value=have.samples[i].value + s.value
-                    )
-
-    class _All:
-        def collect(self):
-            yield from fams.values()
-
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(_All())
-    return generate_latest(reg).decode()
+    return merge(*texts)
