@@ -5,7 +5,7 @@ key never leaves the node) and the access log stream (request telemetry)."""
 
 from __future__ import annotations
 
-from ..control.xds.waypoint import ALS_CLUSTER, SDS_CLUSTER, T, h2_upstream, tls_common
+from ..control.xds.common import ALS_CLUSTER, SDS_CLUSTER, T, h2_upstream, tls_common
 
 ADMIN_PORT = 15000
 

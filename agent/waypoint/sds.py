@@ -9,18 +9,18 @@ import uuid
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
 from .. import log
+from ..control.xds.common import BUNDLE, CERT
 from ..control.xds.streams import Requests
-from ..control.xds.waypoint import BUNDLE, CERT
 
 _log = log.get("waypoint")
+PATH = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"  # its gRPC method
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
-class Secrets(sds_pb2_grpc.SecretDiscoveryServiceServicer):
+class Secrets:
     def __init__(self):
         self.key_pem = self.chain_pem = self.bundle_pem = b""
         self.version = ""
@@ -42,7 +42,7 @@ class Secrets(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 trusted_ca={"inline_bytes": self.bundle_pem}))  # fmt: skip
         return None
 
-    async def StreamSecrets(self, request_iterator, ctx):
+    async def StreamSecrets(self, request_iterator):
         names: list[str] = []
         sent = ""
         async with Requests(request_iterator) as requests:

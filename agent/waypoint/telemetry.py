@@ -13,20 +13,22 @@ labels mean what the tunnels' istio_tcp_* labels mean (agent/ztunnel/metrics.py)
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 import urllib.parse
 
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from envoy.service.accesslog.v3 import als_pb2
 
 from .. import log
-from ..control.xds.waypoint import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
+from ..control.xds.common import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
+from ..prom import CounterMetricFamily, HistogramMetricFamily, Registry, number
 
 _log = log.get("waypoint")
 
 
 RECENT = 2048
+PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"  # its gRPC method
 # Envoy's short response flags (its access log's %RESPONSE_FLAGS%), as Istio's label shows them
 FLAGS = {
     "failed_local_healthcheck": "LH", "no_healthy_upstream": "UH",
@@ -88,24 +90,42 @@ def source_of(baggage: str, namespace: str) -> tuple[str, str, str]:
     return pod, app, version
 
 
-class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
+class _Series:
+    """One label set's request count and its three histograms (bucket counts, not cumulative;
+    the last bucket is +Inf), as Istio's proxies keep them."""
+
+    __slots__ = ("count", "ms", "ms_sum", "req", "req_sum", "resp", "resp_sum")
+
+    def __init__(self):
+        self.count = 0
+        self.ms, self.req, self.resp = ([0] * (len(MS_BUCKETS) + 1),
+                                        [0] * (len(BYTE_BUCKETS) + 1),
+                                        [0] * (len(BYTE_BUCKETS) + 1))  # fmt: skip
+        self.ms_sum = self.req_sum = self.resp_sum = 0.0
+
+
+def _observe(counts: list, bounds: tuple, v: float) -> None:
+    counts[bisect.bisect_left(bounds, v)] += 1
+
+
+def _cumulative(counts: list, bounds: tuple) -> list[tuple[str, float]]:
+    acc, out = 0, []
+    for b, n in zip((*(number(b) for b in bounds), "+Inf"), counts, strict=True):
+        acc += n
+        out.append((b, acc))
+    return out
+
+
+class Telemetry:
     def __init__(self, waypoint: str):
         self.waypoint = waypoint
-        self.registry = CollectorRegistry()
-        self.requests = Counter("istio_requests_total", "Requests through the waypoint",
-                                LABELS, registry=self.registry)  # fmt: skip
-        self.duration = Histogram("istio_request_duration_milliseconds",
-                                  "Request duration (ms)", LABELS, buckets=MS_BUCKETS,
-                                  registry=self.registry)  # fmt: skip
-        self.req_bytes = Histogram("istio_request_bytes", "Request size (headers and body)",
-                                   LABELS, buckets=BYTE_BUCKETS, registry=self.registry)  # fmt: skip
-        self.resp_bytes = Histogram("istio_response_bytes", "Response size (headers and body)",
-                                    LABELS, buckets=BYTE_BUCKETS, registry=self.registry)  # fmt: skip
+        self.series: dict[tuple, _Series] = {}
+        self.registry = Registry(self)
         self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self.seq = 0
         self.received = 0
 
-    async def StreamAccessLogs(self, request_iterator, ctx):
+    async def StreamAccessLogs(self, request_iterator):
         async for msg in request_iterator:
             for e in msg.http_logs.log_entry:
                 try:
@@ -113,6 +133,22 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
                 except Exception as ex:  # one odd entry must not end the stream
                     _log.warning(f"access log entry not counted: {ex}")
         return als_pb2.StreamAccessLogsResponse()
+
+    def collect(self):
+        total = CounterMetricFamily("istio_requests_total", "Requests through the waypoint",
+                                    labels=LABELS)  # fmt: skip
+        ms = HistogramMetricFamily("istio_request_duration_milliseconds",
+                                   "Request duration (ms)", labels=LABELS)  # fmt: skip
+        req = HistogramMetricFamily("istio_request_bytes", "Request size (headers and body)",
+                                    labels=LABELS)  # fmt: skip
+        resp = HistogramMetricFamily("istio_response_bytes", "Response size (headers and body)",
+                                     labels=LABELS)  # fmt: skip
+        for labels, s in self.series.items():
+            total.add_metric(labels, s.count)
+            ms.add_metric(labels, _cumulative(s.ms, MS_BUCKETS), s.ms_sum)
+            req.add_metric(labels, _cumulative(s.req, BYTE_BUCKETS), s.req_sum)
+            resp.add_metric(labels, _cumulative(s.resp, BYTE_BUCKETS), s.resp_sum)
+        return [total, ms, req, resp]
 
     def record(self, e) -> None:
         c, rq, rs = e.common_properties, e.request, e.response
@@ -140,10 +176,18 @@ class Telemetry(als_pb2_grpc.AccessLogServiceServicer):
             {0: "http", 1: "http", 2: "http", 3: "grpc"}.get(e.protocol_version, "http"),
             str(code), flags_of(c.response_flags), "mutual_tls", c.route_name or "-",
         )  # fmt: skip
-        self.requests.labels(*labels).inc()
-        self.duration.labels(*labels).observe(duration_ms)
-        self.req_bytes.labels(*labels).observe(rq.request_headers_bytes + rq.request_body_bytes)
-        self.resp_bytes.labels(*labels).observe(rs.response_headers_bytes + rs.response_body_bytes)
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = _Series()
+        n_req = rq.request_headers_bytes + rq.request_body_bytes
+        n_resp = rs.response_headers_bytes + rs.response_body_bytes
+        s.count += 1
+        s.ms_sum += duration_ms
+        s.req_sum += n_req
+        s.resp_sum += n_resp
+        _observe(s.ms, MS_BUCKETS, duration_ms)
+        _observe(s.req, BYTE_BUCKETS, n_req)
+        _observe(s.resp, BYTE_BUCKETS, n_resp)
         self.received += 1
         self.seq += 1
         start = c.start_time.seconds + c.start_time.nanos / 1e9

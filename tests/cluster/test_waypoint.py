@@ -290,7 +290,7 @@ def test_an_opted_in_service_is_served_through_its_waypoint_and_counted_there(wl
     # (Istio's waypoints too): the node's key is nowhere in its bootstrap
     with open(os.path.join(mesh.paths(L)["logs"], "control.log")) as f:
         assert "waypoint connected waypoint=default/wp node=n3 as=ns/default/sa/wp" in f.read()
-    with open(os.path.join(mesh.paths(L)["root"], "waypoints", "default", "wp", "envoy.yaml")) as f:
+    with open(os.path.join(mesh.paths(L)["root"], "waypoints", "default", "wp", "envoy.json")) as f:
         assert "node-key" not in f.read()
 
 

@@ -11,7 +11,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from google.protobuf import any_pb2, wrappers_pb2
 
-from agent.control.xds.waypoint import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
+from agent.control.xds.common import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
 from agent.waypoint.telemetry import LABELS, Telemetry, source_of
 from agent.ztunnel.hbone import baggage
 
@@ -86,3 +86,44 @@ def test_baggage_is_percent_encoded_both_ways_and_omits_what_is_unknown():
     assert bag == "k8s.namespace.name=shop,k8s.pod.name=web-1,service.name=my%20app%2Cv%3D1"
     assert source_of(bag, "shop") == ("web-1", "my app,v=1", "unknown")
     assert len(source_of(baggage("shop", "w" * 1000), "shop")[0]) == 253  # a label's longest
+
+
+def test_the_exposition_is_what_prometheus_clients_counter_and_histograms_would_show():
+    """Counts, sums and buckets (a value on a bound is in that bucket) as Prometheus' own
+    client keeps them, for durations and sizes on, between and beyond the bounds."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from agent.waypoint.telemetry import BYTE_BUCKETS, MS_BUCKETS
+
+    reg = CollectorRegistry()
+    ref = (Counter("istio_requests_total", "Requests through the waypoint", LABELS, registry=reg),
+           Histogram("istio_request_duration_milliseconds", "Request duration (ms)", LABELS,
+                     buckets=MS_BUCKETS, registry=reg),
+           Histogram("istio_request_bytes", "Request size (headers and body)", LABELS,
+                     buckets=BYTE_BUCKETS, registry=reg),
+           Histogram("istio_response_bytes", "Response size (headers and body)", LABELS,
+                     buckets=BYTE_BUCKETS, registry=reg))  # fmt: skip
+    t = Telemetry("shop/wp")
+    for ms, req, resp, code in ((0.5, 0, 1, 200), (1.0, 10, 99, 200), (3.5, 1000, 10**7, 503),
+                                (70_000, 123, 10**9, 200), (0.001, 1, 0, 404)):  # fmt: skip
+        e = _entry(baggage("shop", "web-1", "web", "v1"))
+        e.common_properties.time_to_last_downstream_tx_byte.seconds = int(ms // 1000)
+        e.common_properties.time_to_last_downstream_tx_byte.nanos = round(ms % 1000 * 1e6)
+        e.request.request_body_bytes = req
+        e.response.response_body_bytes = resp
+        e.response.response_code.value = code
+        t.record(e)
+        (labels,) = [tuple(s.values()) for s in _series(t)
+                     if s["response_code"] == str(code)]  # fmt: skip
+        ref[0].labels(*labels).inc()
+        ref[1].labels(*labels).observe(
+            e.common_properties.time_to_last_downstream_tx_byte.seconds * 1000
+            + e.common_properties.time_to_last_downstream_tx_byte.nanos / 1e6
+        )
+        ref[2].labels(*labels).observe(req)
+        ref[3].labels(*labels).observe(resp)
+    want = generate_latest(reg).decode()
+    want = "".join(
+        ln + "\n" for ln in want.splitlines() if "_created" not in ln
+    )  # fmt: skip  (Istio's series have no _created)
+    assert t.registry.text() == want
