@@ -102,6 +102,13 @@ class ResponseReceived(Event):
         self.stream_id, self.headers = stream_id, headers
 
 
+class TrailersReceived(Event):
+    __slots__ = ("stream_id", "headers")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id, self.headers = stream_id, headers
+
+
 class DataReceived(Event):
     __slots__ = ("stream_id", "data", "flow_controlled_length")
 
@@ -628,6 +635,8 @@ class Connection:
         elif not end:  # trailers must end the stream
             self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR)
             return
+        else:  # trailers (gRPC's status)
+            self._events.append(TrailersReceived(sid, headers))
         if end:
             self._remote_end(sid, st)
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import grpc
-
 from ..control import ca as camod
 from ..control.proto import control_pb2 as pb
-from ..control.proto import control_pb2_grpc as pbg
 from ..errors import DabbaError
+from .rpc import Channel, JoinStub, RpcError, StatusCode
 
-_OPTS = [("grpc.max_receive_message_length", 16 << 20)]
 
-
-def describe(e: grpc.RpcError, addr: str) -> DabbaError:
+def describe(e: RpcError, addr: str) -> DabbaError:
     """An operator-facing error for a failed call."""
     code, detail = e.code(), e.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == StatusCode.UNAVAILABLE:
         return DabbaError(
             f"the control plane at {addr} is unreachable: {detail}",
             hint=f"is `dabba control serve` running, and is {addr} reachable from this node?",
@@ -31,9 +27,8 @@ async def join(
     csr = camod.make_csr(
         key, "spiffe://join/node/" + node
     )  # replaced below, once the trust domain is known
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    async with grpc.aio.secure_channel(addr, creds, options=_OPTS) as ch:
-        stub = pbg.JoinStub(ch)
+    async with Channel(addr, ca_pem) as ch:
+        stub = JoinStub(ch)
         # The CSR must name spiffe://<td>/node/<node>; the trust domain is in the CA's root.
         td = trust_domain_of(ca_pem)
         csr = camod.make_csr(key, camod.node_spiffe_id(td, node))
@@ -42,7 +37,7 @@ async def join(
                 pb.JoinRequest(node=node, token=token, csr_pem=csr, address=address),
                 timeout=timeout,
             )
-        except grpc.RpcError as e:
+        except RpcError as e:
             raise describe(e, addr) from None
     return camod.key_pem(key), cert
 
@@ -56,10 +51,5 @@ def trust_domain_of(bundle_pem: bytes) -> str:
     raise DabbaError("the control plane's CA certificate names no SPIFFE trust domain")
 
 
-def control_channel(
-    addr: str, bundle_pem: bytes, key_pem: bytes, chain_pem: bytes
-) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=bundle_pem, private_key=key_pem, certificate_chain=chain_pem
-    )
-    return grpc.aio.secure_channel(addr, creds, options=_OPTS)
+def control_channel(addr: str, bundle_pem: bytes, chain_file: str, key_file: str) -> Channel:
+    return Channel(addr, bundle_pem, chain_file, key_file)

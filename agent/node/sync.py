@@ -21,17 +21,15 @@ import random
 import time
 from collections.abc import Callable
 
-import grpc
-
 from .. import log
 from ..control import ca as camod
 from ..control import validate
 from ..control.proto import control_pb2 as pb
-from ..control.proto import control_pb2_grpc as pbg
 from ..control.store import atomic_write
 from ..errors import DabbaError
 from .control_client import control_channel, describe, join
 from .identity import CertInfo, CertStore, info_of
+from .rpc import ControlStub, RpcError
 
 _log = log.get("sync")
 
@@ -198,12 +196,8 @@ class ControlSync:
                     if not await self._watch_until_stopped():
                         return
                     delay = BACKOFF_MIN
-                except (grpc.RpcError, DabbaError, OSError) as e:
-                    msg = (
-                        str(describe(e, self.control_addr))
-                        if isinstance(e, grpc.RpcError)
-                        else str(e)
-                    )
+                except (RpcError, DabbaError, OSError) as e:
+                    msg = str(describe(e, self.control_addr)) if isinstance(e, RpcError) else str(e)
                     if self.connected or msg != self.last_error:
                         _log.warning(
                             f"control plane stream lost: {msg}; reconnecting in {delay:.1f}s",
@@ -239,12 +233,13 @@ class ControlSync:
         return True
 
     def _channel(self):
-        key, chain, bundle = self.store.load_node()
-        return control_channel(self.control_addr, bundle, key, chain)
+        key, chain, bundle = self.store.node_paths()
+        with open(bundle, "rb") as f:
+            return control_channel(self.control_addr, f.read(), chain, key)
 
     async def _watch(self) -> None:
         async with self._channel() as ch:
-            stub = pbg.ControlStub(ch)
+            stub = ControlStub(ch)
             have = self.snapshot.version if self.snapshot else 0
             async for snap in stub.Watch(pb.WatchRequest(have_version=have)):
                 self.connected, self.last_error, self.last_contact = True, None, time.time()
@@ -366,14 +361,14 @@ class ControlSync:
                 continue
             try:
                 async with self._channel() as ch:
-                    stub = pbg.ControlStub(ch)
+                    stub = ControlStub(ch)
                     for w in due:
                         await self._sign(stub, w, "renewal")
                     if node_due:
                         await self._renew_node(stub)
                 if due:
                     self.apply(self.snapshot, dict(self.certs))
-            except (grpc.RpcError, OSError) as e:
+            except (RpcError, OSError) as e:
                 self.failures += 1
                 _log.warning(f"renewal failed, keeping the current certificates: {e}")
                 await asyncio.sleep(min(BACKOFF_MAX, random.uniform(1, 3)))

@@ -31,20 +31,19 @@ except Exception as e:
 
 SIGN = """
 import asyncio, sys
-import grpc
 from agent.control import ca as camod
-from agent.control.proto import control_pb2 as pb, control_pb2_grpc as pbg
-from agent.node.control_client import control_channel
+from agent.control.proto import control_pb2 as pb
+from agent.node import rpc
 from agent.node.identity import CertStore
-key, chain, bundle = CertStore(sys.argv[1]).load_node()
+key, chain, bundle = CertStore(sys.argv[1]).node_paths()
 async def go():
-    async with control_channel("10.10.0.1:15012", bundle, key, chain) as ch:
+    async with rpc.Channel("10.10.0.1:15012", open(bundle, "rb").read(), chain, key) as ch:
         csr = camod.make_csr(camod.new_key(), sys.argv[4])
-        await pbg.ControlStub(ch).SignWorkload(pb.SignWorkloadRequest(namespace=sys.argv[2], name=sys.argv[3],
+        await rpc.ControlStub(ch).SignWorkload(pb.SignWorkloadRequest(namespace=sys.argv[2], name=sys.argv[3],
                                                                       csr_pem=csr), timeout=10)
 try:
     asyncio.run(go()); print("signed")
-except grpc.RpcError as e:
+except rpc.RpcError as e:
     print("refused:", e.code().name, e.details())
 """
 

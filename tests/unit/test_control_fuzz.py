@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
 from agent.control.proto import control_pb2_grpc as pbg
-from agent.node.control_client import control_channel
+from tests.helpers.grpcio import node_channel as control_channel
 from tests.unit.test_control_grpc import _join, env  # noqa: F401 (the fixture)
 
 REFUSALS = {

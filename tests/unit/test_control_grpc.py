@@ -1,6 +1,8 @@
 """The control plane's gRPC services, for real on loopback (TLS, tokens, authorization, watch).
 
-No root needed: the server listens on 127.0.0.1 with ports from the kernel.
+No root needed: the server listens on 127.0.0.1 with ports from the kernel. The calls go through
+the agent's own client (agent/node/rpc.py), as the agent makes them, against grpcio's server;
+a join through grpcio's client too.
 """
 
 import asyncio
@@ -14,6 +16,7 @@ from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
 from agent.control.proto import control_pb2_grpc as pbg
 from agent.errors import DabbaError
+from agent.node import rpc
 from agent.node.control_client import control_channel, join
 from tests.conftest import control_server
 
@@ -58,12 +61,24 @@ def _join(loop, srv, node, token, ca=None):
     )
 
 
+def _channel(srv, key: bytes, chain: bytes):
+    """The agent's channel to the control port, with the node's key and chain as files (where
+    the agent reads them)."""
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    for name, pem in (("key.pem", key), ("chain.pem", chain)):
+        with open(f"{d}/{name}", "wb") as f:
+            f.write(pem)
+    return control_channel(
+        f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), f"{d}/chain.pem", f"{d}/key.pem"
+    )
+
+
 def _call(loop, srv, key, chain, fn):
     async def go():
-        async with control_channel(
-            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), key, chain
-        ) as ch:
-            return await fn(pbg.ControlStub(ch))
+        async with _channel(srv, key, chain) as ch:
+            return await fn(rpc.ControlStub(ch))
 
     return loop.run_until_complete(go())
 
@@ -101,7 +116,7 @@ def test_join_then_sign_only_own_workloads(env, caplog):
 
     # n1 asking for db-1, scheduled on n2: refused, and logged with node and identity
     db = "spiffe://cluster.local/ns/shop/sa/db"
-    with pytest.raises(grpc.RpcError) as e:
+    with pytest.raises(rpc.RpcError) as e:
         _call(
             loop,
             srv,
@@ -113,7 +128,7 @@ def test_join_then_sign_only_own_workloads(env, caplog):
                 )
             ),
         )
-    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert e.value.code() == rpc.StatusCode.PERMISSION_DENIED
     assert "node n1 may not obtain spiffe://cluster.local/ns/shop/sa/db" in e.value.details()
     assert any(
         "node=n1" in r.getMessage() and f"identity={db}" in r.getMessage() for r in caplog.records
@@ -135,7 +150,7 @@ def test_join_then_sign_only_own_workloads(env, caplog):
         .sign(wkey, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
     )
-    with pytest.raises(grpc.RpcError) as e:
+    with pytest.raises(rpc.RpcError) as e:
         _call(
             loop,
             srv,
@@ -145,7 +160,7 @@ def test_join_then_sign_only_own_workloads(env, caplog):
                 pb.SignWorkloadRequest(namespace="shop", name="web-1", csr_pem=two)
             ),
         )
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "it names 2" in e.value.details()
+    assert e.value.code() == rpc.StatusCode.INVALID_ARGUMENT and "it names 2" in e.value.details()
 
 
 def test_token_reuse_expiry_and_wrong_node_are_refused(env):
@@ -196,7 +211,7 @@ def test_control_port_requires_a_node_certificate(env):
     fake = other.issue(
         camod.make_csr(k, "spiffe://cluster.local/node/n1"), "spiffe://cluster.local/node/n1"
     )
-    with pytest.raises(grpc.RpcError) as e:
+    with pytest.raises(rpc.RpcError) as e:
         _call(
             loop,
             srv,
@@ -206,7 +221,7 @@ def test_control_port_requires_a_node_certificate(env):
                 pb.SignWorkloadRequest(namespace="shop", name="web-1", csr_pem=b"x"), timeout=5
             ),
         )
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+    assert e.value.code() == rpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
 
 
 def test_garbage_message_is_an_error_not_a_crash(env):
@@ -214,20 +229,18 @@ def test_garbage_message_is_an_error_not_a_crash(env):
     key, cert = _join(loop, srv, "n1", srv.cp.tokens.create("n1", 60))
 
     async def go():
-        async with control_channel(
-            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), key, cert.cert_chain_pem
-        ) as ch:
-            raw = ch.unary_unary(
-                "/dabba.control.v1.Control/SignWorkload",
-                request_serializer=None,
-                response_deserializer=None,
-            )
-            with pytest.raises(grpc.RpcError) as e:
-                await raw(b"\xff\xff\xff\xff garbage \x00\x01", timeout=5)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        async with _channel(srv, key, cert.cert_chain_pem) as ch:
+
+            class Raw:
+                def SerializeToString(self):
+                    return b"\xff\xff\xff\xff garbage \x00\x01"
+
+            with pytest.raises(rpc.RpcError) as e:
+                await ch.unary(rpc.SIGN, Raw(), pb.WorkloadCertificate, timeout=5)
+            assert e.value.code() == rpc.StatusCode.INVALID_ARGUMENT
             assert "malformed dabba.control.v1.SignWorkloadRequest" in e.value.details()
             # still serving
-            return await pbg.ControlStub(ch).SignWorkload(
+            return await rpc.ControlStub(ch).SignWorkload(
                 pb.SignWorkloadRequest(
                     namespace="shop",
                     name="web-1",
@@ -246,16 +259,14 @@ def test_watch_gives_a_filtered_snapshot_then_updates_on_registry_change(env):
     key, cert = _join(loop, srv, "n1", srv.cp.tokens.create("n1", 60))
 
     async def go():
-        async with control_channel(
-            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), key, cert.cert_chain_pem
-        ) as ch:
-            stream = pbg.ControlStub(ch).Watch(pb.WatchRequest(have_version=0))
-            first = await stream.read()
+        async with _channel(srv, key, cert.cert_chain_pem) as ch:
+            stream = rpc.ControlStub(ch).Watch(pb.WatchRequest(have_version=0))
+            first = await anext(stream)
             reg = tmp / "registry" / "mesh.yaml"
             t0 = time.monotonic()
             reg.write_text(reg.read_text().replace('ports: ["80"]', 'ports: ["8080"]'))
-            second = await asyncio.wait_for(stream.read(), 10)
-            stream.cancel()
+            second = await asyncio.wait_for(anext(stream), 10)
+            await stream.aclose()
             return first, second, time.monotonic() - t0
 
     first, second, dt = loop.run_until_complete(go())
@@ -292,28 +303,26 @@ def test_a_revoked_node_is_refused_and_its_certificates_are_told_to_every_node(e
     web = _call(loop, srv, k1, c1.cert_chain_pem, sign)  # n1 holds web-1's certificate
 
     async def watch_until_refused():
-        async with control_channel(
-            f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), k1, c1.cert_chain_pem
-        ) as ch:
-            stream = pbg.ControlStub(ch).Watch(pb.WatchRequest(have_version=0))
-            await stream.read()
+        async with _channel(srv, k1, c1.cert_chain_pem) as ch:
+            stream = rpc.ControlStub(ch).Watch(pb.WatchRequest(have_version=0))
+            await anext(stream)
             assert RevokedNodes(str(tmp / "state")).revoke("n1")  # as the CLI does
-            with pytest.raises(grpc.aio.AioRpcError) as e:
+            with pytest.raises(rpc.RpcError) as e:
                 while True:
-                    await asyncio.wait_for(stream.read(), 10)
+                    await asyncio.wait_for(anext(stream), 10)
             return e.value
 
     err = loop.run_until_complete(watch_until_refused())
-    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "node n1 is revoked" in err.details()
+    assert err.code() == rpc.StatusCode.PERMISSION_DENIED and "node n1 is revoked" in err.details()
 
     async def renew(stub):
         csr = camod.make_csr(camod.new_key(), "spiffe://cluster.local/node/n1")
         return await stub.RenewNode(pb.RenewNodeRequest(csr_pem=csr), timeout=10)
 
     for fn in (renew, sign):
-        with pytest.raises(grpc.aio.AioRpcError) as e:
+        with pytest.raises(rpc.RpcError) as e:
             _call(loop, srv, k1, c1.cert_chain_pem, fn)
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.code() == rpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(DabbaError, match="node n1 is revoked"):
         _join(loop, srv, "n1", srv.cp.tokens.create("n1", 60))
 

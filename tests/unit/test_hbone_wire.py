@@ -109,6 +109,34 @@ def _ack_both(p: Pair) -> None:
     p.theirs_acked = len(p.theirs_events)
 
 
+@pytest.mark.parametrize("split", [0, 1, 7])
+def test_trailers_after_a_response_reach_the_client_as_trailers(split):
+    """gRPC's status comes in trailers (a HEADERS frame ending the stream after the data);
+    the agent's control-plane client reads it there. A trailers-only answer is a response."""
+    p = Pair(ours_client=True, split=split)
+    p.pump()
+    req = [(":method", "POST"), (":scheme", "https"), (":path", "/s/M"), (":authority", "c")]
+    for sid in (1, 3):
+        p.ours.send_headers(sid, req, end_stream=True)
+    p.pump()
+    p.theirs.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    p.theirs.send_data(1, b"\x00\x00\x00\x00\x02hi")
+    p.theirs.send_headers(1, [("grpc-status", "7"), ("grpc-message", "no%20way")],
+                          end_stream=True)  # fmt: skip
+    p.theirs.send_headers(3, [(":status", "200"), ("grpc-status", "12")], end_stream=True)
+    p.pump()
+    got = [(type(e).__name__, e.stream_id, getattr(e, "headers", None)) for e in p.ours_events
+           if not isinstance(e, wire.RemoteSettingsChanged | wire.DataReceived)]  # fmt: skip
+    assert got == [
+        ("ResponseReceived", 1, [(":status", "200"), ("content-type", "application/grpc")]),
+        ("TrailersReceived", 1, [("grpc-status", "7"), ("grpc-message", "no%20way")]),
+        ("StreamEnded", 1, None),
+        ("ResponseReceived", 3, [(":status", "200"), ("grpc-status", "12")]),
+        ("StreamEnded", 3, None),
+    ]
+    assert p.ours_data(1) == b"\x00\x00\x00\x00\x02hi"
+
+
 @pytest.mark.parametrize("split", [0, 1, 7, 4096])
 def test_a_connect_flow_with_h2_as_the_client_carries_exact_bytes_both_ways(split):
     p = Pair(ours_client=False, split=split)

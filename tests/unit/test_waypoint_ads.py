@@ -17,8 +17,9 @@ from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
 from agent.control.proto import control_pb2_grpc as pbg
 from agent.control.xds.ads import CDS, peer_ip
-from agent.node.control_client import control_channel, join
+from agent.node.control_client import join
 from tests.conftest import control_server
+from tests.helpers.grpcio import node_channel as control_channel
 
 REG = """\
 apiVersion: dabbawala.io/v1
