@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import time
 import urllib.parse
 
 from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import wrappers_pb2
 
 from .. import log
 from ..control.xds.common import SOURCE_BAGGAGE, SOURCE_FORWARDED, SOURCE_PRINCIPAL
@@ -56,8 +58,13 @@ BYTE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
 
 def flags_of(rf) -> str:
-    out = [code for name, code in FLAGS.items() if getattr(rf, name, False)]
-    if rf.HasField("unauthorized_details"):
+    """Envoy's flags as Istio writes them, in FLAGS' order ("-": none). Only the fields Envoy
+    set are read (most requests: none), not every flag's."""
+    have = {f.name for f, v in rf.ListFields() if v}
+    if not have:
+        return "-"
+    out = [code for name, code in FLAGS.items() if name in have]
+    if "unauthorized_details" in have:
         out.append("UAEX")
     return ",".join(out) or "-"
 
@@ -74,6 +81,7 @@ def _namespace_of_principal(principal: str) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=1024)  # one baggage per source connection: the same text again
 def source_of(baggage: str, namespace: str) -> tuple[str, str, str]:
     """(workload, app, version) from the baggage the source's tunnel sent
     (hbone.baggage()), "unknown" for what it does not say. Baggage naming another namespace
@@ -169,12 +177,13 @@ class Telemetry:
             dns, _, dwl = pod.partition("/")
         code = rs.response_code.value if rs.HasField("response_code") else 0
         duration_ms = _secs(c.time_to_last_downstream_tx_byte) * 1000
+        flags = flags_of(c.response_flags)
         labels = (
             "waypoint", swl, sns, principal, sapp, sver, address, dwl, dns,
             f"{sname}.{sns_svc}.svc.cluster.local" if sname else "unknown",
             sname or "unknown", sns_svc or "unknown", version or "unknown",
             {0: "http", 1: "http", 2: "http", 3: "grpc"}.get(e.protocol_version, "http"),
-            str(code), flags_of(c.response_flags), "mutual_tls", c.route_name or "-",
+            str(code), flags, "mutual_tls", c.route_name or "-",
         )  # fmt: skip
         s = self.series.get(labels)
         if s is None:
@@ -206,7 +215,7 @@ class Telemetry:
             "duration_ms": round(duration_ms, 3),
             "request_bytes": rq.request_body_bytes,
             "response_bytes": rs.response_body_bytes,
-            "flags": flags_of(c.response_flags),
+            "flags": flags,
             "route": c.route_name,
             "attempts": c.upstream_request_attempt_count,
         })  # fmt: skip
@@ -229,8 +238,6 @@ def _unpack_string(a) -> str:
     """A filter state object as Envoy logs it (an Any of a string value)."""
     if a is None:
         return ""
-    from google.protobuf import wrappers_pb2
-
     v = wrappers_pb2.StringValue()
     if a.Unpack(v):
         return v.value

@@ -127,3 +127,20 @@ def test_the_exposition_is_what_prometheus_clients_counter_and_histograms_would_
         ln + "\n" for ln in want.splitlines() if "_created" not in ln
     )  # fmt: skip  (Istio's series have no _created)
     assert t.registry.text() == want
+
+
+def test_response_flags_are_istios_short_codes_in_order_and_every_name_is_envoys():
+    from agent.waypoint.telemetry import FLAGS, flags_of
+
+    rf = al.ResponseFlags()
+    assert flags_of(rf) == "-"
+    rf.upstream_retry_limit_exceeded = True
+    rf.upstream_overflow = True
+    rf.unauthorized_details.reason = al.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+    assert flags_of(rf) == "UO,URX,UAEX"
+    fields = {f.name for f in al.ResponseFlags.DESCRIPTOR.fields}
+    assert set(FLAGS) <= fields, set(FLAGS) - fields  # a misspelt name would never show
+    for name in FLAGS:
+        one = al.ResponseFlags()
+        setattr(one, name, True)
+        assert flags_of(one) == FLAGS[name]
