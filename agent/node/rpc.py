@@ -15,41 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import ssl
-import struct
 import urllib.parse
 
 from ..control.proto import control_pb2 as pb
 from ..http2 import wire
+from ..http2.grpc import MessageError, Messages, StatusCode, frame
 
 MAX_MESSAGE = 16 << 20  # a snapshot of a large cluster: as grpcio's channel allowed
 WINDOW = 1 << 22
-_PREFIX = struct.Struct(">BL")
 JOIN = "/dabba.control.v1.Join/Join"
 SIGN = "/dabba.control.v1.Control/SignWorkload"
 RENEW = "/dabba.control.v1.Control/RenewNode"
 WATCH = "/dabba.control.v1.Control/Watch"
-
-
-class StatusCode(enum.Enum):
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
 
 
 # gRPC's mapping of an HTTP status that is not 200 (doc/http-grpc-status-mapping.md)
@@ -86,28 +64,17 @@ class _Call:
     """One stream's answer: messages as they come, then its end (None) or an RpcError."""
 
     def __init__(self, response: type):
-        self.response = response
-        self.buf = bytearray()
+        self.messages = Messages(response, MAX_MESSAGE)
         self.q: asyncio.Queue = asyncio.Queue()
         self.done = False
 
     def feed(self, data) -> None:
-        self.buf += data
-        while len(self.buf) >= 5:
-            compressed, n = _PREFIX.unpack_from(self.buf)
-            if compressed:
-                raise RpcError(StatusCode.INTERNAL, "a compressed message (none was asked for)")
-            if n > MAX_MESSAGE:
-                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                               f"a message of {n} bytes (at most {MAX_MESSAGE})")  # fmt: skip
-            if len(self.buf) < 5 + n:
-                return
-            msg = self.response()
-            try:
-                msg.ParseFromString(bytes(self.buf[5 : 5 + n]))
-            except Exception as e:  # protobuf's DecodeError
-                raise RpcError(StatusCode.INTERNAL, f"an answer that does not parse: {e}") from None
-            del self.buf[: 5 + n]
+        try:
+            got = self.messages.feed(data)
+        except MessageError as e:
+            code = StatusCode.RESOURCE_EXHAUSTED if e.kind == "oversized" else StatusCode.INTERNAL
+            raise RpcError(code, f"the answer: {e}") from None
+        for msg in got:
             self.q.put_nowait(msg)
 
     def finish(self, err: RpcError | None) -> None:
@@ -206,8 +173,7 @@ class _Conn(asyncio.Protocol):
             self.h2.send_headers(sid, headers)
         except wire.StreamClosedError as e:
             raise RpcError(StatusCode.UNAVAILABLE, str(e)) from None
-        body = request.SerializeToString()
-        msg = _PREFIX.pack(0, len(body)) + body
+        msg = frame(request)
         if len(msg) > min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size):
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"a request of {len(msg)} bytes")
         self.h2.send_data(sid, msg, end_stream=True)

@@ -19,24 +19,24 @@ import asyncio
 import contextlib
 import inspect
 import os
-import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .. import log
 from ..http2 import wire
+from ..http2.grpc import MessageError, Messages, StatusCode, frame
 
 _log = log.get("waypoint")
 
 MAX_MESSAGE = 4 * 1024 * 1024  # gRPC's default limit of a received message
 WINDOW = 1 << 20
-_PREFIX = struct.Struct(">BL")  # compressed flag, length
-OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 0, 1, 2, 3, 8
-UNIMPLEMENTED, INTERNAL = 12, 13
+# what a received message that cannot be taken ends its call with
+_REFUSED = {"compressed": StatusCode.UNIMPLEMENTED, "oversized": StatusCode.RESOURCE_EXHAUSTED,
+            "unparsable": StatusCode.INVALID_ARGUMENT}  # fmt: skip
 
 
 class RpcError(Exception):
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -74,31 +74,18 @@ class _Call:
 
     def __init__(self, conn: _Conn, sid: int, method: Method):
         self.conn, self.sid, self.method = conn, sid, method
-        self.buf = bytearray()
+        self.messages = Messages(method.request, MAX_MESSAGE)
         self.requests: asyncio.Queue = asyncio.Queue()
         self.pending = bytearray()  # response bytes the peer's window does not take yet
         self.trailers: list | None = None  # sent once pending is out
         self.task: asyncio.Task | None = None
 
     def feed(self, data) -> None:
-        self.buf += data
-        while len(self.buf) >= 5:
-            compressed, n = _PREFIX.unpack_from(self.buf)
-            if compressed:
-                raise RpcError(UNIMPLEMENTED, "compressed messages are not accepted")
-            if n > MAX_MESSAGE:
-                raise RpcError(
-                    RESOURCE_EXHAUSTED, f"a message of {n} bytes (at most {MAX_MESSAGE})"
-                )
-            if len(self.buf) < 5 + n:
-                return
-            raw = bytes(self.buf[5 : 5 + n])
-            del self.buf[: 5 + n]
-            msg = self.method.request()
-            try:
-                msg.ParseFromString(raw)
-            except Exception as e:  # protobuf's DecodeError: the message is not one
-                raise RpcError(INVALID_ARGUMENT, f"a request that does not parse: {e}") from None
+        try:
+            got = self.messages.feed(data)
+        except MessageError as e:
+            raise RpcError(_REFUSED[e.kind], str(e)) from None
+        for msg in got:
             self.requests.put_nowait(msg)
 
     async def _iter(self) -> AsyncIterator:
@@ -113,17 +100,17 @@ class _Call:
             result = self.method.handler(self._iter())
             if inspect.isasyncgen(result):
                 async for msg in result:
-                    self.conn.send(self, msg.SerializeToString())
+                    self.conn.send(self, frame(msg))
             else:
-                self.conn.send(self, (await result).SerializeToString())
-            self.conn.finish(self, OK, "")
+                self.conn.send(self, frame(await result))
+            self.conn.finish(self, StatusCode.OK, "")
         except asyncio.CancelledError:
             raise
         except RpcError as e:
             self.conn.finish(self, e.code, e.message)
         except Exception as e:
             _log.error(f"local gRPC {self.method.handler.__name__} failed: {e!r}")
-            self.conn.finish(self, INTERNAL, str(e))
+            self.conn.finish(self, StatusCode.INTERNAL, str(e))
 
 
 class _Conn(asyncio.Protocol):
@@ -201,7 +188,7 @@ class _Conn(asyncio.Protocol):
             why = (f"no method {h.get(':path')!r} here" if ok
                    else "not a gRPC request (POST of application/grpc)")  # fmt: skip
             self.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
-                                       ("grpc-status", str(UNIMPLEMENTED)),
+                                       ("grpc-status", str(StatusCode.UNIMPLEMENTED.value)),
                                        ("grpc-message", why)], end_stream=True)  # fmt: skip
             return
         call = self.calls[sid] = _Call(self, sid, method)
@@ -209,17 +196,17 @@ class _Conn(asyncio.Protocol):
         call.task = asyncio.ensure_future(call.run())
 
     # -- the handlers' side --
-    def send(self, call: _Call, payload: bytes) -> None:
+    def send(self, call: _Call, framed: bytes) -> None:
         if self.calls.get(call.sid) is not call:
             raise asyncio.CancelledError  # the stream is gone: its handler ends
-        call.pending += _PREFIX.pack(0, len(payload)) + payload
+        call.pending += framed
         self._pump(call)
         self._write()
 
-    def finish(self, call: _Call, code: int, message: str) -> None:
+    def finish(self, call: _Call, code: StatusCode, message: str) -> None:
         if self.calls.get(call.sid) is not call or call.trailers is not None:
             return
-        call.trailers = [("grpc-status", str(code))]
+        call.trailers = [("grpc-status", str(code.value))]
         if message:
             call.trailers.append(("grpc-message", message.replace("\n", " ")[:512]))
         self._pump(call)
