@@ -153,32 +153,37 @@ class _Conn(asyncio.Protocol):
             self._write()
             self.transport.close()
             return
-        for ev in events:
-            if isinstance(ev, wire.RequestReceived):
-                self._request(ev.stream_id, dict(ev.headers))
-            elif isinstance(ev, wire.DataReceived):
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                call = self.calls.get(ev.stream_id)
-                if call is not None and call.trailers is None:
-                    try:
-                        call.feed(ev.data)
-                    except RpcError as e:
-                        if call.task:
-                            call.task.cancel()
-                        self.finish(call, e.code, e.message)
-            elif isinstance(ev, wire.StreamEnded):
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.requests.put_nowait(None)
-            elif isinstance(ev, wire.StreamReset):
-                call = self.calls.pop(ev.stream_id, None)
-                if call is not None and call.task:
-                    call.task.cancel()
-            elif isinstance(ev, wire.WindowUpdated):
-                for call in list(self.calls.values()):
-                    self._pump(call)
-            elif isinstance(ev, wire.ConnectionTerminated):
-                self.transport.close()
+        try:
+            for ev in events:
+                if isinstance(ev, wire.RequestReceived):
+                    self._request(ev.stream_id, dict(ev.headers))
+                elif isinstance(ev, wire.DataReceived):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None and call.trailers is None:
+                        try:
+                            call.feed(ev.data)
+                        except RpcError as e:
+                            if call.task:
+                                call.task.cancel()
+                            self.finish(call, e.code, e.message)
+                elif isinstance(ev, wire.StreamEnded):
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.requests.put_nowait(None)
+                elif isinstance(ev, wire.StreamReset):
+                    call = self.calls.pop(ev.stream_id, None)
+                    if call is not None and call.task:
+                        call.task.cancel()
+                elif isinstance(ev, wire.WindowUpdated):
+                    for call in list(self.calls.values()):
+                        self._pump(call)
+                elif isinstance(ev, wire.ConnectionTerminated):
+                    self.transport.close()
+        except Exception as e:  # whatever a local client sends ends its connection only
+            _log.warning(f"local gRPC connection closed after an unexpected sequence: {e!r}")
+            self.transport.abort()
+            return
         self._write()
 
     def _request(self, sid: int, h: dict) -> None:
