@@ -40,6 +40,15 @@ class MessageError(Exception):
         self.kind = kind
 
 
+def status_message(text: str) -> str:
+    """A grpc-message value: percent-encoded outside printable ASCII, and '%' itself (gRPC over
+    HTTP/2), on one line and at most 512 characters of the text."""
+    out = []
+    for b in text.replace("\n", " ")[:512].encode():
+        out.append(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}")
+    return "".join(out)
+
+
 def frame(msg) -> bytes:
     body = msg.SerializeToString()
     return _PREFIX.pack(0, len(body)) + body

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .. import log
 from ..http2 import wire
-from ..http2.grpc import MessageError, Messages, StatusCode, frame
+from ..http2.grpc import MessageError, Messages, StatusCode, frame, status_message
 
 _log = log.get("waypoint")
 
@@ -194,7 +194,8 @@ class _Conn(asyncio.Protocol):
                    else "not a gRPC request (POST of application/grpc)")  # fmt: skip
             self.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
                                        ("grpc-status", str(StatusCode.UNIMPLEMENTED.value)),
-                                       ("grpc-message", why)], end_stream=True)  # fmt: skip
+                                       ("grpc-message", status_message(why))],
+                                 end_stream=True)  # fmt: skip
             return
         call = self.calls[sid] = _Call(self, sid, method)
         self.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
@@ -213,7 +214,7 @@ class _Conn(asyncio.Protocol):
             return
         call.trailers = [("grpc-status", str(code.value))]
         if message:
-            call.trailers.append(("grpc-message", message.replace("\n", " ")[:512]))
+            call.trailers.append(("grpc-message", status_message(message)))
         self._pump(call)
         self._write()
 

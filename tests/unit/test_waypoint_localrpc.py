@@ -36,6 +36,10 @@ class _Served:
             async for _ in requests:
                 raise RuntimeError("the handler failed\non two lines")
 
+        async def odd(requests):
+            async for _ in requests:
+                raise ValueError('100% ünïcode, "quoted"')
+
         async def slow(requests):
             try:
                 async for _ in requests:
@@ -51,6 +55,7 @@ class _Served:
                                             self.telemetry.StreamAccessLogs),
             "/test.Boom/Call": localrpc.Method(als_pb2.StreamAccessLogsMessage, boom),
             "/test.Slow/Call": localrpc.Method(als_pb2.StreamAccessLogsMessage, slow),
+            "/test.Odd/Call": localrpc.Method(als_pb2.StreamAccessLogsMessage, odd),
         })  # fmt: skip
 
     async def __aenter__(self):
@@ -165,6 +170,7 @@ def _raw_call(channel, path: str, payloads, **kw):
         (telemetry.PATH, [als_pb2.StreamAccessLogsMessage().SerializeToString() + b"\x00" * 100],
          {"compression": grpc.Compression.Gzip}, grpc.StatusCode.UNIMPLEMENTED, "compressed"),
         ("/test.Boom/Call", [b""], {}, grpc.StatusCode.INTERNAL, "the handler failed on two"),
+        ("/test.Odd/Call", [b""], {}, grpc.StatusCode.INTERNAL, "100% ünïcode, \"quoted\""),
     ],
 )  # fmt: skip
 def test_a_bad_call_ends_with_its_grpc_error_and_the_next_call_is_served(
@@ -223,3 +229,12 @@ def test_a_peer_that_does_not_speak_http2_is_closed_and_the_server_goes_on(tmp_p
             assert await _raw_call(s.channel, telemetry.PATH, [m.SerializeToString()]) == b""
 
     _run(go())
+
+
+def test_a_status_message_is_percent_encoded_as_grpc_says():
+    """Outside printable ASCII and '%' itself (gRPC over HTTP/2: grpc-message); grpcio's client
+    decodes it back (the "Odd" call above)."""
+    from agent.http2.grpc import status_message
+
+    assert status_message('100% ünïcode\n"x"') == '100%25 %C3%BCn%C3%AFcode "x"'
+    assert len(status_message("é" * 600)) == 512 * 6  # 512 characters of the text, encoded
