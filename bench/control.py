@@ -25,9 +25,9 @@ import time
 
 from agent.control import ca as camod
 from agent.control.proto import control_pb2 as pb
-from agent.control.proto import control_pb2_grpc as pbg
 from agent.control.server import ControlConfig, ControlServer
-from agent.node.control_client import control_channel, join
+from agent.node import rpc
+from agent.node.control_client import join
 
 REG = """apiVersion: dabbawala.io/v1
 kind: Workload
@@ -72,10 +72,15 @@ async def grpc_figures(n: int) -> dict:
             )
             uri = camod.spiffe_id("cluster.local", "bench", "w")
             csrs = [camod.make_csr(camod.new_key(), uri) for _ in range(n)]
-            async with control_channel(
-                f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), key, cert.cert_chain_pem
+            # the node's key and chain as files, where the agent's client reads them
+            kf, cf = os.path.join(d, "node-key.pem"), os.path.join(d, "node-chain.pem")
+            for path, pem in ((kf, key), (cf, cert.cert_chain_pem)):
+                with open(path, "wb") as f:
+                    f.write(pem)
+            async with rpc.Channel(
+                f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), cf, kf
             ) as ch:
-                stub = pbg.ControlStub(ch)
+                stub = rpc.ControlStub(ch)
                 t = time.perf_counter()
                 for c in csrs:
                     await stub.SignWorkload(
@@ -83,7 +88,7 @@ async def grpc_figures(n: int) -> dict:
                     )
                 rate = n / (time.perf_counter() - t)
                 stream = stub.Watch(pb.WatchRequest())
-                await stream.read()
+                await anext(stream)
                 lat = []
                 for i in range(10):
                     await asyncio.sleep(random.uniform(0.3, 1.3))  # do not phase-lock with the poll
@@ -94,11 +99,11 @@ async def grpc_figures(n: int) -> dict:
                             f"metadata: {{name: p{i}, namespace: bench}}\nspec: {{action: DENY, rules: [{{}}]}}\n"
                         )
                     while True:
-                        s = await stream.read()
+                        s = await anext(stream)
                         if any(p.name == f"p{i}" for p in s.policies):
                             break
                     lat.append((time.perf_counter() - t) * 1000)
-                stream.cancel()
+                await stream.aclose()
             return {
                 "grpc_issue_per_s": round(rate, 1),
                 "policy_propagation_ms": {

@@ -538,12 +538,5 @@ async def _http_get_json(url: str) -> object:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    r, w = await asyncio.open_connection(u.hostname, u.port)
-    try:
-        w.write(
-            f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = await r.read()
-    finally:
-        w.close()
-    return json.loads(data.partition(b"\r\n\r\n")[2])
+    _, body = await admin.get(u.hostname, u.port, u.path)
+    return json.loads(body)

@@ -49,7 +49,3 @@ def trust_domain_of(bundle_pem: bytes) -> str:
         for uri in camod.spiffe_ids_of(root):
             return uri.removeprefix("spiffe://").split("/", 1)[0]
     raise DabbaError("the control plane's CA certificate names no SPIFFE trust domain")
-
-
-def control_channel(addr: str, bundle_pem: bytes, chain_file: str, key_file: str) -> Channel:
-    return Channel(addr, bundle_pem, chain_file, key_file)

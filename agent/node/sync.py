@@ -27,9 +27,9 @@ from ..control import validate
 from ..control.proto import control_pb2 as pb
 from ..control.store import atomic_write
 from ..errors import DabbaError
-from .control_client import control_channel, describe, join
+from .control_client import describe, join
 from .identity import CertInfo, CertStore, info_of
-from .rpc import ControlStub, RpcError
+from .rpc import Channel, ControlStub, RpcError
 
 _log = log.get("sync")
 
@@ -235,7 +235,7 @@ class ControlSync:
     def _channel(self):
         key, chain, bundle = self.store.node_paths()
         with open(bundle, "rb") as f:
-            return control_channel(self.control_addr, f.read(), chain, key)
+            return Channel(self.control_addr, f.read(), chain, key)
 
     async def _watch(self) -> None:
         async with self._channel() as ch:

@@ -33,6 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from .. import heap, log, systemd
 from ..errors import DabbaError
+from ..ztunnel import admin
 from . import localrpc, sds, telemetry
 from .bootstrap import ADMIN_PORT, bootstrap
 from .envoy import envoy_binary
@@ -221,7 +222,8 @@ class Waypoint:
     async def _admin(self, path: str) -> tuple[int, str]:
         """GET path from Envoy's admin: (status, body), (0, why) when it does not answer."""
         try:
-            return await asyncio.wait_for(_get("127.0.0.1", ADMIN_PORT, path), 2)
+            status, body = await admin.get("127.0.0.1", ADMIN_PORT, path, timeout=2)
+            return status, body.decode(errors="replace")
         except (OSError, TimeoutError, ValueError) as e:
             return 0, str(e) or type(e).__name__
 
@@ -323,31 +325,6 @@ class Waypoint:
                 h.close()
             await server.stop()
             _log.info("waypoint stopped", fields={"waypoint": self.cfg.key})
-
-
-async def _get(host: str, port: int, path: str) -> tuple[int, str]:
-    """An HTTP/1.1 GET to a local server (Envoy's admin): (status, body), a chunked body
-    joined. urllib was 2.7 MiB of the supervisor's memory for this."""
-    r, w = await asyncio.open_connection(host, port)
-    try:
-        w.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        data = await r.read()
-    finally:
-        w.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    if any(ln.lower().replace(" ", "") == "transfer-encoding:chunked" for ln in lines[1:]):
-        out, rest = bytearray(), body
-        while rest:
-            size, _, rest = rest.partition(b"\r\n")
-            n = int(size.split(b";")[0], 16)
-            if n == 0:
-                break
-            out += rest[:n]
-            rest = rest[n + 2 :]
-        body = bytes(out)
-    return status, body.decode(errors="replace")
 
 
 def run(cfg: WaypointConfig) -> None:

@@ -98,10 +98,36 @@ async def serve(
 async def get_unix(path: str, target: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET target from a server on a Unix socket; (status, body)."""
     r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    return await _get(r, w, "agent", target, timeout)
+
+
+async def get(host: str, port: int, target: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET target from a local TCP server (the tunnel's admin, Envoy's); (status, body)."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    return await _get(r, w, host, target, timeout)
+
+
+async def _get(r, w, host: str, target: str, timeout: float) -> tuple[int, bytes]:
+    """One request on a new connection, read to its end; a chunked body (Envoy's admin
+    streams some) joined."""
     try:
-        w.write(f"GET {target} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n".encode())
+        w.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = await asyncio.wait_for(r.read(), timeout)
     finally:
         w.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(None, 2)[1]), body
+    lines = head.split(b"\r\n")
+    status = lines[0].split(None, 2)
+    if len(status) < 2 or not status[1].isdigit():
+        raise ValueError(f"not an HTTP answer: {data[:60]!r}")
+    if any(ln.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for ln in lines[1:]):
+        out, rest = bytearray(), body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0], 16)  # ValueError when it is not a chunk size
+            if n == 0:
+                break
+            out += rest[:n]
+            rest = rest[n + 2 :]
+        body = bytes(out)
+    return int(status[1]), body

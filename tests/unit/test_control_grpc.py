@@ -17,7 +17,7 @@ from agent.control.proto import control_pb2 as pb
 from agent.control.proto import control_pb2_grpc as pbg
 from agent.errors import DabbaError
 from agent.node import rpc
-from agent.node.control_client import control_channel, join
+from agent.node.control_client import join
 from tests.conftest import control_server
 
 REG = """\
@@ -70,7 +70,7 @@ def _channel(srv, key: bytes, chain: bytes):
     for name, pem in (("key.pem", key), ("chain.pem", chain)):
         with open(f"{d}/{name}", "wb") as f:
             f.write(pem)
-    return control_channel(
+    return rpc.Channel(
         f"127.0.0.1:{srv.control_port}", srv.cp.ca.bundle_pem(), f"{d}/chain.pem", f"{d}/key.pem"
     )
 
