@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .. import log
 from ..errors import DabbaError
+from ..spiffe import node_spiffe_id, spiffe_id  # noqa: F401 (the CA's callers name them here)
 from .store import atomic_write, read_text
 
 _log = log.get("ca")
@@ -51,15 +52,6 @@ class CSRError(DabbaError):
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-def node_spiffe_id(trust_domain: str, node: str) -> str:
-    """A node's own identity; not of the workload form, so it can never pass as one."""
-    return f"spiffe://{trust_domain}/node/{node}"
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:

@@ -19,11 +19,9 @@ import json
 import os
 import time
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from google.protobuf.json_format import MessageToDict
 
-from .. import log
+from .. import certread, log
 from ..bpf import names
 from ..control.convert import policy_from_pb, root_of
 from ..control.store import private_dir
@@ -49,17 +47,17 @@ def _err(status: int, e: Exception | str) -> tuple[int, dict]:
 
 def _cert_doc(pem: bytes) -> list[dict]:
     out = []
-    for c in x509.load_pem_x509_certificates(pem):
+    for c in certread.load_pem(pem):
         out.append(
             {
-                "subject": c.subject.rfc4514_string(),
-                "serial": format(c.serial_number, "x"),
-                "not_before": c.not_valid_before_utc.isoformat(),
-                "not_after": c.not_valid_after_utc.isoformat(),
+                "subject": c.subject,
+                "serial": format(c.serial, "x"),
+                "not_before": c.not_before.isoformat(),
+                "not_after": c.not_after.isoformat(),
                 "seconds_left": round(
-                    (c.not_valid_after_utc - datetime.datetime.now(datetime.UTC)).total_seconds(), 1
+                    (c.not_after - datetime.datetime.now(datetime.UTC)).total_seconds(), 1
                 ),
-                "sha256": c.fingerprint(hashes.SHA256()).hex(),
+                "sha256": c.sha256,
             }
         )
     return out

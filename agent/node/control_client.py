@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ..control import ca as camod
+from .. import certread
 from ..control.proto import control_pb2 as pb
 from ..errors import DabbaError
+from ..spiffe import node_spiffe_id, trust_domain
+from . import keygen
 from .rpc import Channel, JoinStub, RpcError, StatusCode
 
 
@@ -23,15 +25,10 @@ async def join(
     addr: str, ca_pem: bytes, node: str, token: str, address: str, timeout: float = 10.0
 ) -> tuple[bytes, pb.NodeCertificate]:
     """Join with a one-time token; returns (node key PEM, node certificate). The key never leaves."""
-    key = camod.new_key()
-    csr = camod.make_csr(
-        key, "spiffe://join/node/" + node
-    )  # replaced below, once the trust domain is known
+    # the CSR must name spiffe://<td>/node/<node>; the trust domain is in the CA's root
+    [(key_pem, csr)] = await keygen.csrs([node_spiffe_id(trust_domain_of(ca_pem), node)])
     async with Channel(addr, ca_pem) as ch:
         stub = JoinStub(ch)
-        # The CSR must name spiffe://<td>/node/<node>; the trust domain is in the CA's root.
-        td = trust_domain_of(ca_pem)
-        csr = camod.make_csr(key, camod.node_spiffe_id(td, node))
         try:
             cert = await stub.Join(
                 pb.JoinRequest(node=node, token=token, csr_pem=csr, address=address),
@@ -39,13 +36,15 @@ async def join(
             )
         except RpcError as e:
             raise describe(e, addr) from None
-    return camod.key_pem(key), cert
+    return key_pem, cert
 
 
 def trust_domain_of(bundle_pem: bytes) -> str:
-    from cryptography import x509
-
-    for root in x509.load_pem_x509_certificates(bundle_pem):
-        for uri in camod.spiffe_ids_of(root):
-            return uri.removeprefix("spiffe://").split("/", 1)[0]
+    try:
+        roots = certread.load_pem(bundle_pem)
+    except ValueError as e:
+        raise DabbaError(f"the control plane's CA certificate cannot be read: {e}") from None
+    for root in roots:
+        for uri in root.spiffe_ids:
+            return trust_domain(uri)
     raise DabbaError("the control plane's CA certificate names no SPIFFE trust domain")

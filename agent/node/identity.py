@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from .. import certread
 from ..control.store import atomic_write
 
 
@@ -57,21 +58,17 @@ def info_of(
     backdate not_before for clock skew (ours by 60 s), which for short lifetimes would make a
     fresh certificate look half-spent already.
     """
-    from cryptography import x509  # here: CertStore's users (a waypoint) need none of it
-
-    from ..control import ca as camod
-
-    leaf = x509.load_pem_x509_certificate(chain_pem)
-    nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    leaf = certread.load_pem_first(chain_pem)
+    nb, na = leaf.not_before, leaf.not_after
     start = max(nb, min(issued_at, na)) if issued_at else nb
     life = na - start
     r = (rng or random).random()
     renew = start + life / 2 + life * jitter * r
-    ids = camod.spiffe_ids_of(leaf)
+    ids = leaf.spiffe_ids
     return CertInfo(
         ids[0] if ids else "",
-        format(leaf.serial_number, "x"),
-        leaf.issuer.rfc4514_string(),
+        format(leaf.serial, "x"),
+        leaf.issuer,
         nb,
         na,
         renew,

@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 
 from .. import log
-from ..control import ca as camod
 from ..control import validate
 from ..control.proto import control_pb2 as pb
 from ..control.store import atomic_write
 from ..errors import DabbaError
+from . import keygen
 from .control_client import describe, join
 from .identity import CertInfo, CertStore, info_of
 from .rpc import Channel, ControlStub, RpcError
@@ -265,12 +265,14 @@ class ControlSync:
             ns, name = key.split("/", 1)
             self.store.remove_workload(ns, name)
             del self.certs[key]
-        for key, w in local.items():
-            info = self.certs.get(key)
-            if info is None or signer_changed or info.spiffe_id != w.spiffe_id:
-                await self._sign(
-                    stub, w, "root rotation" if signer_changed and info else "new workload"
-                )
+        todo = [
+            (w, "root rotation" if signer_changed and info else "new workload")
+            for key, w in local.items()
+            if (info := self.certs.get(key)) is None
+            or signer_changed
+            or info.spiffe_id != w.spiffe_id
+        ]
+        await self._sign(stub, todo)
         if signer_changed and self.node_cert is not None:
             # the node's own certificate too: once the old root is retired, one it signed
             # would lock this node out of the control plane (no renewal without a valid one)
@@ -303,36 +305,34 @@ class ControlSync:
             out.append(w)
         return out
 
-    async def _sign(self, stub, w: pb.Workload, why: str) -> None:
-        key = camod.new_key()
-        csr = camod.make_csr(key, w.spiffe_id)
-        resp = await stub.SignWorkload(
-            pb.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr), timeout=10
-        )
-        self.store.save_workload(w.namespace, w.name, camod.key_pem(key), resp.cert_chain_pem)
-        info = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
-        old = self.certs.get(f"{w.namespace}/{w.name}")
-        self.certs[f"{w.namespace}/{w.name}"] = info
-        if old:
-            self.renewals += 1
-        _log.info(
-            "certificate issued",
-            fields={
-                "identity": info.spiffe_id,
-                "serial": info.serial,
-                "why": why,
-                "not_after": info.not_after.isoformat(),
-            },
-        )
+    async def _sign(self, stub, todo: list[tuple[pb.Workload, str]]) -> None:
+        """New keys and certificates for (workload, why): the keys made in one batch."""
+        pairs = await keygen.csrs([w.spiffe_id for w, _ in todo])
+        for (w, why), (key_pem, csr) in zip(todo, pairs, strict=True):
+            resp = await stub.SignWorkload(
+                pb.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr), timeout=10
+            )
+            self.store.save_workload(w.namespace, w.name, key_pem, resp.cert_chain_pem)
+            info = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
+            old = self.certs.get(f"{w.namespace}/{w.name}")
+            self.certs[f"{w.namespace}/{w.name}"] = info
+            if old:
+                self.renewals += 1
+            _log.info(
+                "certificate issued",
+                fields={
+                    "identity": info.spiffe_id,
+                    "serial": info.serial,
+                    "why": why,
+                    "not_after": info.not_after.isoformat(),
+                },
+            )
 
     async def _renew_node(self, stub) -> None:
         """A new node certificate (new key) before the current one expires."""
-        key = camod.new_key()
-        uri = self.node_cert.spiffe_id
-        resp = await stub.RenewNode(
-            pb.RenewNodeRequest(csr_pem=camod.make_csr(key, uri)), timeout=10
-        )
-        self.store.save_node(camod.key_pem(key), resp.cert_chain_pem, resp.trust_bundle_pem)
+        [(key_pem, csr)] = await keygen.csrs([self.node_cert.spiffe_id])
+        resp = await stub.RenewNode(pb.RenewNodeRequest(csr_pem=csr), timeout=10)
+        self.store.save_node(key_pem, resp.cert_chain_pem, resp.trust_bundle_pem)
         self.node_cert = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
         self.node_renewals += 1
         _log.info(
@@ -362,13 +362,12 @@ class ControlSync:
             try:
                 async with self._channel() as ch:
                     stub = ControlStub(ch)
-                    for w in due:
-                        await self._sign(stub, w, "renewal")
+                    await self._sign(stub, [(w, "renewal") for w in due])
                     if node_due:
                         await self._renew_node(stub)
                 if due:
                     self.apply(self.snapshot, dict(self.certs))
-            except (RpcError, OSError) as e:
+            except (RpcError, DabbaError, OSError) as e:
                 self.failures += 1
                 _log.warning(f"renewal failed, keeping the current certificates: {e}")
                 await asyncio.sleep(min(BACKOFF_MAX, random.uniform(1, 3)))

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from .. import log
+from .. import certread, log
 from ..control import model as m
 from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode
@@ -42,12 +42,7 @@ RETIRED_ROOT_DRAIN = 10.0  # s a connection a retired root authenticated may fin
 
 def _roots(bundle_pem: bytes) -> set[bytes]:
     """The roots of a trust bundle, as DER."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    if not bundle_pem:
-        return set()
-    return {c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(bundle_pem)}
+    return set(certread.pem_blocks(bundle_pem))
 
 
 def _enrolled(path: str) -> dict[int, str]:

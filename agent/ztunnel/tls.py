@@ -75,7 +75,8 @@ def signed_by_any(der: bytes | None, bundle_pem: bytes) -> bool:
 
     For what the TLS stack cannot do once a connection is up: tell whether it was verified
     against a root that has since been retired. A leaf signed by an intermediate (a plug-in
-    CA) is not signed by a root itself: False, so such connections are renewed too."""
+    CA) is not signed by a root itself: False, so such connections are renewed too. The one
+    place the tunnel needs an X.509 library (a signature to check): only when a root retires."""
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 

@@ -9,7 +9,7 @@ import os
 import urllib.parse
 from collections import Counter
 
-from .. import log
+from .. import certread, log
 from . import admin, hbone
 from .metrics import merge_exposition
 
@@ -68,22 +68,18 @@ class Views:
 
     def config_dump(self) -> tuple[int, dict]:
         """What the tunnel holds, without secrets (no key material, no key paths)."""
-        from cryptography import x509
-
-        from ..control import ca as camod
-
         certs = []
         for w in self.state.by_cgroup.values():
             chain = os.path.join(self.cfg.state_dir, "certs", w.namespace, w.name, "chain.pem")
             try:
                 with open(chain, "rb") as f:
-                    leaf = x509.load_pem_x509_certificate(f.read())
+                    leaf = certread.load_pem_first(f.read())
                 certs.append(
                     {
                         "identity": w.spiffe_id,
-                        "serial": format(leaf.serial_number, "x"),
-                        "not_after": leaf.not_valid_after_utc.isoformat(),
-                        "issuer": leaf.issuer.rfc4514_string(),
+                        "serial": format(leaf.serial, "x"),
+                        "not_after": leaf.not_after.isoformat(),
+                        "issuer": leaf.issuer,
                     }
                 )
             except (OSError, ValueError):
@@ -92,9 +88,7 @@ class Views:
             "node": self.cfg.node,
             "version": self.state.version,
             "trust_domain": self.state.trust_domain,
-            "roots": [
-                camod.fingerprint(r) for r in x509.load_pem_x509_certificates(self.state.bundle)
-            ]
+            "roots": [r.fingerprint for r in certread.load_pem(self.state.bundle)]
             if self.state.bundle
             else [],
             "listeners": {

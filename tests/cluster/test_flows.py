@@ -353,6 +353,10 @@ def test_status_workloads_certs_services_and_config_dump(flab):
     assert "PRIVATE KEY" not in raw
     with open(dump["agent"]["config"]["control"]["token_file"]) as f:
         assert f.read().strip() not in raw  # the join token's path, never the token
+    # certificates shown (certs, config-dump) and issued were read without an X.509 library:
+    # neither the agent nor its tunnel maps cryptography's (11 MiB of each, agent/certread.py)
+    st = mesh.agent_status(L, "n1")
+    assert _maps_x509(st["pid"]) == _maps_x509(st["tunnel"]["pid"]) == []
     m = scrape(L, "n1")
     exp = sample(
         m, "dabba_certificate_expiry_timestamp_seconds", workload="n1-p1", namespace="default"
@@ -508,3 +512,9 @@ def test_a_real_prometheus_scrapes_the_node(flab, procs, tmp_path):
         plain = re.sub(r'__name__=~"[^"]+"', "", e)
         for name in re.findall(r"\b((?:istio|dabba)_[a-z_]+)", plain):
             assert name in scraped, f"{name} (in {e}) is not exported"
+
+
+def _maps_x509(pid: int) -> list[str]:
+    """The files of an X.509 library (cryptography's) that process pid has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({ln.split()[-1] for ln in f if "/cryptography/" in ln})

@@ -315,6 +315,11 @@ def test_certificates_renew_at_half_life_while_connections_flow(shortlab, procs)
         assert st["node_renewals"] >= 1  # 60 s node certificates are renewed too
     assert failures == 0 and requests >= 30
     assert all(_status(L, "n1")["control"]["certs"][k]["serial"] != v for k, v in first.items())
+    # every key and CSR was made in a child process: the agents, having renewed workload and
+    # node certificates, never loaded an X.509 library (agent/node/keygen.py)
+    for n in ("n1", "n2"):
+        with open(f"/proc/{_status(L, n)['pid']}/maps") as f:
+            assert "/cryptography/" not in f.read()
 
 
 OLD_ROOT_CLIENT = """
