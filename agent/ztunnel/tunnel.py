@@ -201,6 +201,7 @@ class Tunnel(Snapshot, Outbound, PlaintextInbound, HboneInbound, Views):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5) if stop else await asyncio.sleep(0.5)
                 self.reload()
+                self.facts.expire()
                 trimmer.maybe()  # what bulk load left free in the C heap goes back
                 self._check_recognised()
                 self.splicer.process(0)
