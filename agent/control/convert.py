@@ -1,12 +1,21 @@
-"""Policies between the model and the wire (protobuf), without gRPC: the tunnel imports this."""
+"""Policies between the model and the wire (protobuf), without gRPC: the tunnel imports this.
+
+Reading takes a control_pb2 message or its agent/control/wire.py twin (the tunnel's, without
+the protobuf runtime); only writing (the control plane's) imports protobuf."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import model as m
-from .proto import control_pb2 as pb
+
+if TYPE_CHECKING:
+    from .proto import control_pb2 as pb
 
 
 def policy_to_pb(p: m.AuthorizationPolicy) -> pb.AuthorizationPolicy:
+    from .proto import control_pb2 as pb
+
     return pb.AuthorizationPolicy(
         name=p.name,
         namespace=p.namespace,

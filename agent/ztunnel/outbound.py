@@ -11,8 +11,8 @@ import socket
 import struct
 
 from .. import log
+from ..control import wire
 from ..control.model import waypoint_refusal
-from ..control.proto import control_pb2 as pb
 from ..node.addresses import (
     hostport,
     refused_destination,
@@ -296,8 +296,8 @@ class Outbound:
         self,
         sock,
         src_ip: str,
-        src: pb.Workload,
-        dst: pb.Workload,
+        src: wire.Workload,
+        dst: wire.Workload,
         port: int,
         ep: str,
         svc=None,

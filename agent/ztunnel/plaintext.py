@@ -12,8 +12,8 @@ import socket
 
 from .. import log
 from ..bpf import abi
+from ..control import wire
 from ..control.model import mtls_mode, plaintext_ports
-from ..control.proto import control_pb2 as pb
 from ..netns import entered
 from ..node.addresses import (
     unmapped,
@@ -114,7 +114,7 @@ class PlaintextInbound:
         flow.target = await self._splice(sock, up, done, meta)
 
 
-def _plain_ips(w: pb.Workload) -> tuple[str, ...]:
+def _plain_ips(w: wire.Workload) -> tuple[str, ...]:
     """The addresses plain.c steers to a workload's 15006 listener."""
     return (w.ip, w.ip6) if w.ip6 else (w.ip,)
 

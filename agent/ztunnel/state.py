@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from .. import certread, log
 from ..control import model as m
+from ..control import wire
 from ..control.convert import policy_from_pb, root_of
 from ..control.model import mtls_mode
-from ..control.proto import control_pb2 as pb
 from ..control.store import ENROLLED_FILE
 from ..node.addresses import (
     node_addresses,
@@ -93,17 +93,17 @@ class State:
     version: int = 0
     trust_domain: str = "cluster.local"
     bundle: bytes = b""
-    by_ip: dict[str, pb.Workload] = field(default_factory=dict)
-    by_cgroup: dict[int, pb.Workload] = field(default_factory=dict)  # local workloads
-    local_by_id: dict[str, pb.Workload] = field(default_factory=dict)  # the same by SPIFFE ID
-    services: dict[str, pb.Service] = field(default_factory=dict)  # by VIP
+    by_ip: dict[str, wire.Workload] = field(default_factory=dict)
+    by_cgroup: dict[int, wire.Workload] = field(default_factory=dict)  # local workloads
+    local_by_id: dict[str, wire.Workload] = field(default_factory=dict)  # the same by SPIFFE ID
+    services: dict[str, wire.Service] = field(default_factory=dict)  # by VIP
     nodes: dict[str, str] = field(default_factory=dict)
     policies: list[m.AuthorizationPolicy] = field(default_factory=list)
-    workloads: dict[str, pb.Workload] = field(default_factory=dict)  # by namespace/name
+    workloads: dict[str, wire.Workload] = field(default_factory=dict)  # by namespace/name
     revoked: frozenset[str] = frozenset()  # serials of revoked nodes' certificates
 
 
-def _model(w: pb.Workload) -> m.Workload:
+def _model(w: wire.Workload) -> m.Workload:
     return m.Workload(
         w.name, w.namespace, w.service_account, w.node, w.ip, dict(w.labels), ip6=w.ip6
     )
@@ -152,7 +152,7 @@ class Snapshot:
         if stamp == self._stamp:
             return False
         with open(path, "rb") as f:
-            snap = pb.Snapshot.FromString(f.read())
+            snap = wire.Snapshot.FromString(f.read())
         st = State(
             version=snap.version, trust_domain=snap.trust_domain, bundle=snap.trust_bundle_pem
         )
@@ -306,7 +306,7 @@ class Snapshot:
 
     def decide(
         self,
-        dst: pb.Workload,
+        dst: wire.Workload,
         src_identity: str | None,
         src_ip: str,
         port: int,
@@ -320,7 +320,7 @@ class Snapshot:
             Request(src_ip, dst_ip or dst.ip, port, src_identity),
         )
 
-    def _address_of(self, dst: pb.Workload, v6: bool) -> str:
+    def _address_of(self, dst: wire.Workload, v6: bool) -> str:
         """Where to reach dst: its IPv6 address for a flow that came as IPv6 (when it has one,
         and, on this node, when this tunnel can deliver IPv6 from a source the guard knows),
         else its IPv4 address."""
@@ -337,7 +337,7 @@ def _modes(st: State) -> dict[str, tuple]:
     }
 
 
-def _facts(src_identity: str | None, src_ip: str, dst: pb.Workload, port: int) -> dict:
+def _facts(src_identity: str | None, src_ip: str, dst: wire.Workload, port: int) -> dict:
     """What policy recheck needs of a flow; handed to a successor with spliced flows too."""
     return {
         "src_identity": src_identity,
