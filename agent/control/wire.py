@@ -1,30 +1,36 @@
-"""The control plane's snapshot as the tunnel reads it: protobuf's wire format, decoded without
-the protobuf runtime.
+"""The control plane's messages as the node reads and writes them: protobuf's wire format
+without the protobuf runtime.
 
-The tunnel reads one message, the Snapshot the agent writes to its state folder, and never
-writes one. The protobuf runtime it imported for that was 3 MiB of its resident memory (its
-Python modules and the upb extension), a tenth of the process. This decodes the messages of
-control.proto that a Snapshot holds into plain objects with the same attribute names, the
-same proto3 defaults (absent scalars are "", 0, False, b""; absent repeated fields empty) and
-maps as dicts; unknown fields are skipped, as protobuf does. FIELDS below mirrors
-control.proto, and tests/unit/test_wire.py holds it equal to control_pb2's descriptors and
-compares every decoded message with protobuf's own decoding. Malformed input is a ValueError.
+The node's processes use a dozen small messages: the tunnel reads the Snapshot the agent
+writes to its state folder; the agent sends the node's requests and reads the answers and
+the snapshots (agent/node/rpc.py). The protobuf runtime they imported for that was 3 MiB of
+each (its Python modules and the upb extension), a tenth of a process. This decodes the
+messages of control.proto into plain objects with the same attribute names and the same
+proto3 defaults (absent scalars are "", 0, False, b""; absent repeated fields empty), maps as
+dicts; unknown fields are skipped, as protobuf does. It encodes them as protobuf does, and
+to_dict() is json_format.MessageToDict(preserving_proto_field_name=True). FIELDS below mirrors
+control.proto; tests/unit/test_wire.py holds it equal to control_pb2's descriptors and
+compares every message both ways with protobuf's own. Malformed input is a ValueError. The
+control plane itself keeps protobuf and grpcio.
 """
 
 from __future__ import annotations
 
+import base64
+
 # field kinds (proto3 scalar types the schema uses, a nested message, a map)
-STRING, BYTES, UINT32, UINT64, BOOL, MESSAGE, MAP = (
+STRING, BYTES, UINT32, UINT64, INT64, BOOL, MESSAGE, MAP = (
     "string",
     "bytes",
     "uint32",
     "uint64",
+    "int64",
     "bool",
     "message",
     "map",
 )
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_DEFAULTS = {STRING: "", BYTES: b"", UINT32: 0, UINT64: 0, BOOL: False}
+_DEFAULTS = {STRING: "", BYTES: b"", UINT32: 0, UINT64: 0, INT64: 0, BOOL: False}
 
 
 class Message:
@@ -66,6 +72,91 @@ class Message:
     def FromString(cls, data: bytes):  # noqa: N802 (protobuf's name, so callers read alike)
         """Decode one message; ValueError names what is malformed and where."""
         return _decode(cls, memoryview(data), 0, len(data))
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        """Encode as protobuf does: fields in number order, defaults left out, numbers packed."""
+        out = bytearray()
+        for number, (name, kind, repeated, sub) in self.FIELDS.items():
+            v = getattr(self, name)
+            if kind == MESSAGE:
+                for m in v:
+                    _put_len(out, number, m.SerializeToString())
+            elif kind == MAP:
+                for k, val in v.items():
+                    entry = bytearray()
+                    _put(entry, 1, sub[0], k)
+                    _put(entry, 2, sub[1], val)
+                    _put_len(out, number, entry)
+            elif repeated and kind != STRING:
+                if v:
+                    packed = bytearray()
+                    for x in v:
+                        _put_varint(packed, x & _U64)
+                    _put_len(out, number, packed)
+            elif repeated:
+                for x in v:
+                    _put_len(out, number, x.encode())
+            elif v != _DEFAULTS[kind]:
+                _put(out, number, kind, v)
+        return bytes(out)
+
+    def to_dict(self) -> dict:
+        """json_format.MessageToDict(self, preserving_proto_field_name=True): what `dabba`
+        shows (defaults left out, 64-bit numbers as strings, bytes in base64, map keys as
+        strings)."""
+        out = {}
+        for name, kind, repeated, sub in self.FIELDS.values():
+            v = getattr(self, name)
+            if kind == MESSAGE:
+                if v:
+                    out[name] = [m.to_dict() for m in v]
+            elif kind == MAP:
+                if v:
+                    out[name] = {_json_key(k): _json(sub[1], x) for k, x in v.items()}
+            elif repeated:
+                if v:
+                    out[name] = [_json(kind, x) for x in v]
+            elif v != _DEFAULTS[kind]:
+                out[name] = _json(kind, v)
+        return out
+
+
+_U64 = (1 << 64) - 1
+
+
+def _json(kind: str, v):
+    if kind in (UINT64, INT64):
+        return str(v)
+    if kind == BYTES:
+        return base64.b64encode(v).decode()
+    return v
+
+
+def _json_key(k) -> str:
+    return ("true" if k else "false") if isinstance(k, bool) else str(k)
+
+
+def _put_varint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _put_len(out: bytearray, number: int, body) -> None:
+    _put_varint(out, number << 3 | _LEN)
+    _put_varint(out, len(body))
+    out += body
+
+
+def _put(out: bytearray, number: int, kind: str, v) -> None:
+    if kind == STRING:
+        _put_len(out, number, v.encode())
+    elif kind == BYTES:
+        _put_len(out, number, v)
+    else:  # a varint: bool, and negative int64 as its 64-bit two's complement
+        _put_varint(out, number << 3 | _VARINT)
+        _put_varint(out, int(v) & _U64)
 
 
 def _message(name: str, fields: dict[int, tuple]) -> type[Message]:
@@ -111,6 +202,22 @@ AuthorizationPolicy = _message("AuthorizationPolicy", {
     4: ("has_selector", BOOL), 5: ("selector", MAP, None, (STRING, STRING)),
     6: ("rules", MESSAGE, R, Rule), 7: ("origin", STRING),
 })  # fmt: skip
+JoinRequest = _message("JoinRequest", {
+    1: ("node", STRING), 2: ("token", STRING), 3: ("csr_pem", BYTES), 4: ("address", STRING),
+})  # fmt: skip
+NodeCertificate = _message("NodeCertificate", {
+    1: ("cert_chain_pem", BYTES), 2: ("trust_bundle_pem", BYTES), 3: ("trust_domain", STRING),
+    4: ("not_after_unix", INT64),
+})  # fmt: skip
+RenewNodeRequest = _message("RenewNodeRequest", {1: ("csr_pem", BYTES)})
+SignWorkloadRequest = _message("SignWorkloadRequest", {
+    1: ("namespace", STRING), 2: ("name", STRING), 3: ("csr_pem", BYTES),
+})  # fmt: skip
+WorkloadCertificate = _message("WorkloadCertificate", {
+    1: ("spiffe_id", STRING), 2: ("cert_chain_pem", BYTES), 3: ("trust_bundle_pem", BYTES),
+    4: ("not_after_unix", INT64), 5: ("serial", STRING),
+})  # fmt: skip
+WatchRequest = _message("WatchRequest", {1: ("have_version", UINT64)})
 Snapshot = _message("Snapshot", {
     1: ("version", UINT64), 2: ("trust_domain", STRING), 3: ("workloads", MESSAGE, R, Workload),
     4: ("services", MESSAGE, R, Service), 5: ("nodes", MESSAGE, R, Node),
@@ -163,7 +270,10 @@ def _scalar(kind: str, wt: int, buf: memoryview, pos: int, end: int, at: tuple):
         return n & 0xFFFFFFFF, pos
     if kind == BOOL:
         return n != 0, pos
-    return n & 0xFFFFFFFFFFFFFFFF, pos
+    n &= _U64
+    if kind == INT64 and n >> 63:
+        n -= 1 << 64
+    return n, pos
 
 
 def _skip(wt: int, buf: memoryview, pos: int, end: int, at: tuple) -> int:

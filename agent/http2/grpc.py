@@ -72,10 +72,9 @@ class Messages:
                 raise MessageError("oversized", f"a message of {n} bytes (at most {self.limit})")
             if len(self.buf) < 5 + n:
                 break
-            msg = self.cls()
             try:
-                msg.ParseFromString(bytes(self.buf[5 : 5 + n]))
-            except Exception as e:  # protobuf's DecodeError
+                msg = self.cls.FromString(bytes(self.buf[5 : 5 + n]))
+            except Exception as e:  # protobuf's DecodeError, wire.py's ValueError
                 raise MessageError("unparsable", f"a message that does not parse: {e}") from None
             del self.buf[: 5 + n]
             out.append(msg)

@@ -19,8 +19,6 @@ import json
 import os
 import time
 
-from google.protobuf.json_format import MessageToDict
-
 from .. import certread, log
 from ..bpf import names
 from ..control.convert import policy_from_pb, root_of
@@ -211,7 +209,7 @@ class AgentApi:
         snap = self._snap()
         out = []
         for p in snap.policies if snap else []:
-            d = MessageToDict(p, preserving_proto_field_name=True)
+            d = p.to_dict()
             d["key"] = f"{p.namespace}/{p.name}"
             d["rules_detail"] = d.get("rules", [])
             d["rules"] = len(p.rules)
@@ -411,7 +409,7 @@ class AgentApi:
         snap = self._snap()
         doc = {
             "agent": {"config": a.cfg.dump(), "workloads": a.workload_ids},
-            "snapshot": MessageToDict(snap, preserving_proto_field_name=True) if snap else None,
+            "snapshot": snap.to_dict() if snap else None,
         }
         if snap is not None:
             doc["snapshot"].pop("trust_bundle_pem", None)  # public, but long: see `dabba certs`

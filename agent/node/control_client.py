@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import certread
-from ..control.proto import control_pb2 as pb
+from ..control import wire
 from ..errors import DabbaError
 from ..spiffe import node_spiffe_id, trust_domain
 from . import keygen
@@ -23,7 +23,7 @@ def describe(e: RpcError, addr: str) -> DabbaError:
 
 async def join(
     addr: str, ca_pem: bytes, node: str, token: str, address: str, timeout: float = 10.0
-) -> tuple[bytes, pb.NodeCertificate]:
+) -> tuple[bytes, wire.NodeCertificate]:
     """Join with a one-time token; returns (node key PEM, node certificate). The key never leaves."""
     # the CSR must name spiffe://<td>/node/<node>; the trust domain is in the CA's root
     [(key_pem, csr)] = await keygen.csrs([node_spiffe_id(trust_domain_of(ca_pem), node)])
@@ -31,7 +31,7 @@ async def join(
         stub = JoinStub(ch)
         try:
             cert = await stub.Join(
-                pb.JoinRequest(node=node, token=token, csr_pem=csr, address=address),
+                wire.JoinRequest(node=node, token=token, csr_pem=csr, address=address),
                 timeout=timeout,
             )
         except RpcError as e:

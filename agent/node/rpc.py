@@ -18,7 +18,7 @@ import contextlib
 import ssl
 import urllib.parse
 
-from ..control.proto import control_pb2 as pb
+from ..control import wire as proto  # control.proto's messages
 from ..http2 import wire
 from ..http2.grpc import MessageError, Messages, StatusCode, frame
 
@@ -308,19 +308,21 @@ class JoinStub:
     def __init__(self, ch: Channel):
         self.ch = ch
 
-    async def Join(self, req: pb.JoinRequest, timeout: float | None = None) -> pb.NodeCertificate:
-        return await self.ch.unary(JOIN, req, pb.NodeCertificate, timeout)
+    async def Join(
+        self, req: proto.JoinRequest, timeout: float | None = None
+    ) -> proto.NodeCertificate:
+        return await self.ch.unary(JOIN, req, proto.NodeCertificate, timeout)
 
 
 class ControlStub:
     def __init__(self, ch: Channel):
         self.ch = ch
 
-    async def SignWorkload(self, req, timeout: float | None = None) -> pb.WorkloadCertificate:
-        return await self.ch.unary(SIGN, req, pb.WorkloadCertificate, timeout)
+    async def SignWorkload(self, req, timeout: float | None = None) -> proto.WorkloadCertificate:
+        return await self.ch.unary(SIGN, req, proto.WorkloadCertificate, timeout)
 
-    async def RenewNode(self, req, timeout: float | None = None) -> pb.NodeCertificate:
-        return await self.ch.unary(RENEW, req, pb.NodeCertificate, timeout)
+    async def RenewNode(self, req, timeout: float | None = None) -> proto.NodeCertificate:
+        return await self.ch.unary(RENEW, req, proto.NodeCertificate, timeout)
 
-    def Watch(self, req: pb.WatchRequest):
-        return self.ch.stream(WATCH, req, pb.Snapshot)
+    def Watch(self, req: proto.WatchRequest):
+        return self.ch.stream(WATCH, req, proto.Snapshot)

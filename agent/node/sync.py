@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable
 
 from .. import log
-from ..control import validate
-from ..control.proto import control_pb2 as pb
+from ..control import validate, wire
 from ..control.store import atomic_write
 from ..errors import DabbaError
 from . import keygen
@@ -36,7 +35,7 @@ _log = log.get("sync")
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 
-def workload_error(w: pb.Workload) -> str | None:
+def workload_error(w: wire.Workload) -> str | None:
     """Why a snapshot's workload cannot be given a certificate here, or None."""
     err = validate.namespace_error(w.namespace) or validate.name_error(w.name)
     if err:
@@ -61,8 +60,8 @@ class ControlSync:
         ca_file: str,
         token_file: str,
         state_dir: str,
-        apply: Callable[[pb.Snapshot, dict[str, CertInfo]], None],
-        before_write: Callable[[pb.Snapshot, dict[str, CertInfo]], None] | None = None,
+        apply: Callable[[wire.Snapshot, dict[str, CertInfo]], None],
+        before_write: Callable[[wire.Snapshot, dict[str, CertInfo]], None] | None = None,
     ):
         # before_write(snapshot, certs): what must be in force before the tunnel reads the new
         # snapshot (the kernel's same-node verdicts: no window where the tunnel holds a new
@@ -74,7 +73,7 @@ class ControlSync:
         self.store = CertStore(state_dir)
         self.snapshot_path = os.path.join(state_dir, "snapshot.pb")
         self.apply = apply
-        self.snapshot: pb.Snapshot | None = None
+        self.snapshot: wire.Snapshot | None = None
         self.certs: dict[str, CertInfo] = {}  # namespace/name -> info
         self.connected = False
         self.last_contact: float | None = None
@@ -109,7 +108,7 @@ class ControlSync:
         """The last good snapshot and certificates from disk (used until the control plane answers)."""
         try:
             with open(self.snapshot_path, "rb") as f:
-                self.snapshot = pb.Snapshot.FromString(f.read())
+                self.snapshot = wire.Snapshot.FromString(f.read())
         except FileNotFoundError:
             return
         except Exception as e:
@@ -241,11 +240,11 @@ class ControlSync:
         async with self._channel() as ch:
             stub = ControlStub(ch)
             have = self.snapshot.version if self.snapshot else 0
-            async for snap in stub.Watch(pb.WatchRequest(have_version=have)):
+            async for snap in stub.Watch(wire.WatchRequest(have_version=have)):
                 self.connected, self.last_error, self.last_contact = True, None, time.time()
                 await self._on_snapshot(stub, snap)
 
-    async def _on_snapshot(self, stub, snap: pb.Snapshot) -> None:
+    async def _on_snapshot(self, stub, snap: wire.Snapshot) -> None:
         # re-issue when the root that signs changes (phase 2 of a rotation); a bundle that
         # only gained a root (phase 1) needs nothing but trust
         signer_changed = bool(self._signing_root) and snap.signing_root != self._signing_root
@@ -287,7 +286,7 @@ class ControlSync:
         )
         self.apply(snap, dict(self.certs))
 
-    def _local(self, snap: pb.Snapshot):
+    def _local(self, snap: wire.Snapshot):
         """This node's workloads of the snapshot, each checked before its names become folders
         and its identity a CSR: a namespace, name or identity that is not what Kubernetes and
         SPIFFE allow is left out (no certificate: held, its connections refused), logged."""
@@ -305,12 +304,13 @@ class ControlSync:
             out.append(w)
         return out
 
-    async def _sign(self, stub, todo: list[tuple[pb.Workload, str]]) -> None:
+    async def _sign(self, stub, todo: list[tuple[wire.Workload, str]]) -> None:
         """New keys and certificates for (workload, why): the keys made in one batch."""
         pairs = await keygen.csrs([w.spiffe_id for w, _ in todo])
         for (w, why), (key_pem, csr) in zip(todo, pairs, strict=True):
             resp = await stub.SignWorkload(
-                pb.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr), timeout=10
+                wire.SignWorkloadRequest(namespace=w.namespace, name=w.name, csr_pem=csr),
+                timeout=10,
             )
             self.store.save_workload(w.namespace, w.name, key_pem, resp.cert_chain_pem)
             info = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
@@ -331,7 +331,7 @@ class ControlSync:
     async def _renew_node(self, stub) -> None:
         """A new node certificate (new key) before the current one expires."""
         [(key_pem, csr)] = await keygen.csrs([self.node_cert.spiffe_id])
-        resp = await stub.RenewNode(pb.RenewNodeRequest(csr_pem=csr), timeout=10)
+        resp = await stub.RenewNode(wire.RenewNodeRequest(csr_pem=csr), timeout=10)
         self.store.save_node(key_pem, resp.cert_chain_pem, resp.trust_bundle_pem)
         self.node_cert = info_of(resp.cert_chain_pem, datetime.datetime.now(datetime.UTC))
         self.node_renewals += 1
