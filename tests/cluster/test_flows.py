@@ -143,10 +143,10 @@ def test_hbone_flow_counted_exactly_on_both_nodes_with_identities(flab, procs):
         labels = {
             "reporter": reporter,
             "source_workload": a.name,
-            "source_principal": spiffe(a).removeprefix("spiffe://"),
+            "source_principal": spiffe(a),  # Istio's form: spiffe://td/ns/N/sa/S
             "destination_workload": b.name,
             "destination_workload_namespace": b.namespace,
-            "destination_principal": spiffe(b).removeprefix("spiffe://"),
+            "destination_principal": spiffe(b),
             "connection_security_policy": "mutual_tls",
             "request_protocol": "tcp",
         }

@@ -274,7 +274,7 @@ def test_readiness_and_admin_endpoints(tlab):
     ]
     assert cross and cross[0].value >= 1
     assert cross[0].labels["connection_security_policy"] == "mutual_tls"
-    assert cross[0].labels["source_principal"] == "cluster.local/ns/default/sa/sa-n1-p1"
+    assert cross[0].labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-n1-p1"
     assert cross[0].labels["request_protocol"] == "tcp"
     assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
 

@@ -16,7 +16,7 @@ from agent.errors import DabbaError
 from agent.node import flowtable
 from agent.node.flowtable import FlowTable
 from agent.ztunnel.facts import key_of, party
-from agent.ztunnel.metrics import istio_labels
+from agent.ztunnel.metrics import ISTIO_LABELS, istio_labels
 
 WEB = SimpleNamespace(
     name="web", namespace="front", ip="10.0.0.1", spiffe_id="spiffe://td/ns/front/sa/web", labels={}
@@ -412,3 +412,15 @@ def test_the_kept_closed_flows_hold_no_object_each(tmp_path):
     assert [v["id"] for v in views] == list(range(n, 2 * n))
     assert (views[-1]["src"]["port"], views[-1]["bytes_sent"]) == (40000, 400)
     assert held / n < 32, held / n  # where each line of closed.jsonl ends; was 406 bytes
+
+
+def test_istio_labels_name_principals_as_istio_does():
+    """source_principal and destination_principal are the peers' SPIFFE IDs with their
+    spiffe:// scheme, as Istio's sidecars, ztunnel and our waypoint label them: a dashboard
+    or alert that selects by principal matches every reporter (it did not: the tunnels wrote
+    them without the scheme). Unknown peers: "unknown"."""
+    got = dict(zip(ISTIO_LABELS, istio_labels("source", WEB, API, None, "mutual_tls"), strict=True))
+    assert got["source_principal"] == WEB.spiffe_id == "spiffe://td/ns/front/sa/web"
+    assert got["destination_principal"] == API.spiffe_id
+    none = dict(zip(ISTIO_LABELS, istio_labels("source", WEB, None, None, "none"), strict=True))
+    assert none["destination_principal"] == "unknown"
