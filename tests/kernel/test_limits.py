@@ -22,13 +22,20 @@ from agent.lab import spec
 from tests.conftest import maps_dir, read_json, unique, wait_for
 
 # accepts and holds every connection (the tunnel's outbound listener, as far as the pods know)
+# Holds every connection until its client closes, then closes its end. Without that close a
+# closed client socket waits in FIN_WAIT2 for its peer's FIN; when the ACK of its own FIN
+# arrives while close() still holds the socket, the kernel (tcp_rcv_state_process) arms a
+# timer of tcp_fin_timeout (60 s) before CLOSE, where the tuple is given back: one run of the
+# full-flow-map test below waited past its 10 s so, on a loaded machine
 HOLD_SERVER = (
-    "import socket,sys\n"
+    "import socket,sys,threading\n"
     "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(512); print('listening', flush=True)\n"
-    "held = []\n"
+    "def serve(c):\n"
+    "    while c.recv(65536): pass\n"
+    "    c.close()\n"
     "while True:\n"
-    "    c, _ = s.accept(); held.append(c)\n"
+    "    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
 )
 
 # opens connections on command and holds them: "open N", "close N"; prints one JSON line each
