@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..spiffe import spiffe_id
+
 # Policies in the root namespace apply mesh-wide. Istio's default (meshConfig.rootNamespace),
 # so that a cluster's existing mesh-wide AuthorizationPolicy and PeerAuthentication keep their
 # meaning; the control plane's --root-namespace changes it and tells the nodes (Snapshot).
@@ -82,7 +84,7 @@ class Workload:
     ip6: str = ""  # its IPv6 address on a dual-stack network ("" when it has none)
 
     def spiffe(self, trust_domain: str) -> str:
-        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        return spiffe_id(trust_domain, self.namespace, self.service_account)
 
     @property
     def key(self) -> str:

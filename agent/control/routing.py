@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..spiffe import spiffe_id
 from . import model as m
 from .doc import _Doc, _list, _meta, _only, _port, _spec, _str, _str_map
 
@@ -46,7 +47,7 @@ class Waypoint:
         return f"{self.namespace}/{self.name}"
 
     def spiffe(self, trust_domain: str) -> str:
-        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.name}"
+        return spiffe_id(trust_domain, self.namespace, self.name)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .. import log
 from ..control import validate, wire
 from ..control.store import atomic_write
 from ..errors import DabbaError
+from ..spiffe import trust_domain
 from . import keygen
 from .control_client import describe, join
 from .identity import CertInfo, CertStore, info_of
@@ -40,7 +41,7 @@ def workload_error(w: wire.Workload) -> str | None:
     err = validate.namespace_error(w.namespace) or validate.name_error(w.name)
     if err:
         return err
-    td = w.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+    td = trust_domain(w.spiffe_id)
     if validate.workload_identity(w.spiffe_id, td) != (w.namespace, w.service_account):
         return (
             f"identity {w.spiffe_id!r:.120} is not spiffe://<td>/ns/{w.namespace}/sa/<its account>"

@@ -33,6 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from .. import heap, log, systemd
 from ..errors import DabbaError
+from ..spiffe import trust_domain
 from ..ztunnel import admin
 from . import localrpc, sds, telemetry
 from .bootstrap import ADMIN_PORT, bootstrap
@@ -140,7 +141,7 @@ class Waypoint:
                 f"pod {self.cfg.namespace}/{self.cfg.pod} has identity {uri or 'none'}, not the "
                 f"waypoint's (...{want}): its service account must be {self.cfg.name}"
             )
-        self.trust_domain = uri.removeprefix("spiffe://").split("/", 1)[0]
+        self.trust_domain = trust_domain(uri)
         await self.secrets.set(key, chain, bundle)
         self.cert_stamp = stamp
         self.not_after = datetime.datetime.strptime(

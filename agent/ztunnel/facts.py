@@ -105,18 +105,20 @@ class FactsSender:
         now = time.monotonic()
         self.recent[key] = (now, line)
         self.recent.move_to_end(key)
-        self.expire(now)
+        self._prune(now)
 
-    def expire(self, now: float | None = None) -> None:
-        """Forget closed flows' facts older than GRACE. Called on every close and by the
-        tunnel's loop twice a second: a burst's last facts (up to RECENT_MAX, ~3 MiB after
-        2,000 connections/s) would otherwise stay until the next flow closed."""
-        now = time.monotonic() if now is None else now
+    def _prune(self, now: float) -> None:
         while self.recent and (
             len(self.recent) > self.RECENT_MAX
             or next(iter(self.recent.values()))[0] < now - self.GRACE
         ):
             self.recent.popitem(last=False)
+
+    def expire(self) -> None:
+        """Forget closed flows' facts older than GRACE, from the tunnel's loop twice a second:
+        pruned only on a close, a burst's last facts (up to RECENT_MAX, ~3 MiB after 2,000
+        connections/s) stayed until the next flow closed."""
+        self._prune(time.monotonic())
         # an emptied dict keeps the table its peak needed; a new one is small again
         if not self.recent:
             self.recent = collections.OrderedDict()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ssl
 
-from .. import log
+from .. import log, spiffe
 from ..control import validate
 
 _log = log.get("hbone")
@@ -25,7 +25,7 @@ def identity_from_sni(name: str, trust_domain: str) -> str | None:
     if not name or not name.endswith("." + SNI_SUFFIX):
         return None
     sa, _, ns = name[: -len(SNI_SUFFIX) - 1].partition(".")
-    ident = f"spiffe://{trust_domain}/ns/{ns}/sa/{sa}"  # control.ca.spiffe_id's form
+    ident = spiffe.spiffe_id(trust_domain, ns, sa)
     return ident if validate.workload_identity(ident, trust_domain) else None
 
 
