@@ -235,11 +235,36 @@ def test_agent_restarts_a_crashed_tunnel_and_capture_never_falls_back_to_plainte
     )
 
 
-def test_readiness_and_admin_endpoints(tlab):
+def _source_opened(L, node, src: str, dst: str) -> tuple[float, dict]:
+    """The source tunnel's istio_tcp_connections_opened_total for src -> dst on node's 15020
+    (0 before the first), and that sample's labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = L.run(node, ["curl", "-sf", f"http://{L.node(node).ip}:15020/metrics"]).stdout
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
+    for s in fams["istio_tcp_connections_opened"].samples:
+        if (
+            s.name.endswith("_total")
+            and s.labels["reporter"] == "source"
+            and s.labels["source_workload"] == src
+            and s.labels["destination_workload"] == dst
+        ):
+            return s.value, s.labels
+    return 0.0, {}
+
+
+def test_readiness_and_admin_endpoints(tlab, procs):
     import json
 
     L, _ = tlab
     n1 = L.node("n1")
+    # a cross-node connection of its own, whatever ran before in this module
+    dst = L.pod("n2-p1")
+    http_server(L, procs, dst, 8095)
+    before, _ = _source_opened(L, "n1", "n1-p1", "n2-p1")
+    r = _curl(L, "n1-p1", f"http://{dst.ip}:8095/")
+    assert r.returncode == 0, r.stderr
     r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", f"http://{n1.ip}:15021/healthz/ready"])
     assert r.stdout == "ready\n 200"
     dump = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout)
@@ -251,7 +276,7 @@ def test_readiness_and_admin_endpoints(tlab):
         "PRIVATE KEY" not in text and "key.pem" not in text and "svid.pem" not in text
     )  # no secrets
     conns = json.loads(L.run("n1", ["curl", "-s", "http://127.0.0.1:15000/connections"]).stdout)
-    assert conns["hbone_handshakes"] >= 1  # earlier tests in this module crossed nodes
+    assert conns["hbone_handshakes"] >= 1  # the connection above crossed nodes over HBONE
     # the admin port is on the node's loopback only: not reachable from a pod
     r = L.run(
         "n1-p1", ["curl", "-s", "--max-time", "2", f"http://{n1.gateway}:15000/stats"], check=False
@@ -259,24 +284,13 @@ def test_readiness_and_admin_endpoints(tlab):
     assert r.returncode != 0
     r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:15000/nope"])
     assert r.stdout.endswith(" 404")
-    # Prometheus on 15020: Istio's connection counters with Istio's labels, and the tunnel's own
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = L.run("n1", ["curl", "-sf", f"http://{n1.ip}:15020/metrics"]).stdout
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
-    opened = [s for s in fams["istio_tcp_connections_opened"].samples if s.name.endswith("_total")]
-    cross = [
-        s
-        for s in opened
-        if s.labels["reporter"] == "source"
-        and s.labels["source_workload"] == "n1-p1"
-        and s.labels["destination_workload"] == "n2-p1"
-    ]
-    assert cross and cross[0].value >= 1
-    assert cross[0].labels["connection_security_policy"] == "mutual_tls"
-    assert cross[0].labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-n1-p1"
-    assert cross[0].labels["request_protocol"] == "tcp"
-    assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
+    # Prometheus on 15020: Istio's connection counters with Istio's labels (the connection
+    # above counted once), and the tunnel's own
+    after, labels = _source_opened(L, "n1", "n1-p1", "n2-p1")
+    assert after == before + 1
+    assert labels["connection_security_policy"] == "mutual_tls"
+    assert labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-n1-p1"
+    assert labels["request_protocol"] == "tcp"
 
 
 def _sysctl_max(name: str) -> int:
