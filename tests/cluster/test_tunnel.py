@@ -235,14 +235,17 @@ def test_agent_restarts_a_crashed_tunnel_and_capture_never_falls_back_to_plainte
     )
 
 
-def _source_opened(L, node, src: str, dst: str) -> tuple[float, dict]:
-    """The source tunnel's istio_tcp_connections_opened_total for src -> dst on node's 15020
-    (0 before the first), and that sample's labels."""
+def _metrics(L, node) -> dict:
+    """node's 15020, parsed: family name -> family."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = L.run(node, ["curl", "-sf", f"http://{L.node(node).ip}:15020/metrics"]).stdout
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
-    assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _source_opened(fams: dict, src: str, dst: str) -> tuple[float, dict]:
+    """The source tunnel's istio_tcp_connections_opened_total for src -> dst (0 before the
+    first), and that sample's labels."""
     for s in fams["istio_tcp_connections_opened"].samples:
         if (
             s.name.endswith("_total")
@@ -262,7 +265,7 @@ def test_readiness_and_admin_endpoints(tlab, procs):
     # a cross-node connection of its own, whatever ran before in this module
     dst = L.pod("n2-p1")
     http_server(L, procs, dst, 8095)
-    before, _ = _source_opened(L, "n1", "n1-p1", "n2-p1")
+    before, _ = _source_opened(_metrics(L, "n1"), "n1-p1", "n2-p1")
     r = _curl(L, "n1-p1", f"http://{dst.ip}:8095/")
     assert r.returncode == 0, r.stderr
     r = L.run("n1", ["curl", "-s", "-w", " %{http_code}", f"http://{n1.ip}:15021/healthz/ready"])
@@ -286,11 +289,13 @@ def test_readiness_and_admin_endpoints(tlab, procs):
     assert r.stdout.endswith(" 404")
     # Prometheus on 15020: Istio's connection counters with Istio's labels (the connection
     # above counted once), and the tunnel's own
-    after, labels = _source_opened(L, "n1", "n1-p1", "n2-p1")
+    fams = _metrics(L, "n1")
+    after, labels = _source_opened(fams, "n1-p1", "n2-p1")
     assert after == before + 1
     assert labels["connection_security_policy"] == "mutual_tls"
     assert labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sa-n1-p1"
     assert labels["request_protocol"] == "tcp"
+    assert "dabba_splice_pairs_active" in fams and "dabba_hbone_handshakes_refused" in fams
 
 
 def _sysctl_max(name: str) -> int:

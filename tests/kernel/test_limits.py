@@ -21,8 +21,8 @@ from agent.lab import lab as labmod
 from agent.lab import spec
 from tests.conftest import maps_dir, read_json, unique, wait_for
 
-# accepts and holds every connection (the tunnel's outbound listener, as far as the pods know)
-# Holds every connection until its client closes, then closes its end. Without that close a
+# The tunnel's outbound listener, as far as the pods know: accepts and holds every connection
+# until its client closes, then closes its end. Without that close a
 # closed client socket waits in FIN_WAIT2 for its peer's FIN; when the ACK of its own FIN
 # arrives while close() still holds the socket, the kernel (tcp_rcv_state_process) arms a
 # timer of tcp_fin_timeout (60 s) before CLOSE, where the tuple is given back: one run of the
