@@ -308,6 +308,7 @@ def tunnel_upgrade(state_dir, timeout):
         with open(path) as f:
             st = json.load(f)
         pid, old = st["pid"], st["tunnel"]["pid"]
+        done = st["tunnel"].get("upgrades", 0)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().split(b"\0")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -322,7 +323,10 @@ def tunnel_upgrade(state_dir, timeout):
         with contextlib.suppress(OSError, ValueError):
             with open(path) as f:
                 t = json.load(f)["tunnel"]
-            if t["pid"] != old and t["ready"]:
+            # the agent counts an upgrade once its successor is ready and the old tunnel was
+            # told to hand over: a new pid alone is a successor that may still fail and be
+            # replaced by the old one
+            if t.get("upgrades", 0) > done and t["pid"] != old:
                 click.echo(f"tunnel {t['pid']} is ready; {old} hands over and drains")
                 return
     raise click.ClickException(
